@@ -1,0 +1,32 @@
+"""DFSAttn in JAX: dynamic fine-grained block-sparse attention for video diffusion transformers."""
+
+from dfsattn_jax.cache import MaskCache, cache_layout, cache_update, init_mask_cache
+from dfsattn_jax.layout import BlockLayout, blocks_for_density, full_layout, select_blocks
+from dfsattn_jax.metrics import attention_error, layout_recall
+from dfsattn_jax.orders import check_grid, inverse_permutation, token_order
+from dfsattn_jax.reference import reference_block_sparse_attention
+from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
+from dfsattn_jax.scoring import block_scores, tile_probabilities
+
+__all__ = [
+    "BlockLayout",
+    "DFSConfig",
+    "MaskCache",
+    "SchedulePlan",
+    "attention_error",
+    "block_scores",
+    "blocks_for_density",
+    "cache_layout",
+    "cache_update",
+    "check_grid",
+    "full_layout",
+    "init_mask_cache",
+    "inverse_permutation",
+    "layout_recall",
+    "plan_schedule",
+    "reference_block_sparse_attention",
+    "select_blocks",
+    "tile_probabilities",
+    "token_order",
+]
+__version__ = "0.1.0"

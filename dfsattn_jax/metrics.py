@@ -1,0 +1,100 @@
+"""Quality measures of a layout and of a sparse attention output (SPEC §9)."""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from dfsattn_jax.layout import BlockLayout, check_layout
+from dfsattn_jax.reference import check_attention_inputs, check_block_size
+
+__all__ = ["layout_recall", "attention_error"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+#: Peak elements of one batch of sampled softmax rows (float32: 128 MiB).
+_ROW_BUDGET = 1 << 25
+
+
+def layout_recall(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    layout: BlockLayout,
+    *,
+    block_size: int = 128,
+    num_query_samples: int = 256,
+    key: jax.Array | None = None,
+    scale: float | None = None,
+) -> Float[Array, "b n"]:
+    """Fraction of the dense softmax mass that the layout covers, per (batch, head).
+
+    For each sampled query row ``i`` the exact dense probabilities
+    ``A_ij = softmax_j(q_i . k_j * scale)`` over the ``L`` valid keys are summed over the key
+    blocks that ``layout`` keeps for the block of ``i``; the result is averaged over the
+    sampled rows (each row has mass 1, so this is ``sum A*M / sum A`` over the sample).
+
+    Args:
+      q, k: ``[B, L, N, D]`` in attention order.
+      layout: ``[B, N, ceil(L / block_size), K_max]``.
+      block_size: tokens per block.
+      num_query_samples: query rows sampled (without replacement, the same rows for every
+        batch element and head); all rows when ``>= L``.
+      key: PRNG key of the sample; default ``jax.random.key(0)``.
+      scale: logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+      float32[B, N] recall in [0, 1].
+    """
+    batch, length, heads, dim = check_attention_inputs(q=q, k=k)
+    block_size = check_block_size(block_size)
+    num_blocks = -(-length // block_size)
+    check_layout(layout, batch=batch, heads=heads, num_blocks=num_blocks)
+    samples = operator.index(num_query_samples)
+    if samples < 1:
+        raise ValueError(f"num_query_samples must be a positive integer, got {num_query_samples!r}")
+    scale = 1.0 / dim**0.5 if scale is None else float(scale)
+
+    if samples >= length:
+        rows = jnp.arange(length, dtype=jnp.int32)
+    else:
+        key = jax.random.key(0) if key is None else key
+        rows = jnp.sort(jax.random.choice(key, length, (samples,), replace=False)).astype(jnp.int32)
+    return _recall(q, k, layout, rows, block_size=block_size, scale=scale)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "scale"))
+def _recall(q, k, layout: BlockLayout, rows, *, block_size: int, scale: float):
+    batch, length, heads, _ = q.shape
+    num_blocks = -(-length // block_size)
+    block_mask = layout.to_dense_mask()  # [B, N, nq, nk]
+    row_mask = block_mask[:, :, rows // block_size, :].astype(jnp.float32)  # [B, N, S, nk]
+    q_rows = jnp.transpose(q[:, rows].astype(jnp.float32), (2, 0, 1, 3))  # [N, B, S, D]
+    k_heads = jnp.transpose(k.astype(jnp.float32), (2, 0, 1, 3))  # [N, B, L, D]
+    m_heads = jnp.moveaxis(row_mask, 1, 0)  # [N, B, S, nk]
+    key_pad = num_blocks * block_size - length
+
+    def one_head(args):
+        q_h, k_h, m_h = args
+        logits = jnp.einsum("bsd,bld->bsl", q_h, k_h, precision=_HIGHEST) * scale
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = jnp.pad(probs, ((0, 0), (0, 0), (0, key_pad)))
+        block_mass = jnp.sum(probs.reshape(batch, rows.shape[0], num_blocks, block_size), axis=-1)
+        return jnp.mean(jnp.sum(block_mass * m_h, axis=-1), axis=-1)  # [B]
+
+    heads_per_batch = max(1, min(heads, _ROW_BUDGET // (batch * rows.shape[0] * length)))
+    recall = jax.lax.map(one_head, (q_rows, k_heads, m_heads), batch_size=heads_per_batch)  # [N, B]
+    return jnp.transpose(recall)
+
+
+def attention_error(out: Float[Array, "..."], ref: Float[Array, "..."]) -> Float[Array, ""]:
+    """Relative L2 error ``||out - ref|| / ||ref||``, computed in float32."""
+    if getattr(out, "shape", None) != getattr(ref, "shape", None):
+        raise ValueError(f"out must have the shape of ref {getattr(ref, 'shape', None)}, got {getattr(out, 'shape', None)}")
+    for name, x in (("out", out), ("ref", ref)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+    diff = out.astype(jnp.float32) - ref.astype(jnp.float32)
+    return jnp.linalg.norm(diff.ravel()) / jnp.linalg.norm(ref.astype(jnp.float32).ravel())

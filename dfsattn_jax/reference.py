@@ -1,0 +1,104 @@
+"""The block-sparse attention oracle (SPEC §5) and the input checks shared by the core.
+
+:func:`reference_block_sparse_attention` expands a :class:`BlockLayout` to a dense token mask
+``bool[B, N, L, L]`` and calls ``jax.nn.dot_product_attention(implementation="xla")``. It is
+an *oracle* for tests and small demos: its memory is quadratic in ``L`` and it does no less
+work than dense attention. Production code uses ``dfsattn_jax.attention.block_sparse_attention``.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from dfsattn_jax.layout import BlockLayout, check_layout
+
+__all__ = ["check_attention_inputs", "check_block_size", "reference_block_sparse_attention", "token_mask"]
+
+
+def check_attention_inputs(**arrays: Array) -> tuple[int, int, int, int]:
+    """Checks that named ``[B, L, N, D]`` arrays agree in shape and have one floating dtype.
+
+    Call as ``check_attention_inputs(q=q, k=k, v=v)``; the keyword names appear in errors.
+
+    Returns:
+      ``(B, L, N, D)``.
+
+    Raises:
+      ValueError: naming the argument whose rank, shape or dtype is wrong.
+    """
+    first_name, first = next(iter(arrays.items()))
+    for name, x in arrays.items():
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have shape [B, L, N, D], got shape {getattr(x, 'shape', None)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+        if x.shape != first.shape:
+            raise ValueError(f"{name} must have the shape of {first_name} {first.shape}, got {x.shape}")
+        if x.dtype != first.dtype:
+            raise ValueError(f"{name} must have the dtype of {first_name} ({first.dtype}), got {x.dtype}")
+    if first.shape[1] < 1:
+        raise ValueError(f"{first_name} must hold at least one token, got shape {first.shape}")
+    return tuple(first.shape)  # type: ignore[return-value]
+
+
+def check_block_size(block_size: int, name: str = "block_size") -> int:
+    """Validates a positive integer block (or tile) size."""
+    try:
+        value = operator.index(block_size)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {block_size!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {block_size!r}")
+    return value
+
+
+def token_mask(layout: BlockLayout, length: int, block_size: int) -> jax.Array:
+    """Expands a layout to ``bool[B, N, L, L]``: query ``i`` may see key ``j`` iff their blocks are kept.
+
+    Only the ``L`` valid keys get a column, so padding keys are never attended.
+    """
+    blocks = jnp.arange(length, dtype=jnp.int32) // block_size
+    block_mask = layout.to_dense_mask()
+    return block_mask[:, :, blocks[:, None], blocks[None, :]]
+
+
+def reference_block_sparse_attention(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    v: Float[Array, "b l n d"],
+    layout: BlockLayout,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+) -> Float[Array, "b l n d"]:
+    """Block-sparse attention by masking dense XLA attention (the oracle of SPEC §5).
+
+    ``out[b, i, n] = sum_j softmax_j(q[b,i,n] . k[b,j,n] * scale) v[b,j,n]`` over the valid keys
+    ``j < L`` of the key blocks that ``layout`` lists for the block of ``i``. Memory is
+    ``O(B * N * L**2)``: use it as a test oracle only.
+
+    Args:
+      q, k, v: ``[B, L, N, D]`` in attention order, one floating dtype.
+      layout: ``BlockLayout`` of shape ``[B, N, ceil(L / block_size), K_max]``.
+      block_size: tokens per block.
+      scale: logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+      ``[B, L, N, D]`` in the dtype of ``q``.
+    """
+    batch, length, heads, _ = check_attention_inputs(q=q, k=k, v=v)
+    block_size = check_block_size(block_size)
+    num_blocks = -(-length // block_size)
+    check_layout(layout, batch=batch, heads=heads, num_blocks=num_blocks)
+    return _masked_attention(q, k, v, layout, block_size=block_size, scale=None if scale is None else float(scale))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "scale"))
+def _masked_attention(q, k, v, layout, *, block_size, scale):
+    mask = token_mask(layout, q.shape[1], block_size)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")

@@ -1,0 +1,181 @@
+"""The DFSAttn configuration and step schedule (SPEC §6).
+
+At diffusion step ``s``:
+
+- ``s < dense_steps``: dense attention everywhere.
+- ``s >= dense_steps``: sparse attention in every sparse layer. With
+  ``r = (s - dense_steps) // refresh_interval`` and ``last = ceil(density / decrement) - 1``
+  (unbounded when the decrement is 0), the mask is refreshed when
+  ``(s - dense_steps) % refresh_interval == 0`` and ``r <= last``; the density in force is
+  ``density - min(r, last) * decrement``.
+
+With the defaults over 50 steps: dense 0–11, refreshes at 12, 24, 36 with densities 0.3,
+0.2, 0.1 (177, 118, 59 of 591 key blocks), and the step-36 mask stays until the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import numpy as np
+from jaxtyping import Bool, Float64, Int32
+
+from dfsattn_jax.layout import blocks_for_density, check_density
+from dfsattn_jax.orders import ORDER_NAMES
+from dfsattn_jax.scoring import check_tile_size
+
+__all__ = ["DFSConfig", "SchedulePlan", "plan_schedule", "reported_sparsity"]
+
+
+def _check_int(value: int, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DFSConfig:
+    """DFSAttn hyper-parameters (SPEC §3, §6). Validated on construction.
+
+    Attributes:
+      density: kept fraction of key blocks at the first refresh, in (0, 1].
+      density_decrement: density dropped at each later refresh, >= 0 (0: refresh forever
+        at ``density``).
+      dense_steps: leading diffusion steps that run dense attention.
+      refresh_interval: diffusion steps between mask refreshes, >= 1.
+      tile_size: tokens per scoring tile; divides ``block_size``.
+      block_size: tokens per attention block.
+      order: token order (one of :data:`dfsattn_jax.orders.ORDER_NAMES`).
+      dense_layers: self-attention layers that always stay dense.
+    """
+
+    density: float = 0.3
+    density_decrement: float = 0.1
+    dense_steps: int = 12
+    refresh_interval: int = 12
+    tile_size: int = 16
+    block_size: int = 128
+    order: str = "hilbert3d"
+    dense_layers: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("density", check_density(self.density, "density"))
+        try:
+            decrement = float(self.density_decrement)
+        except (TypeError, ValueError):
+            raise ValueError(f"density_decrement must be a number >= 0, got {self.density_decrement!r}") from None
+        if not (math.isfinite(decrement) and 0.0 <= decrement <= 1.0):
+            raise ValueError(f"density_decrement must be in [0, 1], got {self.density_decrement!r}")
+        set_("density_decrement", decrement)
+        set_("dense_steps", _check_int(self.dense_steps, "dense_steps", 0))
+        set_("refresh_interval", _check_int(self.refresh_interval, "refresh_interval", 1))
+        tile, block = check_tile_size(self.tile_size, self.block_size)
+        set_("tile_size", tile)
+        set_("block_size", block)
+        if self.order not in ORDER_NAMES:
+            raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
+        try:
+            layers = tuple(_check_int(i, "dense_layers entries", 0) for i in self.dense_layers)
+        except TypeError:
+            raise ValueError(f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}") from None
+        set_("dense_layers", layers)
+
+    @property
+    def last_interval(self) -> int | None:
+        """Last refresh interval ``r`` that refreshes, ``None`` when unbounded (decrement 0)."""
+        if self.density_decrement == 0.0:
+            return None
+        last = math.ceil(self.density / self.density_decrement) - 1
+        # Guard against a float ratio just above an integer (density would reach <= 0).
+        while last > 0 and self.density - last * self.density_decrement <= 0.0:
+            last -= 1
+        return last
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulePlan:
+    """Per-step plan of one sampling run (arrays of length ``num_steps``).
+
+    Attributes:
+      sparse: whether sparse attention runs at the step.
+      refresh: whether the mask is recomputed at the step.
+      density: density in force (1.0 at dense steps).
+      num_blocks: key blocks kept per query block in force (``num_key_blocks`` at dense steps).
+      max_blocks: largest ``num_blocks`` over the sparse steps (the cache's ``K_max``); 0 when
+        no step is sparse (then no cache is needed).
+      num_key_blocks: key blocks per row of the attention.
+    """
+
+    sparse: Bool[np.ndarray, " s"]
+    refresh: Bool[np.ndarray, " s"]
+    density: Float64[np.ndarray, " s"]
+    num_blocks: Int32[np.ndarray, " s"]
+    max_blocks: int
+    num_key_blocks: int
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.sparse.shape[0])
+
+    @property
+    def refresh_steps(self) -> tuple[int, ...]:
+        """Steps at which the mask is refreshed."""
+        return tuple(int(s) for s in np.flatnonzero(self.refresh))
+
+
+def plan_schedule(config: DFSConfig, num_steps: int, num_key_blocks: int) -> SchedulePlan:
+    """Plans ``num_steps`` diffusion steps under ``config`` (SPEC §6).
+
+    Args:
+      config: the DFSAttn configuration.
+      num_steps: diffusion steps of the run (>= 1; steps count diffusion steps, whatever the
+        guidance).
+      num_key_blocks: ``ceil(L / block_size)`` of the video self-attention.
+    """
+    if not isinstance(config, DFSConfig):
+        raise ValueError(f"config must be a DFSConfig, got {type(config).__name__}")
+    num_steps = _check_int(num_steps, "num_steps", 1)
+    num_key_blocks = _check_int(num_key_blocks, "num_key_blocks", 1)
+    last = config.last_interval
+    sparse = np.zeros(num_steps, dtype=bool)
+    refresh = np.zeros(num_steps, dtype=bool)
+    density = np.ones(num_steps, dtype=np.float64)
+    num_blocks = np.full(num_steps, num_key_blocks, dtype=np.int32)
+    for step in range(config.dense_steps, num_steps):
+        offset = step - config.dense_steps
+        interval = offset // config.refresh_interval
+        usable = last is None or interval <= last
+        in_force = interval if usable else last
+        sparse[step] = True
+        refresh[step] = usable and offset % config.refresh_interval == 0
+        density[step] = config.density - in_force * config.density_decrement
+        num_blocks[step] = blocks_for_density(density[step], num_key_blocks)
+    max_blocks = int(num_blocks[sparse].max()) if sparse.any() else 0
+    return SchedulePlan(
+        sparse=sparse,
+        refresh=refresh,
+        density=density,
+        num_blocks=num_blocks,
+        max_blocks=max_blocks,
+        num_key_blocks=num_key_blocks,
+    )
+
+
+def reported_sparsity(plan: SchedulePlan, num_layers: int, dense_layers: tuple[int, ...] = (0,)) -> float:
+    """The paper's reported sparsity (SPEC §6): mean skipped block fraction over the sparse
+    steps and all self-attention layers, dense layers counting as 0. 0.0 without sparse steps."""
+    num_layers = _check_int(num_layers, "num_layers", 1)
+    dense = {i for i in dense_layers if 0 <= i < num_layers}
+    if not plan.sparse.any():
+        return 0.0
+    skipped = 1.0 - plan.num_blocks[plan.sparse].astype(np.float64) / plan.num_key_blocks
+    return float(skipped.mean() * (num_layers - len(dense)) / num_layers)

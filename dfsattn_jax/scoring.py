@@ -1,0 +1,175 @@
+"""Hierarchical block scoring (SPEC §3): tile means, tile softmax, block sums.
+
+For q, k of shape ``[B, L, N, D]`` (attention order, after QK normalization and RoPE):
+
+1. ``L`` is padded to a multiple of the block size ``b``; padding is never attended.
+2. Tile means over ``t`` consecutive tokens, averaging the valid tokens only. Only the
+   ``T = ceil(L / t)`` tiles that hold a valid token exist; tiles made only of padding are
+   neither keys (step 3) nor queries (step 4).
+3. Per head, ``A_ij = softmax_j(q̄_i · k̄_j / sqrt(D))`` over the ``T`` valid key tiles.
+4. ``S_uv = Σ_{i in query block u} Σ_{j in key block v} A_ij`` (a sum, not a mean).
+
+Everything is accumulated in float32. The tile matrix has ``T**2`` entries per (batch, head);
+when that is large, rows are computed in chunks of query blocks with ``lax.map`` so that
+peak memory stays near ``tile_budget`` elements, far below ``L**2``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from dfsattn_jax.reference import check_attention_inputs, check_block_size
+
+__all__ = ["block_scores", "tile_means", "tile_probabilities", "check_tile_size"]
+
+#: Default peak size (elements) of one chunk of tile probabilities (float32: 128 MiB).
+DEFAULT_TILE_BUDGET = 1 << 25
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def check_tile_size(tile_size: int, block_size: int) -> tuple[int, int]:
+    """Validates ``tile_size`` and ``block_size`` (positive, ``block_size % tile_size == 0``)."""
+    tile_size = check_block_size(tile_size, "tile_size")
+    block_size = check_block_size(block_size, "block_size")
+    if block_size % tile_size:
+        raise ValueError(f"tile_size must divide block_size={block_size}, got tile_size={tile_size}")
+    return tile_size, block_size
+
+
+def tile_means(x: Float[Array, "b l n d"], tile_size: int) -> Float[Array, "b n t d"]:
+    """Means over tiles of ``tile_size`` consecutive tokens, valid tokens only, in float32.
+
+    Returns ``[B, N, T, D]`` with ``T = ceil(L / tile_size)``; the last tile averages the
+    ``L - (T - 1) * tile_size`` tokens it holds.
+    """
+    batch, length, heads, dim = x.shape
+    num_tiles = -(-length // tile_size)
+    pad = num_tiles * tile_size - length
+    xf = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    sums = jnp.sum(xf.reshape(batch, num_tiles, tile_size, heads, dim), axis=2)
+    counts = jnp.minimum(length - jnp.arange(num_tiles) * tile_size, tile_size).astype(jnp.float32)
+    means = sums / counts[None, :, None, None]
+    return jnp.transpose(means, (0, 2, 1, 3))
+
+
+def _tile_softmax(qbar: Float[Array, "b n i d"], kbar: Float[Array, "b n j d"]) -> Float[Array, "b n i j"]:
+    """Softmax over key tiles of the scaled tile-mean logits, float32."""
+    scale = 1.0 / math.sqrt(qbar.shape[-1])
+    logits = jnp.einsum("bnid,bnjd->bnij", qbar, kbar, precision=_HIGHEST) * scale
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def tile_probabilities(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    *,
+    tile_size: int = 16,
+    block_size: int = 128,
+) -> Float[Array, "b n t t"]:
+    """The full tile probability matrix ``A`` (SPEC §3.3), ``float32[B, N, T, T]``.
+
+    ``T = ceil(L / tile_size)`` valid tiles; every row sums to 1. Memory ``O(T**2)``: meant
+    for tests and analysis; :func:`block_scores` never materializes it whole when large.
+    """
+    check_attention_inputs(q=q, k=k)
+    tile_size, _ = check_tile_size(tile_size, block_size)
+    return _tile_softmax(tile_means(q, tile_size), tile_means(k, tile_size))
+
+
+def _chunk_scores(
+    qbar: Float[Array, "b n i d"],
+    weights: Float[Array, " i"],
+    kbar: Float[Array, "b n tk d"],
+    tiles_per_block: int,
+    num_key_blocks: int,
+) -> Float[Array, "b n c nk"]:
+    """Block scores of the query tiles ``qbar`` (a whole number of query blocks)."""
+    batch, heads, rows, _ = qbar.shape
+    probs = _tile_softmax(qbar, kbar) * weights[:, None]
+    key_pad = num_key_blocks * tiles_per_block - kbar.shape[2]
+    probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, key_pad)))
+    probs = probs.reshape(
+        batch, heads, rows // tiles_per_block, tiles_per_block, num_key_blocks, tiles_per_block
+    )
+    return jnp.sum(probs, axis=(3, 5))
+
+
+def block_scores(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    *,
+    tile_size: int = 16,
+    block_size: int = 128,
+    query_blocks_per_chunk: int | None = None,
+    tile_budget: int = DEFAULT_TILE_BUDGET,
+) -> Float[Array, "b n nq nk"]:
+    """Hierarchical block scores ``S[b, n, u, v]`` (SPEC §3), ``float32[B, N, nq, nk]``.
+
+    Args:
+      q, k: ``[B, L, N, D]`` in attention order, any floating dtype, any ``L``.
+      tile_size: tokens per tile ``t`` (default 16).
+      block_size: tokens per block ``b`` (default 128), a multiple of ``tile_size``.
+      query_blocks_per_chunk: query blocks whose tile rows are computed together; default:
+        as many as fit ``tile_budget`` elements of tile probabilities (all when they fit).
+      tile_budget: peak elements of one chunk of tile probabilities when
+        ``query_blocks_per_chunk`` is not given.
+
+    Returns:
+      ``S`` with ``nq = nk = ceil(L / block_size)``. Each row of tile probabilities sums to
+      one, so ``S[b, n, u].sum()`` is the number of valid query tiles of block ``u``.
+
+    Raises:
+      ValueError: for mismatched or non-floating ``q``/``k``, or a ``tile_size`` that does not
+        divide ``block_size``.
+    """
+    batch, length, heads, _ = check_attention_inputs(q=q, k=k)
+    tile_size, block_size = check_tile_size(tile_size, block_size)
+    tiles_per_block = block_size // tile_size
+    num_blocks = -(-length // block_size)
+    num_tiles = -(-length // tile_size)
+
+    per_block = batch * heads * tiles_per_block * num_tiles
+    if query_blocks_per_chunk is None:
+        chunk = max(1, min(num_blocks, operator.index(tile_budget) // per_block))
+    else:
+        chunk = check_block_size(query_blocks_per_chunk, "query_blocks_per_chunk")
+        chunk = min(chunk, num_blocks)
+    return _block_scores(q, k, tile_size=tile_size, block_size=block_size, chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("tile_size", "block_size", "chunk"))
+def _block_scores(q, k, *, tile_size: int, block_size: int, chunk: int):
+    batch, length, heads, _ = q.shape
+    tiles_per_block = block_size // tile_size
+    num_blocks = -(-length // block_size)
+    num_tiles = -(-length // tile_size)
+    num_chunks = -(-num_blocks // chunk)
+    chunk_rows = chunk * tiles_per_block
+
+    qbar = tile_means(q, tile_size)
+    kbar = tile_means(k, tile_size)
+    row_pad = num_chunks * chunk_rows - num_tiles
+    qbar = jnp.pad(qbar, ((0, 0), (0, 0), (0, row_pad), (0, 0)))
+    weights = (jnp.arange(num_chunks * chunk_rows) < num_tiles).astype(jnp.float32)
+
+    if num_chunks == 1:
+        return _chunk_scores(qbar, weights, kbar, tiles_per_block, num_blocks)[:, :, :num_blocks]
+
+    dim = qbar.shape[-1]
+    q_chunks = jnp.moveaxis(qbar.reshape(batch, heads, num_chunks, chunk_rows, dim), 2, 0)
+    w_chunks = weights.reshape(num_chunks, chunk_rows)
+
+    def one_chunk(args):
+        q_c, w_c = args
+        return _chunk_scores(q_c, w_c, kbar, tiles_per_block, num_blocks)
+
+    scores = jax.lax.map(one_chunk, (q_chunks, w_chunks))  # [chunks, B, N, chunk, nk]
+    scores = jnp.moveaxis(scores, 0, 2).reshape(batch, heads, num_chunks * chunk, num_blocks)
+    return scores[:, :, :num_blocks]

@@ -1,0 +1,321 @@
+"""Block-sparse flash attention for GPUs, written in Pallas (Triton backend).
+
+The kernel computes SPEC §5: for every (batch, head, query block) it visits only the first
+``kv_counts[b, n, u]`` key blocks listed in ``kv_indices[b, n, u]`` with a float32 online
+softmax, so its cost is linear in the number of visited blocks and one compiled kernel
+serves every density (the counts are read at run time).
+
+Layout of the work:
+  * grid = (query tiles, batch, heads); the query tile is the fastest axis, so all programs
+    of one (batch, head) run together and share K/V in L2;
+  * q, k, v, out stay in the ``[B, L, N, D]`` layout of ``jax.nn.dot_product_attention``:
+    the BlockSpecs pick one (batch, head) column and the kernel slices rows itself, so
+    nothing is transposed, padded or copied in HBM around the kernel;
+  * a ragged last block (L not a multiple of the block) is handled with masked loads,
+    masked logits and masked stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float, Int
+
+__all__ = ["BlockSizes", "block_sparse_attention", "block_sparse_attention_kernel"]
+
+_LOG2E = math.log2(math.e)
+_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the kernel inside one layout block of ``block_size`` tokens.
+
+    Attributes:
+      block_q: query rows per program (divides the layout block size).
+      block_k: key rows per inner step (divides the layout block size).
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth of the key loop.
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    @classmethod
+    def for_dtype(cls, dtype) -> "BlockSizes":
+        """Defaults measured on H200 (benchmarks/NOTES.md): 16-bit inputs take 128×64 tiles,
+        8 warps, 3 stages; float32 tiles are halved to fit shared memory at D=128."""
+        if jnp.dtype(dtype).itemsize >= 4:
+            return cls(block_q=64, block_k=32, num_warps=4, num_stages=2)
+        return cls()
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def block_sparse_attention_kernel(
+    q_ref,  # [L, D] of one (batch, head)
+    k_ref,  # [L, D]
+    v_ref,  # [L, D]
+    idx_ref,  # [K_max] key-block indices of this query block
+    cnt_ref,  # [1] how many of them to visit
+    o_ref,  # [L, D]
+    *,
+    seq_len: int,
+    block_size: int,
+    block_q: int,
+    block_k: int,
+    qk_scale: float,
+    num_key_blocks: int,
+):
+    """One program: ``block_q`` query rows against the listed key blocks."""
+    tile = pl.program_id(0)
+    q_start = tile * block_q
+    head_dim = q_ref.shape[-1]
+    ragged = seq_len % block_size != 0
+
+    rows = q_start + jnp.arange(block_q, dtype=jnp.int32)
+    q_slice = pl.ds(q_start, block_q)
+    if ragged:
+        q = plgpu.load(q_ref.at[q_slice, :], mask=(rows < seq_len)[:, None], other=0.0)
+    else:
+        q = q_ref[q_slice, :]
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    count = cnt_ref[0]
+
+    def sub_step(k_start, carry, masked: bool):
+        acc, m_prev, l_prev = carry
+        k_slice = pl.ds(k_start, block_k)
+        if masked:
+            cols = k_start + jnp.arange(block_k, dtype=jnp.int32)
+            col_ok = cols < seq_len
+            k = plgpu.load(k_ref.at[k_slice, :], mask=col_ok[:, None], other=0.0)
+            v = plgpu.load(v_ref.at[k_slice, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k = k_ref[k_slice, :]
+            v = v_ref[k_slice, :]
+        # Logits in the base-2 domain: exp(x * scale) == exp2(x * scale * log2(e)).
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision) * qk_scale
+        if masked:
+            s = jnp.where(col_ok[None, :], s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        l_next = l_prev * alpha + jnp.sum(p, axis=-1)
+        acc = acc * alpha[:, None] + jnp.dot(
+            p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision
+        )
+        return acc, m_next, l_next
+
+    def block_step(masked: bool):
+        def step(j, carry):
+            # One layout block per iteration, its block_k-row slices unrolled.
+            block_start = idx_ref[j] * block_size
+            for sub in range(block_size // block_k):
+                carry = sub_step(block_start + sub * block_k, carry, masked)
+            return carry
+
+        return step
+
+    carry = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    if ragged:
+        # The wrapper moves the partial last key block, when listed, to the end of the row:
+        # every other block runs unmasked, that one alone with masks.
+        last_listed = idx_ref[jnp.maximum(count - 1, 0)] == num_key_blocks - 1
+        unmasked = count - last_listed.astype(jnp.int32)
+        carry = lax.fori_loop(0, unmasked, block_step(False), carry)
+        acc, _, l = lax.fori_loop(unmasked, count, block_step(True), carry)
+    else:
+        acc, _, l = lax.fori_loop(0, count, block_step(False), carry)
+    out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+    if ragged:
+        plgpu.store(o_ref.at[q_slice, :], out, mask=(rows < seq_len)[:, None])
+    else:
+        o_ref[q_slice, :] = out
+
+
+def _check_inputs(q, k, v, layout, block_size: int) -> None:
+    if q.ndim != 4:
+        raise ValueError(f"q must have shape [B, L, N, D], got shape {q.shape}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k and v must have the same shape [B, L, N, D]; got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
+        raise ValueError(f"q, k, v dtype must be bfloat16, float16 or float32, got {q.dtype}")
+    head_dim = q.shape[-1]
+    if not (_is_pow2(head_dim) and 16 <= head_dim <= 256):
+        raise ValueError(f"head_dim (q.shape[-1]) must be a power of two in [16, 256], got {head_dim}")
+    if not (_is_pow2(block_size) and block_size >= 16):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    b, seq_len, n, _ = q.shape
+    nq = -(-seq_len // block_size)
+    if layout.num_key_blocks != nq:
+        raise ValueError(
+            f"layout.num_key_blocks must be ceil(L / block_size) = {nq} for L={seq_len}, "
+            f"block_size={block_size}; got {layout.num_key_blocks}"
+        )
+    if layout.kv_indices.shape[:3] != (b, n, nq) or layout.kv_counts.shape != (b, n, nq):
+        raise ValueError(
+            f"layout must have kv_indices [B, N, nq, K_max] and kv_counts [B, N, nq] with "
+            f"(B, N, nq) = {(b, n, nq)}; got {layout.kv_indices.shape} and {layout.kv_counts.shape}"
+        )
+
+
+def block_sparse_attention(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    v: Float[Array, "b l n d"],
+    layout,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+    initial_output: Float[Array, "b l n d"] | None = None,
+) -> Float[Array, "b l n d"]:
+    """Block-sparse attention over the key blocks listed in ``layout`` (SPEC §5).
+
+    Args:
+      q, k, v: ``[B, L, N, D]`` (the layout of ``jax.nn.dot_product_attention``), bfloat16,
+        float16 or float32; any L (the last block may be partial); D a power of two in
+        [16, 256] (64 and 128 are the tested, tuned sizes).
+      layout: a :class:`dfsattn_jax.BlockLayout` with ``kv_indices int32[B, N, nq, K_max]``,
+        ``kv_counts int32[B, N, nq]`` and ``num_key_blocks == nq == ceil(L / block_size)``.
+        Only the first ``kv_counts`` entries of each row are visited; they must be distinct
+        valid block indices.
+      block_size: tokens per layout block (128 in DFSAttn).
+      scale: logit scale, default ``1/sqrt(D)``.
+      block_sizes: kernel tiling (:class:`BlockSizes`); ``block_q`` and ``block_k`` must divide
+        ``block_size``; default :meth:`BlockSizes.for_dtype`.
+      interpret: run the kernel in the Pallas interpreter; ``None`` interprets everywhere but
+        on GPU.
+      initial_output: for tests: a ``[B, L, N, D]`` buffer (e.g. filled with NaN) that the
+        kernel writes into in place, so that elements it fails to write stay visible.
+
+    Returns:
+      ``[B, L, N, D]`` in the input dtype; accumulation is float32.
+    """
+    _check_inputs(q, k, v, layout, block_size)
+    bs = block_sizes or BlockSizes.for_dtype(q.dtype)
+    for name in ("block_q", "block_k"):
+        value = getattr(bs, name)
+        if not (_is_pow2(value) and value >= 16 and block_size % value == 0):
+            raise ValueError(
+                f"block_sizes.{name} must be a power of two >= 16 dividing block_size={block_size}, got {value}"
+            )
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    return _block_sparse_attention(
+        q, k, v, layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32),
+        initial_output, block_size=block_size, scale=scale, block_sizes=bs,
+        interpret=bool(interpret),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_sizes", "interpret"))
+def _block_sparse_attention(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    v: Float[Array, "b l n d"],
+    kv_indices: Int[Array, "b n nq kmax"],
+    kv_counts: Int[Array, "b n nq"],
+    initial_output: Float[Array, "b l n d"] | None,
+    *,
+    block_size: int,
+    scale: float,
+    block_sizes: BlockSizes,
+    interpret: bool,
+) -> Float[Array, "b l n d"]:
+    batch, seq_len, heads, head_dim = q.shape
+    nq = kv_counts.shape[-1]
+    k_max = kv_indices.shape[-1]
+    block_q = block_sizes.block_q
+    tiles_per_block = block_size // block_q
+    kernel = functools.partial(
+        block_sparse_attention_kernel,
+        seq_len=seq_len,
+        block_size=block_size,
+        block_q=block_q,
+        block_k=block_sizes.block_k,
+        qk_scale=scale * _LOG2E,
+        num_key_blocks=nq,
+    )
+    if seq_len % block_size:
+        kv_indices = _partial_block_last(kv_indices, kv_counts, nq - 1)
+    full = pl.BlockSpec((None, seq_len, None, head_dim), lambda t, b, n: (b, 0, n, 0))
+    in_specs = [
+        full,
+        full,
+        full,
+        pl.BlockSpec((None, None, None, k_max), lambda t, b, n: (b, n, t // tiles_per_block, 0)),
+        pl.BlockSpec((None, None, None, 1), lambda t, b, n: (b, n, t // tiles_per_block, 0)),
+    ]
+    operands = [q, k, v, kv_indices, kv_counts[..., None]]
+    aliases = {}
+    if initial_output is not None:
+        if initial_output.shape != q.shape or initial_output.dtype != q.dtype:
+            raise ValueError(
+                f"initial_output must match q ({q.shape}, {q.dtype}), got "
+                f"({initial_output.shape}, {initial_output.dtype})"
+            )
+        operands.append(initial_output)
+        in_specs.append(full)
+        aliases = {len(operands) - 1: 0}
+        kernel = _ignoring_aliased_output(kernel)
+    return pl.pallas_call(
+        kernel,
+        grid=(nq * tiles_per_block, batch, heads),
+        in_specs=in_specs,
+        out_specs=full,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
+        ),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        name="dfs_block_sparse_attention",
+    )(*operands)
+
+
+def _partial_block_last(
+    kv_indices: Int[Array, "b n nq kmax"], kv_counts: Int[Array, "b n nq"], last: int
+) -> Int[Array, "b n nq kmax"]:
+    """Moves key block ``last`` (the partial one), where a row lists it, to that row's last
+    visited entry, swapping it with the block found there; other rows stay as they are."""
+    pos = jnp.arange(kv_indices.shape[-1], dtype=jnp.int32)
+    tail = jnp.maximum(kv_counts - 1, 0)[..., None]
+    listed = (kv_indices == last) & (pos < kv_counts[..., None])
+    has = jnp.any(listed, axis=-1, keepdims=True)
+    where = jnp.argmax(listed, axis=-1)[..., None]
+    at_tail = jnp.take_along_axis(kv_indices, tail, axis=-1)
+    swapped = jnp.where(pos == where, at_tail, kv_indices)
+    swapped = jnp.where(pos == tail, last, swapped)
+    return jnp.where(has, swapped, kv_indices)
+
+
+def _ignoring_aliased_output(kernel):
+    """Wraps the kernel for a call whose output buffer also arrives as the last input."""
+
+    def wrapped(q_ref, k_ref, v_ref, idx_ref, cnt_ref, _aliased_ref, o_ref):
+        kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, o_ref)
+
+    return wrapped

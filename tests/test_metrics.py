@@ -1,0 +1,96 @@
+"""Recall of a layout and relative attention error (SPEC §9)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfsattn_jax.layout import BlockLayout, full_layout
+from dfsattn_jax.metrics import attention_error, layout_recall
+
+
+def random_qk(seed, shape):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(1.5 * rng.normal(size=shape), jnp.float32) for _ in range(2))
+
+
+def random_layout(seed, batch, heads, nb, kmax):
+    rng = np.random.default_rng(seed)
+    indices = np.stack([rng.permutation(nb)[:kmax] for _ in range(batch * heads * nb)]).reshape(batch, heads, nb, kmax)
+    counts = rng.integers(1, kmax + 1, size=(batch, heads, nb))
+    return BlockLayout(jnp.asarray(indices, jnp.int32), jnp.asarray(counts, jnp.int32), nb)
+
+
+def numpy_recall(q, k, layout, block, rows=None):
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    batch, length, heads, dim = q.shape
+    rows = np.arange(length) if rows is None else rows
+    mask = np.asarray(layout.to_dense_mask())
+    out = np.zeros((batch, heads))
+    for b in range(batch):
+        for n in range(heads):
+            logits = q[b, rows, n] @ k[b, :, n].T / np.sqrt(dim)
+            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+            allowed = mask[b, n][rows // block][:, np.arange(length) // block]
+            out[b, n] = (probs * allowed).sum() / probs.sum()
+    return out
+
+
+@pytest.mark.parametrize("length,block,kmax", [(150, 32, 2), (128, 16, 3)])
+def test_recall_matches_float64_brute_force(length, block, kmax):
+    q, k = random_qk(length, (2, length, 3, 16))
+    layout = random_layout(length, 2, 3, -(-length // block), kmax)
+    got = layout_recall(q, k, layout, block_size=block, num_query_samples=length)
+    assert got.shape == (2, 3) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), numpy_recall(q, k, layout, block), rtol=1e-5, atol=1e-6)
+
+
+def test_full_layout_has_recall_one():
+    q, k = random_qk(1, (1, 100, 2, 8))
+    got = layout_recall(q, k, full_layout(1, 2, 4, 4), block_size=32)
+    np.testing.assert_allclose(np.asarray(got), 1.0, atol=1e-6)
+
+
+def test_sampled_recall_on_block_constant_rows():
+    # Every query row is the same vector and every query block keeps the same key blocks, so
+    # every row has the same recall: any sample of rows gives the full-row value.
+    length, block = 160, 32
+    q, k = random_qk(2, (2, length, 3, 8))
+    q = jnp.broadcast_to(q[:, :1], q.shape)
+    one_row = random_layout(3, 2, 3, 5, 3)
+    layout = BlockLayout(
+        jnp.repeat(one_row.kv_indices[:, :, :1], 5, axis=2), jnp.repeat(one_row.kv_counts[:, :, :1], 5, axis=2), 5
+    )
+    want = numpy_recall(q, k, layout, block)
+    for seed in (0, 1):
+        got = layout_recall(q, k, layout, block_size=block, num_query_samples=17, key=jax.random.key(seed))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    assert np.all((want > 0) & (want < 1))
+
+
+def test_attention_error():
+    a, b = random_qk(4, (2, 10, 3, 4))
+    want = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / np.linalg.norm(np.asarray(b, np.float64))
+    got = attention_error(a, b)
+    assert got.dtype == jnp.float32 and got.shape == ()
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    np.testing.assert_allclose(float(attention_error(b.astype(jnp.bfloat16), b)), 0.0, atol=4e-3)
+    assert float(attention_error(b, b)) == 0.0
+
+
+def test_bad_metric_arguments():
+    q, k = random_qk(6, (1, 64, 2, 8))
+    layout = full_layout(1, 2, 2, 2)
+    with pytest.raises(ValueError, match="layout"):
+        layout_recall(q, k, layout, block_size=16)
+    with pytest.raises(ValueError, match="num_query_samples"):
+        layout_recall(q, k, layout, block_size=32, num_query_samples=0)
+    with pytest.raises(ValueError, match="k"):
+        layout_recall(q, k[:, :32], layout, block_size=32)
+    with pytest.raises(ValueError, match="dtype"):
+        layout_recall(q.astype(jnp.int32), k.astype(jnp.int32), layout, block_size=32)
+    with pytest.raises(ValueError, match="out"):
+        attention_error(q, k[:, :32])
+    with pytest.raises(ValueError, match="dtype"):
+        attention_error(q.astype(jnp.int32), k)
