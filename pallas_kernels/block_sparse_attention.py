@@ -46,14 +46,14 @@ class BlockSizes:
     """
 
     block_q: int = 128
-    block_k: int = 64
+    block_k: int = 128
     num_warps: int = 8
     num_stages: int = 3
 
     @classmethod
     def for_dtype(cls, dtype) -> "BlockSizes":
-        """Defaults measured on H200 (benchmarks/NOTES.md): 16-bit inputs take 128×64 tiles,
-        8 warps, 3 stages; float32 tiles are halved to fit shared memory at D=128."""
+        """Defaults measured on H200 (benchmarks/NOTES.md): 16-bit inputs take 128×128 tiles,
+        8 warps, 3 stages; float32 tiles are smaller to fit shared memory at D=128."""
         if jnp.dtype(dtype).itemsize >= 4:
             return cls(block_q=64, block_k=32, num_warps=4, num_stages=2)
         return cls()

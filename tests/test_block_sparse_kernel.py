@@ -115,7 +115,8 @@ def test_full_layout_equals_dense_attention(interpret, seq_len):
     # Every block listed, in a shuffled order per row: the order of visits must not matter.
     layout = random_layout(fresh_key(), b, n, nq, min_count=nq)
     out = block_sparse_attention(q, k, v, layout, interpret=interpret)
-    dense = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    with jax.default_matmul_precision("highest"):  # no TF32 in the GPU reference
+        dense = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     chex.assert_trees_all_close(out, dense, rtol=1e-5, atol=1e-5)
     out_full = block_sparse_attention(q, k, v, full_layout(b, n, nq, nq), interpret=interpret)
     chex.assert_trees_all_close(out_full, dense, rtol=1e-5, atol=1e-5)
@@ -154,7 +155,8 @@ def test_entries_beyond_count_are_ignored(interpret):
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize("tiles", [BlockSizes(128, 128, 8, 2), BlockSizes(64, 64, 4, 2)])
+# float32 at D=128: larger tiles exceed the GPU's shared memory.
+@pytest.mark.parametrize("tiles", [BlockSizes(128, 32, 8, 2), BlockSizes(64, 64, 4, 2)])
 def test_block_sizes_and_scale(interpret, tiles):
     b, n, seq_len, d = 1, 2, 300, 128
     nq = -(-seq_len // BLOCK)

@@ -1,0 +1,346 @@
+"""End-to-end benchmark: Wan2.1 denoising steps, dense (cuDNN) vs DFSAttn (Pallas), random weights.
+
+Default: Wan2.1-1.3B at 480x832, 81 frames (21x30x52 = 32,760 tokens), bf16, batch 2
+(classifier-free guidance as one batch). Measures, after warm-up, the median time of
+
+- a dense step (the ``dense`` backend: cuDNN attention, raster order, no cache);
+- a dense step of the ``dfs`` backend (token permutation + cache pass-through, dense attention);
+- per density (default 0.3, 0.2, 0.1 plus the plan's): a sparse step reusing cached layouts,
+  and a refresh step (scoring + selection + sparse attention);
+- the overhead pieces in isolation: token permutation + RoPE tables (per step), mask-cache
+  reads/writes of all sparse layers (per step), scoring + selection of one layer (per layer
+  per refresh step);
+
+then composes the default 50-step schedule (12 dense + 38 sparse steps, 3 of them refreshes)
+from those per-step times, and with ``--measure-full`` also times the whole jitted sampler
+(one program for all steps) dense and DFS. Peak GPU memory comes from
+``device.memory_stats()``. Writes ``benchmarks/results/e2e_<card>[_<size>].json`` and a
+markdown table next to it.
+
+GPU (what the lead runs)::
+
+    PYTHONPATH=. python benchmarks/e2e_bench.py --measure-full
+
+Reduced size on CPU (a smoke test of the script)::
+
+    JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/e2e_bench.py --config tiny --frames 9 \
+        --height 64 --width 64 --block-size 16 --tile-size 4 --iters 2 --measure-full
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dfsattn_jax.cache import cache_layout, cache_update  # noqa: E402
+from dfsattn_jax.layout import blocks_for_density, select_blocks  # noqa: E402
+from dfsattn_jax.schedule import DFSConfig, plan_schedule, reported_sparsity  # noqa: E402
+from dfsattn_jax.scoring import block_scores  # noqa: E402
+from models.attention_backend import (  # noqa: E402
+    AttentionBackend,
+    dense_step,
+    init_cache,
+    num_token_blocks,
+    sparse_step,
+    token_permutation,
+)
+from models.configs import default_dtype, get_config, latent_shape, token_grid  # noqa: E402
+from models.rope import rope_tables  # noqa: E402
+from models.sampler import Sampler  # noqa: E402
+from models.wan import WanTransformer3DModel, patchify  # noqa: E402
+
+
+def _median_time(fn, *args, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _first_call(fn, *args) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - start
+
+
+def card_name() -> str:
+    dev = jax.devices()[0]
+    kind = dev.device_kind if dev.platform != "cpu" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
+
+
+def peak_memory_bytes() -> int | None:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="wan2.1-1.3b")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--densities", type=float, nargs="+", default=[0.3, 0.2, 0.1])
+    p.add_argument("--steps", type=int, default=50, help="schedule length composed (and measured)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--tile-size", type=int, default=16)
+    p.add_argument("--order", default="hilbert3d")
+    p.add_argument("--max-density", type=float, default=0.5, help="mask-cache capacity, as the sampler's")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--measure-full", action="store_true", help="also time the full jitted sampler runs")
+    p.add_argument("--dtype", default=None, help="bfloat16 / float32 (default: bf16 on GPU, f32 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = get_config(args.config)
+    dtype = jnp.dtype(args.dtype) if args.dtype else default_dtype()
+    dfs = DFSConfig(tile_size=args.tile_size, block_size=args.block_size, order=args.order)
+    shape = latent_shape(cfg, args.frames, args.height, args.width)
+    grid = token_grid(cfg, shape[1:])
+    num_tokens = math.prod(grid)
+    nk = num_token_blocks(num_tokens, dfs.block_size)
+    plan = plan_schedule(dfs, args.steps, nk)
+    # Measure per distinct kept-block count (what the kernel sees), labelled by density.
+    blocks = {}
+    for d in [*args.densities, *(float(v) for v in plan.density[plan.sparse])]:
+        blocks.setdefault(round(d, 6), blocks_for_density(d, nk))
+    densities = sorted(blocks, reverse=True)
+    max_blocks = max([*blocks.values(), blocks_for_density(args.max_density, nk)])
+    backend = AttentionBackend("dfs", dfs)
+    num_sparse = len(backend.sparse_layers(cfg.num_layers))
+    print(f"{cfg.name} {args.frames}x{args.height}x{args.width}: grid {grid} = {num_tokens} tokens, "
+          f"{nk} blocks, dtype {dtype.name}, device {jax.devices()[0].device_kind}", flush=True)
+
+    model = WanTransformer3DModel(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype, param_dtype=dtype)
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(args.seed)
+    batch = 2  # classifier-free guidance as one batch
+    x = jnp.asarray(rng.standard_normal((batch, *shape), np.float32), dtype)
+    t = jnp.asarray([500.0, 500.0], jnp.float32)
+    text = jnp.asarray(rng.standard_normal((batch, cfg.text_len, cfg.text_dim), np.float32), dtype)
+
+    @jax.jit
+    def dense_fwd(state, x, t, text):
+        return nnx.merge(graphdef, state)(x, t, text, backend="dense")[0]
+
+    @jax.jit
+    def dfs_fwd(state, x, t, text, control, cache):
+        return nnx.merge(graphdef, state)(x, t, text, backend=backend, control=control, cache=cache)
+
+    timing = dict(warmup=args.warmup, iters=args.iters)
+    results: dict = {"per_step_s": {}, "compile_s": {}}
+    _, results["compile_s"]["dense"] = _first_call(dense_fwd, state, x, t, text)
+    t_dense = _median_time(dense_fwd, state, x, t, text, **timing)
+    print(f"dense step (cuDNN/XLA)      {t_dense * 1e3:10.2f} ms", flush=True)
+    peak_dense = peak_memory_bytes()
+
+    cache0 = init_cache(backend, cfg.num_layers, batch, cfg.num_heads, num_tokens, max_blocks)
+    _, results["compile_s"]["dfs"] = _first_call(dfs_fwd, state, x, t, text, dense_step(), cache0)
+    t_dfs_dense = _median_time(dfs_fwd, state, x, t, text, dense_step(), cache0, **timing)
+    print(f"dfs backend, dense step     {t_dfs_dense * 1e3:10.2f} ms", flush=True)
+    t_sparse, t_refresh = {}, {}
+    for d in densities:
+        refresh = sparse_step(blocks[d], refresh=True)
+        _, cache_d = dfs_fwd(state, x, t, text, refresh, cache0)
+        t_refresh[d] = _median_time(dfs_fwd, state, x, t, text, refresh, cache0, **timing)
+        t_sparse[d] = _median_time(dfs_fwd, state, x, t, text, sparse_step(blocks[d], refresh=False), cache_d,
+                                   **timing)
+        print(f"density {d:.2f} ({blocks[d]:4d}/{nk} blocks): sparse {t_sparse[d] * 1e3:10.2f} ms "
+              f"({t_dense / t_sparse[d]:.2f}x)   refresh {t_refresh[d] * 1e3:10.2f} ms", flush=True)
+
+    # Overhead pieces in isolation.
+    order = token_permutation(dfs.order, grid)
+    patches = patchify(x, cfg.patch_size)
+
+    @jax.jit
+    def permute_only(p):
+        cos, sin = rope_tables(cfg.head_dim, grid, order.perm, theta=cfg.rope_theta,
+                               max_seq_len=cfg.rope_max_seq_len)
+        return order.restore(order.apply(p)), cos, sin
+
+    @jax.jit
+    def cache_only(cache):
+        for slot in range(cache.kv_indices.shape[0]):
+            cache = cache_update(cache, slot, cache_layout(cache, slot, nk))
+        return cache
+
+    q = jnp.asarray(rng.standard_normal((batch, num_tokens, cfg.num_heads, cfg.head_dim), np.float32), dtype)
+    k = jnp.asarray(rng.standard_normal((batch, num_tokens, cfg.num_heads, cfg.head_dim), np.float32), dtype)
+
+    @jax.jit
+    def score_only(q, k, num_blocks):
+        scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
+        return select_blocks(scores, num_blocks, max_blocks=max_blocks)
+
+    t_perm = _median_time(permute_only, patches, **timing)
+    t_cache = _median_time(cache_only, cache0, **timing)
+    t_score = _median_time(score_only, q, k, jnp.asarray(blocks[densities[0]], jnp.int32), **timing)
+    per_step_overhead = t_perm + t_cache
+
+    # The schedule composed from the per-step times.
+    step_times = []
+    for s in range(args.steps):
+        if not plan.sparse[s]:
+            step_times.append(t_dfs_dense)
+        else:
+            d = round(float(plan.density[s]), 6)
+            step_times.append(t_refresh[d] if plan.refresh[s] else t_sparse[d])
+    dense_total = args.steps * t_dense
+    dfs_total = float(sum(step_times))
+    sparse_idx = np.flatnonzero(plan.sparse)
+    sparse_time = float(sum(step_times[s] for s in sparse_idx))
+    overhead_total = len(sparse_idx) * per_step_overhead + len(plan.refresh_steps) * num_sparse * t_score
+    results.update({
+        "config": cfg.name,
+        "card": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "dtype": dtype.name,
+        "video": {"frames": args.frames, "height": args.height, "width": args.width},
+        "token_grid": list(grid),
+        "tokens": num_tokens,
+        "batch": batch,
+        "num_key_blocks": nk,
+        "kept_blocks": {f"{d:g}": blocks[d] for d in densities},
+        "cache_max_blocks": max_blocks,
+        "dfs_config": dataclasses.asdict(dfs),
+        "timing": {"warmup": args.warmup, "iters": args.iters, "statistic": "median"},
+    })
+    results["per_step_s"] = {
+        "dense": t_dense,
+        "dfs_dense_step": t_dfs_dense,
+        "sparse": {f"{d:g}": t_sparse[d] for d in densities},
+        "refresh": {f"{d:g}": t_refresh[d] for d in densities},
+    }
+    results["speedup_per_sparse_step"] = {f"{d:g}": t_dense / t_sparse[d] for d in densities}
+    results["overhead"] = {
+        "permutation_and_rope_s": t_perm,
+        "cache_all_layers_s": t_cache,
+        "scoring_one_layer_s": t_score,
+        "scoring_all_layers_s": num_sparse * t_score,
+        "share_of_sparse_step": {f"{d:g}": per_step_overhead / t_sparse[d] for d in densities},
+        "share_of_refresh_step": {
+            f"{d:g}": (per_step_overhead + num_sparse * t_score) / t_refresh[d] for d in densities
+        },
+        "share_amortized_over_schedule": overhead_total / sparse_time if sparse_time else 0.0,
+        "refresh_minus_sparse_s": {f"{d:g}": t_refresh[d] - t_sparse[d] for d in densities},
+    }
+    results["schedule"] = {
+        "steps": args.steps,
+        "dense_steps": int((~plan.sparse).sum()),
+        "sparse_steps": int(plan.sparse.sum()),
+        "refresh_steps": list(plan.refresh_steps),
+        "densities": [float(d) for d in plan.density],
+        "composed_dense_s": dense_total,
+        "composed_dfs_s": dfs_total,
+        "composed_speedup": dense_total / dfs_total,
+        "composition": "dense: steps x dense step; dfs: dense steps x dfs-backend dense step + "
+                       "each sparse step's time at its density (refresh time at refresh steps)",
+        "reported_sparsity": reported_sparsity(plan, cfg.num_layers, dfs.dense_layers),
+    }
+    results["peak_memory_bytes"] = {"after_dense": peak_dense, "after_dfs_steps": peak_memory_bytes()}
+
+    if args.measure_full:
+        noise = x[:1].astype(jnp.float32)
+        full = {}
+        for name, be in (("dense", "dense"), ("dfs", backend)):
+            sampler = Sampler(model, be, progress=False, max_density=args.max_density)
+            compile_s = sampler.warmup(noise, text[:1], text[1:], num_steps=args.steps)
+            start = time.perf_counter()
+            res = sampler(noise, text[:1], text[1:], num_steps=args.steps)
+            jax.block_until_ready(res.latents)
+            full[name] = {"total_s": time.perf_counter() - start, "warmup_run_s": compile_s,
+                          "compiles": sampler.trace_count, "sparsity": res.sparsity}
+            full[name]["per_step_s"] = full[name]["total_s"] / args.steps
+            print(f"full {args.steps}-step run {name:5s}: {full[name]['total_s']:8.2f} s", flush=True)
+        full["speedup"] = full["dense"]["total_s"] / full["dfs"]["total_s"]
+        results["measured_full"] = full
+        results["peak_memory_bytes"]["after_full_runs"] = peak_memory_bytes()
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    default_size = (cfg.name, args.frames, args.height, args.width) == ("wan2.1-1.3b", 81, 480, 832)
+    suffix = "" if default_size else f"_{cfg.name}_{args.frames}x{args.height}x{args.width}"
+    stem = os.path.join(args.out_dir, f"e2e_{card_name()}{suffix}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown_table(results)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {stem}.json and {stem}.md")
+    return results
+
+
+def markdown_table(r: dict) -> str:
+    ps = r["per_step_s"]
+    lines = [
+        f"### Wan2.1 end-to-end ({r['config']}, {r['tokens']} tokens, {r['dtype']}, batch {r['batch']}) "
+        f"on {r['card']}",
+        "",
+        "| step | time (ms) | speedup vs dense |",
+        "|---|---:|---:|",
+        f"| dense (cuDNN on GPU) | {ps['dense'] * 1e3:.1f} | 1.00x |",
+        f"| DFS backend, dense step | {ps['dfs_dense_step'] * 1e3:.1f} | {ps['dense'] / ps['dfs_dense_step']:.2f}x |",
+    ]
+    for d, t in ps["sparse"].items():
+        lines.append(f"| DFS sparse, density {d} | {t * 1e3:.1f} | {ps['dense'] / t:.2f}x |")
+    for d, t in ps["refresh"].items():
+        lines.append(f"| DFS refresh, density {d} | {t * 1e3:.1f} | {ps['dense'] / t:.2f}x |")
+    s = r["schedule"]
+    o = r["overhead"]
+    lines += [
+        "",
+        f"Full schedule ({s['steps']} steps: {s['dense_steps']} dense + {s['sparse_steps']} sparse, refreshes at "
+        f"{s['refresh_steps']}), composed from the per-step times: dense {s['composed_dense_s']:.2f} s, "
+        f"DFS {s['composed_dfs_s']:.2f} s, **{s['composed_speedup']:.2f}x** "
+        f"(reported sparsity {s['reported_sparsity']:.4f}).",
+    ]
+    if "measured_full" in r:
+        m = r["measured_full"]
+        lines.append(
+            f"Measured full runs (one jitted program each): dense {m['dense']['total_s']:.2f} s, "
+            f"DFS {m['dfs']['total_s']:.2f} s, **{m['speedup']:.2f}x**."
+        )
+    share = ", ".join(f"{d}: {v * 100:.2f}%" for d, v in o["share_of_sparse_step"].items())
+    lines += [
+        f"Overhead (permutation + RoPE {o['permutation_and_rope_s'] * 1e3:.2f} ms, cache "
+        f"{o['cache_all_layers_s'] * 1e3:.2f} ms per step; scoring {o['scoring_all_layers_s'] * 1e3:.2f} ms per "
+        f"refresh step): share of a sparse step {share}; amortized over the schedule "
+        f"{o['share_amortized_over_schedule'] * 100:.2f}%.",
+    ]
+    pm = r["peak_memory_bytes"]
+    if pm.get("after_dfs_steps"):
+        lines.append(f"Peak GPU memory: {max(v for v in pm.values() if v) / 2**30:.2f} GiB.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

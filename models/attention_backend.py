@@ -1,0 +1,312 @@
+"""How a video self-attention layer picks dense or DFS attention and talks to the mask cache.
+
+Two backends:
+
+``dense``
+  every self-attention layer runs :func:`dfsattn_jax.attention.dense_attention` (cuDNN on
+  GPU, XLA elsewhere). A token ``order`` may still be given (tests use it to check that the
+  permutation alone changes nothing).
+``dfs``
+  DFSAttn (SPEC §6). The model permutes the tokens into the backend's order once, right after
+  patch embedding, and restores raster order right before unpatchify. Layers in
+  ``dfs.dense_layers`` always run dense attention; every other layer owns one slot of the
+  :class:`~dfsattn_jax.cache.MaskCache`. At a step whose :class:`StepControl` says
+
+  - ``sparse=False``: dense attention (the cache passes through unchanged);
+  - ``sparse=True, refresh=True``: the layer scores its own q/k (after norm and RoPE, in
+    attention order) with :func:`~dfsattn_jax.scoring.block_scores`, keeps the
+    ``num_blocks`` best key blocks per (batch, head, query block), stores that layout in its
+    slot, and runs block-sparse attention with it;
+  - ``sparse=True, refresh=False``: block-sparse attention with the cached layout.
+
+The step's ``(sparse, refresh, num_blocks)`` are traced scalars and the branches are
+``lax.cond``, so one compiled program serves every step and every density of a schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from dfsattn_jax.attention import block_sparse_attention, dense_attention
+from dfsattn_jax.cache import MaskCache, cache_layout, cache_update, init_mask_cache
+from dfsattn_jax.layout import BlockLayout, select_blocks
+from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
+from dfsattn_jax.schedule import DFSConfig
+from dfsattn_jax.scoring import block_scores
+
+__all__ = [
+    "BACKEND_NAMES",
+    "AttentionBackend",
+    "StepControl",
+    "TokenPermutation",
+    "dense_step",
+    "sparse_step",
+    "make_backend",
+    "token_permutation",
+    "num_token_blocks",
+    "init_cache",
+    "self_attention",
+    "skipped_fraction",
+]
+
+BACKEND_NAMES: tuple[str, ...] = ("dense", "dfs")
+
+
+class StepControl(NamedTuple):
+    """What self-attention does at one denoising step (traced scalars).
+
+    Attributes:
+      sparse: bool[]; run block-sparse attention in the sparse layers.
+      refresh: bool[]; recompute (score and select) the layouts of the sparse layers first.
+      num_blocks: int32[]; key blocks kept per (batch, head, query block) at a refresh.
+    """
+
+    sparse: Bool[Array, ""]
+    refresh: Bool[Array, ""]
+    num_blocks: Int[Array, ""]
+
+
+def dense_step() -> StepControl:
+    """A step with dense attention everywhere."""
+    return StepControl(jnp.asarray(False), jnp.asarray(False), jnp.asarray(1, jnp.int32))
+
+
+def sparse_step(num_blocks: int | Int[Array, ""], refresh: bool | Bool[Array, ""] = True) -> StepControl:
+    """A sparse step keeping ``num_blocks`` key blocks (refreshing the layouts by default)."""
+    return StepControl(jnp.asarray(True), jnp.asarray(refresh, bool), jnp.asarray(num_blocks, jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """Static choice of self-attention backend (hashable: usable as a ``jit`` static argument).
+
+    Attributes:
+      name: ``"dense"`` or ``"dfs"``.
+      dfs: the DFSAttn parameters (``dfs`` backend; defaults to ``DFSConfig()``). Only the
+        fields ``tile_size``, ``block_size``, ``order`` and ``dense_layers`` matter to the
+        model; the step schedule comes in through :class:`StepControl`.
+      order: token order name overriding ``dfs.order`` (``None``: ``dfs.order`` for ``dfs``,
+        ``"raster"`` (no permutation) for ``dense``).
+      sparse_implementation: passed to :func:`block_sparse_attention` (``None``: Pallas on
+        GPU, the XLA reference elsewhere).
+      dense_implementation: passed to :func:`dense_attention` (``None``: cuDNN on GPU for
+        16-bit inputs, XLA elsewhere).
+    """
+
+    name: str = "dense"
+    dfs: DFSConfig | None = None
+    order: str | None = None
+    sparse_implementation: str | None = None
+    dense_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.name!r}")
+        if self.name == "dfs" and self.dfs is None:
+            object.__setattr__(self, "dfs", DFSConfig())
+        if self.dfs is not None and not isinstance(self.dfs, DFSConfig):
+            raise ValueError(f"dfs must be a DFSConfig, got {type(self.dfs).__name__}")
+        if self.order is not None and self.order not in ORDER_NAMES:
+            raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.name == "dfs"
+
+    @property
+    def token_order(self) -> str:
+        """The order the model runs its tokens in."""
+        if self.order is not None:
+            return self.order
+        return self.dfs.order if self.is_sparse else "raster"
+
+    @property
+    def block_size(self) -> int:
+        return self.dfs.block_size if self.dfs is not None else 128
+
+    def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Indices of the layers that may run sparse attention (empty for ``dense``).
+
+        Raises:
+          ValueError: if ``dfs.dense_layers`` names a layer outside ``[0, num_layers)``.
+        """
+        if not self.is_sparse:
+            return ()
+        dense = tuple(int(i) for i in self.dfs.dense_layers)
+        bad = [i for i in dense if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} out of range for a model of {num_layers} layers")
+        return tuple(i for i in range(num_layers) if i not in dense)
+
+    def slot(self, layer: int, num_layers: int) -> int | None:
+        """Mask-cache slot of ``layer``, or ``None`` for an always-dense layer."""
+        layers = self.sparse_layers(num_layers)
+        return layers.index(layer) if layer in layers else None
+
+
+def make_backend(
+    name: str | AttentionBackend = "dense",
+    dfs: DFSConfig | None = None,
+    *,
+    order: str | None = None,
+    sparse_implementation: str | None = None,
+    dense_implementation: str | None = None,
+) -> AttentionBackend:
+    """Builds (and validates) an :class:`AttentionBackend`; an existing one is returned as is."""
+    if isinstance(name, AttentionBackend):
+        return name
+    return AttentionBackend(
+        name=name,
+        dfs=dfs,
+        order=order,
+        sparse_implementation=sparse_implementation,
+        dense_implementation=dense_implementation,
+    )
+
+
+class TokenPermutation(NamedTuple):
+    """A static token order of a grid: ``x_ordered = x[:, perm]``, ``x = x_ordered[:, inverse]``.
+
+    ``perm``/``inverse`` are ``None`` for raster order (no gather at all).
+    """
+
+    perm: np.ndarray | None
+    inverse: np.ndarray | None
+
+    def apply(self, x: Float[Array, "b l c"]) -> Float[Array, "b l c"]:
+        return x if self.perm is None else jnp.take(x, jnp.asarray(self.perm), axis=1)
+
+    def restore(self, x: Float[Array, "b l c"]) -> Float[Array, "b l c"]:
+        return x if self.inverse is None else jnp.take(x, jnp.asarray(self.inverse), axis=1)
+
+
+def token_permutation(order: str, grid: tuple[int, int, int]) -> TokenPermutation:
+    """The permutation of ``order`` on the token grid ``(F, H, W)``."""
+    if order == "raster":
+        return TokenPermutation(None, None)
+    perm = np.asarray(token_order(order, tuple(int(g) for g in grid)), dtype=np.int32)
+    return TokenPermutation(perm, np.asarray(inverse_permutation(perm), dtype=np.int32))
+
+
+def num_token_blocks(num_tokens: int, block_size: int) -> int:
+    """``ceil(L / block_size)``: query (= key) blocks of a sequence."""
+    return max(1, math.ceil(num_tokens / block_size))
+
+
+def init_cache(
+    backend: AttentionBackend,
+    num_layers: int,
+    batch: int,
+    heads: int,
+    num_tokens: int,
+    max_blocks: int,
+) -> MaskCache | None:
+    """An empty mask cache for the sparse layers of a model (``None`` for ``dense``).
+
+    ``max_blocks`` (``K_max``) is static: it fixes the cache's shape, hence the compiled
+    program; any ``num_blocks <= max_blocks`` runs in that program.
+    """
+    if not backend.is_sparse:
+        return None
+    nk = num_token_blocks(num_tokens, backend.block_size)
+    if not 1 <= int(max_blocks) <= nk:
+        raise ValueError(f"max_blocks must be in [1, {nk}] (key blocks of {num_tokens} tokens), got {max_blocks}")
+    return init_mask_cache(len(backend.sparse_layers(num_layers)), batch, heads, nk, int(max_blocks))
+
+
+def _score_layout(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    num_blocks: Int[Array, ""],
+    max_blocks: int,
+    dfs: DFSConfig,
+) -> BlockLayout:
+    scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
+    return select_blocks(scores, num_blocks, max_blocks=max_blocks)
+
+
+def self_attention(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    v: Float[Array, "b l n d"],
+    *,
+    backend: AttentionBackend,
+    layer: int,
+    num_layers: int,
+    control: StepControl | None,
+    cache: MaskCache | None,
+) -> tuple[Float[Array, "b l n d"], MaskCache | None]:
+    """Video self-attention of one layer, dense or DFS (see the module docstring).
+
+    Args:
+      q, k, v: ``[B, L, N, D]`` after QK norm and RoPE, in the backend's token order.
+      backend: the static backend.
+      layer: this layer's index (static).
+      num_layers: layers of the model (static).
+      control: this step's controls; ``None`` means a dense step.
+      cache: the mask cache (required for a sparse layer of the ``dfs`` backend).
+
+    Returns:
+      ``(out [B, L, N, D], cache)``, the cache with this layer's slot updated at a refresh.
+    """
+    dense = lambda: dense_attention(q, k, v, implementation=backend.dense_implementation)  # noqa: E731
+    slot = backend.slot(layer, num_layers)
+    if slot is None or control is None:
+        return dense(), cache
+    if cache is None:
+        raise ValueError(f"the dfs backend needs a mask cache (layer {layer} is sparse); see init_cache")
+    nk = num_token_blocks(q.shape[1], backend.block_size)
+    if cache.kv_counts.shape[-1] != nk:
+        raise ValueError(
+            f"cache has {cache.kv_counts.shape[-1]} query blocks, {q.shape[1]} tokens need {nk} "
+            f"(block_size={backend.block_size})"
+        )
+    if cache.kv_indices.shape[1] != q.shape[0] or cache.kv_indices.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"cache holds batch {cache.kv_indices.shape[1]} x heads {cache.kv_indices.shape[2]}, "
+            f"attention has batch {q.shape[0]} x heads {q.shape[2]}"
+        )
+    cached = cache_layout(cache, slot, nk)
+    max_blocks = cached.max_blocks
+
+    def sparse_branch(cached_layout: BlockLayout) -> tuple[Array, BlockLayout]:
+        layout = jax.lax.cond(
+            control.refresh,
+            lambda: _score_layout(q, k, control.num_blocks, max_blocks, backend.dfs),
+            lambda: cached_layout,
+        )
+        out = block_sparse_attention(
+            q, k, v, layout, block_size=backend.block_size, implementation=backend.sparse_implementation
+        )
+        return out, layout
+
+    def dense_branch(layout: BlockLayout) -> tuple[Array, BlockLayout]:
+        return dense(), layout
+
+    out, layout = jax.lax.cond(control.sparse, sparse_branch, dense_branch, cached)
+    # The slot is written back every step (an in-place update of one layer's rows, cheaper than
+    # passing the whole cache through a conditional); it changes only at a refresh, and
+    # ``refreshes`` (one per layer per refresh step) counts only those.
+    refreshed = jnp.logical_and(control.sparse, control.refresh).astype(cache.refreshes.dtype)
+    updated = cache_update(cache, slot, layout)
+    return out, updated._replace(refreshes=cache.refreshes + refreshed)
+
+
+def skipped_fraction(cache: MaskCache | None, num_layers: int) -> Float[Array, ""]:
+    """Mean skipped block fraction over all self-attention layers for the layouts in ``cache``.
+
+    Always-dense layers count 0 (SPEC §6): ``sum_slots mean(1 - count / nk) / num_layers``
+    (self-attention: ``nk`` = the number of query blocks).
+    """
+    if cache is None or cache.kv_counts.shape[0] == 0:
+        return jnp.zeros((), jnp.float32)
+    nk = cache.kv_counts.shape[-1]
+    per_slot = 1.0 - jnp.mean(cache.kv_counts.astype(jnp.float32), axis=(1, 2, 3)) / nk
+    return jnp.sum(per_slot) / num_layers

@@ -1,0 +1,180 @@
+"""Named Wan2.1 transformer configurations and latent-shape helpers (SPEC §7).
+
+A :class:`WanConfig` mirrors the ``config.json`` of diffusers' ``WanTransformer3DModel`` for
+the text-to-video path (no image embedding): ``dim = num_heads * head_dim``.
+
+=================  =====  ======  =====  =====  ========
+name               dim    layers  heads  ffn    text dim
+=================  =====  ======  =====  =====  ========
+``wan2.1-1.3b``    1536   30      12     8960   4096
+``wan2.1-14b``     5120   40      40     13824  4096
+``tiny``           64     2       2      128    32
+=================  =====  ======  =====  =====  ========
+
+The Wan VAE compresses time by 4 (``latent_frames = (frames - 1) / 4 + 1``) and space by 8;
+the transformer then patches the latent grid by ``(1, 2, 2)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "WanConfig",
+    "CONFIGS",
+    "get_config",
+    "default_dtype",
+    "latent_shape",
+    "token_grid",
+    "VAE_TEMPORAL_FACTOR",
+    "VAE_SPATIAL_FACTOR",
+]
+
+VAE_TEMPORAL_FACTOR = 4
+VAE_SPATIAL_FACTOR = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+    """Shape hyper-parameters of a Wan2.1 text-to-video transformer.
+
+    Attributes:
+      name: the config's name.
+      dim: model width (``num_heads * head_dim``).
+      num_layers: number of transformer blocks.
+      num_heads: attention heads.
+      ffn_dim: hidden width of the GELU-tanh feed-forward network.
+      text_dim: width of the text-encoder embeddings fed to the model (UMT5: 4096).
+      in_channels / out_channels: latent channels.
+      freq_dim: width of the sinusoidal timestep embedding.
+      patch_size: ``(p_t, p_h, p_w)`` patch of the latent grid.
+      eps: epsilon of every LayerNorm and RMSNorm.
+      cross_attn_norm: whether a LayerNorm with affine parameters precedes cross-attention.
+      rope_max_seq_len: largest position along any grid axis the RoPE tables cover.
+      rope_theta: RoPE base.
+      text_len: text length used for random prompt embeddings (Wan pads prompts to 512).
+    """
+
+    name: str
+    dim: int
+    num_layers: int
+    num_heads: int
+    ffn_dim: int
+    text_dim: int = 4096
+    in_channels: int = 16
+    out_channels: int = 16
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    rope_max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    text_len: int = 512
+
+    def __post_init__(self) -> None:
+        for field in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "in_channels",
+                      "out_channels", "freq_dim", "rope_max_seq_len", "text_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError(f"head_dim ({self.dim // self.num_heads}) must be even for RoPE")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim must be even, got {self.freq_dim}")
+        if len(self.patch_size) != 3 or any(int(p) < 1 for p in self.patch_size):
+            raise ValueError(f"patch_size must be three positive integers, got {self.patch_size!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch_features(self) -> int:
+        """``p_t * p_h * p_w``."""
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw
+
+    def replace(self, **changes) -> "WanConfig":
+        return dataclasses.replace(self, **changes)
+
+
+CONFIGS: dict[str, WanConfig] = {
+    "wan2.1-1.3b": WanConfig(name="wan2.1-1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960),
+    "wan2.1-14b": WanConfig(name="wan2.1-14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
+    "tiny": WanConfig(
+        name="tiny", dim=64, num_layers=2, num_heads=2, ffn_dim=128, text_dim=32, freq_dim=32, text_len=16
+    ),
+}
+
+
+def get_config(name: str | WanConfig) -> WanConfig:
+    """Returns the named config (a :class:`WanConfig` is returned unchanged).
+
+    Raises:
+      ValueError: for an unknown name, listing the known ones.
+    """
+    if isinstance(name, WanConfig):
+        return name
+    if not isinstance(name, str) or name not in CONFIGS:
+        raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {name!r}")
+    return CONFIGS[name]
+
+
+def default_dtype() -> jnp.dtype:
+    """bfloat16 on accelerators, float32 on CPU (params and activations)."""
+    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(jnp.bfloat16)
+
+
+def latent_shape(
+    config: str | WanConfig, frames: int, height: int, width: int
+) -> tuple[int, int, int, int]:
+    """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels.
+
+    ``F = (frames - 1) / 4 + 1``, ``H = height / 8``, ``W = width / 8``; the latent grid must
+    also be divisible by the patch size.
+
+    Raises:
+      ValueError: naming the argument that does not fit.
+    """
+    config = get_config(config)
+    try:
+        frames, height, width = (operator.index(v) for v in (frames, height, width))
+    except TypeError:
+        raise ValueError(f"frames, height and width must be integers, got {(frames, height, width)!r}") from None
+    if frames < 1 or (frames - 1) % VAE_TEMPORAL_FACTOR:
+        raise ValueError(f"frames must be 4*k + 1 (k >= 0), got {frames}")
+    pt, ph, pw = config.patch_size
+    for name, value, patch in (("height", height, ph), ("width", width, pw)):
+        unit = VAE_SPATIAL_FACTOR * patch
+        if value < unit or value % unit:
+            raise ValueError(f"{name} must be a positive multiple of {unit} (VAE 8 x patch {patch}), got {value}")
+    lat_f = (frames - 1) // VAE_TEMPORAL_FACTOR + 1
+    if lat_f % pt:
+        raise ValueError(f"latent frames ({lat_f}) must be divisible by the temporal patch {pt}")
+    return (config.in_channels, lat_f, height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR)
+
+
+def token_grid(config: str | WanConfig, latent_grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Token grid ``(F/p_t, H/p_h, W/p_w)`` of a latent grid ``(F, H, W)``.
+
+    Raises:
+      ValueError: when the latent grid is not divisible by the patch.
+    """
+    config = get_config(config)
+    if len(latent_grid) != 3:
+        raise ValueError(f"latent grid must be (F, H, W), got {latent_grid!r}")
+    out = []
+    for axis, size, patch in zip("FHW", latent_grid, config.patch_size):
+        if size < 1 or size % patch:
+            raise ValueError(
+                f"latent {axis} ({size}) must be a positive multiple of the patch size {patch} "
+                f"(patch_size={config.patch_size})"
+            )
+        out.append(size // patch)
+    return tuple(out)

@@ -1,0 +1,495 @@
+"""A Flax NNX Wan2.1 text-to-video diffusion transformer with dense or DFSAttn self-attention.
+
+Mirrors diffusers' ``WanTransformer3DModel`` (T2V path, no image embedding) numerically and in
+module naming, so that a diffusers state dict maps 1:1 onto this model's state:
+
+==========================================================  =====================================
+diffusers tensor                                            NNX parameter (transform)
+==========================================================  =====================================
+``patch_embedding.weight`` ``[dim, C, pt, ph, pw]``         ``patch_embedding.kernel``
+                                                            ``[pt, ph, pw, C, dim]`` (transpose
+                                                            2, 3, 4, 1, 0: ``nnx.Conv`` layout)
+``*.weight`` of an ``nn.Linear`` ``[out, in]``              ``*.kernel`` ``[in, out]`` (``.T``)
+``*.bias``                                                  ``*.bias``
+``blocks.{i}.attn{1,2}.to_out.0.*``                         ``blocks.{i}.attn{1,2}.to_out.0.*``
+``blocks.{i}.attn{1,2}.norm_{q,k}.weight``                  same name (RMSNorm ``weight``)
+``blocks.{i}.norm2.{weight,bias}``                          same name (LayerNorm)
+``blocks.{i}.ffn.net.0.proj.*`` / ``ffn.net.2.*``           same names
+``blocks.{i}.scale_shift_table`` ``[1, 6, dim]``            same name and shape
+``scale_shift_table`` ``[1, 2, dim]``                       same name and shape
+``condition_embedder.{time_embedder,text_embedder}``        same names (``linear_1``,
+``.linear_{1,2}.*``, ``condition_embedder.time_proj.*``     ``linear_2``, ``time_proj``)
+``proj_out.*``                                              same name
+==========================================================  =====================================
+
+Numerics follow diffusers: sinusoidal timestep embedding with ``flip_sin_to_cos=True`` and
+``downscale_freq_shift=0``; ``temb`` cast to the activation dtype; modulation
+``scale_shift_table + temb`` in float32 in the order (shift, scale, gate) for attention then
+FFN; LayerNorms (eps 1e-6) in float32; RMSNorm of q and k over the whole inner dim before
+splitting heads; 3D RoPE (:mod:`models.rope`); GELU-tanh in the text projection and the FFN;
+final ``(shift, scale) = scale_shift_table + temb``; unpatchify ``(B, F, H, W, pt, ph, pw, C)
+-> (B, C, F*pt, H*ph, W*pw)``.
+
+Parameters are created in ``param_dtype`` and activations run in ``dtype`` (both default to
+bfloat16 on accelerators and float32 on CPU), except the modules diffusers keeps in float32:
+``condition_embedder.time_embedder``, every ``scale_shift_table`` and ``norm2``.
+
+Self-attention goes through :mod:`models.attention_backend`: with the ``dfs`` backend the
+tokens are permuted into the DFS order once after patch embedding (as 64-wide patch vectors,
+before the projection) with the RoPE tables built in that order, and restored before
+unpatchify (again on the narrow output), so no layer gathers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from dfsattn_jax.attention import dense_attention
+from dfsattn_jax.cache import MaskCache
+from models.attention_backend import (
+    AttentionBackend,
+    StepControl,
+    make_backend,
+    TokenPermutation,
+    self_attention,
+    token_permutation,
+)
+from models.configs import WanConfig, default_dtype, get_config, token_grid
+from models.rope import apply_rope, rope_tables
+
+__all__ = [
+    "WanTransformer3DModel",
+    "WanTransformerBlock",
+    "Prepared",
+    "WanAttention",
+    "timestep_embedding",
+    "patchify",
+    "unpatchify",
+]
+
+
+def _uniform_init(bound: float):
+    """PyTorch's default ``nn.Linear``/``nn.Conv`` init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    return init
+
+
+def _linear(in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    bound = 1.0 / math.sqrt(in_features)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=True,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_uniform_init(bound),
+        bias_init=_uniform_init(bound),
+        rngs=rngs,
+    )
+
+
+class Identity(nnx.Module):
+    """Stands for a parameter-free torch module (dropout) to keep diffusers' list indices."""
+
+    def __call__(self, x):
+        return x
+
+
+class FP32LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 (diffusers' ``FP32LayerNorm``); returns float32.
+
+    With ``elementwise_affine`` it holds float32 ``weight`` and ``bias`` ``[dim]``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+            self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.elementwise_affine:
+            y = y * self.weight[...] + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned ``weight`` (torch ``nn.RMSNorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class PatchEmbedding(nnx.Module):
+    """Conv3d with kernel = stride = patch, as a reshape + matmul.
+
+    ``kernel`` has the ``nnx.Conv`` layout ``[pt, ph, pw, C, dim]``; ``bias`` is ``[dim]``.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch_size, *, dtype, param_dtype, rngs: nnx.Rngs):
+        pt, ph, pw = patch_size
+        bound = 1.0 / math.sqrt(in_channels * pt * ph * pw)
+        self.kernel = nnx.Param(_uniform_init(bound)(rngs.params(), (pt, ph, pw, in_channels, dim), param_dtype))
+        self.bias = nnx.Param(_uniform_init(bound)(rngs.params(), (dim,), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, patches: Float[Array, "b l p"]) -> Float[Array, "b l dim"]:
+        """Projects patch vectors from :func:`patchify` (features ordered ``(pt, ph, pw, C)``)."""
+        kernel = self.kernel[...]
+        w = kernel.reshape(-1, kernel.shape[-1]).astype(self.dtype)
+        return patches.astype(self.dtype) @ w + self.bias[...].astype(self.dtype)
+
+
+def patchify(x: Float[Array, "b c f h w"], patch_size) -> Float[Array, "b l p"]:
+    """``[B, C, F, H, W] -> [B, L, pt*ph*pw*C]``, tokens in raster order of the token grid."""
+    b, c, f, h, w = x.shape
+    pt, ph, pw = patch_size
+    x = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+    x = x.transpose(0, 2, 4, 6, 3, 5, 7, 1)  # b, F, H, W, pt, ph, pw, c
+    return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
+
+
+def unpatchify(x: Float[Array, "b l p"], grid, patch_size, channels: int) -> Float[Array, "b c f h w"]:
+    """``[B, L, pt*ph*pw*C] -> [B, C, F*pt, H*ph, W*pw]`` (diffusers' output order)."""
+    b = x.shape[0]
+    f, h, w = grid
+    pt, ph, pw = patch_size
+    x = x.reshape(b, f, h, w, pt, ph, pw, channels)
+    x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, channels, f * pt, h * ph, w * pw)
+
+
+def timestep_embedding(timesteps: Float[Array, " b"], dim: int, max_period: float = 10000.0) -> Float[Array, "b dim"]:
+    """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` with ``f_i = max_period ** (-i / (dim/2))``
+    (diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``), float32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedding(nnx.Module):
+    """``linear_2(silu(linear_1(x)))``."""
+
+    def __init__(self, in_features: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.linear_1 = _linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TextProjection(nnx.Module):
+    """``linear_2(gelu_tanh(linear_1(x)))`` (diffusers ``PixArtAlphaTextProjection``)."""
+
+    def __init__(self, in_features: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.linear_1 = _linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=True))
+
+
+class WanTimeTextEmbedding(nnx.Module):
+    """Timestep and text conditioning (``condition_embedder``)."""
+
+    def __init__(self, config: WanConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.freq_dim = config.freq_dim
+        self.dtype = dtype
+        # diffusers keeps the time embedder in float32.
+        self.time_embedder = TimestepEmbedding(
+            config.freq_dim, config.dim, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs
+        )
+        self.time_proj = _linear(config.dim, 6 * config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.text_embedder = TextProjection(
+            config.text_dim, config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(self, timestep: Float[Array, " b"], text: Float[Array, "b t e"]):
+        """Returns ``temb [B, dim]``, ``timestep_proj [B, 6*dim]`` and text ``[B, T, dim]``."""
+        temb = self.time_embedder(timestep_embedding(timestep, self.freq_dim)).astype(self.dtype)
+        timestep_proj = self.time_proj(jax.nn.silu(temb))
+        return temb, timestep_proj, self.text_embedder(text.astype(self.dtype))
+
+
+class WanAttention(nnx.Module):
+    """Projections of a Wan attention layer: ``to_q``, ``to_k``, ``to_v``, ``to_out[0]``,
+    ``norm_q``/``norm_k`` (RMSNorm across heads, i.e. over the full inner dim)."""
+
+    def __init__(self, dim: int, heads: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.heads = heads
+        self.to_q = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_k = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_v = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_out = nnx.List([_linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)])
+        self.norm_q = RMSNorm(dim, eps, param_dtype=param_dtype)
+        self.norm_k = RMSNorm(dim, eps, param_dtype=param_dtype)
+
+    def qkv(self, x: Float[Array, "b l dim"], context: Float[Array, "b t dim"] | None = None):
+        """``q [B, L, N, D]`` and ``k, v [B, T, N, D]`` (``context`` defaults to ``x``), q/k normalized."""
+        context = x if context is None else context
+        q = self.norm_q(self.to_q(x))
+        k = self.norm_k(self.to_k(context))
+        v = self.to_v(context)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)  # noqa: E731
+        return split(q), split(k), split(v)
+
+    def out(self, o: Float[Array, "b l n d"]) -> Float[Array, "b l dim"]:
+        return self.to_out[0](o.reshape(o.shape[0], o.shape[1], -1))
+
+
+class GELUProjection(nnx.Module):
+    """``gelu_tanh(proj(x))`` (diffusers ``GELU(approximate="tanh")``)."""
+
+    def __init__(self, dim: int, inner: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.proj = _linear(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.gelu(self.proj(x), approximate=True)
+
+
+class FeedForward(nnx.Module):
+    """``net[2](net[0](x))``; ``net[1]`` is diffusers' (inactive) dropout."""
+
+    def __init__(self, dim: int, inner: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.net = nnx.List([
+            GELUProjection(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+            Identity(),
+            _linear(inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        ])
+
+    def __call__(self, x):
+        return self.net[2](self.net[1](self.net[0](x)))
+
+
+class WanTransformerBlock(nnx.Module):
+    """Self-attention (modulated), cross-attention to text, modulated GELU-tanh FFN."""
+
+    def __init__(self, config: WanConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        dim = config.dim
+        self.dtype = dtype
+        self.norm1 = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim, config.num_heads, config.eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn2 = WanAttention(dim, config.num_heads, config.eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = FP32LayerNorm(dim, config.eps, elementwise_affine=True) if config.cross_attn_norm else Identity()
+        self.ffn = FeedForward(dim, config.ffn_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm3 = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.scale_shift_table = nnx.Param(
+            jax.random.normal(rngs.params(), (1, 6, dim), jnp.float32) / math.sqrt(dim)
+        )
+
+    def __call__(
+        self,
+        x: Float[Array, "b l dim"],
+        text: Float[Array, "b t dim"],
+        timestep_proj: Float[Array, "b six dim"],
+        rope: tuple[Array, Array],
+        *,
+        layer: int,
+        num_layers: int,
+        backend: AttentionBackend,
+        control: StepControl | None,
+        cache: MaskCache | None,
+    ) -> tuple[Float[Array, "b l dim"], MaskCache | None]:
+        dtype = x.dtype
+        mod = self.scale_shift_table[...].astype(jnp.float32) + timestep_proj.astype(jnp.float32)
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
+
+        # 1. Self-attention (dense or DFS).
+        h = (self.norm1(x) * (1.0 + scale_msa) + shift_msa).astype(dtype)
+        q, k, v = self.attn1.qkv(h)
+        q = apply_rope(q, *rope)
+        k = apply_rope(k, *rope)
+        o, cache = self_attention(
+            q, k, v, backend=backend, layer=layer, num_layers=num_layers, control=control, cache=cache
+        )
+        x = (x.astype(jnp.float32) + self.attn1.out(o).astype(jnp.float32) * gate_msa).astype(dtype)
+
+        # 2. Cross-attention to the text (always dense).
+        h = self.norm2(x).astype(dtype)
+        q, k, v = self.attn2.qkv(h, text)
+        x = x + self.attn2.out(dense_attention(q, k, v, implementation=backend.dense_implementation))
+
+        # 3. Feed-forward.
+        h = (self.norm3(x) * (1.0 + c_scale) + c_shift).astype(dtype)
+        x = (x.astype(jnp.float32) + self.ffn(h).astype(jnp.float32) * c_gate).astype(dtype)
+        return x, cache
+
+
+class Prepared(NamedTuple):
+    """Inputs of the transformer blocks (see :meth:`WanTransformer3DModel.prepare`).
+
+    Attributes:
+      tokens: ``[B, L, dim]`` patch embeddings in the backend's token order.
+      text: ``[B, T, dim]`` projected text embeddings.
+      temb: ``[B, dim]`` time embedding (activation dtype).
+      timestep_proj: ``[B, 6, dim]`` per-block modulation input.
+      rope: ``(cos, sin)`` ``[L, D/2]`` in the token order.
+      grid: token grid ``(F, H, W)``.
+      order: the static token permutation.
+    """
+
+    tokens: Array
+    text: Array
+    temb: Array
+    timestep_proj: Array
+    rope: tuple[Array, Array]
+    grid: tuple[int, int, int]
+    order: TokenPermutation
+
+
+class WanTransformer3DModel(nnx.Module):
+    """The Wan2.1 T2V transformer (diffusers' ``WanTransformer3DModel``) in Flax NNX.
+
+    Args:
+      config: a :class:`WanConfig` or a config name (``"wan2.1-1.3b"``, ``"wan2.1-14b"``,
+        ``"tiny"``).
+      rngs: ``nnx.Rngs`` for the random initialization (PyTorch's default init).
+      dtype: activation dtype (default: bf16 on accelerators, float32 on CPU).
+      param_dtype: parameter dtype (default: same rule).
+    """
+
+    def __init__(self, config: str | WanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=None):
+        config = get_config(config)
+        dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
+        param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else default_dtype()
+        self.config = config
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        dim = config.dim
+        self.patch_embedding = PatchEmbedding(
+            config.in_channels, dim, config.patch_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.condition_embedder = WanTimeTextEmbedding(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = nnx.List([
+            WanTransformerBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(config.num_layers)
+        ])
+        self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.proj_out = _linear(
+            dim, config.out_channels * config.patch_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim), jnp.float32) / math.sqrt(dim))
+
+    def check_inputs(self, hidden_states, timestep, encoder_hidden_states) -> tuple[int, int, int]:
+        """Validates input shapes; returns the token grid. Raises ``ValueError`` naming the argument."""
+        cfg = self.config
+        shape = tuple(hidden_states.shape)
+        if len(shape) != 5:
+            raise ValueError(f"hidden_states must have shape [B, C, F, H, W], got shape {shape}")
+        if shape[1] != cfg.in_channels:
+            raise ValueError(f"hidden_states must have {cfg.in_channels} channels (axis 1), got shape {shape}")
+        try:
+            grid = token_grid(cfg, shape[2:])
+        except ValueError as err:
+            raise ValueError(f"hidden_states latent shape {shape[2:]} does not fit the patch: {err}") from None
+        if any(g > cfg.rope_max_seq_len for g in grid):
+            raise ValueError(f"hidden_states token grid {grid} exceeds rope_max_seq_len={cfg.rope_max_seq_len}")
+        text = tuple(encoder_hidden_states.shape)
+        if len(text) != 3 or text[-1] != cfg.text_dim:
+            raise ValueError(f"encoder_hidden_states must have shape [B, T, {cfg.text_dim}], got shape {text}")
+        if text[0] != shape[0]:
+            raise ValueError(f"encoder_hidden_states batch {text[0]} does not match hidden_states batch {shape[0]}")
+        t_shape = tuple(jnp.shape(timestep))
+        if t_shape not in ((), (shape[0],)):
+            raise ValueError(f"timestep must be a scalar or have shape ({shape[0]},), got shape {t_shape}")
+        return grid
+
+    def __call__(
+        self,
+        hidden_states: Float[Array, "b c f h w"],
+        timestep: Float[Array, " b"] | float,
+        encoder_hidden_states: Float[Array, "b t e"],
+        *,
+        backend: AttentionBackend | str = "dense",
+        control: StepControl | None = None,
+        cache: MaskCache | None = None,
+    ) -> tuple[Float[Array, "b c f h w"], MaskCache | None]:
+        """One denoiser evaluation.
+
+        Args:
+          hidden_states: latents ``[B, C_in, F, H, W]`` (F, H, W divisible by the patch).
+          timestep: ``[B]`` or a scalar, diffusion timestep in [0, 1000].
+          encoder_hidden_states: text embeddings ``[B, T, text_dim]``.
+          backend: self-attention backend (``"dense"``, ``"dfs"`` or an
+            :class:`AttentionBackend`).
+          control: this step's :class:`StepControl` (``None``: dense attention everywhere).
+          cache: the mask cache of the ``dfs`` backend (see
+            :func:`models.attention_backend.init_cache`).
+
+        Returns:
+          ``(prediction [B, C_out, F, H, W] in the activation dtype, updated cache)``.
+        """
+        cfg = self.config
+        backend = make_backend(backend)
+        if control is not None and cache is None and backend.sparse_layers(cfg.num_layers):
+            raise ValueError("the dfs backend needs a mask cache when control is given; see init_cache")
+        prep = self.prepare(hidden_states, timestep, encoder_hidden_states, backend=backend)
+        x = prep.tokens
+        for i in range(cfg.num_layers):
+            x, cache = self.run_block(i, x, prep, backend=backend, control=control, cache=cache)
+        shift, scale = jnp.split(
+            self.scale_shift_table[...].astype(jnp.float32) + prep.temb.astype(jnp.float32)[:, None], 2, axis=1
+        )
+        x = (self.norm_out(x) * (1.0 + scale) + shift).astype(self.dtype)
+        x = prep.order.restore(self.proj_out(x))
+        return unpatchify(x, prep.grid, cfg.patch_size, cfg.out_channels), cache
+
+    def prepare(
+        self,
+        hidden_states: Float[Array, "b c f h w"],
+        timestep: Float[Array, " b"] | float,
+        encoder_hidden_states: Float[Array, "b t e"],
+        *,
+        backend: AttentionBackend | str = "dense",
+    ) -> "Prepared":
+        """Everything before the first block: validated inputs, tokens in the backend's order
+        (patch-embedded), RoPE tables in that order, time and text embeddings."""
+        cfg = self.config
+        backend = make_backend(backend)
+        grid = self.check_inputs(hidden_states, timestep, encoder_hidden_states)
+        batch = hidden_states.shape[0]
+        order = token_permutation(backend.token_order, grid)
+        # Permute the narrow patch vectors (pt*ph*pw*C wide), not the embedded tokens.
+        patches = order.apply(patchify(hidden_states.astype(self.dtype), cfg.patch_size))
+        tokens = self.patch_embedding(patches)
+        rope = rope_tables(cfg.head_dim, grid, order.perm, theta=cfg.rope_theta, max_seq_len=cfg.rope_max_seq_len)
+        timestep = jnp.broadcast_to(jnp.asarray(timestep), (batch,))
+        temb, timestep_proj, text = self.condition_embedder(timestep, encoder_hidden_states)
+        return Prepared(tokens, text, temb, timestep_proj.reshape(batch, 6, cfg.dim), rope, grid, order)
+
+    def run_block(
+        self,
+        layer: int,
+        x: Float[Array, "b l dim"],
+        prep: "Prepared",
+        *,
+        backend: AttentionBackend,
+        control: StepControl | None,
+        cache: MaskCache | None,
+    ) -> tuple[Float[Array, "b l dim"], MaskCache | None]:
+        """Runs block ``layer`` on tokens ``x`` (in the backend's order)."""
+        return self.blocks[layer](
+            x, prep.text, prep.timestep_proj, prep.rope,
+            layer=layer, num_layers=self.config.num_layers, backend=backend, control=control, cache=cache,
+        )
