@@ -8,7 +8,7 @@ TINY = dict(heads=2, head_dim=32, block_size=32, tile_size=8)
 
 
 def test_main_prints_the_table(capsys):
-    assert demo.main(["--grid", "4,8,16", "--block-size", "32", "--tile-size", "8", "--heads", "2",
+    assert demo.main(["--mode", "synthetic", "--grid", "4,8,16", "--block-size", "32", "--tile-size", "8", "--heads", "2",
                       "--head-dim", "32", "--densities", "0.5,0.2"]) == 0
     out = capsys.readouterr().out
     lines = [line.split() for line in out.splitlines()]
@@ -17,6 +17,20 @@ def test_main_prints_the_table(capsys):
     assert [(r[0], r[1]) for r in rows] == [("raster", "0.50"), ("raster", "0.20"), ("hilbert3d", "0.50"), ("hilbert3d", "0.20")]
     for r in rows:
         assert 0.0 < float(r[4]) <= 1.0 and 0.0 < float(r[5]) < 1.0
+
+
+def test_model_mode_reports_and_writes_files(capsys, tmp_path):
+    """The model comparison on the tiny config: report printed, JSON and mask PNG written."""
+    import json
+
+    assert demo.main(["--mode", "model", "--steps", "6", "--frames", "5", "--height", "64", "--width", "128",
+                      "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "relative error vs dense" in out
+    report = json.loads((tmp_path / "compare_tiny.json").read_text())
+    assert report["steps"] == 6 and report["config"] == "tiny"
+    assert 0.0 <= report["sparsity"] < 1.0 and report["relative_error"] >= 0.0
+    assert (tmp_path / "masks_tiny.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("seed", [0, 1])
