@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dfsattn_jax.demo import synthetic_qkv
 from dfsattn_jax.layout import BlockLayout, blocks_for_density, select_blocks

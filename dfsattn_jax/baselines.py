@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.layout import BlockLayout, blocks_for_density, check_density, select_blocks
 
 __all__ = [
@@ -77,16 +78,6 @@ def _check_perm(perm: np.ndarray, length: int) -> np.ndarray:
     if not np.array_equal(np.sort(perm), np.arange(length)):
         raise ValueError(f"perm must be a permutation of range({length})")
     return perm.astype(np.int32)
-
-
-def _check_block_size(block_size: int) -> int:
-    try:
-        block_size = operator.index(block_size)
-    except TypeError:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}") from None
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size}")
-    return block_size
 
 
 def _check_decay(decay: float) -> float:
@@ -166,7 +157,7 @@ def static_window_stats(
     f, h, w = _check_grid(grid)
     length = f * h * w
     perm = _check_perm(perm, length)
-    block_size = _check_block_size(block_size)
+    block_size = check_positive_int(block_size, "block_size")
     decay = _check_decay(decay)
     threshold = window_threshold((f, h, w), density, decay=decay)
     nb = -(-length // block_size)

@@ -9,13 +9,13 @@ indexing rules.
 
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
+from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.layout import BlockLayout
 
 __all__ = ["MaskCache", "init_mask_cache", "cache_layout", "cache_update"]
@@ -44,16 +44,6 @@ class MaskCache(NamedTuple):
         return self.kv_indices.shape[-1]
 
 
-def _positive(value: int, name: str) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def init_mask_cache(
     num_sparse_layers: int, batch: int, heads: int, num_query_blocks: int, max_blocks: int
 ) -> MaskCache:
@@ -63,12 +53,12 @@ def init_mask_cache(
     each slot before it is used for attention.
     """
     shape = (
-        _positive(num_sparse_layers, "num_sparse_layers"),
-        _positive(batch, "batch"),
-        _positive(heads, "heads"),
-        _positive(num_query_blocks, "num_query_blocks"),
+        check_positive_int(num_sparse_layers, "num_sparse_layers"),
+        check_positive_int(batch, "batch"),
+        check_positive_int(heads, "heads"),
+        check_positive_int(num_query_blocks, "num_query_blocks"),
     )
-    max_blocks = _positive(max_blocks, "max_blocks")
+    max_blocks = check_positive_int(max_blocks, "max_blocks")
     indices = jnp.broadcast_to(jnp.arange(max_blocks, dtype=jnp.int32), shape + (max_blocks,))
     counts = jnp.full(shape, max_blocks, dtype=jnp.int32)
     return MaskCache(kv_indices=indices, kv_counts=counts, refreshes=jnp.zeros((), jnp.int32))
@@ -89,7 +79,7 @@ def _check_slot(cache: MaskCache, slot: int | Int[Array, ""]) -> int | Int[Array
 def cache_layout(cache: MaskCache, slot: int | Int[Array, ""], num_key_blocks: int) -> BlockLayout:
     """The layout stored in ``slot`` as a :class:`BlockLayout` over ``num_key_blocks`` key blocks."""
     slot = _check_slot(cache, slot)
-    num_key_blocks = _positive(num_key_blocks, "num_key_blocks")
+    num_key_blocks = check_positive_int(num_key_blocks, "num_key_blocks")
     if cache.max_blocks > num_key_blocks:
         raise ValueError(f"num_key_blocks must be >= the cache's max_blocks={cache.max_blocks}, got {num_key_blocks}")
     indices, counts = _read_slot(cache.kv_indices, cache.kv_counts, slot)

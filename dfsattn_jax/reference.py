@@ -9,12 +9,12 @@ work than dense attention. Production code uses ``dfsattn_jax.attention.block_sp
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.layout import BlockLayout, check_layout
 
 __all__ = ["check_attention_inputs", "check_block_size", "reference_block_sparse_attention", "token_mask"]
@@ -48,13 +48,7 @@ def check_attention_inputs(**arrays: Array) -> tuple[int, int, int, int]:
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
     """Validates a positive integer block (or tile) size."""
-    try:
-        value = operator.index(block_size)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {block_size!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {block_size!r}")
-    return value
+    return check_positive_int(block_size, name)
 
 
 def token_mask(layout: BlockLayout, length: int, block_size: int) -> jax.Array:
