@@ -23,14 +23,55 @@ def test_model_mode_reports_and_writes_files(capsys, tmp_path):
     """The model comparison on the tiny config: report printed, JSON and mask PNG written."""
     import json
 
-    assert demo.main(["--mode", "model", "--steps", "6", "--frames", "5", "--height", "64", "--width", "128",
-                      "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    assert demo.main(["--mode", "model", "--config", "tiny", "--steps", "6", "--frames", "5", "--height", "64",
+                      "--width", "128", "--no-progress", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "relative error vs dense" in out
     report = json.loads((tmp_path / "compare_tiny.json").read_text())
     assert report["steps"] == 6 and report["config"] == "tiny"
     assert 0.0 <= report["sparsity"] < 1.0 and report["relative_error"] >= 0.0
     assert (tmp_path / "masks_tiny.png").stat().st_size > 1000
+
+
+def test_model_mode_with_trained_weights_writes_gif(capsys, tmp_path):
+    """--config auto with a weights file: the small-model path samples classes, prints PSNR/SSIM, writes the GIF."""
+    import json
+
+    import jax.numpy as jnp
+    from flax import nnx
+    from PIL import Image
+
+    from models import pretrained
+    from models.wan import WanTransformer3DModel
+
+    config = pretrained.SMOKE_DIT_CONFIG
+    model = WanTransformer3DModel(config.wan, rngs=nnx.Rngs(5), dtype=jnp.float32, param_dtype=jnp.float32)
+    conditioner = pretrained.ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(6))
+    weights = tmp_path / "w.safetensors"
+    pretrained.save_small_video_dit(weights, model, conditioner, config, dtype=jnp.float32)
+    assert demo.main(["--mode", "model", "--weights", str(weights), "--steps", "5", "--samples", "2",
+                      "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "SSIM" in out and "speedup" in out
+    report = json.loads((tmp_path / "compare_smoke-video-dit.json").read_text())
+    assert report["steps"] == 5 and len(report["samples"]) == 2 and report["tokens"] == 256
+    assert all(10.0 < p for p in report["psnr"]) and all(0.0 < s <= 1.0 for s in report["ssim"])
+    assert 0.0 < report["sparsity"] < 1.0 and report["refresh_steps"]
+    with Image.open(tmp_path / "demo_smoke-video-dit.gif") as gif:
+        assert gif.n_frames == config.clip.frames
+    assert (tmp_path / "masks_smoke-video-dit.png").stat().st_size > 1000
+
+
+def test_auto_config_uses_the_small_model_only_when_weights_exist(tmp_path, monkeypatch):
+    from models import pretrained
+
+    missing = tmp_path / "absent.safetensors"
+    monkeypatch.setattr(pretrained, "default_weights_path", lambda: missing)
+    assert not demo._use_small_model("auto", None)
+    missing.write_bytes(b"x")
+    assert demo._use_small_model("auto", None)
+    assert demo._use_small_model("auto", "some/file.safetensors") and demo._use_small_model("small", None)
+    assert not demo._use_small_model("tiny", None) and not demo._use_small_model("wan2.1-1.3b", "x")
 
 
 @pytest.mark.parametrize("seed", [0, 1])

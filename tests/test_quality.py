@@ -1,0 +1,275 @@
+"""The quality harness (models/quality.py) and a short run of benchmarks/quality_bench.py, on CPU.
+
+One small random model of the smoke size (2 layers, 4×8×8 = 256 tokens, 8 blocks of 32) and one
+compiled :class:`QualityRunner` serve most tests (module fixture), so the file compiles the
+instrumented sampling loop once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dfsattn_jax.baselines import static_window_layout
+from dfsattn_jax.layout import BlockLayout, select_blocks
+from dfsattn_jax.metrics import attention_error, layout_recall
+from dfsattn_jax.reference import reference_block_sparse_attention
+from dfsattn_jax.schedule import DFSConfig, plan_schedule, reported_sparsity
+from models import quality as Q
+from models.attention_backend import AttentionBackend
+from models.pretrained import SMOKE_DIT_CONFIG, ClipConditioner
+from models.sampler import Sampler
+from models.wan import WanTransformer3DModel
+
+CONFIG = SMOKE_DIT_CONFIG  # latent [3, 4, 16, 16] -> token grid (4, 8, 8)
+BLOCK, TILE = 32, 8
+STEPS = 8
+NK = math.prod(CONFIG.token_grid) // BLOCK  # 8 key blocks
+BASE = Q.default_schedule(STEPS, DFSConfig(block_size=BLOCK, tile_size=TILE))  # dense 0-1, refresh 2, 4, 6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    seed = int(np.random.default_rng().integers(2**31 - 2))
+    model = WanTransformer3DModel(CONFIG.wan, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
+    conditioner = ClipConditioner(CONFIG.tokens_per_field, CONFIG.wan.text_dim, rngs=nnx.Rngs(seed + 1))
+    runner = Q.QualityRunner(
+        model, CONFIG.latent_shape, block_size=BLOCK, tile_sizes=(TILE, BLOCK), max_blocks=NK,
+        num_query_samples=10**6, shift=CONFIG.sample_shift,
+    )  # fmt: skip
+    photo, motion = Q.clip_classes(2)
+    noise = jax.random.normal(jax.random.key(seed), (2,) + CONFIG.latent_shape, jnp.float32)
+    text = conditioner(jnp.asarray(photo), jnp.asarray(motion))
+    negative = conditioner.unconditional(2)
+    dense = runner(noise, text, negative, num_steps=STEPS, plan=None, guidance_scale=CONFIG.guidance_scale)
+    return dict(model=model, runner=runner, noise=noise, text=text, negative=negative, dense=dense)
+
+
+def _run(setup, plan, **kwargs):
+    s = setup
+    return s["runner"](s["noise"], s["text"], s["negative"], num_steps=STEPS, plan=plan,
+                       guidance_scale=CONFIG.guidance_scale, **kwargs)  # fmt: skip
+
+
+def _video(latents):
+    return Q.latents_to_video(latents, CONFIG.codec)
+
+
+def test_runner_reproduces_the_sampler(setup):
+    """Same weights, noise and plan: the instrumented loop equals models.sampler.Sampler (float32)."""
+    s = setup
+    dense = Sampler(s["model"], "dense", shift=CONFIG.sample_shift, progress=False)(
+        s["noise"], s["text"], s["negative"], num_steps=STEPS, guidance_scale=CONFIG.guidance_scale
+    )
+    chex.assert_trees_all_close(s["dense"].latents, np.asarray(dense.latents), rtol=1e-5, atol=1e-5)
+    sampler = Sampler(s["model"], AttentionBackend("dfs", BASE), shift=CONFIG.sample_shift, progress=False)
+    dfs = sampler(s["noise"], s["text"], s["negative"], num_steps=STEPS, guidance_scale=CONFIG.guidance_scale)
+    plan = plan_schedule(BASE, STEPS, NK)
+    ours = _run(s, plan, order="hilbert3d", scoring=0)
+    chex.assert_trees_all_close(ours.latents, np.asarray(dfs.latents), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours.refreshed, dfs.refreshed)
+    np.testing.assert_allclose(ours.skipped, dfs.skipped, rtol=1e-6)
+    assert ours.sparsity == pytest.approx(dfs.sparsity)
+    assert not np.allclose(ours.latents, s["dense"].latents, atol=1e-3)  # sparsity changed something
+
+
+def test_density_one_equals_dense(setup):
+    plan = plan_schedule(Q.fixed_density(BASE, 1.0), STEPS, NK)
+    assert plan.sparse.sum() == STEPS - BASE.dense_steps and (plan.num_blocks == NK).all()
+    out = _run(setup, plan, order="raster", scoring=0)
+    scores = Q.video_scores(_video(out.latents), _video(setup["dense"].latents))
+    assert np.isinf(scores["psnr"]).all() and (scores["psnr"] > 0).all()
+    np.testing.assert_allclose(scores["ssim"], 1.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out.recall, 1.0, atol=1e-5)  # float32 sums of 256 probabilities
+    assert (out.error < 1e-5).all()  # float32 rounding only
+    assert out.sparsity == 0.0
+
+
+def test_recall_error_and_sparsity_are_sane(setup):
+    runner = setup["runner"]
+    plan = plan_schedule(BASE, STEPS, NK)
+    out = _run(setup, plan, order="hilbert3d", scoring=0)
+    assert out.recall.shape == out.error.shape == (STEPS, CONFIG.wan.num_layers)
+    assert ((out.recall >= 0) & (out.recall <= 1 + 1e-5)).all() and (out.error >= 0).all()
+    dense_cells = np.zeros_like(out.recall, bool)
+    dense_cells[~plan.sparse] = True
+    dense_cells[:, list(BASE.dense_layers)] = True
+    np.testing.assert_allclose(out.recall[dense_cells], 1.0, atol=1e-5)
+    assert (out.error[dense_cells] < 1e-5).all()
+    sparse_cells = out.recall[plan.sparse][:, list(runner.sparse_layers)]
+    assert (sparse_cells < 1.0 - 1e-4).all() and (out.error[plan.sparse][:, list(runner.sparse_layers)] > 1e-4).all()
+    assert out.sparsity == pytest.approx(reported_sparsity(plan, CONFIG.wan.num_layers, BASE.dense_layers))
+    assert out.refresh_steps == plan.refresh_steps
+    scores = Q.video_scores(_video(out.latents), _video(setup["dense"].latents))
+    assert np.isfinite(scores["psnr"]).all() and (scores["psnr"] > 10).all()
+    assert ((scores["ssim"] > 0) & (scores["ssim"] < 1)).all()
+
+
+def test_refresh_every_step_plan_refreshes_at_every_sparse_step(setup):
+    plan = plan_schedule(Q.fixed_density(BASE, 0.25), STEPS, NK)
+    every = Q.refresh_every_step(plan)
+    np.testing.assert_array_equal(every.refresh, plan.sparse)
+    np.testing.assert_array_equal(every.num_blocks, plan.num_blocks)
+    assert plan.refresh.sum() < every.refresh.sum()
+    out = _run(setup, every, order="hilbert3d", scoring=0)
+    num_sparse = len(setup["runner"].sparse_layers)
+    np.testing.assert_array_equal(out.refreshed, np.where(plan.sparse, num_sparse, 0))
+    measured = _run(setup, every, order="hilbert3d", scoring=0, measure=False)
+    np.testing.assert_array_equal(measured.latents, out.latents)  # measuring does not perturb sampling
+    assert np.isnan(measured.recall).all() and np.isnan(measured.error).all()
+
+
+def test_one_program_serves_every_variant(setup):
+    runner = setup["runner"]
+    grid = CONFIG.token_grid
+    before = runner.trace_count
+    variants = [
+        Q.Variant("a", "order", order="raster", density=0.25),
+        Q.Variant("b", "order", order="morton3d"),
+        Q.Variant("c", "tile", order="hilbert3d", tile_size=BLOCK),
+        Q.Variant("d", "window", order="hilbert3d", scoring=Q.SCORING_WINDOW, density=0.25),
+    ]
+    for v in variants:
+        plan = Q.variant_plan(v, STEPS, NK, BASE)
+        static = None
+        if v.scoring == Q.SCORING_WINDOW:
+            perm, _ = runner.order_arrays(v.order)
+            static = Q.window_step_scores(grid, perm, plan, runner.capacity(STEPS), block_size=BLOCK)
+        out = _run(setup, plan, order=v.order, scoring=runner.scoring_index(v, TILE), static_scores=static)
+        assert np.isfinite(out.latents).all()
+        if v.scoring == Q.SCORING_WINDOW:  # the cached layout is the static window's
+            expected = static_window_layout(grid, perm, block_size=BLOCK, density=0.25, batch=4, heads=CONFIG.wan.num_heads)
+            for slot in range(len(runner.sparse_layers)):
+                layout = BlockLayout(jnp.asarray(out.cache.kv_indices[slot]), jnp.asarray(out.cache.kv_counts[slot]), NK)
+                np.testing.assert_array_equal(layout.to_dense_mask(), expected.to_dense_mask())
+    assert runner.trace_count == before  # compiled once, by the fixture
+
+
+def test_sampled_row_stats_match_metrics():
+    rng = np.random.default_rng()
+    b, length, n, d, block = 2, 80, 3, 16, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(b, length, n, d)) * 1.5, jnp.float32) for _ in range(3))
+    nk = -(-length // block)
+    layout = select_blocks(jnp.asarray(rng.normal(size=(b, n, nk, nk)), jnp.float32), 2)
+    out = reference_block_sparse_attention(q, k, v, layout, block_size=block)
+    rows = jnp.arange(length, dtype=jnp.int32)
+    stats = Q.sampled_row_stats(q, k, v, out, layout.to_dense_mask(), rows, block_size=block, row_budget=3 * length * length)
+    expected_recall = jnp.mean(layout_recall(q, k, layout, block_size=block, num_query_samples=length))
+    dense = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(stats.recall, expected_recall, rtol=1e-5)
+    np.testing.assert_allclose(stats.error, attention_error(out, dense), rtol=1e-4)
+    assert 0.0 < float(stats.recall) < 1.0 and float(stats.error) > 0.0
+    # A subset of rows: recall of exactly those rows.
+    sub = jnp.asarray(np.sort(rng.choice(length, 20, replace=False)), jnp.int32)
+    part = Q.sampled_row_stats(q, k, v, out, layout.to_dense_mask(), sub, block_size=block)
+    probs = jax.nn.softmax(jnp.einsum("bsnd,blnd->bnsl", q[:, sub], k) / math.sqrt(d), axis=-1)
+    token_mask = layout.to_dense_mask()[:, :, sub // block][..., jnp.arange(length) // block]
+    np.testing.assert_allclose(part.recall, jnp.mean(jnp.sum(probs * token_mask, axis=-1)), rtol=1e-5)
+
+
+def test_schedules_and_variants():
+    assert Q.default_schedule(50) == DFSConfig()
+    short = Q.default_schedule(20)
+    assert (short.dense_steps, short.refresh_interval) == (5, 5)
+    assert plan_schedule(short, 20, 100).refresh_steps == (5, 10, 15)
+    fixed = Q.fixed_density(DFSConfig(), 0.05)
+    plan = plan_schedule(fixed, 50, 128)
+    assert plan.refresh_steps == (12, 24, 36, 48) and set(plan.num_blocks[plan.sparse]) == {6}
+    variants = Q.default_variants()
+    names = [v.name for v in variants]
+    assert len(names) == len(set(names)) and names[0] == "dense" and not variants[0].sparse
+    groups = {g: sum(v.group == g for v in variants) for g in ("order", "tile", "window", "refresh")}
+    assert groups == {"order": 25, "tile": 6, "window": 5, "refresh": 1}
+    assert {v.tile_size for v in variants if v.group == "tile"} == {128, 8, 32}
+    assert Q.variant_plan(variants[0], 50, 128, DFSConfig()) is None
+    with pytest.raises(ValueError, match="order"):
+        Q.Variant("x", "order", order="spiral")
+    with pytest.raises(ValueError, match="scoring"):
+        Q.Variant("x", "order", scoring="oracle")
+    with pytest.raises(ValueError, match="density"):
+        Q.Variant("x", "order", density=0.0)
+    with pytest.raises(ValueError, match="num_samples"):
+        Q.clip_classes(0)
+    photo, motion = Q.clip_classes(8)
+    assert len(set(photo)) == 8 and len(set(motion)) == 5
+
+
+def test_runner_rejects_bad_arguments(setup):
+    runner, model = setup["runner"], setup["model"]
+    with pytest.raises(ValueError, match="max_blocks"):
+        Q.QualityRunner(model, CONFIG.latent_shape, block_size=BLOCK, tile_sizes=(TILE,), max_blocks=NK + 1)
+    with pytest.raises(ValueError, match="dense_layers"):
+        Q.QualityRunner(model, CONFIG.latent_shape, block_size=BLOCK, dense_layers=(0, 1), tile_sizes=(TILE,), max_blocks=2)
+    with pytest.raises(ValueError, match="tile_size"):
+        Q.QualityRunner(model, CONFIG.latent_shape, block_size=BLOCK, tile_sizes=(12,), max_blocks=2)
+    with pytest.raises(ValueError, match="latent_shape"):
+        Q.QualityRunner(model, (4, 4, 16, 16), block_size=BLOCK, max_blocks=2)
+    with pytest.raises(ValueError, match="tile"):
+        runner.scoring_index(Q.Variant("x", "tile", tile_size=16), TILE)
+    with pytest.raises(ValueError, match="static_scores"):
+        _run(setup, None, static_scores=np.zeros((3, NK, NK), np.float32))
+    with pytest.raises(ValueError, match="plan"):
+        _run(setup, plan_schedule(BASE, STEPS + 1, NK))
+
+
+def test_side_by_side_gif(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng()
+    left = rng.uniform(-1, 1, size=(2, 3, 8, 10, 3))
+    right = rng.uniform(-1, 1, size=(2, 3, 8, 10, 3))
+    path = Q.write_side_by_side_gif(left, right, tmp_path / "x.gif", captions=["a", "b"], scale=2)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 3
+        width, height = gif.size
+    assert width == 2 * 2 * 10 + 3 * 6 and height > 2 * 2 * 8
+    with pytest.raises(ValueError, match="left and right"):
+        Q.write_side_by_side_gif(left, right[:1], tmp_path / "y.gif")
+    assert Q.card_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100"
+    assert Q.card_slug("NVIDIA H200") == "nvidia_h200" and Q.card_slug("cpu") == "cpu"
+
+
+def test_quality_bench_short_run(tmp_path):
+    """benchmarks/quality_bench.py --quick, trimmed further: every group runs and the files are sane."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality_bench.py"
+    spec = importlib.util.spec_from_file_location("quality_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main([
+        "--quick", "--samples", "1", "--steps", "4", "--orders", "raster,hilbert3d", "--densities", "0.2",
+        "--tiles", "16", "--timing", "subset", "--query-samples", "64", "--out-dir", str(tmp_path),
+    ])  # fmt: skip
+    by = {r["name"]: r for r in report["variants"]}
+    assert set(by) == {
+        "dense", "raster/d=0.2", "raster/default", "hilbert3d/d=0.2", "hilbert3d/default",
+        "hilbert3d/tile32/default", "hilbert3d/tile16/default", "window-hilbert3d/d=0.2",
+        "window-hilbert3d/default", "hilbert3d/default/refresh-every-step",
+    }  # fmt: skip
+    assert report["compiles"] == 1
+    assert by["dense"]["psnr_mean"] == "inf" and by["dense"]["ssim_mean"] == 1.0
+    for name, r in by.items():
+        if name == "dense":
+            continue
+        assert isinstance(r["psnr_mean"], float) and r["psnr_mean"] > 10, name
+        assert 0 < r["ssim_mean"] <= 1 and 0 <= r["recall_mean"] <= 1 and r["attn_error_mean"] > 0, name
+        assert 0 < r["sparsity"] < 1 and r["sparsity"] == pytest.approx(r["planned_sparsity"]), name
+        assert len(r["recall_per_step_layer"]) == 4
+    assert by["hilbert3d/default/refresh-every-step"]["num_refreshes"] == by["hilbert3d/default"]["sparse_steps"]
+    assert "time_s" in by["hilbert3d/default"] and "time_s" not in by["raster/d=0.2"]
+    files = report["files"]
+    saved = json.loads(open(files["json"]).read())
+    assert saved["setup"]["tokens"] == 1024 and len(saved["variants"]) == 10
+    table = open(files["markdown"]).read()
+    assert "## Token orders" in table and "static spatio-temporal window" in table and "LPIPS" in table
+    for key in ("density_png", "recall_png", "masks_png"):
+        assert pathlib.Path(files[key]).stat().st_size > 5000
