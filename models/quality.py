@@ -69,7 +69,7 @@ from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule, reporte
 from dfsattn_jax.scoring import block_scores, check_tile_size
 from models.attention_backend import StepControl, num_token_blocks, skipped_fraction
 from models.clips import MOTIONS, NUM_MOTIONS, NUM_PHOTOS, BACKGROUND_PHOTOS, decode_latent
-from models.rope import apply_rope, rope_tables
+from models.rope import rope_tables
 from models.sampler import get_solver, make_schedule, make_step_plan, step_capacity
 from models.wan import patchify, unpatchify
 
@@ -613,8 +613,15 @@ class QualityRunner:
         timestep_proj = timestep_proj.reshape(b, 6, cfg.dim)
         stats = []
         for layer, block in enumerate(model.blocks):
-            x, cache, layer_stats = self._block(
-                block, layer, x, text, timestep_proj, rope, control, cache, scoring, static_scores, rows, measure
+            def attend(q, k, v, state, layer=layer):
+                out, cache, layer_stats = self._self_attention(
+                    q, k, v, layer, control, state[0], scoring, static_scores, rows, measure
+                )
+                return out, (cache, layer_stats)
+
+            x, (cache, layer_stats) = block(
+                x, text, timestep_proj, rope, attend=attend, state=(cache, None),
+                dense_implementation=self.dense_implementation,
             )
             stats.append(layer_stats)
         shift, scale = jnp.split(
@@ -623,24 +630,6 @@ class QualityRunner:
         x = (model.norm_out(x) * (1.0 + scale) + shift).astype(model.dtype)
         x = jnp.take(model.proj_out(x), inverse, axis=1)
         return unpatchify(x, self.grid, cfg.patch_size, cfg.out_channels), cache, stats
-
-    def _block(self, block, layer, x, text, timestep_proj, rope, control, cache, scoring, static_scores, rows, measure):
-        """``WanTransformerBlock.__call__`` with :meth:`_self_attention`."""
-        dtype = x.dtype
-        mod = block.scale_shift_table[...].astype(jnp.float32) + timestep_proj.astype(jnp.float32)
-        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
-        h = (block.norm1(x) * (1.0 + scale_msa) + shift_msa).astype(dtype)
-        q, k, v = block.attn1.qkv(h)
-        q = apply_rope(q, *rope)
-        k = apply_rope(k, *rope)
-        o, cache, stats = self._self_attention(q, k, v, layer, control, cache, scoring, static_scores, rows, measure)
-        x = (x.astype(jnp.float32) + block.attn1.out(o).astype(jnp.float32) * gate_msa).astype(dtype)
-        h = block.norm2(x).astype(dtype)
-        q, k, v = block.attn2.qkv(h, text)
-        x = x + block.attn2.out(dense_attention(q, k, v, implementation=self.dense_implementation))
-        h = (block.norm3(x) * (1.0 + c_scale) + c_shift).astype(dtype)
-        x = (x.astype(jnp.float32) + block.ffn(h).astype(jnp.float32) * c_gate).astype(dtype)
-        return x, cache, stats
 
     def _scores(self, q, k, scoring, static_scores) -> Float[Array, "b n nq nk"]:
         """Block scores from the source ``scoring`` (a ``lax.switch``)."""

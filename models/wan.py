@@ -43,7 +43,8 @@ unpatchify (again on the narrow output), so no layer gathers.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +64,15 @@ from models.attention_backend import (
 from models.configs import WanConfig, default_dtype, get_config, token_grid
 from models.rope import apply_rope, rope_tables
 
+# A block's self-attention: ``attend(q, k, v, state) -> (out, state)`` with q, k, v, out
+# ``[B, L, N, D]`` in the block's token order and ``state`` whatever it threads (the mask cache).
+SelfAttention = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
+
 __all__ = [
     "WanTransformer3DModel",
     "WanTransformerBlock",
     "Prepared",
+    "SelfAttention",
     "WanAttention",
     "timestep_embedding",
     "patchify",
@@ -305,12 +311,13 @@ class WanTransformerBlock(nnx.Module):
         timestep_proj: Float[Array, "b six dim"],
         rope: tuple[Array, Array],
         *,
-        layer: int,
-        num_layers: int,
-        backend: AttentionBackend,
-        control: StepControl | None,
-        cache: MaskCache | None,
-    ) -> tuple[Float[Array, "b l dim"], MaskCache | None]:
+        attend: SelfAttention,
+        state: Any,
+        dense_implementation: str | None = None,
+    ) -> tuple[Float[Array, "b l dim"], Any]:
+        """One block; ``attend(q, k, v, state) -> (out, state)`` is its self-attention (dense or
+        DFS, see :meth:`WanTransformer3DModel.run_block`) and ``state`` what it threads (the
+        mask cache)."""
         dtype = x.dtype
         mod = self.scale_shift_table[...].astype(jnp.float32) + timestep_proj.astype(jnp.float32)
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
@@ -320,20 +327,18 @@ class WanTransformerBlock(nnx.Module):
         q, k, v = self.attn1.qkv(h)
         q = apply_rope(q, *rope)
         k = apply_rope(k, *rope)
-        o, cache = self_attention(
-            q, k, v, backend=backend, layer=layer, num_layers=num_layers, control=control, cache=cache
-        )
+        o, state = attend(q, k, v, state)
         x = (x.astype(jnp.float32) + self.attn1.out(o).astype(jnp.float32) * gate_msa).astype(dtype)
 
         # 2. Cross-attention to the text (always dense).
         h = self.norm2(x).astype(dtype)
         q, k, v = self.attn2.qkv(h, text)
-        x = x + self.attn2.out(dense_attention(q, k, v, implementation=backend.dense_implementation))
+        x = x + self.attn2.out(dense_attention(q, k, v, implementation=dense_implementation))
 
         # 3. Feed-forward.
         h = (self.norm3(x) * (1.0 + c_scale) + c_shift).astype(dtype)
         x = (x.astype(jnp.float32) + self.ffn(h).astype(jnp.float32) * c_gate).astype(dtype)
-        return x, cache
+        return x, state
 
 
 class Prepared(NamedTuple):
@@ -489,7 +494,13 @@ class WanTransformer3DModel(nnx.Module):
         cache: MaskCache | None,
     ) -> tuple[Float[Array, "b l dim"], MaskCache | None]:
         """Runs block ``layer`` on tokens ``x`` (in the backend's order)."""
+
+        def attend(q, k, v, cache):
+            return self_attention(
+                q, k, v, backend=backend, layer=layer, num_layers=self.config.num_layers, control=control, cache=cache
+            )
+
         return self.blocks[layer](
             x, prep.text, prep.timestep_proj, prep.rope,
-            layer=layer, num_layers=self.config.num_layers, backend=backend, control=control, cache=cache,
+            attend=attend, state=cache, dense_implementation=backend.dense_implementation,
         )
