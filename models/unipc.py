@@ -203,6 +203,14 @@ def _lambda(sigma: Float[Array, ""]) -> Float[Array, ""]:
     return jnp.log(1.0 - sigma) - jnp.log(sigma)
 
 
+def _bh2_step(s_from, s_to):
+    """Coefficients of one UniPC step between flow sigmas ``s_from`` → ``s_to``:
+    ``(alpha_t, sigma_t, sigma_s0, lambda_s0, h, expm1(-h))`` with ``alpha = 1 - sigma``."""
+    lambda_s0 = _lambda(s_from)
+    h = _lambda(s_to) - lambda_s0
+    return 1.0 - s_to, s_to, s_from, lambda_s0, h, jnp.expm1(-h)
+
+
 def unipc_step(
     state: UniPCState,
     model_output: Float[Array, "..."],
@@ -239,13 +247,8 @@ def unipc_step(
     x0 = x - s_i * v  # diffusers' convert_model_output for flow_prediction
 
     # ---- UniC corrector (bh2), order 1 at i == 1, order 2 for i >= 2; skipped at i == 0 ----
-    alpha_t, sigma_t = 1.0 - s_i, s_i
-    sigma_s0 = s_im1
-    lambda_t, lambda_s0 = _lambda(s_i), _lambda(s_im1)
-    h = lambda_t - lambda_s0
-    hh = -h
-    h_phi_1 = jnp.expm1(hh)
-    b_h = jnp.expm1(hh)
+    alpha_t, sigma_t, sigma_s0, lambda_s0, h, h_phi_1 = _bh2_step(s_im1, s_i)
+    hh, b_h = -h, h_phi_1  # bh2: B(h) = expm1(-h)
     c_order2 = i >= 2
     r1 = jnp.where(c_order2, (_lambda(s_im2) - lambda_s0) / h, 1.0)
     h_phi_k = h_phi_1 / hh - 1.0
@@ -266,13 +269,8 @@ def unipc_step(
     x = jnp.where(i >= 1, corrected.astype(x.dtype), x)
 
     # ---- UniP predictor (bh2): order min(2, i + 1, N - i); rho_p = 1/2 for order 2 ----
-    alpha_t, sigma_t = 1.0 - s_ip1, s_ip1
-    sigma_s0 = s_i
-    lambda_t, lambda_s0 = _lambda(s_ip1), _lambda(s_i)
-    h = lambda_t - lambda_s0
-    hh = -h
-    h_phi_1 = jnp.expm1(hh)
-    b_h = jnp.expm1(hh)
+    alpha_t, sigma_t, sigma_s0, lambda_s0, h, h_phi_1 = _bh2_step(s_i, s_ip1)
+    b_h = h_phi_1  # bh2: B(h) = expm1(-h)
     p_order2 = (i >= 1) & (i < num_steps - 1)
     rk = jnp.where(p_order2, (_lambda(s_im1) - lambda_s0) / h, 1.0)
     rho_p = jnp.where(p_order2, 0.5, 0.0)
