@@ -1,5 +1,6 @@
 """DFSAttn in JAX: dynamic fine-grained block-sparse attention for video diffusion transformers."""
 
+from dfsattn_jax.attention import block_sparse_attention, dense_attention
 from dfsattn_jax.cache import MaskCache, cache_layout, cache_update, init_mask_cache
 from dfsattn_jax.layout import BlockLayout, blocks_for_density, full_layout, select_blocks
 from dfsattn_jax.metrics import attention_error, layout_recall
@@ -15,10 +16,12 @@ __all__ = [
     "SchedulePlan",
     "attention_error",
     "block_scores",
+    "block_sparse_attention",
     "blocks_for_density",
     "cache_layout",
     "cache_update",
     "check_grid",
+    "dense_attention",
     "full_layout",
     "init_mask_cache",
     "inverse_permutation",
