@@ -40,13 +40,14 @@ of the timesteps to integers (what the Wan pipeline feeds the transformer).
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
+
+from dfsattn_jax.checks import check_positive_int
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
@@ -64,12 +65,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 
 def _check_steps_shift(num_steps: int, shift: float) -> int:
-    try:
-        num_steps = operator.index(num_steps)
-    except TypeError:
-        raise ValueError(f"num_steps must be an integer, got {num_steps!r}") from None
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    num_steps = check_positive_int(num_steps, "num_steps")
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a positive finite number, got {shift!r}")
     return num_steps
