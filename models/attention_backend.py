@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -221,14 +222,22 @@ def init_cache(
     return init_mask_cache(len(backend.sparse_layers(num_layers)), batch, heads, nk, int(max_blocks))
 
 
+# Block scores of one layer at a refresh: ``(q, k) -> float32[B, N, nq, nk]``.
+ScoresFn = Callable[[Array, Array], Array]
+
+
 def _score_layout(
     q: Float[Array, "b l n d"],
     k: Float[Array, "b l n d"],
     num_blocks: Int[Array, ""],
     max_blocks: int,
     dfs: DFSConfig,
+    scores_fn: ScoresFn | None,
 ) -> BlockLayout:
-    scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
+    if scores_fn is None:
+        scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
+    else:
+        scores = scores_fn(q, k)
     return select_blocks(scores, num_blocks, max_blocks=max_blocks)
 
 
@@ -242,6 +251,7 @@ def self_attention(
     num_layers: int,
     control: StepControl | None,
     cache: MaskCache | None,
+    scores_fn: ScoresFn | None = None,
 ) -> tuple[Float[Array, "b l n d"], MaskCache | None]:
     """Video self-attention of one layer, dense or DFS (see the module docstring).
 
@@ -252,6 +262,8 @@ def self_attention(
       num_layers: layers of the model (static).
       control: this step's controls; ``None`` means a dense step.
       cache: the mask cache (required for a sparse layer of the ``dfs`` backend).
+      scores_fn: block scores ``(q, k) -> float32[B, N, nq, nk]`` used at a refresh instead of
+        DFS scoring with ``backend.dfs``'s tile size (e.g. other tile sizes or a static window).
 
     Returns:
       ``(out [B, L, N, D], cache)``, the cache with this layer's slot updated at a refresh.
@@ -279,7 +291,7 @@ def self_attention(
     def sparse_branch(cached_layout: BlockLayout) -> tuple[Array, BlockLayout]:
         layout = jax.lax.cond(
             control.refresh,
-            lambda: _score_layout(q, k, control.num_blocks, max_blocks, backend.dfs),
+            lambda: _score_layout(q, k, control.num_blocks, max_blocks, backend.dfs, scores_fn),
             lambda: cached_layout,
         )
         out = block_sparse_attention(

@@ -59,15 +59,20 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from dfsattn_jax.attention import block_sparse_attention, dense_attention
 from dfsattn_jax.baselines import static_window_scores
-from dfsattn_jax.cache import MaskCache, cache_layout, cache_update, init_mask_cache
+from dfsattn_jax.cache import MaskCache, cache_layout, init_mask_cache
 from dfsattn_jax.fidelity import psnr, ssim
-from dfsattn_jax.layout import BlockLayout, check_density, select_blocks
+from dfsattn_jax.layout import check_density
 from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule, reported_sparsity
 from dfsattn_jax.scoring import block_scores, check_tile_size
-from models.attention_backend import StepControl, num_token_blocks, skipped_fraction
+from models.attention_backend import (
+    AttentionBackend,
+    StepControl,
+    num_token_blocks,
+    self_attention,
+    skipped_fraction,
+)
 from models.clips import MOTIONS, NUM_MOTIONS, NUM_PHOTOS, BACKGROUND_PHOTOS, decode_latent
 from models.rope import rope_tables
 from models.sampler import get_solver, make_schedule, make_step_plan, step_capacity
@@ -446,6 +451,13 @@ class QualityRunner:
         self.min_capacity = int(min_capacity)
         self.sparse_implementation = sparse_implementation
         self.dense_implementation = dense_implementation
+        # The model's own self-attention path; only the scoring source differs (``_scores``).
+        self.backend = AttentionBackend(
+            "dfs",
+            DFSConfig(tile_size=self.tile_sizes[0], block_size=self.block_size, dense_layers=self.dense_layers),
+            sparse_implementation=sparse_implementation,
+            dense_implementation=dense_implementation,
+        )
         self.trace_count = 0
         self._run = jax.jit(self._loop, static_argnums=(0,))
 
@@ -647,40 +659,20 @@ class QualityRunner:
 
     def _self_attention(self, q, k, v, layer, control: StepControl, cache: MaskCache, scoring, static_scores, rows, measure):
         """``models.attention_backend.self_attention`` with a switchable layout source, plus stats."""
-        dense = lambda: dense_attention(q, k, v, implementation=self.dense_implementation)  # noqa: E731
         nk = self.num_key_blocks
         batch, _, heads, _ = q.shape
-        if layer not in self.sparse_layers:
-            out = dense()
-            is_sparse = jnp.asarray(False)
-            layout = None
-        else:
-            slot = self.sparse_layers.index(layer)
-            cached = cache_layout(cache, slot, nk)
-
-            def sparse_branch(cached_layout: BlockLayout):
-                layout = jax.lax.cond(
-                    control.refresh,
-                    lambda: select_blocks(
-                        self._scores(q, k, scoring, static_scores), control.num_blocks, max_blocks=self.max_blocks
-                    ),
-                    lambda: cached_layout,
-                )
-                out = block_sparse_attention(
-                    q, k, v, layout, block_size=self.block_size, implementation=self.sparse_implementation
-                )
-                return out, layout
-
-            out, layout = jax.lax.cond(control.sparse, sparse_branch, lambda c: (dense(), c), cached)
-            refreshed = jnp.logical_and(control.sparse, control.refresh).astype(cache.refreshes.dtype)
-            cache = cache_update(cache, slot, layout)._replace(refreshes=cache.refreshes + refreshed)
-            is_sparse = control.sparse
+        out, cache = self_attention(
+            q, k, v, backend=self.backend, layer=layer, num_layers=self.model.config.num_layers,
+            control=control, cache=cache, scores_fn=lambda q, k: self._scores(q, k, scoring, static_scores),
+        )
+        slot = self.backend.slot(layer, self.model.config.num_layers)
 
         def measured():
-            if layout is None:
+            if slot is None:
                 mask = jnp.ones((batch, heads, nk, nk), bool)
-            else:
-                mask = jnp.logical_or(layout.to_dense_mask(), jnp.logical_not(is_sparse))
+            else:  # the slot now holds the layout this step used (or kept, at a dense step)
+                used = cache_layout(cache, slot, nk).to_dense_mask()
+                mask = jnp.logical_or(used, jnp.logical_not(control.sparse))
             return sampled_row_stats(q, k, v, out, mask, rows, block_size=self.block_size)
 
         zero = jnp.zeros((), jnp.float32)
@@ -838,7 +830,6 @@ def run_clip_comparison(
     Returns:
       The report (also written as JSON).
     """
-    from models.attention_backend import AttentionBackend
     from models.clips import token_grid as clip_token_grid
     from models.compare import block_masks, device_name, plot_block_masks
     from models.sampler import Sampler
