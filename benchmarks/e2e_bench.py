@@ -14,16 +14,18 @@ Default: Wan2.1-1.3B at 480x832, 81 frames (21x30x52 = 32,760 tokens), bf16, bat
 then composes the default 50-step schedule (12 dense + 38 sparse steps, 3 of them refreshes)
 from those per-step times, and with ``--measure-full`` also times the whole jitted sampler
 (one program for all steps) dense and DFS. Peak GPU memory comes from
-``device.memory_stats()``. Writes ``benchmarks/results/e2e_<card>[_<size>].json`` and a
-markdown table next to it.
+``device.memory_stats()``. Writes ``benchmarks/results/e2e_<device_slug>[_<size>].json`` (e.g.
+``e2e_nvidia_h200.json``; :func:`models.evaluation.results.device_slug`) and a markdown table next to it.
+
+Needs the package installed (``pip install -e .``); run from the repository root.
 
 GPU (what the lead runs)::
 
-    PYTHONPATH=. python benchmarks/e2e_bench.py --measure-full
+    python benchmarks/e2e_bench.py --measure-full
 
 Reduced size on CPU (a smoke test of the script)::
 
-    JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/e2e_bench.py --config tiny --frames 9 \
+    JAX_PLATFORMS=cpu python benchmarks/e2e_bench.py --config tiny --frames 9 \
         --height 64 --width 64 --block-size 16 --tile-size 4 --iters 2 --measure-full
 """
 
@@ -31,13 +33,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
-import re
 import statistics
-import sys
 import time
 
 import jax
@@ -45,13 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dfsattn_jax.cache import cache_layout, cache_update  # noqa: E402
-from dfsattn_jax.layout import blocks_for_density, select_blocks  # noqa: E402
-from dfsattn_jax.schedule import DFSConfig, plan_schedule, reported_sparsity  # noqa: E402
-from dfsattn_jax.scoring import block_scores  # noqa: E402
-from models.attention_backend import (  # noqa: E402
+from dfsattn_jax.cache import cache_layout, cache_update
+from dfsattn_jax.layout import blocks_for_density, select_blocks
+from dfsattn_jax.schedule import DFSConfig, plan_schedule, reported_sparsity
+from dfsattn_jax.scoring import block_scores
+from models.common.processor import (
     AttentionBackend,
     dense_step,
     init_cache,
@@ -59,10 +56,11 @@ from models.attention_backend import (  # noqa: E402
     sparse_step,
     token_permutation,
 )
-from models.configs import default_dtype, get_config, latent_shape, token_grid  # noqa: E402
-from models.rope import rope_tables  # noqa: E402
-from models.sampler import Sampler  # noqa: E402
-from models.wan import WanTransformer3DModel, patchify  # noqa: E402
+from models.common.rope import rope_tables
+from models.evaluation.results import device_name, device_slug, write_json
+from models.sampling.loop import Sampler
+from models.wan.config import default_dtype, get_config, latent_shape, token_grid
+from models.wan.transformer import WanTransformer3DModel, patchify
 
 
 def _median_time(fn, *args, warmup: int, iters: int) -> float:
@@ -80,12 +78,6 @@ def _first_call(fn, *args) -> tuple[object, float]:
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     return out, time.perf_counter() - start
-
-
-def card_name() -> str:
-    dev = jax.devices()[0]
-    kind = dev.device_kind if dev.platform != "cpu" else "cpu"
-    return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
 
 
 def peak_memory_bytes() -> int | None:
@@ -136,7 +128,7 @@ def main(argv=None) -> dict:
     backend = AttentionBackend("dfs", dfs)
     num_sparse = len(backend.sparse_layers(cfg.num_layers))
     print(f"{cfg.name} {args.frames}x{args.height}x{args.width}: grid {grid} = {num_tokens} tokens, "
-          f"{nk} blocks, dtype {dtype.name}, device {jax.devices()[0].device_kind}", flush=True)
+          f"{nk} blocks, dtype {dtype.name}, device {device_name()}", flush=True)
 
     model = WanTransformer3DModel(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype, param_dtype=dtype)
     graphdef, state = nnx.split(model)
@@ -219,7 +211,7 @@ def main(argv=None) -> dict:
     overhead_total = len(sparse_idx) * per_step_overhead + len(plan.refresh_steps) * num_sparse * t_score
     results.update({
         "config": cfg.name,
-        "card": jax.devices()[0].device_kind,
+        "card": device_name(),
         "backend": jax.default_backend(),
         "jax_version": jax.__version__,
         "python": platform.python_version(),
@@ -288,9 +280,8 @@ def main(argv=None) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     default_size = (cfg.name, args.frames, args.height, args.width) == ("wan2.1-1.3b", 81, 480, 832)
     suffix = "" if default_size else f"_{cfg.name}_{args.frames}x{args.height}x{args.width}"
-    stem = os.path.join(args.out_dir, f"e2e_{card_name()}{suffix}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=2)
+    stem = os.path.join(args.out_dir, f"e2e_{device_slug()}{suffix}")
+    write_json(stem + ".json", results)
     table = markdown_table(results)
     with open(stem + ".md", "w") as f:
         f.write(table)

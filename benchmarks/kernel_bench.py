@@ -2,22 +2,22 @@
 
 For each shape (Wan2.1-1.3B 480p and Wan2.1-14B 720p self-attention, bf16) and density, the
 layout comes from DFSAttn itself: video-like q/k (smooth random fields over the latent grid,
-see ``dfsattn_jax.demo.synthetic_qkv``) in hilbert3d order, scored with ``block_scores`` and
+see ``models.evaluation.synthetic.synthetic_qkv``) in hilbert3d order, scored with ``block_scores`` and
 cut with ``select_blocks``. Reported per (shape, density, kernel variant): median time over
 ``--repeats`` timed calls (after warm-up, each blocked on its result), TFLOP/s counted over the
 visited blocks, speedup over ``jax.nn.dot_product_attention(implementation="cudnn")`` timed in
 the same process, and the ideal time ``density × cuDNN``.
 
-Usage (GPU): ``PYTHONPATH=. python benchmarks/kernel_bench.py [--shapes 1.3b,14b] [--variants all]``.
-Writes ``benchmarks/results/kernel_<card>.json`` (or ``--out``) and prints a markdown table.
+Usage (GPU, from the repository root): ``python benchmarks/kernel_bench.py [--shapes 1.3b,14b] [--variants all]``;
+needs the package installed (``pip install -e .``).
+Writes ``benchmarks/results/kernel_<device_slug>.json`` (e.g. ``kernel_nvidia_h200.json``;
+:func:`models.evaluation.results.device_slug`, or ``--out``) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -25,11 +25,12 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from dfsattn_jax.demo import synthetic_qkv
 from dfsattn_jax.layout import BlockLayout, blocks_for_density, select_blocks
 from dfsattn_jax.orders import token_order
 from dfsattn_jax.scoring import block_scores
-from pallas_kernels.block_sparse_attention import BlockSizes, block_sparse_attention
+from models.evaluation.results import device_name, device_slug, write_json
+from models.evaluation.synthetic import synthetic_qkv
+from pallas_kernels.block_sparse_triton import BlockSizes, block_sparse_attention
 
 SHAPES = {
     # name: (grid F×H×W, heads, head_dim)
@@ -84,11 +85,6 @@ def structured_layouts(
     return layouts, nk
 
 
-def card_name() -> str:
-    kind = jax.devices()[0].device_kind
-    return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1.3b,14b")
@@ -105,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
-    card = card_name()
+    card = device_name()
     rows = []
     for shape_name in args.shapes.split(","):
         grid, heads, head_dim = SHAPES[shape_name]
@@ -146,9 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(row)
                 print(f"  {variant:>14} density {d:<5} {ms:8.3f} ms ±{iqr:.3f}  {row['tflops']:6.0f} TFLOP/s  "
                       f"{row['speedup_vs_cudnn']:5.2f}x cuDNN  (ideal {row['ideal_ms']:.3f} ms)", flush=True)
-    out = args.out or f"benchmarks/results/kernel_{card}.json"
-    with open(out, "w") as fh:
-        json.dump(rows, fh, indent=1)
+    out = args.out or f"benchmarks/results/kernel_{device_slug()}.json"
+    write_json(out, rows)
     print(f"\nwrote {out}\n")
     print(markdown_table(rows))
     return 0

@@ -1,13 +1,13 @@
 """Quality benchmark (issue 5): DFSAttn's fidelity to dense sampling, per order, scoring and baseline.
 
-On the small video DiT shipped in ``models/weights`` (``--model auto`` falls back to random
+On the small video DiT shipped in ``models/evaluation/weights`` (``--model auto`` falls back to random
 weights of the same architecture while the weights are absent), every variant samples the same
 noise for the same classes (``--samples`` ≥ 8 covers all 8 photos and all 5 motions) with
 classifier-free guidance over ``--steps`` (50) Euler steps of the shifted flow schedule:
 
 * orders: raster, hilbert2d, block3d, morton3d, hilbert3d (DFS scoring, tile 16) at fixed
   densities 0.3, 0.2, 0.1, 0.05 (no decrement; dense steps and refresh interval as the default)
-  and with the default schedule (SPEC §6);
+  and with the default schedule (docs/spec.md §6);
 * scoring: hilbert3d with tile = block (plain block mean pooling) and tiles 8 and 32, with the
   default schedule and at ``--tile-density`` (0.1); tile 16 is the ``order`` row;
 * baselines on the same kernel at equal density: the static spatio-temporal window
@@ -15,29 +15,30 @@ classifier-free guidance over ``--steps`` (50) Euler steps of the shifted flow s
   the default schedule's densities; and hilbert3d with the mask refreshed at every sparse step
   instead of cached per the default schedule.
 
-Measures (SPEC §9): recall and attention error per layer and step (on ``--query-samples``
+Measures (docs/spec.md §9): recall and attention error per layer and step (on ``--query-samples``
 sampled query rows, exact dense softmax), PSNR and SSIM of the decoded final videos against the
 dense videos (LPIPS: not installable without downloading network weights), the sparsity used
-(SPEC §6 convention), and wall time (each variant runs once measured; the ``--timing`` subset
+(docs/spec.md §6 convention), and wall time (each variant runs once measured; the ``--timing`` subset
 runs a second time without measurements, the time to compare).
 
-All variants run in ONE compiled program (``models.quality.QualityRunner``: order, plan and layout
+All variants run in ONE compiled program (``models.evaluation.quality.QualityRunner``: order, plan and layout
 source are inputs), so the run costs one compile plus the runs. The comparisons the claims rest on
 run first; past ``--budget-s`` (400 s) the timing re-runs stop and past ``--max-s`` (530 s) the
 remaining variants are skipped (listed in the outputs), so a 10-minute job limit always gets its
 files; the JSON is also rewritten after every variant.
 
-Outputs in ``--out-dir`` (default ``benchmarks/results``), ``<tag>`` = card slug (``nvidia_h100``,
-``nvidia_h200``, ``cpu``), plus ``_random`` for random weights at full size and ``_smoke`` for the
+Outputs in ``--out-dir`` (default ``benchmarks/results``), ``<tag>`` = device slug
+(:func:`models.evaluation.results.device_slug`: ``nvidia_h100``, ``nvidia_h200``, ``cpu``), plus ``_random`` for random weights at full size and ``_smoke`` for the
 CPU size: ``quality_<tag>.json`` (everything, per-step/per-layer recall and error included),
 ``quality_<tag>.md`` (tables and the paper's claims checked), ``quality_density_<tag>.png``
 (PSNR and recall vs density per order and baseline), ``quality_recall_<tag>.png`` (recall vs step),
-``quality_masks_<tag>.png`` (one layer's block masks, raster vs hilbert3d).
+``quality_masks_<tag>.png`` (one layer's block masks, raster vs hilbert3d). Paths in the JSON are
+repository-relative (file names only for paths outside the repository).
 
-Usage::
+Usage (from the repository root; needs the package installed: ``pip install -e .``)::
 
     # GPU, the shipped model (38 variants; planned for 4-6 minutes on one H100 including the compile):
-    PYTHONPATH=. python benchmarks/quality_bench.py
+    python benchmarks/quality_bench.py
 
     # CPU smoke run (a tiny random model, 1024 tokens, 10 steps, fewer densities; about a minute):
     JAX_PLATFORMS=cpu python benchmarks/quality_bench.py --quick
@@ -51,31 +52,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
 import platform
-import sys
 import time
 from typing import Any, Sequence
 
-if __package__ in (None, ""):  # allow `python benchmarks/quality_bench.py` from the repo root
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from dfsattn_jax.layout import BlockLayout  # noqa: E402
-from dfsattn_jax.orders import ORDER_NAMES  # noqa: E402
-from dfsattn_jax.schedule import DFSConfig, reported_sparsity  # noqa: E402
-from models import quality as Q  # noqa: E402
-from models.clips import BACKGROUND_PHOTOS, MOTIONS, ClipConfig  # noqa: E402
-from models.configs import WanConfig  # noqa: E402
-from models.pretrained import (  # noqa: E402
+from dfsattn_jax.layout import BlockLayout
+from dfsattn_jax.orders import ORDER_NAMES
+from dfsattn_jax.schedule import DFSConfig, reported_sparsity
+from dfsattn_jax.schedule import default_schedule
+from models.evaluation.clips import clip_classes
+from models.evaluation.codec import latents_to_video
+from models.evaluation import quality as Q
+from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS, ClipConfig
+from models.evaluation.results import device_name, device_slug, portable, write_json
+from models.evaluation.small_dit import (
     SMALL_DIT_CONFIG,
+    SMOKE_DIT_CONFIG,
     ClipConditioner,
     SmallDiTConfig,
     default_weights_path,
@@ -83,16 +83,10 @@ from models.pretrained import (  # noqa: E402
     load_small_video_dit,
     read_checksum,
 )
-from models.wan import WanTransformer3DModel  # noqa: E402
+from models.wan.transformer import WanTransformer3DModel
 
-#: CPU smoke size: a 3-layer random model on 4-frame 32×32 clips (4×16×16 = 1024 tokens).
-SMOKE_SETUP = SmallDiTConfig(
-    wan=WanConfig(
-        name="smoke-quality-dit", dim=64, num_layers=3, num_heads=2, ffn_dim=128, text_dim=16,
-        in_channels=3, out_channels=3, freq_dim=32, text_len=4,
-    ),
-    clip=ClipConfig(frames=4, height=32, width=32),
-)  # fmt: skip
+#: CPU smoke size: the smoke model of ``small_dit`` on 4-frame 32×32 clips (4×16×16 = 1024 tokens).
+SMOKE_SETUP = dataclasses.replace(SMOKE_DIT_CONFIG, clip=ClipConfig(frames=4, height=32, width=32))
 
 ALL_ORDERS = ("raster", "hilbert2d", "block3d", "morton3d", "hilbert3d")
 
@@ -117,7 +111,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("auto", "pretrained", "random"), default="auto",
                    help="shipped weights, random weights of the same architecture, or auto (shipped if present)")
-    p.add_argument("--weights", default=None, help="weights file (default models/weights/small_video_dit.safetensors)")
+    p.add_argument("--weights", default=None, help="weights file (default models/evaluation/weights/small_video_dit.safetensors)")
     p.add_argument("--size", choices=("full", "smoke"), default=None,
                    help="full: the shipped model's clips (16x32x32 tokens); smoke: a tiny random model for CPU")
     p.add_argument("--quick", action="store_true",
@@ -160,6 +154,17 @@ def _resize_clip(config: SmallDiTConfig, args) -> SmallDiTConfig:
     return dataclasses.replace(config, clip=dataclasses.replace(clip, **changes)) if changes else config
 
 
+def _portable_path(path: str | os.PathLike | None) -> str | None:
+    """``path`` as results files may hold it: repository-relative, or only its name when outside
+    the repository (results carry no machine paths)."""
+    if path is None:
+        return None
+    try:
+        return portable(os.fspath(path))
+    except ValueError:
+        return pathlib.Path(path).name
+
+
 def load_setup(args) -> tuple[WanTransformer3DModel, ClipConditioner, SmallDiTConfig, dict[str, Any]]:
     """The model, its conditioner, its config (clip size as asked) and where they came from."""
     size = args.size or ("smoke" if args.quick else "full")
@@ -170,7 +175,7 @@ def load_setup(args) -> tuple[WanTransformer3DModel, ClipConditioner, SmallDiTCo
             raise ValueError("--size smoke uses a random tiny model; drop --model pretrained or use --size full")
         model, config = load_small_video_dit(weights)
         conditioner = load_clip_conditioner(weights)
-        source = {"weights": str(weights), "sha256": read_checksum(weights), "random": False,
+        source = {"weights": _portable_path(weights), "sha256": read_checksum(weights), "random": False,
                   "trained_clip": dataclasses.asdict(config.clip)}  # fmt: skip
         return model, conditioner, _resize_clip(config, args), source
     config = SMALL_DIT_CONFIG if size == "full" else SMOKE_SETUP
@@ -287,7 +292,7 @@ def markdown(report: dict) -> str:
         f"means over the sparse steps and sparse layers; floor of the error (dense attention in {report['dtype']} vs "
         f"exact): {report['attn_error_floor']:.2e}. PSNR / SSIM: decoded final videos vs the dense videos, mean over samples. "
         "LPIPS: not measured (needs pretrained network weights that cannot be installed without a download).",
-        f"- sparsity: SPEC §6 (mean skipped block fraction over the sparse steps and all layers, dense layers 0). "
+        f"- sparsity: docs/spec.md §6 (mean skipped block fraction over the sparse steps and all layers, dense layers 0). "
         f"Time: wall time of the {meta['steps']}-step run of all {meta['samples']} samples (batch {2 * meta['samples']} with guidance), "
         "without measurements where given, else with (marked *).",
         f"- one compiled program for all {len(report['variants'])} variants: compile {report['compile_s']:.1f} s, "
@@ -516,7 +521,6 @@ def cache_masks(cache, slot: int, num_key_blocks: int) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    on_cpu = jax.default_backend() == "cpu"
     size = args.size or ("smoke" if args.quick else "full")
     steps = args.steps or (10 if args.quick else 50)
     num_samples = args.samples or (2 if args.quick else 8)
@@ -529,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     other_tiles = args.tiles if args.tiles is not None else ((4, 16) if small_grid else (8, 32))
     tile_schedules = _tile_schedules(args.tile_densities or ("default" if args.quick else "default,0.1"))
     densities = args.densities or ((0.2, 0.05) if args.quick else (0.3, 0.2, 0.1, 0.05))
-    base = Q.default_schedule(steps, DFSConfig(block_size=block, tile_size=tile))
+    base = default_schedule(steps, DFSConfig(block_size=block, tile_size=tile))
     variants = Q.default_variants(
         orders=args.orders, densities=densities, tile_size=tile, block_size=block, other_tiles=other_tiles,
         tile_densities=tile_schedules, window_orders=args.window_orders,
@@ -547,16 +551,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model, latent_shape, block_size=block, tile_sizes=tiles, dense_layers=base.dense_layers,
         max_blocks=max_blocks, num_query_samples=args.query_samples, solver=args.solver, shift=config.sample_shift,
     )  # fmt: skip
-    photo, motion = Q.clip_classes(num_samples)
+    photo, motion = clip_classes(num_samples)
     classes = [f"{BACKGROUND_PHOTOS[p]}/{MOTIONS[m]}" for p, m in zip(photo, motion)]
     noise = jax.random.normal(jax.random.key(args.seed), (num_samples,) + latent_shape, jnp.float32)
     text = conditioner(jnp.asarray(photo), jnp.asarray(motion))
     negative = conditioner.unconditional(num_samples)
     guidance = config.guidance_scale
-    device = jax.devices()[0].device_kind if not on_cpu else "cpu"
+    device = device_name()
     resized = "" if smoke or source.get("trained_clip", dataclasses.asdict(SMALL_DIT_CONFIG.clip)) == dataclasses.asdict(config.clip) \
         else f"_{config.clip.frames}x{config.clip.height}x{config.clip.width}"  # fmt: skip
-    tag = args.tag or (Q.card_slug() + ("_smoke" if smoke else "") + ("_random" if source["random"] and not smoke else "") + resized)
+    tag = args.tag or (device_slug() + ("_smoke" if smoke else "") + ("_random" if source["random"] and not smoke else "") + resized)
     print(f"[quality] {device}: {cfg.name} ({'random' if source['random'] else 'shipped'} weights), grid {grid} = "
           f"{tokens} tokens, {nk} blocks of {block}; {num_samples} samples x {steps} steps; {len(variants)} variants; "
           f"tiles {tiles}, K_max {max_blocks}", flush=True)  # fmt: skip
@@ -596,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         kwargs = dict(num_steps=steps, plan=plan, order=v.order, scoring=runner.scoring_index(v, tile),
                       static_scores=static, guidance_scale=guidance)  # fmt: skip
         out = runner(noise, text, negative, measure=True, **kwargs)
-        video = Q.latents_to_video(out.latents, config.codec)
+        video = latents_to_video(out.latents, config.codec)
         if dense_video is None:
             if v.sparse:
                 raise ValueError("the first variant must be the dense reference")
@@ -612,8 +616,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         records.append(rec)
         if v.name in keep_cache:
             outputs[v.name] = out
-        with open(partial_json, "w") as f:  # what is done so far survives a killed run
-            json.dump({"complete": False, "device": device, "variants": records}, f)
+        # what is done so far survives a killed run
+        write_json(partial_json, {"complete": False, "device": device, "variants": records})
         print(f"[quality] {v.name:<40} sparsity {rec['sparsity']:.3f}  PSNR {_fmt(rec['psnr_mean']):>6} dB  "
               f"SSIM {rec['ssim_mean']:.4f}  recall {_fmt(rec['recall_mean'], '.4f')}  attn err "
               f"{_fmt(rec['attn_error_mean'], '.4f')}  ({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
@@ -657,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plot_recall_steps(report, paths["recall_png"], ["hilbert3d/default", "raster/default", "hilbert3d/default/refresh-every-step",
                                                     "window-hilbert3d/default", f"hilbert3d/tile{block}/default"])  # fmt: skip
     if all(n in outputs for n in keep_cache):
-        from models.compare import plot_block_masks
+        from models.evaluation.compare import plot_block_masks
 
         slot = runner.sparse_layers.index(mask_layer)
         last = outputs["hilbert3d/default"].refresh_steps[-1]
@@ -670,8 +674,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         paths["masks_png"] = None
     report["total_s"] = time.perf_counter() - t_start
     report["files"] = paths
-    with open(paths["json"], "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(paths["json"], {**report, "files": {k: _portable_path(p) for k, p in paths.items()}})
     with open(paths["markdown"], "w") as f:
         f.write(markdown(report))
     print(f"[quality] done in {report['total_s']:.1f} s ({runner.trace_count} compiled program); wrote "

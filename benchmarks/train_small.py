@@ -1,13 +1,13 @@
-"""Train the small video DiT of the quality harness (``models/pretrained.py``) on synthetic clips.
+"""Train the small video DiT of the quality harness (``models/evaluation/small_dit.py``) on synthetic clips.
 
-Model: the Wan2.1 architecture of ``models/wan.py`` at :data:`models.pretrained.SMALL_WAN_CONFIG`
+Model: the Wan2.1 architecture of ``models/wan/transformer.py`` at :data:`models.evaluation.small_dit.SMALL_WAN_CONFIG`
 (dim 256, 6 layers, 4 heads of 64, 6.9 M parameters), on 16-frame 64×64 clips of
-``models/clips.py`` (latent ``[3, 16, 64, 64]``, 16,384 tokens), conditioned through the
+``models/evaluation/clips.py`` (latent ``[3, 16, 64, 64]``, 16,384 tokens), conditioned through the
 cross-attention on a learned embedding of the clip's photo and motion class
-(:class:`models.pretrained.ClipConditioner`, 2 + 2 tokens of width 64).
+(:class:`models.evaluation.small_dit.ClipConditioner`, 2 + 2 tokens of width 64).
 
 Objective: rectified flow as Wan trains it: ``x_σ = (1 - σ) x0 + σ ε``, the model predicts
-``ε - x0`` at timestep ``1000 σ`` (the sampler in ``models/sampler.py`` integrates exactly this
+``ε - x0`` at timestep ``1000 σ`` (the sampler in ``models/sampling/loop.py`` integrates exactly this
 velocity). ``σ = s u / (1 + (s - 1) u)`` with ``u = sigmoid(n)``, ``n ~ N(0, 1)`` (logit-normal,
 shifted by ``s = train_shift = 3`` towards high noise, where the shift-5 sampler spends its
 steps). The conditioning is replaced by the learned null embedding with probability 0.1
@@ -25,16 +25,16 @@ state and step; written every ``--checkpoint-every`` steps and at the end; a rer
 with ``--results DIR`` copies of the pictures and summaries (for the README); with ``--export
 PATH`` the shipped weights (bfloat16 safetensors + ``.sha256``).
 
-Usage::
+Usage (from the repository root; needs the package installed: ``pip install -e .``)::
 
     # CPU smoke test (tiny model, 4-frame 16×16 clips; well under a minute):
     JAX_PLATFORMS=cpu python benchmarks/train_small.py --smoke --out /tmp/train_smoke
 
     # The shipped model: about 7 min on one H100 (7.2 steps/s at batch 8, 32 s compile, 22 s
     # of sampling); --time-limit guarantees the 8-minute budget on a slower machine:
-    PYTHONPATH=. python benchmarks/train_small.py --steps 2600 --batch 8 --time-limit 450 \\
+    python benchmarks/train_small.py --steps 2600 --batch 8 --time-limit 450 \\
         --out out/train_small --results benchmarks/results/train_small \\
-        --export models/weights/small_video_dit.safetensors
+        --export models/evaluation/weights/small_video_dit.safetensors
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import math
 import os
 import pathlib
 import shutil
-import sys
 import time
 from typing import Any, Sequence
 
@@ -56,22 +55,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-if __package__ in (None, ""):  # allow `python benchmarks/train_small.py` from the repo root
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from models.clips import (  # noqa: E402
+from models.evaluation.clips import (
     MOTIONS,
     NUM_MOTIONS,
     NUM_PHOTOS,
     BACKGROUND_PHOTOS,
     ClipParams,
-    decode_latent,
-    encode_latent,
     load_photo_bank,
     render_clips,
     sample_clip_params,
 )
-from models.pretrained import (  # noqa: E402
+from models.evaluation.codec import encode_latent, latents_to_video
+from models.evaluation.results import device_name, portable, write_json
+from models.evaluation.small_dit import (
     SMALL_DIT_CONFIG,
     SMOKE_DIT_CONFIG,
     ClipConditioner,
@@ -80,7 +76,7 @@ from models.pretrained import (  # noqa: E402
     save_small_video_dit,
     unflatten_into,
 )
-from models.wan import WanTransformer3DModel  # noqa: E402
+from models.wan.transformer import WanTransformer3DModel
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -141,11 +137,6 @@ def clips_to_latents(images: jax.Array, params: ClipParams, config: SmallDiTConf
     video = render_clips(images, params, config.clip)
     latent = encode_latent(video, config.codec)  # [B, F, H, W, C]
     return jnp.moveaxis(latent, -1, 1)
-
-
-def latents_to_video(latents: jax.Array, config: SmallDiTConfig) -> np.ndarray:
-    """``[B, C, F, H, W]`` latents → ``[B, F, H, W, 3]`` pixels in [-1, 1] (NumPy)."""
-    return np.asarray(decode_latent(jnp.moveaxis(jnp.asarray(latents, jnp.float32), 1, -1), config.codec))
 
 
 def flow_matching_loss(
@@ -304,7 +295,7 @@ def generate_samples(
     bundle: SmallDiT, config: SmallDiTConfig, photo: np.ndarray, motion: np.ndarray, *, num_steps: int, seed: int
 ) -> np.ndarray:
     """Dense classifier-free-guided samples of the given classes: ``[B, F, H, W, 3]`` pixels."""
-    from models.sampler import Sampler
+    from models.sampling.loop import Sampler
 
     batch = photo.shape[0]
     noise = jax.random.normal(jax.random.key(seed), (batch,) + config.latent_shape, jnp.float32)
@@ -312,11 +303,20 @@ def generate_samples(
     negative = bundle.conditioner.unconditional(batch)
     sampler = Sampler(bundle.transformer, "dense", shift=config.sample_shift, progress=False)
     result = sampler(noise, text, negative, num_steps=num_steps, guidance_scale=config.guidance_scale)
-    return latents_to_video(result.latents, config)
+    return latents_to_video(result.latents, config.codec)
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver
+
+
+def _portable_path(path: pathlib.Path) -> str:
+    """``path`` as results may hold it: repository-relative, or only its name when outside the
+    repository (no machine paths in results files)."""
+    try:
+        return portable(pathlib.Path(path).resolve())
+    except ValueError:
+        return pathlib.Path(path).name
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     on_cpu = jax.default_backend() == "cpu"
     dtype = jnp.float32 if on_cpu else jnp.bfloat16
     print(
-        f"device {jax.devices()[0].device_kind}; model {config.wan.name} (dim {config.wan.dim}, "
+        f"device {device_name()}; model {config.wan.name} (dim {config.wan.dim}, "
         f"{config.wan.num_layers} layers, {config.wan.num_heads} heads); latent {config.latent_shape}, "
         f"tokens {math.prod(config.token_grid)}; {cfg.steps} steps × batch {cfg.batch}; activations {jnp.dtype(dtype).name}",
         flush=True,
@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     bundle = nnx.merge(graphdef, params)
     summary: dict[str, Any] = dict(
-        device=jax.devices()[0].device_kind,
+        device=device_name(),
         model=config.wan.name,
         parameters=int(num_params),
         tokens=math.prod(config.token_grid),
@@ -465,11 +465,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             metadata={"steps": str(step), "batch": str(cfg.batch), "final_loss": str(summary["final_loss"]),
                       "train": json.dumps(dataclasses.asdict(cfg))},
         )  # fmt: skip
-        summary["export"] = str(args.export)
+        summary["export"] = _portable_path(args.export)
         summary["sha256"] = digest
         summary["export_bytes"] = os.path.getsize(args.export)
     summary["total_s"] = time.perf_counter() - t_start
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "train_summary.json", summary)
     if args.results is not None:
         args.results.mkdir(parents=True, exist_ok=True)
         for name in ("loss.png", "samples.png", "samples.gif", "losses.json", "train_summary.json"):

@@ -1,28 +1,148 @@
-"""Attention entry points: dense and block-sparse, picking the right implementation.
+"""Attention entry points, and the one registry of block-sparse attention implementations.
 
-``block_sparse_attention`` runs the Pallas kernel on GPU and the XLA reference elsewhere (or
-as asked); ``dense_attention`` runs cuDNN flash attention on GPU and XLA elsewhere. Both take
-and return ``[B, L, N, D]``, the layout of ``jax.nn.dot_product_attention``.
+``block_sparse_attention`` runs one of the registered implementations:
+
+``"triton"``
+  the Pallas (Triton backend) kernel of :mod:`pallas_kernels.block_sparse_triton`; any NVIDIA GPU.
+``"mosaic_gpu"``
+  the Pallas Mosaic GPU kernel of :mod:`pallas_kernels.block_sparse_mosaic`; Hopper (sm90) only.
+``"xla"``
+  the float32-accumulating XLA reference of :mod:`dfsattn_jax.reference` (dense attention with
+  the layout expanded to a token mask): the CPU path and the test oracle.
+
+``implementation=None`` picks with :func:`default_implementation` (the fastest that runs on the
+default device); :func:`resolve_implementation` says which one a call would run and why.
+``interpret=True`` runs a Pallas kernel in its interpreter on any backend (slow; tests).
+
+``dense_attention`` runs cuDNN flash attention on GPU and XLA elsewhere. Both take and return
+``[B, L, N, D]``, the layout of ``jax.nn.dot_product_attention``; both validate their inputs in
+one place (:func:`check_attention_inputs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import importlib.util
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 from jaxtyping import Array, Float
 
-from dfsattn_jax.layout import BlockLayout
+from dfsattn_jax.layout import BlockLayout, check_layout, validate_layout
+from dfsattn_jax.reference import check_attention_inputs, check_block_size, reference_block_sparse_attention
 
-__all__ = ["block_sparse_attention", "dense_attention", "on_gpu"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "Implementation",
+    "block_sparse_attention",
+    "check_attention_inputs",
+    "default_implementation",
+    "dense_attention",
+    "gpu_compute_capability",
+    "on_gpu",
+    "resolve_implementation",
+]
 
-SparseImpl = Literal["pallas", "pallas_interpret", "reference"]
+SparseImpl = Literal["triton", "mosaic_gpu", "xla"]
 DenseImpl = Literal["cudnn", "xla"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One registered block-sparse attention implementation.
+
+    Attributes:
+      name: the registry key.
+      module: the module that defines ``function`` (imported only when the implementation runs).
+      function: ``(q, k, v, layout, *, block_size, scale, interpret) -> out``.
+      pallas: a Pallas kernel (accepts ``interpret=True``); the XLA path ignores ``interpret``.
+      description: one line for errors and docs.
+    """
+
+    name: str
+    module: str
+    function: str
+    pallas: bool
+    description: str
+
+    def load(self) -> Callable[..., Array]:
+        return getattr(importlib.import_module(self.module), self.function)
+
+    def unsupported(self, q: Array, block_size: int) -> str | None:
+        """Why this implementation cannot run ``q`` (``None`` if it can); asks the kernel module's
+        ``unsupported(q, block_size)`` when it has one."""
+        check = getattr(importlib.import_module(self.module), "unsupported", None)
+        return None if check is None else check(q, block_size)
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    impl.name: impl
+    for impl in (
+        Implementation(
+            "triton", "pallas_kernels.block_sparse_triton", "block_sparse_attention", True,
+            "Pallas Triton kernel (NVIDIA GPUs)",
+        ),
+        Implementation(
+            "mosaic_gpu", "pallas_kernels.block_sparse_mosaic", "block_sparse_attention", True,
+            "Pallas Mosaic GPU kernel (Hopper, sm90)",
+        ),
+        Implementation(
+            "xla", "dfsattn_jax.reference", "reference_block_sparse_attention", False,
+            "XLA reference (dense attention with a token mask; any backend)",
+        ),
+    )
+}
 
 
 def on_gpu() -> bool:
     """Whether JAX's default backend is a GPU."""
     return jax.default_backend() == "gpu"
+
+
+def gpu_compute_capability() -> str | None:
+    """The default GPU's compute capability (``"9.0"`` for Hopper), or ``None`` off GPU."""
+    if not on_gpu():
+        return None
+    return getattr(jax.devices()[0], "compute_capability", None)
+
+
+def default_implementation() -> str:
+    """``"mosaic_gpu"`` on Hopper when its module is present, ``"triton"`` on other GPUs, else ``"xla"``."""
+    if not on_gpu():
+        return "xla"
+    if gpu_compute_capability() == "9.0" and importlib.util.find_spec("pallas_kernels.block_sparse_mosaic"):
+        return "mosaic_gpu"
+    return "triton"
+
+
+def resolve_implementation(
+    q: Array, *, block_size: int = 128, implementation: str | None = None
+) -> tuple[str, str]:
+    """The implementation that :func:`block_sparse_attention` runs for ``q``, and why.
+
+    Returns:
+      ``(name, reason)``: with ``implementation=None`` the default of this device, falling back
+      from ``mosaic_gpu`` to ``triton`` when the Mosaic kernel does not support the input (the
+      reason says why); otherwise the one asked for.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if implementation is not None:
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {tuple(IMPLEMENTATIONS)} or None, got {implementation!r}"
+            )
+        return implementation, "asked for"
+    name = default_implementation()
+    if name == "mosaic_gpu":
+        why = IMPLEMENTATIONS[name].unsupported(q, block_size)
+        if why is not None:
+            return "triton", f"mosaic_gpu does not support this input ({why})"
+        return name, "default on Hopper GPUs"
+    return name, "default on GPUs" if name == "triton" else "default off GPU"
 
 
 def block_sparse_attention(
@@ -34,44 +154,37 @@ def block_sparse_attention(
     block_size: int = 128,
     scale: float | None = None,
     implementation: SparseImpl | None = None,
+    interpret: bool = False,
 ) -> Float[Array, "b l n d"]:
-    """Attention over the key blocks of ``layout`` (SPEC §5).
+    """Attention over the key blocks of ``layout`` (docs/spec.md §5).
 
     Args:
-      q, k, v: ``[B, L, N, D]``.
-      layout: which key blocks each (batch, head, query block) visits.
+      q, k, v: ``[B, L, N, D]``, one floating dtype, in attention (e.g. Hilbert) order.
+      layout: which key blocks each (batch, head, query block) visits, ``[B, N, ceil(L/block), K_max]``.
       block_size: tokens per layout block.
       scale: logit scale, default ``1/sqrt(D)``.
-      implementation: ``"pallas"`` (the GPU kernel), ``"pallas_interpret"`` (the same kernel
-        in the Pallas interpreter, slow, for tests), ``"reference"`` (dense XLA attention
-        with the layout expanded to a token mask) or ``None``: the kernel on GPU, the
-        reference elsewhere.
+      implementation: a name of :data:`IMPLEMENTATIONS` or ``None`` for this device's default
+        (see :func:`resolve_implementation`).
+      interpret: run a Pallas kernel in the Pallas interpreter (any backend; slow, for tests).
 
     Returns:
       ``[B, L, N, D]`` in the input dtype.
     """
-    if implementation is None:
-        implementation = "pallas" if on_gpu() else "reference"
-    if implementation in ("pallas", "pallas_interpret"):
-        from pallas_kernels.block_sparse_attention import block_sparse_attention as kernel
-
-        return kernel(
-            q, k, v, layout, block_size=block_size, scale=scale,
-            interpret=implementation == "pallas_interpret",
-        )
-    if implementation == "reference":
-        from dfsattn_jax.reference import reference_block_sparse_attention
-
+    batch, length, heads, _ = check_attention_inputs(q=q, k=k, v=v)
+    block_size = check_block_size(block_size)
+    check_layout(layout, batch=batch, heads=heads, num_blocks=-(-length // block_size))
+    validate_layout(layout)
+    name, _ = resolve_implementation(q, block_size=block_size, implementation=implementation)
+    impl = IMPLEMENTATIONS[name]
+    if not impl.pallas:
         return reference_block_sparse_attention(q, k, v, layout, block_size=block_size, scale=scale)
-    raise ValueError(
-        f"implementation must be one of 'pallas', 'pallas_interpret', 'reference' or None, got {implementation!r}"
-    )
+    return impl.load()(q, k, v, layout, block_size=block_size, scale=scale, interpret=bool(interpret))
 
 
 def dense_attention(
     q: Float[Array, "b l n d"],
-    k: Float[Array, "b l n d"],
-    v: Float[Array, "b l n d"],
+    k: Float[Array, "b s n d"],
+    v: Float[Array, "b s n d"],
     *,
     scale: float | None = None,
     implementation: DenseImpl | None = None,

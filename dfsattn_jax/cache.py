@@ -1,4 +1,4 @@
-"""The mask cache: one block layout per sparse layer, reused between refreshes (SPEC §6).
+"""The mask cache: one block layout per sparse layer, reused between refreshes (docs/spec.md §6).
 
 A :class:`MaskCache` has static shapes (``K_max`` = the plan's ``max_blocks``) so it can be
 carried through ``jax.jit``/``lax.scan`` across steps and layers. Updates are functional: they

@@ -1,4 +1,4 @@
-"""Block layouts: which key blocks each (batch, head, query block) visits (SPEC §3.5, §4).
+"""Block layouts: which key blocks each (batch, head, query block) visits (docs/spec.md §3.5, §4).
 
 A :class:`BlockLayout` is what the block-sparse kernel consumes: per (batch, head, query
 block) a count ``c`` and the indices of the key blocks to visit; only the first ``c``
@@ -18,7 +18,19 @@ import numpy as np
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-__all__ = ["BlockLayout", "blocks_for_density", "select_blocks", "full_layout", "check_density", "check_layout"]
+__all__ = [
+    "BlockLayout",
+    "blocks_for_density",
+    "check_density",
+    "check_layout",
+    "checkify_layout",
+    "full_layout",
+    "layout_is_valid",
+    "partial_block_last",
+    "select_blocks",
+    "sorted_layout",
+    "validate_layout",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +39,11 @@ class BlockLayout:
 
     Attributes:
       kv_indices: int32[B, N, nq, K_max]; row ``(b, n, u)`` lists key-block indices, the
-        first ``kv_counts[b, n, u]`` of which are visited (order does not matter; entries
-        beyond the count are ignored but always hold valid block indices).
-      kv_counts: int32[B, N, nq]; how many entries of each row are visited (1 ≤ c ≤ K_max).
+        first ``kv_counts[b, n, u]`` of which are visited: distinct, in ``[0, nk)`` and sorted
+        ascending (docs/spec.md §4; :func:`validate_layout` checks it); entries beyond the
+        count are padding (ignored; :func:`select_blocks` fills them with valid indices).
+      kv_counts: int32[B, N, nq]; how many entries of each row are visited
+        (``0 ≤ c ≤ K_max``; a row with ``c = 0`` attends to nothing and gives zeros).
       num_key_blocks: static number of key blocks ``nk`` (= ceil(L / block_size)).
     """
 
@@ -85,7 +99,7 @@ def check_density(density: float, name: str = "density") -> float:
 def blocks_for_density(density: float, num_key_blocks: int) -> int:
     """Number of key blocks kept per query block: ``max(1, int(density * num_key_blocks))``.
 
-    Python float semantics, the reference's rule (SPEC §3.5): density 0.3, 0.2, 0.1 of 591
+    Python float semantics, the reference's rule (docs/spec.md §3.5): density 0.3, 0.2, 0.1 of 591
     key blocks keep 177, 118, 59.
     """
     density = check_density(density)
@@ -123,7 +137,7 @@ def select_blocks(
     *,
     max_blocks: int | None = None,
 ) -> BlockLayout:
-    """Keeps the ``num_blocks`` highest-scoring key blocks of every row (SPEC §3.5).
+    """Keeps the ``num_blocks`` highest-scoring key blocks of every row (docs/spec.md §3.5).
 
     Args:
       scores: float[B, N, nq, nk] block scores (e.g. from :func:`block_scores`).
@@ -134,9 +148,10 @@ def select_blocks(
         Python int, and must be given when ``num_blocks`` is traced.
 
     Returns:
-      A :class:`BlockLayout` whose rows list the top-``num_blocks`` key blocks in decreasing
-      score order (ties broken towards the lower index), followed by the next-best blocks as
-      unused filler up to ``K_max``.
+      A :class:`BlockLayout` whose rows list the top-``num_blocks`` key blocks (ties broken
+      towards the lower index) sorted ascending, as docs/spec.md §4 requires, followed by the
+      next-best blocks as padding up to ``K_max``. A NaN score is never selected: a row keeps
+      at most as many blocks as it has non-NaN scores (0 if all are NaN).
     """
     scores = jnp.asarray(scores)
     if scores.ndim != 4:
@@ -164,8 +179,21 @@ def select_blocks(
     else:
         count_arr = jnp.clip(jnp.asarray(num_blocks, jnp.int32), 1, max_blocks)
         counts = jnp.broadcast_to(count_arr, scores.shape[:-1]).astype(jnp.int32)
-    _, indices = jax.lax.top_k(scores.astype(jnp.float32), max_blocks)
-    return BlockLayout(kv_indices=indices.astype(jnp.int32), kv_counts=counts, num_key_blocks=nk)
+    scores = scores.astype(jnp.float32)
+    nan = jnp.isnan(scores)
+    counts = jnp.minimum(counts, jnp.sum(~nan, axis=-1, dtype=jnp.int32))
+    _, indices = jax.lax.top_k(jnp.where(nan, -jnp.inf, scores), max_blocks)
+    return sorted_layout(BlockLayout(kv_indices=indices.astype(jnp.int32), kv_counts=counts, num_key_blocks=nk))
+
+
+def sorted_layout(layout: BlockLayout) -> BlockLayout:
+    """``layout`` with the first ``count`` entries of every row sorted ascending (docs/spec.md §4)
+    and the padding after them; jit-able. Rows keep their sets of visited blocks."""
+    nk = layout.num_key_blocks
+    idx = jnp.asarray(layout.kv_indices)
+    visited = jnp.arange(idx.shape[-1], dtype=jnp.int32) < jnp.asarray(layout.kv_counts)[..., None]
+    keys = jnp.sort(jnp.where(visited, idx, idx + nk), axis=-1)  # an offset of nk sorts padding last
+    return dataclasses.replace(layout, kv_indices=jnp.where(keys >= nk, keys - nk, keys).astype(idx.dtype))
 
 
 def full_layout(batch: int, heads: int, num_query_blocks: int, num_key_blocks: int) -> BlockLayout:
@@ -202,3 +230,89 @@ def check_layout(
         raise ValueError(f"{name}.num_key_blocks must be {num_blocks}, got {layout.num_key_blocks}")
     if shape[3] > num_blocks:
         raise ValueError(f"{name}.max_blocks must be <= {num_blocks}, got {shape[3]}")
+    for field in ("kv_indices", "kv_counts"):
+        dtype = getattr(layout, field).dtype
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"{name}.{field} must have an integer dtype, got {dtype}")
+
+
+def layout_is_valid(layout: BlockLayout) -> Bool[Array, ""]:
+    """Whether ``layout`` keeps the contract of docs/spec.md §4 (jit-able; a traced bool).
+
+    Every row's count lies in ``[0, K_max]`` and its first ``count`` indices lie in
+    ``[0, num_key_blocks)`` and increase strictly (so they are distinct).
+    """
+    idx = jnp.asarray(layout.kv_indices)
+    counts = jnp.asarray(layout.kv_counts)
+    kmax = idx.shape[-1]
+    visited = jnp.arange(kmax) < counts[..., None]
+    in_range = (idx >= 0) & (idx < layout.num_key_blocks)
+    ascending = jnp.concatenate(
+        [jnp.ones(idx.shape[:-1] + (1,), bool), idx[..., 1:] > idx[..., :-1]], axis=-1
+    )
+    rows_ok = jnp.all(~visited | (in_range & ascending), axis=-1)
+    return jnp.all(rows_ok & (counts >= 0) & (counts <= kmax))
+
+
+def validate_layout(layout: BlockLayout, name: str = "layout") -> None:
+    """Checks the contract of docs/spec.md §4 on a concrete layout; does nothing while tracing.
+
+    Every attention entry point calls it. Inside ``jit`` (traced layouts) use
+    :func:`checkify_layout` under ``jax.experimental.checkify`` instead.
+
+    Raises:
+      ValueError: naming the first offending row and what is wrong with it.
+    """
+    if isinstance(layout.kv_indices, jax.core.Tracer) or isinstance(layout.kv_counts, jax.core.Tracer):
+        return
+    idx = np.asarray(layout.kv_indices)
+    counts = np.asarray(layout.kv_counts)
+    kmax, nk = idx.shape[-1], layout.num_key_blocks
+    bad = np.argwhere((counts < 0) | (counts > kmax))
+    if bad.size:
+        row = tuple(int(i) for i in bad[0])
+        raise ValueError(f"{name}.kv_counts{list(row)} = {int(counts[row])} must lie in [0, K_max={kmax}]")
+    visited = np.arange(kmax) < counts[..., None]
+    out_of_range = visited & ((idx < 0) | (idx >= nk))
+    if out_of_range.any():
+        row = tuple(int(i) for i in np.argwhere(out_of_range)[0][:-1])
+        raise ValueError(
+            f"{name}.kv_indices{list(row)} lists {idx[row][: counts[row]].tolist()}: block indices must lie in [0, {nk})"
+        )
+    not_ascending = visited[..., 1:] & (idx[..., 1:] <= idx[..., :-1])
+    if not_ascending.any():
+        row = tuple(int(i) for i in np.argwhere(not_ascending)[0][:-1])
+        raise ValueError(
+            f"{name}.kv_indices{list(row)} lists {idx[row][: counts[row]].tolist()}: the first count "
+            "indices of a row must be distinct and sorted ascending"
+        )
+
+
+def checkify_layout(layout: BlockLayout, name: str = "layout") -> None:
+    """:func:`layout_is_valid` as a ``checkify.check``: under ``checkify.checkify(f)`` an invalid
+    traced layout becomes an error the caller can ``throw()``; outside it, a concrete invalid
+    layout raises at once."""
+    from jax.experimental import checkify
+
+    checkify.check(layout_is_valid(layout), f"{name} breaks the block layout contract (docs/spec.md §4)")
+
+
+def partial_block_last(
+    kv_indices: Int[Array, "b n nq kmax"], kv_counts: Int[Array, "b n nq"], last: int
+) -> Int[Array, "b n nq kmax"]:
+    """Moves key block ``last`` (the partial one), where a row lists it, to that row's last
+    visited entry, swapping it with the block found there; other rows stay as they are.
+
+    A no-op for rows sorted ascending (docs/spec.md §4). The kernels apply it to every traced
+    layout so that only the partial block runs with masked loads, whatever the row order: an
+    unvalidated layout can give wrong numbers but never a read past the sequence.
+    """
+    pos = jnp.arange(kv_indices.shape[-1], dtype=jnp.int32)
+    tail = jnp.maximum(kv_counts - 1, 0)[..., None]
+    listed = (kv_indices == last) & (pos < kv_counts[..., None])
+    has = jnp.any(listed, axis=-1, keepdims=True)
+    where = jnp.argmax(listed, axis=-1)[..., None]
+    at_tail = jnp.take_along_axis(kv_indices, tail, axis=-1)
+    swapped = jnp.where(pos == where, at_tail, kv_indices)
+    swapped = jnp.where(pos == tail, last, swapped)
+    return jnp.where(has, swapped, kv_indices)

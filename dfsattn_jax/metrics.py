@@ -1,18 +1,21 @@
-"""Quality measures of a layout and of a sparse attention output (SPEC §9)."""
+"""Quality measures of a layout and of a sparse attention output (docs/spec.md §9)."""
 
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from typing import NamedTuple
+
+from jaxtyping import Array, Bool, Float, Int
 
 from dfsattn_jax.layout import BlockLayout, check_layout
 from dfsattn_jax.reference import check_attention_inputs, check_block_size
 
-__all__ = ["layout_recall", "attention_error"]
+__all__ = ["LayerStats", "attention_error", "layout_recall", "sampled_row_stats"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 #: Peak elements of one batch of sampled softmax rows (float32: 128 MiB).
@@ -98,3 +101,67 @@ def attention_error(out: Float[Array, "..."], ref: Float[Array, "..."]) -> Float
             raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
     diff = out.astype(jnp.float32) - ref.astype(jnp.float32)
     return jnp.linalg.norm(diff.ravel()) / jnp.linalg.norm(ref.astype(jnp.float32).ravel())
+
+
+class LayerStats(NamedTuple):
+    """Recall and attention error of one layer at one step (float32 scalars)."""
+
+    recall: Float[Array, ""]
+    error: Float[Array, ""]
+
+
+def sampled_row_stats(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    v: Float[Array, "b l n d"],
+    out: Float[Array, "b l n d"],
+    block_mask: Bool[Array, "b n nq nk"],
+    rows: Int[Array, " s"],
+    *,
+    block_size: int,
+    scale: float | None = None,
+    row_budget: int = _ROW_BUDGET,
+) -> LayerStats:
+    """Recall of ``block_mask`` and relative error of ``out`` on the query rows ``rows``.
+
+    For each sampled row ``i`` (in attention order) the exact dense probabilities
+    ``p_ij = softmax_j(q_i · k_j · scale)`` over all ``L`` keys (float32) give
+
+    * recall: ``Σ_j p_ij M[block(i), block(j)]``, averaged over rows, batch and heads
+      (equals :func:`dfsattn_jax.metrics.layout_recall` averaged, for the same rows);
+    * error: ``sqrt(Σ ‖out_i − Σ_j p_ij v_j‖² / Σ ‖Σ_j p_ij v_j‖²)`` pooled over rows, batch and
+      heads (equals :func:`dfsattn_jax.metrics.attention_error` against dense attention when
+      every row is sampled).
+
+    Memory: ``row_budget`` float32 elements of probabilities at a time (``lax.map`` over heads).
+    """
+    batch, length, heads, dim = q.shape
+    nq, nk = block_mask.shape[-2:]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    num_rows = rows.shape[0]
+    groups = batch * heads
+
+    def per_head(x):  # [B, L', N, D] -> [B*N, L', D]
+        return jnp.transpose(x, (0, 2, 1, 3)).reshape(groups, x.shape[1], dim)
+
+    q_rows = per_head(q[:, rows])
+    o_rows = per_head(out[:, rows])
+    k_heads = per_head(k)
+    v_heads = per_head(v)
+    m_rows = block_mask[:, :, rows // block_size, :].reshape(groups, num_rows, nk)
+    key_pad = nk * block_size - length
+
+    def one(args):
+        q_h, k_h, v_h, o_h, m_h = args
+        logits = jnp.einsum("sd,ld->sl", q_h.astype(jnp.float32), k_h.astype(jnp.float32), precision=_HIGHEST)
+        probs = jax.nn.softmax(logits * scale, axis=-1)
+        dense = jnp.einsum("sl,ld->sd", probs, v_h.astype(jnp.float32), precision=_HIGHEST)
+        mass = jnp.sum(jnp.pad(probs, ((0, 0), (0, key_pad))).reshape(num_rows, nk, block_size), axis=-1)
+        recall = jnp.mean(jnp.sum(mass * m_h.astype(jnp.float32), axis=-1))
+        diff = o_h.astype(jnp.float32) - dense
+        return recall, jnp.sum(diff * diff), jnp.sum(dense * dense)
+
+    per_batch = max(1, min(groups, int(row_budget) // max(1, num_rows * length)))
+    recall, num, den = jax.lax.map(one, (q_rows, k_heads, v_heads, o_rows, m_rows), batch_size=per_batch)
+    error = jnp.sqrt(jnp.sum(num) / jnp.maximum(jnp.sum(den), jnp.finfo(jnp.float32).tiny))
+    return LayerStats(jnp.mean(recall), error)

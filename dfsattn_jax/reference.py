@@ -1,4 +1,4 @@
-"""The block-sparse attention oracle (SPEC §5) and the input checks shared by the core.
+"""The block-sparse attention oracle (docs/spec.md §5) and the input checks shared by the core.
 
 :func:`reference_block_sparse_attention` expands a :class:`BlockLayout` to a dense token mask
 ``bool[B, N, L, L]`` and calls ``jax.nn.dot_product_attention(implementation="xla")``. It is
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from dfsattn_jax.checks import check_positive_int
-from dfsattn_jax.layout import BlockLayout, check_layout
+from dfsattn_jax.layout import BlockLayout, check_layout, validate_layout
 
 __all__ = ["check_attention_inputs", "check_block_size", "reference_block_sparse_attention", "token_mask"]
 
@@ -41,8 +41,11 @@ def check_attention_inputs(**arrays: Array) -> tuple[int, int, int, int]:
             raise ValueError(f"{name} must have the shape of {first_name} {first.shape}, got {x.shape}")
         if x.dtype != first.dtype:
             raise ValueError(f"{name} must have the dtype of {first_name} ({first.dtype}), got {x.dtype}")
-    if first.shape[1] < 1:
-        raise ValueError(f"{first_name} must hold at least one token, got shape {first.shape}")
+    empty = [axis for axis, size in zip("BLND", first.shape) if size < 1]
+    if empty:
+        raise ValueError(
+            f"{first_name} must not be empty, got shape {first.shape} (axis {', '.join(empty)} of [B, L, N, D] is 0)"
+        )
     return tuple(first.shape)  # type: ignore[return-value]
 
 
@@ -70,11 +73,11 @@ def reference_block_sparse_attention(
     block_size: int = 128,
     scale: float | None = None,
 ) -> Float[Array, "b l n d"]:
-    """Block-sparse attention by masking dense XLA attention (the oracle of SPEC §5).
+    """Block-sparse attention by masking dense XLA attention (the oracle of docs/spec.md §5).
 
     ``out[b, i, n] = sum_j softmax_j(q[b,i,n] . k[b,j,n] * scale) v[b,j,n]`` over the valid keys
-    ``j < L`` of the key blocks that ``layout`` lists for the block of ``i``. Memory is
-    ``O(B * N * L**2)``: use it as a test oracle only.
+    ``j < L`` of the key blocks that ``layout`` lists for the block of ``i``; a row with count 0
+    gives zeros. Memory is ``O(B * N * L**2)``: use it as a test oracle only.
 
     Args:
       q, k, v: ``[B, L, N, D]`` in attention order, one floating dtype.
@@ -89,10 +92,14 @@ def reference_block_sparse_attention(
     block_size = check_block_size(block_size)
     num_blocks = -(-length // block_size)
     check_layout(layout, batch=batch, heads=heads, num_blocks=num_blocks)
+    validate_layout(layout)
     return _masked_attention(q, k, v, layout, block_size=block_size, scale=None if scale is None else float(scale))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale"))
 def _masked_attention(q, k, v, layout, *, block_size, scale):
     mask = token_mask(layout, q.shape[1], block_size)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    # A query that sees no key (its row's count is 0) attends to nothing: 0 (docs/spec.md §4).
+    sees_any = jnp.transpose(jnp.any(mask, axis=-1), (0, 2, 1))[..., None]  # [B, L, N, 1]
+    return jnp.where(sees_any, out, jnp.zeros_like(out))

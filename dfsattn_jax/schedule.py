@@ -1,4 +1,4 @@
-"""The DFSAttn configuration and step schedule (SPEC §6).
+"""The DFSAttn configuration and step schedule (docs/spec.md §6).
 
 At diffusion step ``s``:
 
@@ -26,7 +26,7 @@ from dfsattn_jax.layout import blocks_for_density, check_density
 from dfsattn_jax.orders import ORDER_NAMES
 from dfsattn_jax.scoring import check_tile_size
 
-__all__ = ["DFSConfig", "SchedulePlan", "plan_schedule", "reported_sparsity"]
+__all__ = ["DFSConfig", "SchedulePlan", "default_schedule", "plan_schedule", "reported_sparsity"]
 
 
 def _check_int(value: int, name: str, minimum: int) -> int:
@@ -43,7 +43,7 @@ def _check_int(value: int, name: str, minimum: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DFSConfig:
-    """DFSAttn hyper-parameters (SPEC §3, §6). Validated on construction.
+    """DFSAttn hyper-parameters (docs/spec.md §3, §6). Validated on construction.
 
     Attributes:
       density: kept fraction of key blocks at the first refresh, in (0, 1].
@@ -133,7 +133,7 @@ class SchedulePlan:
 
 
 def plan_schedule(config: DFSConfig, num_steps: int, num_key_blocks: int) -> SchedulePlan:
-    """Plans ``num_steps`` diffusion steps under ``config`` (SPEC §6).
+    """Plans ``num_steps`` diffusion steps under ``config`` (docs/spec.md §6).
 
     Args:
       config: the DFSAttn configuration.
@@ -171,7 +171,7 @@ def plan_schedule(config: DFSConfig, num_steps: int, num_key_blocks: int) -> Sch
 
 
 def reported_sparsity(plan: SchedulePlan, num_layers: int, dense_layers: tuple[int, ...] = (0,)) -> float:
-    """The paper's reported sparsity (SPEC §6): mean skipped block fraction over the sparse
+    """The paper's reported sparsity (docs/spec.md §6): mean skipped block fraction over the sparse
     steps and all self-attention layers, dense layers counting as 0. 0.0 without sparse steps."""
     num_layers = _check_int(num_layers, "num_layers", 1)
     dense = {i for i in dense_layers if 0 <= i < num_layers}
@@ -179,3 +179,23 @@ def reported_sparsity(plan: SchedulePlan, num_layers: int, dense_layers: tuple[i
         return 0.0
     skipped = 1.0 - plan.num_blocks[plan.sparse].astype(np.float64) / plan.num_key_blocks
     return float(skipped.mean() * (num_layers - len(dense)) / num_layers)
+
+
+def default_schedule(num_steps: int, base: DFSConfig = DFSConfig()) -> DFSConfig:
+    """The default schedule for a run of ``num_steps`` steps.
+
+    At 50 steps this is ``base`` itself (docs/spec.md §6: dense 0–11, refreshes at 12, 24, 36). For other
+    step counts ``dense_steps`` and ``refresh_interval`` are scaled by ``num_steps / 50`` (rounded,
+    at least 1), so that short CPU runs keep the same shape: e.g. 20 steps → dense 0–4, refreshes
+    at 5, 10, 15 with densities 0.3, 0.2, 0.1.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if num_steps == 50:
+        return base
+    factor = num_steps / 50.0
+    return dataclasses.replace(
+        base,
+        dense_steps=max(1, round(base.dense_steps * factor)),
+        refresh_interval=max(1, round(base.refresh_interval * factor)),
+    )

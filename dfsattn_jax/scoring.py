@@ -1,4 +1,4 @@
-"""Hierarchical block scoring (SPEC §3): tile means, tile softmax, block sums.
+"""Hierarchical block scoring (docs/spec.md §3): tile means, tile softmax, block sums.
 
 For q, k of shape ``[B, L, N, D]`` (attention order, after QK normalization and RoPE):
 
@@ -73,7 +73,7 @@ def tile_probabilities(
     tile_size: int = 16,
     block_size: int = 128,
 ) -> Float[Array, "b n t t"]:
-    """The full tile probability matrix ``A`` (SPEC §3.3), ``float32[B, N, T, T]``.
+    """The full tile probability matrix ``A`` (docs/spec.md §3.3), ``float32[B, N, T, T]``.
 
     ``T = ceil(L / tile_size)`` valid tiles; every row sums to 1. Memory ``O(T**2)``: meant
     for tests and analysis; :func:`block_scores` never materializes it whole when large.
@@ -110,7 +110,7 @@ def block_scores(
     query_blocks_per_chunk: int | None = None,
     tile_budget: int = DEFAULT_TILE_BUDGET,
 ) -> Float[Array, "b n nq nk"]:
-    """Hierarchical block scores ``S[b, n, u, v]`` (SPEC §3), ``float32[B, N, nq, nk]``.
+    """Hierarchical block scores ``S[b, n, u, v]`` (docs/spec.md §3), ``float32[B, N, nq, nk]``.
 
     Args:
       q, k: ``[B, L, N, D]`` in attention order, any floating dtype, any ``L``.

@@ -1,28 +1,29 @@
-"""Video diffusion transformers using DFSAttn: a Flax NNX Wan2.1 model and its jitted sampler.
+"""Video diffusion transformers with DFSAttn: model families, sampling, evaluation.
 
-- :mod:`models.configs`: named configs (``wan2.1-1.3b``, ``wan2.1-14b``, ``tiny``), latent shapes.
-- :mod:`models.wan`: :class:`WanTransformer3DModel` (diffusers' ``WanTransformer3DModel``, T2V).
-- :mod:`models.attention_backend`: dense vs DFS self-attention, step controls, the mask cache.
-- :mod:`models.sampler`: flow-matching sampling (Wan's shifted sigmas, Euler; UniPC by name).
-- :mod:`models.compare`: dense-vs-DFS comparison with a JSON report and a mask picture.
-- :mod:`models.loading`: :func:`load_wan` for diffusers-format Wan2.1 checkpoints.
+- :mod:`models.common`: the DFS attention processor, shared layers, RoPE tables.
+- :mod:`models.wan`: Wan2.1 (config, Flax NNX transformer, diffusers checkpoint loading).
+- :mod:`models.sampling`: the one jitted sampling loop and its solvers (Euler, UniPC).
+- :mod:`models.evaluation`: the small trained video DiT, the quality runner, comparisons, media.
+- :mod:`models.io`, :mod:`models.generate`, :mod:`models.demo`: files and command lines.
 """
 
-from models.attention_backend import (
+from models.common.processor import (
     AttentionBackend,
+    AttentionHooks,
+    AttentionState,
     StepControl,
     dense_step,
     init_cache,
     make_backend,
     sparse_step,
 )
-from models.configs import CONFIGS, WanConfig, default_dtype, get_config, latent_shape, token_grid
-from models.sampler import SampleResult, Sampler, Solver, flow_schedule, get_solver, sample
-from models.wan import WanTransformer3DModel
-from models.loading import load_wan  # noqa: E402  (issue 6: ``models.load_wan``)
+from models.sampling import SampleResult, Sampler, Solver, flow_schedule, get_solver, sample
+from models.wan import CONFIGS, WanConfig, WanTransformer3DModel, default_dtype, get_config, latent_shape, load_wan, token_grid
 
 __all__ = [
     "AttentionBackend",
+    "AttentionHooks",
+    "AttentionState",
     "StepControl",
     "dense_step",
     "sparse_step",

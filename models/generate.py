@@ -5,9 +5,9 @@
         --steps 50 --guidance 5.0 --shift 5.0 --solver unipc --backend dfs \
         --out out/latents.safetensors --mp4 out/video.mp4
 
-Reads the transformer with :func:`models.loading.load_wan`, the prompt embeddings (``cond``,
+Reads the transformer with :func:`models.wan.loading.load_wan`, the prompt embeddings (``cond``,
 ``uncond``) with :func:`models.io.load_prompt_embeds`, samples with
-:class:`models.sampler.Sampler` (one jitted loop, classifier-free guidance as one batch of 2),
+:class:`models.sampling.loop.Sampler` (one jitted loop, classifier-free guidance as one batch of 2),
 writes the final latents with :func:`models.io.save_latents` and, with ``--mp4``, decodes them
 with diffusers' VAE (:func:`models.io.decode_to_mp4`, optional extra).
 """
@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfsattn_jax.schedule import DFSConfig
-from models.attention_backend import make_backend
-from models.configs import latent_shape
+from models.common.processor import make_backend
+from models.wan.config import latent_shape
 from models.io import decode_to_mp4, load_latents, load_prompt_embeds, save_latents
-from models.loading import load_wan
-from models.sampler import SOLVER_NAMES, Sampler
+from models.wan.loading import load_wan
+from models.sampling import SOLVER_NAMES, Sampler
 
 __all__ = ["build_parser", "main"]
 

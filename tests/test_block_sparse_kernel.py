@@ -1,12 +1,11 @@
 """The Pallas block-sparse attention kernel against float64 NumPy and XLA references.
 
-On CPU the kernel runs in the Pallas interpreter; on a GPU (``JAX_PLATFORMS=cuda pytest
-tests/test_block_sparse_kernel.py``) the same tests run the compiled Triton kernel.
+Every test runs the kernel in the Pallas interpreter (``interpret=True``, any backend); on a GPU
+(``JAX_PLATFORMS=cuda pytest tests/test_block_sparse_kernel.py``) the same tests also run the
+compiled Triton kernel. Inputs come from fixed PRNG seeds: a failure replays exactly.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import chex
 import jax
@@ -14,17 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfsattn_jax.layout import BlockLayout, full_layout
-from pallas_kernels.block_sparse_attention import BlockSizes, block_sparse_attention
+from helpers import poisoned, rel_l2
+
+from dfsattn_jax import attention
+from dfsattn_jax.layout import BlockLayout, full_layout, sorted_layout
+from pallas_kernels.block_sparse_triton import BlockSizes, block_sparse_attention
 
 BLOCK = 128
-INTERPRET = [jax.default_backend() != "gpu"]  # the kernel as this machine can run it
-_seed = itertools.count(int(np.random.SeedSequence().entropy % 2**31))
+# The interpreter everywhere, plus the compiled kernel where a GPU exists.
+INTERPRET = [True] + ([False] if jax.default_backend() == "gpu" else [])
 
 
-def fresh_key() -> jax.Array:
-    """A new PRNG key per draw: every test sees fresh random inputs."""
-    return jax.random.key(next(_seed))
+def keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """Two PRNG keys (inputs, layout) from a fixed seed."""
+    k_inputs, k_layout = jax.random.split(jax.random.key(seed))
+    return k_inputs, k_layout
 
 
 def random_qkv(key, b, seq_len, n, d, dtype):
@@ -45,11 +48,11 @@ def random_layout(key, b, n, nq, *, min_count=1, max_count=None) -> BlockLayout:
     u = u.at[:, :, -1, -1].set(-1.0)
     order = jnp.argsort(u, axis=-1).astype(jnp.int32)
     counts = jax.random.randint(k_count, (b, n, nq), min_count, max_count + 1, dtype=jnp.int32)
-    return BlockLayout(kv_indices=order[..., :max_count], kv_counts=counts, num_key_blocks=nq)
+    return sorted_layout(BlockLayout(kv_indices=order[..., :max_count], kv_counts=counts, num_key_blocks=nq))
 
 
 def numpy_block_sparse(q, k, v, layout: BlockLayout, scale=None) -> np.ndarray:
-    """Float64 masked softmax attention (SPEC §5), the independent oracle."""
+    """Float64 masked softmax attention (docs/spec.md §5), the independent oracle."""
     qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
     b, seq_len, n, d = qn.shape
     scale = 1.0 / np.sqrt(d) if scale is None else scale
@@ -70,15 +73,6 @@ def xla_block_sparse(q, k, v, layout: BlockLayout) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, mask=tok, implementation="xla")
 
 
-def rel_l2(x, ref) -> float:
-    x = np.asarray(x, np.float64)
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-
-
-def poisoned(q) -> jax.Array:
-    return jnp.full(q.shape, jnp.nan, q.dtype)
-
-
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("seq_len", [128, 200, 1000, 4103])
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -86,10 +80,11 @@ def poisoned(q) -> jax.Array:
 def test_matches_references(interpret, seq_len, head_dim, dtype):
     b, n = 2, 3
     nq = -(-seq_len // BLOCK)
-    q, k, v = random_qkv(fresh_key(), b, seq_len, n, head_dim, dtype)
+    k_inputs, k_layout = keys(seq_len * 1000 + head_dim)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, head_dim, dtype)
     # Long sequences keep at most 6 blocks a row so that the interpreter stays fast; shorter
     # ones cover 1..all blocks. The last query block always includes the ragged key block.
-    layout = random_layout(fresh_key(), b, n, nq, max_count=min(nq, 6))
+    layout = random_layout(k_layout, b, n, nq, max_count=min(nq, 6))
     out = block_sparse_attention(
         q, k, v, layout, interpret=interpret, initial_output=poisoned(q)
     )
@@ -110,10 +105,11 @@ def test_matches_references(interpret, seq_len, head_dim, dtype):
 @pytest.mark.parametrize("seq_len", [200, 1000])
 def test_full_layout_equals_dense_attention(interpret, seq_len):
     b, n, d = 2, 3, 64
-    q, k, v = random_qkv(fresh_key(), b, seq_len, n, d, jnp.float32)
+    k_inputs, k_layout = keys(seq_len)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
     nq = -(-seq_len // BLOCK)
     # Every block listed, in a shuffled order per row: the order of visits must not matter.
-    layout = random_layout(fresh_key(), b, n, nq, min_count=nq)
+    layout = random_layout(k_layout, b, n, nq, min_count=nq)
     out = block_sparse_attention(q, k, v, layout, interpret=interpret)
     with jax.default_matmul_precision("highest"):  # no TF32 in the GPU reference
         dense = jax.nn.dot_product_attention(q, k, v, implementation="xla")
@@ -127,13 +123,14 @@ def test_counts_differ_per_head_and_batch(interpret):
     """Rows with one block, all blocks, and in between, each checked on its own."""
     b, n, seq_len, d = 2, 3, 1000, 64
     nq = -(-seq_len // BLOCK)
-    q, k, v = random_qkv(fresh_key(), b, seq_len, n, d, jnp.float32)
-    base = random_layout(fresh_key(), b, n, nq)
+    k_inputs, k_layout = keys(1)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
+    base = random_layout(k_layout, b, n, nq)
     counts = np.asarray(base.kv_counts).copy()
     counts[0, 0] = 1
     counts[1, 2] = nq
     counts[0, 1, ::2] = 1
-    layout = BlockLayout(base.kv_indices, jnp.asarray(counts), nq)
+    layout = sorted_layout(BlockLayout(base.kv_indices, jnp.asarray(counts), nq))
     out = block_sparse_attention(q, k, v, layout, interpret=interpret, initial_output=poisoned(q))
     ref = numpy_block_sparse(q, k, v, layout)
     for bi, ni in [(0, 0), (1, 2), (0, 1), (1, 0)]:
@@ -145,12 +142,13 @@ def test_counts_differ_per_head_and_batch(interpret):
 def test_entries_beyond_count_are_ignored(interpret):
     b, n, seq_len, d = 1, 2, 640, 64
     nq = seq_len // BLOCK
-    q, k, v = random_qkv(fresh_key(), b, seq_len, n, d, jnp.float32)
-    layout = random_layout(fresh_key(), b, n, nq, min_count=2, max_count=3)
+    k_inputs, k_layout = keys(2)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
+    layout = random_layout(k_layout, b, n, nq, min_count=2, max_count=3)
     scrambled = layout.kv_indices.at[..., 2].set(jnp.flip(layout.kv_indices[..., 2], axis=-1))
     counts2 = jnp.full_like(layout.kv_counts, 2)
-    a = block_sparse_attention(q, k, v, BlockLayout(layout.kv_indices, counts2, nq), interpret=interpret)
-    c = block_sparse_attention(q, k, v, BlockLayout(scrambled, counts2, nq), interpret=interpret)
+    a = block_sparse_attention(q, k, v, sorted_layout(BlockLayout(layout.kv_indices, counts2, nq)), interpret=interpret)
+    c = block_sparse_attention(q, k, v, sorted_layout(BlockLayout(scrambled, counts2, nq)), interpret=interpret)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
@@ -160,8 +158,9 @@ def test_entries_beyond_count_are_ignored(interpret):
 def test_block_sizes_and_scale(interpret, tiles):
     b, n, seq_len, d = 1, 2, 300, 128
     nq = -(-seq_len // BLOCK)
-    q, k, v = random_qkv(fresh_key(), b, seq_len, n, d, jnp.float32)
-    layout = random_layout(fresh_key(), b, n, nq)
+    k_inputs, k_layout = keys(3)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
+    layout = random_layout(k_layout, b, n, nq)
     out = block_sparse_attention(
         q, k, v, layout, scale=0.05, block_sizes=tiles, interpret=interpret, initial_output=poisoned(q)
     )
@@ -172,28 +171,31 @@ def test_block_sizes_and_scale(interpret, tiles):
 def test_bitwise_deterministic(interpret):
     b, n, seq_len, d = 2, 3, 1000, 128
     nq = -(-seq_len // BLOCK)
-    q, k, v = random_qkv(fresh_key(), b, seq_len, n, d, jnp.bfloat16)
-    layout = random_layout(fresh_key(), b, n, nq)
+    k_inputs, k_layout = keys(4)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.bfloat16)
+    layout = random_layout(k_layout, b, n, nq)
     first = block_sparse_attention(q, k, v, layout, interpret=interpret)
     second = block_sparse_attention(q, k, v, layout, interpret=interpret)
     np.testing.assert_array_equal(np.asarray(first, np.float32), np.asarray(second, np.float32))
 
 
-def test_traced_counts_share_one_compilation():
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_traced_counts_share_one_compilation(interpret):
     """Counts are run-time data: new densities reuse the compiled kernel."""
     b, n, seq_len, d = 1, 2, 256, 64
     nq = 2
-    q, k, v = random_qkv(fresh_key(), b, seq_len, n, d, jnp.float32)
-    layout = random_layout(fresh_key(), b, n, nq)
+    k_inputs, k_layout = keys(5)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
+    layout = random_layout(k_layout, b, n, nq)
     traces = []
 
     @jax.jit
     def run(counts):
         traces.append(1)
-        return block_sparse_attention(q, k, v, BlockLayout(layout.kv_indices, counts, nq), interpret=INTERPRET[0])
+        return block_sparse_attention(q, k, v, sorted_layout(BlockLayout(layout.kv_indices, counts, nq)), interpret=interpret)
 
     for c in (1, 2):
-        lay = BlockLayout(layout.kv_indices, jnp.full((b, n, nq), c, jnp.int32), nq)
+        lay = sorted_layout(BlockLayout(layout.kv_indices, jnp.full((b, n, nq), c, jnp.int32), nq))
         out = run(lay.kv_counts)
         assert rel_l2(out, numpy_block_sparse(q, k, v, lay)) < 2e-5
     assert len(traces) == 1
@@ -222,3 +224,50 @@ def test_bad_input_raises(change, match):
             q, k, q if "k_shape" not in change else k, layout,
             block_size=change.get("block_size", 128), block_sizes=change.get("block_sizes"),
         )
+
+
+# dfsattn_jax.attention's registry: the Triton kernel is one implementation among others.
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_registry_triton_interpret_equals_xla(seed):
+    b, n, seq_len, d = 1, 2, 300, 64
+    nq = -(-seq_len // BLOCK)
+    k_inputs, k_layout = keys(100 + seed)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
+    layout = random_layout(k_layout, b, n, nq)
+    got = attention.block_sparse_attention(q, k, v, layout, block_size=BLOCK, implementation="triton", interpret=True)
+    with jax.default_matmul_precision("highest"):  # no TF32 in the XLA reference on GPU
+        want = attention.block_sparse_attention(q, k, v, layout, block_size=BLOCK, implementation="xla")
+    assert got.shape == q.shape and got.dtype == q.dtype
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    assert rel_l2(got, numpy_block_sparse(q, k, v, layout)) < 2e-5
+
+
+def test_resolve_implementation():
+    q = jnp.zeros((1, 256, 2, 64), jnp.float32)
+    name, reason = attention.resolve_implementation(q)
+    if jax.default_backend() == "gpu":
+        assert name in ("triton", "mosaic_gpu"), (name, reason)
+    else:
+        assert name == "xla", (name, reason)
+        assert attention.default_implementation() == "xla"
+    assert isinstance(reason, str) and reason
+    for asked in attention.IMPLEMENTATIONS:
+        assert attention.resolve_implementation(q, implementation=asked)[0] == asked
+    assert set(attention.IMPLEMENTATIONS) == {"triton", "mosaic_gpu", "xla"}
+
+
+@pytest.mark.parametrize("name", ["pallas", "pallas_interpret", "reference", "cudnn", "Triton"])
+def test_unknown_implementation_raises_naming_the_allowed_ones(name):
+    q = jnp.zeros((1, 256, 2, 64), jnp.float32)
+    layout = BlockLayout(jnp.zeros((1, 2, 2, 1), jnp.int32), jnp.ones((1, 2, 2), jnp.int32), 2)
+    for call in (
+        lambda: attention.resolve_implementation(q, implementation=name),
+        lambda: attention.block_sparse_attention(q, q, q, layout, implementation=name),
+    ):
+        with pytest.raises(ValueError) as info:
+            call()
+        message = str(info.value)
+        assert repr(name) in message
+        assert all(allowed in message for allowed in ("triton", "mosaic_gpu", "xla")), message

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import clips
+from models.evaluation import clips
+from models.evaluation import codec as latent_codec
 
 SMALL = clips.ClipConfig(frames=6, height=24, width=32, supersample=2)
 
@@ -38,8 +39,8 @@ def test_photo_bank_loads_without_network(monkeypatch):
     assert np.all(dists[~np.eye(len(bank.names), dtype=bool)] > 0.02)
 
 
-def test_deterministic_in_seed(bank):
-    seed = int(np.random.default_rng().integers(2**31))
+@pytest.mark.parametrize("seed", [0, 12345])
+def test_deterministic_in_seed(bank, seed):
     a = clips.make_clips(seed, 3, SMALL, bank=bank)
     b = clips.make_clips(seed, 3, SMALL, bank=bank)
     np.testing.assert_array_equal(a.video, b.video)
@@ -52,7 +53,7 @@ def test_deterministic_in_seed(bank):
 
 
 def test_shapes_ranges_and_labels(bank):
-    out = clips.make_clips(int(np.random.default_rng().integers(2**31)), 4, SMALL, bank=bank)
+    out = clips.make_clips(1, 4, SMALL, bank=bank)
     assert out.video.shape == (4, SMALL.frames, SMALL.height, SMALL.width, 3)
     assert out.video.dtype == np.float32
     assert out.video.min() >= -1.0 and out.video.max() <= 1.0
@@ -63,8 +64,9 @@ def test_shapes_ranges_and_labels(bank):
     assert label == clips.class_label(2, 4)
 
 
-def test_forced_classes_and_sprite_rules():
-    rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forced_classes_and_sprite_rules(seed):
+    rng = np.random.default_rng(seed)
     for motion in range(clips.NUM_MOTIONS):
         photo = int(rng.integers(clips.NUM_PHOTOS))
         p = clips.sample_clip_params(rng, 8, SMALL, photo=photo, motion=motion)
@@ -79,8 +81,9 @@ def test_forced_classes_and_sprite_rules():
     assert len(np.unique(p.photo)) > 1 and len(np.unique(p.motion)) > 1
 
 
-def test_camera_stays_inside_the_photo():
-    rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_camera_stays_inside_the_photo(seed):
+    rng = np.random.default_rng(seed)
     p = clips.sample_clip_params(rng, 64, SMALL)
     ax, ay = SMALL.width / 32, SMALL.height / 32
     corners = np.array([[-ax, -ay], [ax, -ay], [-ax, ay], [ax, ay]])
@@ -102,7 +105,7 @@ def test_pan_moves_content_coherently():
     # the camera step (in pixels), better explained by that shift than by no shift.
     config = clips.ClipConfig(frames=4, height=32, width=32, supersample=2)
     big_bank = clips.load_photo_bank(config.bank_size)
-    p = clips.sample_clip_params(np.random.default_rng(), 1, config, motion=0)
+    p = clips.sample_clip_params(np.random.default_rng(2), 1, config, motion=0)
     t = np.linspace(0, 1, config.frames, dtype=np.float32)
     step = 0.3
     p = p._replace(
@@ -123,7 +126,7 @@ def test_pan_moves_content_coherently():
 
 
 def test_every_motion_has_temporal_change_and_content(bank):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(3)
     for motion in range(clips.NUM_MOTIONS):
         out = clips.make_clips(rng, 2, SMALL, bank=bank, motion=motion)
         v = out.video
@@ -136,7 +139,7 @@ def test_every_motion_has_temporal_change_and_content(bank):
 
 
 def test_render_is_jittable_and_batch_consistent(bank):
-    p = clips.sample_clip_params(np.random.default_rng(), 3, SMALL)
+    p = clips.sample_clip_params(np.random.default_rng(4), 3, SMALL)
     eager = clips.render_clips(bank.images, p, SMALL)
     jitted = jax.jit(clips.render_clips, static_argnums=2)(bank.images, p, SMALL)
     chex.assert_trees_all_close(eager, jitted, atol=1e-5)
@@ -146,31 +149,31 @@ def test_render_is_jittable_and_batch_consistent(bank):
 
 @pytest.mark.parametrize("s", [1, 2])
 def test_latent_codec_roundtrip(bank, s):
-    codec = clips.LatentCodec(space_to_depth=s)
-    video = clips.make_clips(int(np.random.default_rng().integers(2**31)), 2, SMALL, bank=bank).video
-    latent = clips.encode_latent(video, codec)
+    codec = latent_codec.LatentCodec(space_to_depth=s)
+    video = clips.make_clips(5, 2, SMALL, bank=bank).video
+    latent = latent_codec.encode_latent(video, codec)
     assert latent.shape == (2, SMALL.frames, SMALL.height // s, SMALL.width // s, 3 * s * s)
-    back = clips.decode_latent(latent, codec)
+    back = latent_codec.decode_latent(latent, codec)
     # float32 affine map and its inverse: error of a few ulps of values of magnitude ≤ ~4.
     chex.assert_trees_all_close(back, jnp.asarray(video), atol=2e-6, rtol=0)
     if s == 2:  # space-to-depth layout: channel (dy * 2 + dx) * 3 + c holds pixel (2i + dy, 2j + dx, c)
-        raw = np.asarray(latent) * np.tile(clips._CHANNEL_STD, 4) + np.tile(clips._CHANNEL_MEAN, 4)
+        raw = np.asarray(latent) * np.tile(latent_codec._CHANNEL_STD, 4) + np.tile(latent_codec._CHANNEL_MEAN, 4)
         np.testing.assert_allclose(raw[..., 3 * 3 + 1], video[:, :, 1::2, 1::2, 1], atol=1e-6)
         np.testing.assert_allclose(raw[..., 1 * 3 + 2], video[:, :, 0::2, 1::2, 2], atol=1e-6)
 
 
 def test_latent_statistics_are_normalised(bank):
-    out = clips.make_clips(int(np.random.default_rng().integers(2**31)), 8, SMALL, bank=bank)
-    latent = np.asarray(clips.encode_latent(out.video))
+    out = clips.make_clips(6, 8, SMALL, bank=bank)
+    latent = np.asarray(latent_codec.encode_latent(out.video))
     mean = latent.mean(axis=(0, 1, 2, 3))
     std = latent.std(axis=(0, 1, 2, 3))
     assert np.all(np.abs(mean) < 0.6) and np.all((std > 0.5) & (std < 1.6)), (mean, std)
 
 
 def test_token_grid_default_is_16k():
-    grid = clips.token_grid()
+    grid = latent_codec.token_grid()
     assert grid == (16, 32, 32) and int(np.prod(grid)) == 16384
-    assert clips.token_grid(clips.ClipConfig(height=128, width=128), clips.LatentCodec(2)) == (16, 32, 32)
+    assert latent_codec.token_grid(clips.ClipConfig(height=128, width=128), latent_codec.LatentCodec(2)) == (16, 32, 32)
 
 
 def test_bad_inputs():
@@ -185,8 +188,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="num_clips"):
         clips.sample_clip_params(0, 0, SMALL)
     with pytest.raises(ValueError, match="space_to_depth"):
-        clips.LatentCodec(0)
+        latent_codec.LatentCodec(0)
     with pytest.raises(ValueError, match="multiples"):
-        clips.encode_latent(np.zeros((2, 5, 6, 3), np.float32) + 0.5, clips.LatentCodec(2))
+        latent_codec.encode_latent(np.zeros((2, 5, 6, 3), np.float32) + 0.5, latent_codec.LatentCodec(2))
     with pytest.raises(ValueError, match="patch"):
-        clips.token_grid(clips.ClipConfig(frames=4, height=18, width=16), patch=(1, 4, 4))
+        latent_codec.token_grid(clips.ClipConfig(frames=4, height=18, width=16), patch=(1, 4, 4))

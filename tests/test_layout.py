@@ -1,4 +1,4 @@
-"""Block layouts (SPEC §3.5, §4): exact top-k selection, dense masks, traced counts."""
+"""Block layouts (docs/spec.md §3.5, §4): exact top-k selection, dense masks, traced counts."""
 
 import chex
 import jax
@@ -60,12 +60,14 @@ def test_select_blocks_keeps_exact_top_k(num_blocks):
 
 
 def test_select_blocks_filler_is_next_best_and_ignored():
+    """The top-2 blocks come first, ascending (docs/spec.md §4); the next-best 3 fill the row, ascending."""
     scores = random_scores(10)
     layout = select_blocks(scores, 2, max_blocks=5)
     assert layout.max_blocks == 5
     np.testing.assert_array_equal(np.asarray(layout.kv_counts), 2)
     order = np.argsort(-np.asarray(scores), axis=-1, kind="stable")[..., :5]
-    np.testing.assert_array_equal(np.asarray(layout.kv_indices), order)
+    expected = np.concatenate([np.sort(order[..., :2], axis=-1), np.sort(order[..., 2:], axis=-1)], axis=-1)
+    np.testing.assert_array_equal(np.asarray(layout.kv_indices), expected)
     np.testing.assert_array_equal(np.asarray(layout.to_dense_mask()), numpy_mask(order, layout.kv_counts, 9))
 
 

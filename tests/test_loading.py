@@ -1,4 +1,4 @@
-"""Loading diffusers Wan2.1 checkpoints (models.loading) and equivalence with diffusers.
+"""Loading diffusers Wan2.1 checkpoints (models.wan.loading) and equivalence with diffusers.
 
 The fixture ``tests/fixtures/wan_tiny`` was made by ``tests/fixtures/make_wan_fixture.py`` with
 diffusers' ``WanTransformer3DModel`` (random weights, float32; versions in its metadata.json):
@@ -19,10 +19,12 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from helpers import rel_l2
+
 from dfsattn_jax.schedule import DFSConfig
-from models.attention_backend import init_cache, make_backend, num_token_blocks, sparse_step
-from models.configs import CONFIGS
-from models.loading import (
+from models.common.processor import init_cache, make_backend, num_token_blocks, sparse_step
+from models.wan.config import CONFIGS
+from models.wan.loading import (
     INDEX_NAME,
     checkpoint_shards,
     diffusers_name,
@@ -30,21 +32,15 @@ from models.loading import (
     load_wan,
     read_wan_config,
 )
-from models.sampler import Sampler
-from models.unipc import flow_sigmas, flow_timesteps, unipc_init, unipc_step
-from models.wan import WanTransformer3DModel, patchify
+from models.sampling.loop import Sampler
+from models.sampling.unipc import flow_sigmas, flow_timesteps, unipc_init, unipc_step
+from models.wan.transformer import WanTransformer3DModel, patchify
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "wan_tiny"
 META = json.loads((FIXTURE / "metadata.json").read_text())
 # float32 end to end; diffusers (torch SDPA) and XLA differ in summation order only: observed
 # ~3.4e-7 relative L2; the issue's bound is 1e-5.
 RTOL = 1e-5
-
-
-def rel_l2(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Recall of a layout and relative attention error (SPEC §9)."""
+"""Recall of a layout and relative attention error (docs/spec.md §9)."""
 
 import jax
 import jax.numpy as jnp

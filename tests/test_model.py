@@ -24,8 +24,8 @@ from dfsattn_jax.layout import select_blocks
 from dfsattn_jax.orders import token_order
 from dfsattn_jax.schedule import DFSConfig
 from dfsattn_jax.scoring import block_scores
-from models import configs
-from models.attention_backend import (
+from models.wan import config as configs
+from models.common.processor import (
     AttentionBackend,
     dense_step,
     init_cache,
@@ -33,9 +33,9 @@ from models.attention_backend import (
     num_token_blocks,
     sparse_step,
 )
-from models.configs import get_config, latent_shape
-from models.rope import rope_axis_dims
-from models.wan import WanTransformer3DModel
+from models.wan.config import get_config, latent_shape
+from models.common.rope import rope_axis_dims
+from models.wan.transformer import WanTransformer3DModel
 
 CFG = get_config("tiny")
 LATENT = (16, 3, 8, 12)  # C, F, H, W -> token grid 3 x 4 x 6 = 72 tokens

@@ -1,4 +1,4 @@
-"""The quality harness (models/quality.py) and a short run of benchmarks/quality_bench.py, on CPU.
+"""The quality harness (models/evaluation/quality.py) and a short run of benchmarks/quality_bench.py, on CPU.
 
 One small random model of the smoke size (2 layers, 4×8×8 = 256 tokens, 8 blocks of 32) and one
 compiled :class:`QualityRunner` serve most tests (module fixture), so the file compiles the
@@ -22,29 +22,35 @@ from dfsattn_jax.layout import BlockLayout, select_blocks
 from dfsattn_jax.metrics import attention_error, layout_recall
 from dfsattn_jax.reference import reference_block_sparse_attention
 from dfsattn_jax.schedule import DFSConfig, plan_schedule, reported_sparsity
-from models import quality as Q
-from models.attention_backend import AttentionBackend
-from models.pretrained import SMOKE_DIT_CONFIG, ClipConditioner
-from models.sampler import Sampler
-from models.wan import WanTransformer3DModel
+from dfsattn_jax.metrics import sampled_row_stats
+from dfsattn_jax.schedule import default_schedule
+from models.evaluation.clips import clip_classes
+from models.evaluation.codec import latents_to_video
+from models.evaluation import quality as Q
+from models.evaluation.media import write_side_by_side_gif
+from models.evaluation.results import device_slug
+from models.common.processor import AttentionBackend
+from models.evaluation.small_dit import SMOKE_DIT_CONFIG, ClipConditioner
+from models.sampling.loop import Sampler
+from models.wan.transformer import WanTransformer3DModel
 
 CONFIG = SMOKE_DIT_CONFIG  # latent [3, 4, 16, 16] -> token grid (4, 8, 8)
 BLOCK, TILE = 32, 8
 STEPS = 8
 NK = math.prod(CONFIG.token_grid) // BLOCK  # 8 key blocks
-BASE = Q.default_schedule(STEPS, DFSConfig(block_size=BLOCK, tile_size=TILE))  # dense 0-1, refresh 2, 4, 6
+BASE = default_schedule(STEPS, DFSConfig(block_size=BLOCK, tile_size=TILE))  # dense 0-1, refresh 2, 4, 6
 
 
 @pytest.fixture(scope="module")
 def setup():
-    seed = int(np.random.default_rng().integers(2**31 - 2))
+    seed = int(np.random.default_rng(0).integers(2**31 - 2))
     model = WanTransformer3DModel(CONFIG.wan, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
     conditioner = ClipConditioner(CONFIG.tokens_per_field, CONFIG.wan.text_dim, rngs=nnx.Rngs(seed + 1))
     runner = Q.QualityRunner(
         model, CONFIG.latent_shape, block_size=BLOCK, tile_sizes=(TILE, BLOCK), max_blocks=NK,
         num_query_samples=10**6, shift=CONFIG.sample_shift,
     )  # fmt: skip
-    photo, motion = Q.clip_classes(2)
+    photo, motion = clip_classes(2)
     noise = jax.random.normal(jax.random.key(seed), (2,) + CONFIG.latent_shape, jnp.float32)
     text = conditioner(jnp.asarray(photo), jnp.asarray(motion))
     negative = conditioner.unconditional(2)
@@ -59,11 +65,11 @@ def _run(setup, plan, **kwargs):
 
 
 def _video(latents):
-    return Q.latents_to_video(latents, CONFIG.codec)
+    return latents_to_video(latents, CONFIG.codec)
 
 
 def test_runner_reproduces_the_sampler(setup):
-    """Same weights, noise and plan: the instrumented loop equals models.sampler.Sampler (float32)."""
+    """Same weights, noise and plan: the instrumented loop equals models.sampling.loop.Sampler (float32)."""
     s = setup
     dense = Sampler(s["model"], "dense", shift=CONFIG.sample_shift, progress=False)(
         s["noise"], s["text"], s["negative"], num_steps=STEPS, guidance_scale=CONFIG.guidance_scale
@@ -153,14 +159,14 @@ def test_one_program_serves_every_variant(setup):
 
 
 def test_sampled_row_stats_match_metrics():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     b, length, n, d, block = 2, 80, 3, 16, 16
     q, k, v = (jnp.asarray(rng.normal(size=(b, length, n, d)) * 1.5, jnp.float32) for _ in range(3))
     nk = -(-length // block)
     layout = select_blocks(jnp.asarray(rng.normal(size=(b, n, nk, nk)), jnp.float32), 2)
     out = reference_block_sparse_attention(q, k, v, layout, block_size=block)
     rows = jnp.arange(length, dtype=jnp.int32)
-    stats = Q.sampled_row_stats(q, k, v, out, layout.to_dense_mask(), rows, block_size=block, row_budget=3 * length * length)
+    stats = sampled_row_stats(q, k, v, out, layout.to_dense_mask(), rows, block_size=block, row_budget=3 * length * length)
     expected_recall = jnp.mean(layout_recall(q, k, layout, block_size=block, num_query_samples=length))
     dense = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     np.testing.assert_allclose(stats.recall, expected_recall, rtol=1e-5)
@@ -168,15 +174,15 @@ def test_sampled_row_stats_match_metrics():
     assert 0.0 < float(stats.recall) < 1.0 and float(stats.error) > 0.0
     # A subset of rows: recall of exactly those rows.
     sub = jnp.asarray(np.sort(rng.choice(length, 20, replace=False)), jnp.int32)
-    part = Q.sampled_row_stats(q, k, v, out, layout.to_dense_mask(), sub, block_size=block)
+    part = sampled_row_stats(q, k, v, out, layout.to_dense_mask(), sub, block_size=block)
     probs = jax.nn.softmax(jnp.einsum("bsnd,blnd->bnsl", q[:, sub], k) / math.sqrt(d), axis=-1)
     token_mask = layout.to_dense_mask()[:, :, sub // block][..., jnp.arange(length) // block]
     np.testing.assert_allclose(part.recall, jnp.mean(jnp.sum(probs * token_mask, axis=-1)), rtol=1e-5)
 
 
 def test_schedules_and_variants():
-    assert Q.default_schedule(50) == DFSConfig()
-    short = Q.default_schedule(20)
+    assert default_schedule(50) == DFSConfig()
+    short = default_schedule(20)
     assert (short.dense_steps, short.refresh_interval) == (5, 5)
     assert plan_schedule(short, 20, 100).refresh_steps == (5, 10, 15)
     fixed = Q.fixed_density(DFSConfig(), 0.05)
@@ -196,8 +202,8 @@ def test_schedules_and_variants():
     with pytest.raises(ValueError, match="density"):
         Q.Variant("x", "order", density=0.0)
     with pytest.raises(ValueError, match="num_samples"):
-        Q.clip_classes(0)
-    photo, motion = Q.clip_classes(8)
+        clip_classes(0)
+    photo, motion = clip_classes(8)
     assert len(set(photo)) == 8 and len(set(motion)) == 5
 
 
@@ -222,18 +228,18 @@ def test_runner_rejects_bad_arguments(setup):
 def test_side_by_side_gif(tmp_path):
     from PIL import Image
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     left = rng.uniform(-1, 1, size=(2, 3, 8, 10, 3))
     right = rng.uniform(-1, 1, size=(2, 3, 8, 10, 3))
-    path = Q.write_side_by_side_gif(left, right, tmp_path / "x.gif", captions=["a", "b"], scale=2)
+    path = write_side_by_side_gif(left, right, tmp_path / "x.gif", captions=["a", "b"], scale=2)
     with Image.open(path) as gif:
         assert gif.n_frames == 3
         width, height = gif.size
     assert width == 2 * 2 * 10 + 3 * 6 and height > 2 * 2 * 8
     with pytest.raises(ValueError, match="left and right"):
-        Q.write_side_by_side_gif(left, right[:1], tmp_path / "y.gif")
-    assert Q.card_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100"
-    assert Q.card_slug("NVIDIA H200") == "nvidia_h200" and Q.card_slug("cpu") == "cpu"
+        write_side_by_side_gif(left, right[:1], tmp_path / "y.gif")
+    assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100"
+    assert device_slug("NVIDIA H200") == "nvidia_h200" and device_slug("cpu") == "cpu"
 
 
 def test_quality_bench_short_run(tmp_path):

@@ -1,4 +1,4 @@
-"""The block-sparse attention oracle (SPEC §5)."""
+"""The block-sparse attention oracle (docs/spec.md §5)."""
 
 import chex
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfsattn_jax.layout import BlockLayout, full_layout
+from dfsattn_jax.layout import BlockLayout, full_layout, sorted_layout
 from dfsattn_jax.reference import reference_block_sparse_attention
 
 
@@ -19,7 +19,7 @@ def random_layout(seed, batch, heads, nb, kmax):
     rng = np.random.default_rng(seed)
     indices = np.stack([rng.permutation(nb)[:kmax] for _ in range(batch * heads * nb)]).reshape(batch, heads, nb, kmax)
     counts = rng.integers(1, kmax + 1, size=(batch, heads, nb))
-    return BlockLayout(jnp.asarray(indices, jnp.int32), jnp.asarray(counts, jnp.int32), nb)
+    return sorted_layout(BlockLayout(jnp.asarray(indices, jnp.int32), jnp.asarray(counts, jnp.int32), nb))
 
 
 def numpy_masked_attention(q, k, v, layout, block, scale=None):

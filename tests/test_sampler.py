@@ -16,10 +16,11 @@ from flax import nnx
 
 from dfsattn_jax.cache import cache_layout
 from dfsattn_jax.schedule import DFSConfig, plan_schedule, reported_sparsity
-from models.attention_backend import AttentionBackend, StepControl, init_cache, make_backend, num_token_blocks
-from models.configs import get_config
-from models.sampler import EULER, Sampler, Solver, flow_schedule, get_solver, step_capacity
-from models.wan import WanTransformer3DModel
+from models.common.processor import AttentionBackend, StepControl, init_cache, make_backend, num_token_blocks
+from models.wan.config import get_config
+from models.sampling import Sampler, Solver, flow_schedule, get_solver, step_capacity
+from models.sampling.solvers import EULER
+from models.wan.transformer import WanTransformer3DModel
 
 CFG = get_config("tiny")
 LATENT = (16, 3, 16, 16)  # token grid 3 x 8 x 8 = 192 tokens
@@ -209,7 +210,7 @@ def test_bad_sampler_inputs_raise(model, inputs, dfs_sampler):
 def test_run_comparison_reports_and_draws(tmp_path):
     import json
 
-    from models.compare import run_comparison
+    from models.evaluation.compare import run_comparison
 
     dfs = DFSConfig(density=0.5, density_decrement=0.2, dense_steps=2, refresh_interval=2,
                     tile_size=4, block_size=16)

@@ -1,4 +1,4 @@
-"""The step schedule (SPEC §6), with expected plans worked out by hand from the rule."""
+"""The step schedule (docs/spec.md §6), with expected plans worked out by hand from the rule."""
 
 import numpy as np
 import pytest

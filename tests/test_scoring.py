@@ -1,4 +1,4 @@
-"""Hierarchical block scoring (SPEC §3) against a float64 NumPy brute force."""
+"""Hierarchical block scoring (docs/spec.md §3) against a float64 NumPy brute force."""
 
 import math
 

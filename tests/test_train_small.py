@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import train_small
-from models import pretrained
+from models.evaluation import small_dit as pretrained
 
 
 def _random_like(rng: np.random.Generator, tree):
@@ -25,10 +25,11 @@ def _random_like(rng: np.random.Generator, tree):
     return jax.tree.map(fill, tree)
 
 
-def test_checkpoint_roundtrip_restores_params_optimizer_and_step(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_checkpoint_roundtrip_restores_params_optimizer_and_step(tmp_path, seed):
     config = pretrained.SMOKE_DIT_CONFIG
     cfg = train_small.TrainConfig(steps=10, batch=2)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     abstract = nnx.eval_shape(lambda: train_small.SmallDiT(config, rngs=nnx.Rngs(0), dtype=jnp.float32))
     _, params_shape = nnx.split(abstract, nnx.Param)
     tx = train_small.make_optimizer(cfg)
@@ -48,8 +49,9 @@ def test_checkpoint_roundtrip_restores_params_optimizer_and_step(tmp_path):
         train_small.load_checkpoint(path, params_shape, opt_shape, other)
 
 
-def test_sigma_distribution_is_shifted_logit_normal():
-    sigma = np.asarray(train_small.sample_sigmas(jax.random.key(int(np.random.default_rng().integers(2**31))), 20000, 3.0))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigma_distribution_is_shifted_logit_normal(seed):
+    sigma = np.asarray(train_small.sample_sigmas(jax.random.key(seed), 20000, 3.0))
     assert sigma.min() > 0 and sigma.max() < 1
     # the median of u = sigmoid(N(0, 1)) is 1/2, shifted: 3 * 0.5 / (1 + 2 * 0.5) = 0.75
     assert abs(float(np.median(sigma)) - 0.75) < 0.02

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from models.unipc import UniPCState, flow_sigmas, flow_timesteps, unipc_init, unipc_orders, unipc_step
+from helpers import rel_l2
+
+from models.sampling.unipc import UniPCState, flow_sigmas, flow_timesteps, unipc_init, unipc_orders, unipc_step
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "unipc_flow"
 CASES = [c for c in json.loads((FIXTURE / "metadata.json").read_text())["cases"]]
@@ -32,12 +34,6 @@ RTOL = 4e-6
 @pytest.fixture(scope="module")
 def ref() -> dict[str, np.ndarray]:
     return load_file(FIXTURE / "unipc_steps.safetensors")
-
-
-def rel_l2(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -130,9 +126,9 @@ def test_bad_input():
 
 
 def test_sampler_protocol_padded_schedule_traced_steps(ref):
-    """Through models.sampler's solver protocol: a FlowSchedule padded to 64 steps, the number of
+    """Through models.sampling.loop's solver protocol: a FlowSchedule padded to 64 steps, the number of
     steps and the step index traced, one compiled loop for two step counts."""
-    from models.sampler import FlowSchedule, get_solver
+    from models.sampling import FlowSchedule, get_solver
 
     solver = get_solver("unipc")
     assert solver.init is unipc_init and solver.step is unipc_step

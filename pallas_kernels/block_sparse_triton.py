@@ -1,6 +1,6 @@
 """Block-sparse flash attention for GPUs, written in Pallas (Triton backend).
 
-The kernel computes SPEC §5: for every (batch, head, query block) it visits only the first
+The kernel computes docs/spec.md §5: for every (batch, head, query block) it visits only the first
 ``kv_counts[b, n, u]`` key blocks listed in ``kv_indices[b, n, u]`` with a float32 online
 softmax, so its cost is linear in the number of visited blocks and one compiled kernel
 serves every density (the counts are read at run time).
@@ -27,6 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
+
+from dfsattn_jax.layout import partial_block_last, validate_layout
 
 __all__ = ["BlockSizes", "block_sparse_attention", "block_sparse_attention_kernel"]
 
@@ -190,7 +192,7 @@ def block_sparse_attention(
     interpret: bool | None = None,
     initial_output: Float[Array, "b l n d"] | None = None,
 ) -> Float[Array, "b l n d"]:
-    """Block-sparse attention over the key blocks listed in ``layout`` (SPEC §5).
+    """Block-sparse attention over the key blocks listed in ``layout`` (docs/spec.md §5).
 
     Args:
       q, k, v: ``[B, L, N, D]`` (the layout of ``jax.nn.dot_product_attention``), bfloat16,
@@ -199,7 +201,10 @@ def block_sparse_attention(
       layout: a :class:`dfsattn_jax.BlockLayout` with ``kv_indices int32[B, N, nq, K_max]``,
         ``kv_counts int32[B, N, nq]`` and ``num_key_blocks == nq == ceil(L / block_size)``.
         Only the first ``kv_counts`` entries of each row are visited; they must be distinct
-        valid block indices.
+        valid block indices, sorted ascending (docs/spec.md §4; concrete layouts are checked by
+        ``dfsattn_jax.layout.validate_layout``). Whatever a traced layout holds, the kernel
+        never reads outside its inputs: counts are clipped to ``[0, K_max]`` and indices to
+        ``[0, nk)``. A row with count 0 gives zeros.
       block_size: tokens per layout block (128 in DFSAttn).
       scale: logit scale, default ``1/sqrt(D)``.
       block_sizes: kernel tiling (:class:`BlockSizes`); ``block_q`` and ``block_k`` must divide
@@ -224,8 +229,12 @@ def block_sparse_attention(
         interpret = jax.default_backend() != "gpu"
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    validate_layout(layout)
+    # Bounds for any traced layout: the kernel must never read outside q, k, v or the row.
+    kv_indices = jnp.clip(layout.kv_indices.astype(jnp.int32), 0, layout.num_key_blocks - 1)
+    kv_counts = jnp.clip(layout.kv_counts.astype(jnp.int32), 0, layout.kv_indices.shape[-1])
     return _block_sparse_attention(
-        q, k, v, layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32),
+        q, k, v, kv_indices, kv_counts,
         initial_output, block_size=block_size, scale=scale, block_sizes=bs,
         interpret=bool(interpret),
     )
@@ -260,7 +269,7 @@ def _block_sparse_attention(
         num_key_blocks=nq,
     )
     if seq_len % block_size:
-        kv_indices = _partial_block_last(kv_indices, kv_counts, nq - 1)
+        kv_indices = partial_block_last(kv_indices, kv_counts, nq - 1)
     full = pl.BlockSpec((None, seq_len, None, head_dim), lambda t, b, n: (b, 0, n, 0))
     in_specs = [
         full,
@@ -294,22 +303,6 @@ def _block_sparse_attention(
         interpret=interpret,
         name="dfs_block_sparse_attention",
     )(*operands)
-
-
-def _partial_block_last(
-    kv_indices: Int[Array, "b n nq kmax"], kv_counts: Int[Array, "b n nq"], last: int
-) -> Int[Array, "b n nq kmax"]:
-    """Moves key block ``last`` (the partial one), where a row lists it, to that row's last
-    visited entry, swapping it with the block found there; other rows stay as they are."""
-    pos = jnp.arange(kv_indices.shape[-1], dtype=jnp.int32)
-    tail = jnp.maximum(kv_counts - 1, 0)[..., None]
-    listed = (kv_indices == last) & (pos < kv_counts[..., None])
-    has = jnp.any(listed, axis=-1, keepdims=True)
-    where = jnp.argmax(listed, axis=-1)[..., None]
-    at_tail = jnp.take_along_axis(kv_indices, tail, axis=-1)
-    swapped = jnp.where(pos == where, at_tail, kv_indices)
-    swapped = jnp.where(pos == tail, last, swapped)
-    return jnp.where(has, swapped, kv_indices)
 
 
 def _ignoring_aliased_output(kernel):

@@ -1,4 +1,4 @@
-"""Named Wan2.1 transformer configurations and latent-shape helpers (SPEC §7).
+"""Named Wan2.1 transformer configurations and latent-shape helpers (docs/spec.md §7).
 
 A :class:`WanConfig` mirrors the ``config.json`` of diffusers' ``WanTransformer3DModel`` for
 the text-to-video path (no image embedding): ``dim = num_heads * head_dim``.

@@ -22,13 +22,7 @@ from a seed (bitwise reproducible), and :func:`render_clips` renders them with `
 (bilinear sampling, ``supersample``² samples per pixel, jit-able, so training renders its data
 on the accelerator). :func:`make_clips` / :func:`make_clip` wrap both.
 
-The "latent" (:class:`LatentCodec`): the DiT is trained directly on a small pixel-space latent,
-an exact, deterministic, invertible map: optional space-to-depth by ``space_to_depth`` (pixel
-unshuffle) and a fixed per-channel affine normalisation (to zero mean, unit variance over the
-default clips, as Wan's VAE latents are normalised). Default sizes: clips of 16 frames × 64×64 px,
-``space_to_depth=1`` → latent 16×64×64×3 (channels last) → DiT patch (1, 2, 2) → a 16×32×32 token
-grid = 16,384 tokens = 128 blocks of 128 (see :func:`token_grid`). For 128×128 px clips use
-``space_to_depth=2``: latent 16×64×64×12, the same token grid.
+The pixels ↔ latent map and the token grid the DiT sees are in :mod:`models.evaluation.codec`.
 """
 
 from __future__ import annotations
@@ -54,16 +48,13 @@ __all__ = [
     "PhotoBank",
     "ClipParams",
     "Clips",
-    "LatentCodec",
     "load_photo_bank",
     "class_label",
     "sample_clip_params",
     "render_clips",
     "make_clips",
     "make_clip",
-    "encode_latent",
-    "decode_latent",
-    "token_grid",
+    "clip_classes",
 ]
 
 #: Background photos (the "source" of a clip), all bundled in the scikit-image wheel.
@@ -84,10 +75,6 @@ NUM_PHOTOS = len(BACKGROUND_PHOTOS)
 NUM_MOTIONS = len(MOTIONS)
 NUM_CLASSES = NUM_PHOTOS * NUM_MOTIONS
 
-# Per-channel mean and standard deviation of the pixel values ([-1, 1] scale) of 256 default
-# clips (`make_clips((999, s), 32)` for s in 0..7), rounded: the latent normalisation constants.
-_CHANNEL_MEAN: tuple[float, float, float] = (-0.05, -0.25, -0.34)
-_CHANNEL_STD: tuple[float, float, float] = (0.57, 0.50, 0.49)
 
 _SPRITE_PROBABILITY = 0.3  # chance of one sprite in the camera-motion classes
 _EDGE_SOFTNESS = 0.06  # width of a sprite's alpha ramp, in units of its radius
@@ -529,80 +516,10 @@ def make_clip(
     return clips.video[0], int(clips.label[0])
 
 
-# ----------------------------------------------------------------------------------------------
-# Pixel <-> latent
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentCodec:
-    """Exact, deterministic pixels ↔ latent map the small DiT is trained on.
-
-    ``encode``: space-to-depth by ``space_to_depth`` (channel index ``(dy * s + dx) * 3 + c``),
-    then per-channel ``(x - mean) / std`` with the default clips' statistics. ``decode`` inverts it.
-
-    Attributes:
-      space_to_depth: pixel-unshuffle factor s; latent channels = 3 s².
-    """
-
-    space_to_depth: int = 1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.space_to_depth, (int, np.integer)) or self.space_to_depth < 1:
-            raise ValueError(f"space_to_depth must be a positive integer, got {self.space_to_depth!r}")
-
-    @property
-    def channels(self) -> int:
-        return 3 * self.space_to_depth**2
-
-
-def _channel_stats(codec: LatentCodec) -> tuple[Array, Array]:
-    reps = codec.space_to_depth**2
-    mean = jnp.tile(jnp.asarray(_CHANNEL_MEAN, jnp.float32), reps)
-    std = jnp.tile(jnp.asarray(_CHANNEL_STD, jnp.float32), reps)
-    return mean, std
-
-
-def encode_latent(video: Float[Array, "... t h w 3"], codec: LatentCodec = LatentCodec()) -> Float[Array, "... t h2 w2 c"]:
-    """Pixels ``[..., T, H, W, 3]`` in [-1, 1] → latent ``[..., T, H/s, W/s, 3 s²]`` (float32)."""
-    video = jnp.asarray(video, jnp.float32)
-    s = codec.space_to_depth
-    if video.ndim < 4 or video.shape[-1] != 3:
-        raise ValueError(f"video must have shape [..., T, H, W, 3], got {video.shape}")
-    *lead, t, h, w, _ = video.shape
-    if h % s or w % s:
-        raise ValueError(f"video height and width must be multiples of space_to_depth={s}, got {h}x{w}")
-    x = video.reshape(*lead, t, h // s, s, w // s, s, 3)
-    x = jnp.moveaxis(x, -4, -3).reshape(*lead, t, h // s, w // s, 3 * s * s)
-    mean, std = _channel_stats(codec)
-    return (x - mean) / std
-
-
-def decode_latent(
-    latent: Float[Array, "... t h2 w2 c"], codec: LatentCodec = LatentCodec(), *, clip: bool = True
-) -> Float[Array, "... t h w 3"]:
-    """Latent ``[..., T, h, w, 3 s²]`` → pixels ``[..., T, h s, w s, 3]`` (clipped to [-1, 1] by default)."""
-    latent = jnp.asarray(latent, jnp.float32)
-    s = codec.space_to_depth
-    if latent.ndim < 4 or latent.shape[-1] != codec.channels:
-        raise ValueError(f"latent must have shape [..., T, h, w, {codec.channels}], got {latent.shape}")
-    mean, std = _channel_stats(codec)
-    x = latent * std + mean
-    *lead, t, h, w, _ = x.shape
-    x = x.reshape(*lead, t, h, w, s, s, 3)
-    x = jnp.moveaxis(x, -3, -4).reshape(*lead, t, h * s, w * s, 3)
-    return jnp.clip(x, -1.0, 1.0) if clip else x
-
-
-def token_grid(
-    config: ClipConfig = ClipConfig(), codec: LatentCodec = LatentCodec(), patch: tuple[int, int, int] = (1, 2, 2)
-) -> tuple[int, int, int]:
-    """The DiT's token grid (F, H, W) for clips of ``config`` through ``codec`` and ``patch``.
-
-    The default gives (16, 32, 32): 16,384 tokens.
-    """
-    s = codec.space_to_depth
-    dims = (config.frames, config.height // s, config.width // s)
-    for size, step, name in zip(dims, patch, ("frames", "height", "width")):
-        if size % step:
-            raise ValueError(f"latent {name} {size} is not a multiple of patch {patch}")
-    return tuple(size // step for size, step in zip(dims, patch))
+def clip_classes(num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(photo, motion)`` int32[num_samples]: sample ``i`` is photo ``i % 8``, motion ``i % 5``
+    (8 samples cover every photo and every motion)."""
+    if isinstance(num_samples, bool) or int(num_samples) < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    i = np.arange(int(num_samples))
+    return (i % NUM_PHOTOS).astype(np.int32), (i % NUM_MOTIONS).astype(np.int32)

@@ -1,4 +1,4 @@
-"""Sample fidelity of a sparse run against the dense run from the same noise (SPEC §9).
+"""Sample fidelity of a sparse run against the dense run from the same noise (docs/spec.md §9).
 
 Videos are channels-last arrays ``[..., T, H, W, C]`` (any leading batch axes) with values in a
 known ``data_range`` (2.0 for videos in [-1, 1]; 255 for uint8 videos).

@@ -2,11 +2,11 @@
 
 No pretrained video model can be downloaded here, and random weights have no attention
 structure, so the quality harness uses a small Wan2.1-architecture DiT trained on the synthetic
-clips of :mod:`models.clips` (flow matching, optax AdamW, a few minutes on one H100).
+clips of :mod:`models.evaluation.clips` (flow matching, optax AdamW, a few minutes on one H100).
 
 The model (:data:`SMALL_WAN_CONFIG`): dim 256, 6 layers, 4 heads of 64, FFN 1024, text dim 64,
 3 latent channels, patch (1, 2, 2): 6.9 M parameters. Clips of 16 frames × 64×64 px
-(:class:`~models.clips.LatentCodec` with ``space_to_depth=1``: latent ``[3, 16, 64, 64]``) give a
+(:class:`~models.evaluation.codec.LatentCodec` with ``space_to_depth=1``: latent ``[3, 16, 64, 64]``) give a
 16×32×32 token grid, 16,384 tokens = 128 blocks of 128.
 
 Conditioning (:class:`ClipConditioner`): a learned embedding of the clip's background photo
@@ -14,7 +14,7 @@ Conditioning (:class:`ClipConditioner`): a learned embedding of the clip's backg
 to the cross-attention as ``encoder_hidden_states [B, 2n, text_dim]``. Index ``NUM_PHOTOS`` /
 ``NUM_MOTIONS`` is the learned "null" embedding used for classifier-free guidance.
 
-The shipped file ``models/weights/small_video_dit.safetensors`` holds the transformer parameters
+The shipped file ``models/evaluation/weights/small_video_dit.safetensors`` holds the transformer parameters
 (``transformer.<nnx path>``, bfloat16) and the conditioner tables (``conditioner.photo``,
 ``conditioner.motion``), with the :class:`SmallDiTConfig` as JSON in the header metadata;
 ``small_video_dit.safetensors.sha256`` holds its SHA-256 (``sha256sum`` format). The loaders
@@ -36,9 +36,10 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from models.clips import NUM_MOTIONS, NUM_PHOTOS, ClipConfig, LatentCodec, token_grid as clip_token_grid
-from models.configs import WanConfig, default_dtype
-from models.wan import WanTransformer3DModel
+from models.evaluation.clips import NUM_MOTIONS, NUM_PHOTOS, ClipConfig
+from models.evaluation.codec import LatentCodec, token_grid as clip_token_grid
+from models.wan.config import WanConfig, default_dtype
+from models.wan.transformer import WanTransformer3DModel
 
 __all__ = [
     "SMALL_WAN_CONFIG",
@@ -81,7 +82,7 @@ class SmallDiTConfig:
     """Everything that defines the small video DiT besides its weights.
 
     Attributes:
-      wan: the transformer's :class:`~models.configs.WanConfig`.
+      wan: the transformer's :class:`~models.wan.config.WanConfig`.
       clip: the clips it was trained on.
       codec: the pixels ↔ latent map.
       tokens_per_field: conditioning tokens for the photo and for the motion (text length 2n).
@@ -303,7 +304,7 @@ def load_small_video_dit(
     """Loads the shipped small video DiT: ``(model, config)``.
 
     Args:
-      path: the safetensors file (default ``models/weights/small_video_dit.safetensors``).
+      path: the safetensors file (default ``models/evaluation/weights/small_video_dit.safetensors``).
       dtype, param_dtype: activation / parameter dtypes (default: bf16 on accelerators, float32
         on CPU; the float32 modules of Wan stay float32).
       verify: check the file against its ``.sha256`` first (raises ``ValueError`` on mismatch).

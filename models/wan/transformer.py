@@ -26,7 +26,7 @@ Numerics follow diffusers: sinusoidal timestep embedding with ``flip_sin_to_cos=
 ``downscale_freq_shift=0``; ``temb`` cast to the activation dtype; modulation
 ``scale_shift_table + temb`` in float32 in the order (shift, scale, gate) for attention then
 FFN; LayerNorms (eps 1e-6) in float32; RMSNorm of q and k over the whole inner dim before
-splitting heads; 3D RoPE (:mod:`models.rope`); GELU-tanh in the text projection and the FFN;
+splitting heads; 3D RoPE (:mod:`models.common.rope`); GELU-tanh in the text projection and the FFN;
 final ``(shift, scale) = scale_shift_table + temb``; unpatchify ``(B, F, H, W, pt, ph, pw, C)
 -> (B, C, F*pt, H*ph, W*pw)``.
 
@@ -34,7 +34,7 @@ Parameters are created in ``param_dtype`` and activations run in ``dtype`` (both
 bfloat16 on accelerators and float32 on CPU), except the modules diffusers keeps in float32:
 ``condition_embedder.time_embedder``, every ``scale_shift_table`` and ``norm2``.
 
-Self-attention goes through :mod:`models.attention_backend`: with the ``dfs`` backend the
+Self-attention goes through :mod:`models.common.processor`: with the ``dfs`` backend the
 tokens are permuted into the DFS order once after patch embedding (as 64-wide patch vectors,
 before the projection) with the RoPE tables built in that order, and restored before
 unpatchify (again on the narrow output), so no layer gathers.
@@ -53,16 +53,28 @@ from jaxtyping import Array, Float
 
 from dfsattn_jax.attention import dense_attention
 from dfsattn_jax.cache import MaskCache
-from models.attention_backend import (
+from models.common.processor import (
     AttentionBackend,
+    AttentionState,
     StepControl,
     make_backend,
     TokenPermutation,
     self_attention,
     token_permutation,
 )
-from models.configs import WanConfig, default_dtype, get_config, token_grid
-from models.rope import apply_rope, rope_tables
+from models.wan.config import WanConfig, default_dtype, get_config, token_grid
+from models.common.layers import (
+    FP32LayerNorm,
+    Identity,
+    PatchEmbedding,
+    RMSNorm,
+    linear,
+    patchify,
+    timestep_embedding,
+    uniform_init,
+    unpatchify,
+)
+from models.common.rope import apply_rope, rope_tables
 
 # A block's self-attention: ``attend(q, k, v, state) -> (out, state)`` with q, k, v, out
 # ``[B, L, N, D]`` in the block's token order and ``state`` whatever it threads (the mask cache).
@@ -80,126 +92,12 @@ __all__ = [
 ]
 
 
-def _uniform_init(bound: float):
-    """PyTorch's default ``nn.Linear``/``nn.Conv`` init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
-
-    return init
-
-
-def _linear(in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    bound = 1.0 / math.sqrt(in_features)
-    return nnx.Linear(
-        in_features,
-        out_features,
-        use_bias=True,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=_uniform_init(bound),
-        bias_init=_uniform_init(bound),
-        rngs=rngs,
-    )
-
-
-class Identity(nnx.Module):
-    """Stands for a parameter-free torch module (dropout) to keep diffusers' list indices."""
-
-    def __call__(self, x):
-        return x
-
-
-class FP32LayerNorm(nnx.Module):
-    """LayerNorm computed in float32 (diffusers' ``FP32LayerNorm``); returns float32.
-
-    With ``elementwise_affine`` it holds float32 ``weight`` and ``bias`` ``[dim]``.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
-            self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-
-    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        if self.elementwise_affine:
-            y = y * self.weight[...] + self.bias[...]
-        return y
-
-
-class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis with a learned ``weight`` (torch ``nn.RMSNorm``)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, *, param_dtype=jnp.float32):
-        self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
-
-    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
-
-
-class PatchEmbedding(nnx.Module):
-    """Conv3d with kernel = stride = patch, as a reshape + matmul.
-
-    ``kernel`` has the ``nnx.Conv`` layout ``[pt, ph, pw, C, dim]``; ``bias`` is ``[dim]``.
-    """
-
-    def __init__(self, in_channels: int, dim: int, patch_size, *, dtype, param_dtype, rngs: nnx.Rngs):
-        pt, ph, pw = patch_size
-        bound = 1.0 / math.sqrt(in_channels * pt * ph * pw)
-        self.kernel = nnx.Param(_uniform_init(bound)(rngs.params(), (pt, ph, pw, in_channels, dim), param_dtype))
-        self.bias = nnx.Param(_uniform_init(bound)(rngs.params(), (dim,), param_dtype))
-        self.dtype = dtype
-
-    def __call__(self, patches: Float[Array, "b l p"]) -> Float[Array, "b l dim"]:
-        """Projects patch vectors from :func:`patchify` (features ordered ``(pt, ph, pw, C)``)."""
-        kernel = self.kernel[...]
-        w = kernel.reshape(-1, kernel.shape[-1]).astype(self.dtype)
-        return patches.astype(self.dtype) @ w + self.bias[...].astype(self.dtype)
-
-
-def patchify(x: Float[Array, "b c f h w"], patch_size) -> Float[Array, "b l p"]:
-    """``[B, C, F, H, W] -> [B, L, pt*ph*pw*C]``, tokens in raster order of the token grid."""
-    b, c, f, h, w = x.shape
-    pt, ph, pw = patch_size
-    x = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
-    x = x.transpose(0, 2, 4, 6, 3, 5, 7, 1)  # b, F, H, W, pt, ph, pw, c
-    return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
-
-
-def unpatchify(x: Float[Array, "b l p"], grid, patch_size, channels: int) -> Float[Array, "b c f h w"]:
-    """``[B, L, pt*ph*pw*C] -> [B, C, F*pt, H*ph, W*pw]`` (diffusers' output order)."""
-    b = x.shape[0]
-    f, h, w = grid
-    pt, ph, pw = patch_size
-    x = x.reshape(b, f, h, w, pt, ph, pw, channels)
-    x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
-    return x.reshape(b, channels, f * pt, h * ph, w * pw)
-
-
-def timestep_embedding(timesteps: Float[Array, " b"], dim: int, max_period: float = 10000.0) -> Float[Array, "b dim"]:
-    """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` with ``f_i = max_period ** (-i / (dim/2))``
-    (diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``), float32."""
-    half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
-    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
 class TimestepEmbedding(nnx.Module):
     """``linear_2(silu(linear_1(x)))``."""
 
     def __init__(self, in_features: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_1 = _linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
@@ -209,8 +107,8 @@ class TextProjection(nnx.Module):
     """``linear_2(gelu_tanh(linear_1(x)))`` (diffusers ``PixArtAlphaTextProjection``)."""
 
     def __init__(self, in_features: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_1 = _linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=True))
@@ -226,7 +124,7 @@ class WanTimeTextEmbedding(nnx.Module):
         self.time_embedder = TimestepEmbedding(
             config.freq_dim, config.dim, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs
         )
-        self.time_proj = _linear(config.dim, 6 * config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.time_proj = linear(config.dim, 6 * config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.text_embedder = TextProjection(
             config.text_dim, config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
@@ -244,10 +142,10 @@ class WanAttention(nnx.Module):
 
     def __init__(self, dim: int, heads: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.heads = heads
-        self.to_q = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.to_k = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.to_v = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.to_out = nnx.List([_linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)])
+        self.to_q = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_k = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_v = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_out = nnx.List([linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)])
         self.norm_q = RMSNorm(dim, eps, param_dtype=param_dtype)
         self.norm_k = RMSNorm(dim, eps, param_dtype=param_dtype)
 
@@ -268,7 +166,7 @@ class GELUProjection(nnx.Module):
     """``gelu_tanh(proj(x))`` (diffusers ``GELU(approximate="tanh")``)."""
 
     def __init__(self, dim: int, inner: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.proj = _linear(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj = linear(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return jax.nn.gelu(self.proj(x), approximate=True)
@@ -281,7 +179,7 @@ class FeedForward(nnx.Module):
         self.net = nnx.List([
             GELUProjection(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
             Identity(),
-            _linear(inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+            linear(inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
         ])
 
     def __call__(self, x):
@@ -391,7 +289,7 @@ class WanTransformer3DModel(nnx.Module):
             for _ in range(config.num_layers)
         ])
         self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
-        self.proj_out = _linear(
+        self.proj_out = linear(
             dim, config.out_channels * config.patch_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim), jnp.float32) / math.sqrt(dim))
@@ -430,7 +328,7 @@ class WanTransformer3DModel(nnx.Module):
         control: StepControl | None = None,
         cache: MaskCache | None = None,
     ) -> tuple[Float[Array, "b c f h w"], MaskCache | None]:
-        """One denoiser evaluation.
+        """One denoiser evaluation (diffusers' ``forward`` arguments; :meth:`forward` does the work).
 
         Args:
           hidden_states: latents ``[B, C_in, F, H, W]`` (F, H, W divisible by the patch).
@@ -440,25 +338,58 @@ class WanTransformer3DModel(nnx.Module):
             :class:`AttentionBackend`).
           control: this step's :class:`StepControl` (``None``: dense attention everywhere).
           cache: the mask cache of the ``dfs`` backend (see
-            :func:`models.attention_backend.init_cache`).
+            :func:`models.common.processor.init_cache`).
 
         Returns:
           ``(prediction [B, C_out, F, H, W] in the activation dtype, updated cache)``.
         """
+        out, state = self.forward(
+            hidden_states, timestep, encoder_hidden_states,
+            backend=backend, state=AttentionState(control=control, cache=cache),
+        )  # fmt: skip
+        return out, state.cache
+
+    def forward(
+        self,
+        hidden_states: Float[Array, "b c f h w"],
+        timestep: Float[Array, " b"] | float,
+        encoder_hidden_states: Float[Array, "b t e"],
+        *,
+        backend: AttentionBackend | str = "dense",
+        state: AttentionState = AttentionState(),
+        order: TokenPermutation | None = None,
+        num_layers: int | None = None,
+    ) -> tuple[Float[Array, "b c f h w"] | None, AttentionState]:
+        """The model's one forward pass, threading the attention state through the blocks.
+
+        Args:
+          hidden_states, timestep, encoder_hidden_states: as :meth:`__call__`.
+          backend: self-attention backend.
+          state: the :class:`AttentionState` (step controls, mask cache, hook inputs).
+          order: the token permutation to run in (NumPy or traced arrays, so one compiled
+            program can serve several orders); ``None``: ``backend.token_order``.
+          num_layers: run only the first ``num_layers`` blocks and return ``(None, state)``
+            (for inspecting one layer's masks); ``None``: the whole model.
+
+        Returns:
+          ``(prediction [B, C_out, F, H, W] or None, state)``.
+        """
         cfg = self.config
         backend = make_backend(backend)
-        if control is not None and cache is None and backend.sparse_layers(cfg.num_layers):
+        if state.control is not None and state.cache is None and backend.sparse_layers(cfg.num_layers):
             raise ValueError("the dfs backend needs a mask cache when control is given; see init_cache")
-        prep = self.prepare(hidden_states, timestep, encoder_hidden_states, backend=backend)
+        prep = self.prepare(hidden_states, timestep, encoder_hidden_states, backend=backend, order=order)
         x = prep.tokens
-        for i in range(cfg.num_layers):
-            x, cache = self.run_block(i, x, prep, backend=backend, control=control, cache=cache)
+        for i in range(cfg.num_layers if num_layers is None else num_layers):
+            x, state = self.run_block(i, x, prep, backend=backend, state=state)
+        if num_layers is not None:
+            return None, state
         shift, scale = jnp.split(
             self.scale_shift_table[...].astype(jnp.float32) + prep.temb.astype(jnp.float32)[:, None], 2, axis=1
         )
         x = (self.norm_out(x) * (1.0 + scale) + shift).astype(self.dtype)
         x = prep.order.restore(self.proj_out(x))
-        return unpatchify(x, prep.grid, cfg.patch_size, cfg.out_channels), cache
+        return unpatchify(x, prep.grid, cfg.patch_size, cfg.out_channels), state
 
     def prepare(
         self,
@@ -467,14 +398,16 @@ class WanTransformer3DModel(nnx.Module):
         encoder_hidden_states: Float[Array, "b t e"],
         *,
         backend: AttentionBackend | str = "dense",
+        order: TokenPermutation | None = None,
     ) -> "Prepared":
         """Everything before the first block: validated inputs, tokens in the backend's order
-        (patch-embedded), RoPE tables in that order, time and text embeddings."""
+        (or ``order``) patch-embedded, RoPE tables in that order, time and text embeddings."""
         cfg = self.config
         backend = make_backend(backend)
         grid = self.check_inputs(hidden_states, timestep, encoder_hidden_states)
         batch = hidden_states.shape[0]
-        order = token_permutation(backend.token_order, grid)
+        if order is None:
+            order = token_permutation(backend.token_order, grid)
         # Permute the narrow patch vectors (pt*ph*pw*C wide), not the embedded tokens.
         patches = order.apply(patchify(hidden_states.astype(self.dtype), cfg.patch_size))
         tokens = self.patch_embedding(patches)
@@ -490,17 +423,14 @@ class WanTransformer3DModel(nnx.Module):
         prep: "Prepared",
         *,
         backend: AttentionBackend,
-        control: StepControl | None,
-        cache: MaskCache | None,
-    ) -> tuple[Float[Array, "b l dim"], MaskCache | None]:
-        """Runs block ``layer`` on tokens ``x`` (in the backend's order)."""
+        state: AttentionState,
+    ) -> tuple[Float[Array, "b l dim"], AttentionState]:
+        """Runs block ``layer`` on tokens ``x`` (in the run's token order)."""
 
-        def attend(q, k, v, cache):
-            return self_attention(
-                q, k, v, backend=backend, layer=layer, num_layers=self.config.num_layers, control=control, cache=cache
-            )
+        def attend(q, k, v, state):
+            return self_attention(q, k, v, backend=backend, layer=layer, num_layers=self.config.num_layers, state=state)
 
         return self.blocks[layer](
             x, prep.text, prep.timestep_proj, prep.rope,
-            attend=attend, state=cache, dense_implementation=backend.dense_implementation,
+            attend=attend, state=state, dense_implementation=backend.dense_implementation,
         )

@@ -9,14 +9,14 @@ transformer under ``transformer/``::
     ...
     transformer/diffusion_pytorch_model.safetensors                 (or: one unsharded file)
 
-:func:`load_wan` reads ``config.json`` into a :class:`~models.configs.WanConfig`, builds the
+:func:`load_wan` reads ``config.json`` into a :class:`~models.wan.config.WanConfig`, builds the
 model *abstractly* (``nnx.eval_shape``: no random initialization, no memory), checks every tensor
 name and shape against the safetensors headers (nothing is read yet), then reads the shards one
 after the other through ``safe_open`` (memory-mapped), converting each tensor to the model's
 layout and dtype as it goes. Host memory therefore holds at most one tensor beyond the model
 itself; no second full copy of the checkpoint is ever made.
 
-Name mapping (see :mod:`models.wan`): the NNX parameter path joined by dots is the diffusers
+Name mapping (see :mod:`models.wan.transformer`): the NNX parameter path joined by dots is the diffusers
 name, with ``kernel`` for ``weight``. ``nn.Linear`` weights ``[out, in]`` are transposed to
 ``[in, out]``; the ``patch_embedding`` Conv3d weight ``[dim, C, pt, ph, pw]`` becomes
 ``[pt, ph, pw, C, dim]``. Every other tensor keeps its name and shape.
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.configs import CONFIGS, WanConfig
+from models.wan.config import CONFIGS, WanConfig
 
 __all__ = [
     "CONFIG_NAME",
@@ -299,7 +299,7 @@ def load_wan(
     device: jax.Device | jax.sharding.Sharding | None = None,
     progress: Callable[[str], None] | None = None,
 ):
-    """Loads a diffusers-format Wan2.1 transformer checkpoint into :class:`models.wan.WanTransformer3DModel`.
+    """Loads a diffusers-format Wan2.1 transformer checkpoint into :class:`models.wan.transformer.WanTransformer3DModel`.
 
     Args:
       path: the checkpoint root (with a ``transformer/`` folder) or the transformer folder.
@@ -320,8 +320,8 @@ def load_wan(
     """
     from safetensors import safe_open
 
-    from models.configs import default_dtype
-    from models.wan import WanTransformer3DModel
+    from models.wan.config import default_dtype
+    from models.wan.transformer import WanTransformer3DModel
 
     folder = transformer_dir(path)
     config = read_wan_config(folder) if config is None else config

@@ -9,7 +9,7 @@ usable inside ``lax.fori_loop``:
 ``unipc_init(schedule, sample) -> UniPCState`` and
 ``unipc_step(state, model_output, sample, step_index) -> (new_sample, new_state)``,
 
-also exported as ``init`` / ``step``: the solver protocol of :mod:`models.sampler`, whose
+also exported as ``init`` / ``step``: the solver protocol of :mod:`models.sampling.loop`, whose
 ``get_solver("unipc")`` finds them by name. ``step_index`` and the number of steps may be
 traced (the sampler pads its schedule to a static capacity and carries ``num_steps``).
 
@@ -146,7 +146,7 @@ class UniPCState(NamedTuple):
 
 def _schedule_arrays(schedule: Any) -> tuple[Any, Any]:
     """``(sigmas, num_steps)`` of a schedule: an array, or an object with ``sigmas`` (and
-    optionally a ``num_steps``, e.g. :class:`models.sampler.FlowSchedule` with padded arrays)."""
+    optionally a ``num_steps``, e.g. :class:`models.sampling.loop.FlowSchedule` with padded arrays)."""
     sigmas = getattr(schedule, "sigmas", schedule)
     num_steps = getattr(schedule, "num_steps", None)
     if sigmas is None:
@@ -176,7 +176,7 @@ def unipc_init(schedule: Any, sample: Float[Array, "..."]) -> UniPCState:
     Args:
       schedule: the sigmas ``[N + 1]`` (e.g. :func:`flow_sigmas`), or an object with a
         ``sigmas`` attribute holding them and optionally ``num_steps`` (then ``sigmas`` may
-        be padded past ``N + 1``; :class:`models.sampler.FlowSchedule` is such an object).
+        be padded past ``N + 1``; :class:`models.sampling.loop.FlowSchedule` is such an object).
       sample: the initial noise ``x_0`` (only its shape and dtype are used).
 
     Raises:
@@ -279,6 +279,6 @@ def unipc_step(
     return x_next.astype(sample.dtype), new_state
 
 
-# The solver protocol of models.sampler (``get_solver("unipc")`` picks these up by name).
+# The solver protocol of models.sampling.loop (``get_solver("unipc")`` picks these up by name).
 init = unipc_init
 step = unipc_step

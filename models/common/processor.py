@@ -1,26 +1,41 @@
-"""How a video self-attention layer picks dense or DFS attention and talks to the mask cache.
+"""The DFS attention processor: how a self-attention layer runs dense or DFS attention.
 
-Two backends:
+Model families hand their self-attention to :func:`self_attention` (through the ``attend``
+callable their blocks receive), as diffusers' attention processors do: the model knows nothing
+of kernels, layouts or the mask cache.
+
+Two backends (:class:`AttentionBackend`, static):
 
 ``dense``
   every self-attention layer runs :func:`dfsattn_jax.attention.dense_attention` (cuDNN on
   GPU, XLA elsewhere). A token ``order`` may still be given (tests use it to check that the
   permutation alone changes nothing).
 ``dfs``
-  DFSAttn (SPEC §6). The model permutes the tokens into the backend's order once, right after
-  patch embedding, and restores raster order right before unpatchify. Layers in
+  DFSAttn (docs/spec.md §6). The model permutes the tokens into the backend's order once, right
+  after patch embedding, and restores raster order right before unpatchify. Layers in
   ``dfs.dense_layers`` always run dense attention; every other layer owns one slot of the
   :class:`~dfsattn_jax.cache.MaskCache`. At a step whose :class:`StepControl` says
 
   - ``sparse=False``: dense attention (the cache passes through unchanged);
   - ``sparse=True, refresh=True``: the layer scores its own q/k (after norm and RoPE, in
-    attention order) with :func:`~dfsattn_jax.scoring.block_scores`, keeps the
-    ``num_blocks`` best key blocks per (batch, head, query block), stores that layout in its
-    slot, and runs block-sparse attention with it;
+    attention order) with :func:`~dfsattn_jax.scoring.block_scores` (or its hooks' scores),
+    keeps the ``num_blocks`` best key blocks per (batch, head, query block), stores that layout
+    in its slot, and runs block-sparse attention with it;
   - ``sparse=True, refresh=False``: block-sparse attention with the cached layout.
 
-The step's ``(sparse, refresh, num_blocks)`` are traced scalars and the branches are
-``lax.cond``, so one compiled program serves every step and every density of a schedule.
+What a layer threads is one pytree, :class:`AttentionState`: the step's controls, the mask
+cache, the hooks' per-run inputs and the probes measured so far. The step's ``(sparse, refresh,
+num_blocks)`` are traced scalars and the branches are ``lax.cond``, so one compiled program
+serves every step and every density of a schedule. :class:`AttentionHooks` (static, on the
+backend) replace the layout source at a refresh and measure each layer's attention; the
+quality runner uses them, so no second forward pass or sampling loop exists.
+
+Joint sequences (docs/spec.md §6.1, HunyuanVideo): the sequence is ``[video (reordered); text]``
+and only the video span is reordered and sparsified. The processor's unit is the block layout,
+so the joint rule (video query blocks keep their top video key blocks plus every key block that
+holds valid text; text query blocks stay dense; padded text never attended through a per-sample
+valid key length) is a layout built at the refresh from the scores of the whole sequence, with
+the same cache, kernel and schedule as video-only models.
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +60,8 @@ from dfsattn_jax.scoring import block_scores
 __all__ = [
     "BACKEND_NAMES",
     "AttentionBackend",
+    "AttentionHooks",
+    "AttentionState",
     "StepControl",
     "TokenPermutation",
     "dense_step",
@@ -85,6 +102,34 @@ def sparse_step(num_blocks: int | Int[Array, ""], refresh: bool | Bool[Array, ""
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionHooks:
+    """Measurement and layout-source hooks of the attention processor (static; subclass it).
+
+    The sampler hands every layer the run's ``inputs`` (a pytree given to the sampler call) and
+    the step index; hooks read what they need from them, so hook settings that change between
+    runs are traced values and do not recompile. The default hooks score with DFSAttn and
+    measure nothing.
+    """
+
+    def scores(self, q: Array, k: Array, *, layer: int, inputs: Any, step: Array) -> Array | None:
+        """Block scores ``float32[B, N, nq, nk]`` used at a refresh, or ``None`` for DFS scoring."""
+        return None
+
+    def probe(
+        self, q: Array, k: Array, v: Array, out: Array, block_mask: Array, *, layer: int, inputs: Any, step: Array
+    ) -> Any:
+        """A pytree of float32 scalars measured on one layer's attention (``None``: nothing).
+
+        ``block_mask`` is ``bool[B, N, nq, nk]``: the key blocks this step's attention visited.
+        """
+        return None
+
+    def probe_template(self) -> Any:
+        """Zeros shaped like :meth:`probe`'s result (``None`` when it returns ``None``)."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionBackend:
     """Static choice of self-attention backend (hashable: usable as a ``jit`` static argument).
 
@@ -99,6 +144,8 @@ class AttentionBackend:
         GPU, the XLA reference elsewhere).
       dense_implementation: passed to :func:`dense_attention` (``None``: cuDNN on GPU for
         16-bit inputs, XLA elsewhere).
+      interpret: run a Pallas sparse kernel in its interpreter (tests).
+      hooks: the layout-source and measurement hooks (:class:`AttentionHooks`).
     """
 
     name: str = "dense"
@@ -106,6 +153,8 @@ class AttentionBackend:
     order: str | None = None
     sparse_implementation: str | None = None
     dense_implementation: str | None = None
+    interpret: bool = False
+    hooks: AttentionHooks = AttentionHooks()
 
     def __post_init__(self) -> None:
         if self.name not in BACKEND_NAMES:
@@ -116,6 +165,8 @@ class AttentionBackend:
             raise ValueError(f"dfs must be a DFSConfig, got {type(self.dfs).__name__}")
         if self.order is not None and self.order not in ORDER_NAMES:
             raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
+        if not isinstance(self.hooks, AttentionHooks):
+            raise ValueError(f"hooks must be an AttentionHooks, got {type(self.hooks).__name__}")
 
     @property
     def is_sparse(self) -> bool:
@@ -159,6 +210,8 @@ def make_backend(
     order: str | None = None,
     sparse_implementation: str | None = None,
     dense_implementation: str | None = None,
+    interpret: bool = False,
+    hooks: AttentionHooks | None = None,
 ) -> AttentionBackend:
     """Builds (and validates) an :class:`AttentionBackend`; an existing one is returned as is."""
     if isinstance(name, AttentionBackend):
@@ -169,6 +222,8 @@ def make_backend(
         order=order,
         sparse_implementation=sparse_implementation,
         dense_implementation=dense_implementation,
+        interpret=interpret,
+        hooks=AttentionHooks() if hooks is None else hooks,
     )
 
 
@@ -222,8 +277,22 @@ def init_cache(
     return init_mask_cache(len(backend.sparse_layers(num_layers)), batch, heads, nk, int(max_blocks))
 
 
-# Block scores of one layer at a refresh: ``(q, k) -> float32[B, N, nq, nk]``.
-ScoresFn = Callable[[Array, Array], Array]
+class AttentionState(NamedTuple):
+    """What the layers of one denoiser evaluation thread (a pytree).
+
+    Attributes:
+      control: this step's :class:`StepControl` (``None``: dense attention everywhere).
+      cache: the mask cache of the ``dfs`` backend (``None`` for ``dense``).
+      inputs: the hooks' per-run inputs (any pytree; ``None`` without hooks).
+      step: int32[] the step index (for the hooks).
+      probes: the hooks' measurements, one entry per self-attention layer, in layer order.
+    """
+
+    control: StepControl | None = None
+    cache: MaskCache | None = None
+    inputs: Any = None
+    step: Array | None = None
+    probes: tuple = ()
 
 
 def _score_layout(
@@ -231,50 +300,20 @@ def _score_layout(
     k: Float[Array, "b l n d"],
     num_blocks: Int[Array, ""],
     max_blocks: int,
-    dfs: DFSConfig,
-    scores_fn: ScoresFn | None,
+    backend: AttentionBackend,
+    layer: int,
+    state: AttentionState,
 ) -> BlockLayout:
-    if scores_fn is None:
+    scores = backend.hooks.scores(q, k, layer=layer, inputs=state.inputs, step=state.step)
+    if scores is None:
+        dfs = backend.dfs
         scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
-    else:
-        scores = scores_fn(q, k)
     return select_blocks(scores, num_blocks, max_blocks=max_blocks)
 
 
-def self_attention(
-    q: Float[Array, "b l n d"],
-    k: Float[Array, "b l n d"],
-    v: Float[Array, "b l n d"],
-    *,
-    backend: AttentionBackend,
-    layer: int,
-    num_layers: int,
-    control: StepControl | None,
-    cache: MaskCache | None,
-    scores_fn: ScoresFn | None = None,
-) -> tuple[Float[Array, "b l n d"], MaskCache | None]:
-    """Video self-attention of one layer, dense or DFS (see the module docstring).
-
-    Args:
-      q, k, v: ``[B, L, N, D]`` after QK norm and RoPE, in the backend's token order.
-      backend: the static backend.
-      layer: this layer's index (static).
-      num_layers: layers of the model (static).
-      control: this step's controls; ``None`` means a dense step.
-      cache: the mask cache (required for a sparse layer of the ``dfs`` backend).
-      scores_fn: block scores ``(q, k) -> float32[B, N, nq, nk]`` used at a refresh instead of
-        DFS scoring with ``backend.dfs``'s tile size (e.g. other tile sizes or a static window).
-
-    Returns:
-      ``(out [B, L, N, D], cache)``, the cache with this layer's slot updated at a refresh.
-    """
-    dense = lambda: dense_attention(q, k, v, implementation=backend.dense_implementation)  # noqa: E731
-    slot = backend.slot(layer, num_layers)
-    if slot is None or control is None:
-        return dense(), cache
+def _check_cache(cache: MaskCache, q: Array, nk: int, backend: AttentionBackend, layer: int) -> None:
     if cache is None:
         raise ValueError(f"the dfs backend needs a mask cache (layer {layer} is sparse); see init_cache")
-    nk = num_token_blocks(q.shape[1], backend.block_size)
     if cache.kv_counts.shape[-1] != nk:
         raise ValueError(
             f"cache has {cache.kv_counts.shape[-1]} query blocks, {q.shape[1]} tokens need {nk} "
@@ -285,36 +324,77 @@ def self_attention(
             f"cache holds batch {cache.kv_indices.shape[1]} x heads {cache.kv_indices.shape[2]}, "
             f"attention has batch {q.shape[0]} x heads {q.shape[2]}"
         )
-    cached = cache_layout(cache, slot, nk)
-    max_blocks = cached.max_blocks
 
-    def sparse_branch(cached_layout: BlockLayout) -> tuple[Array, BlockLayout]:
-        layout = jax.lax.cond(
-            control.refresh,
-            lambda: _score_layout(q, k, control.num_blocks, max_blocks, backend.dfs, scores_fn),
-            lambda: cached_layout,
-        )
-        out = block_sparse_attention(
-            q, k, v, layout, block_size=backend.block_size, implementation=backend.sparse_implementation
-        )
-        return out, layout
 
-    def dense_branch(layout: BlockLayout) -> tuple[Array, BlockLayout]:
-        return dense(), layout
+def self_attention(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    v: Float[Array, "b l n d"],
+    *,
+    backend: AttentionBackend,
+    layer: int,
+    num_layers: int,
+    state: AttentionState,
+) -> tuple[Float[Array, "b l n d"], AttentionState]:
+    """Video self-attention of one layer, dense or DFS (see the module docstring).
 
-    out, layout = jax.lax.cond(control.sparse, sparse_branch, dense_branch, cached)
-    # The slot is written back every step (an in-place update of one layer's rows, cheaper than
-    # passing the whole cache through a conditional); it changes only at a refresh, and
-    # ``refreshes`` (one per layer per refresh step) counts only those.
-    refreshed = jnp.logical_and(control.sparse, control.refresh).astype(cache.refreshes.dtype)
-    updated = cache_update(cache, slot, layout)
-    return out, updated._replace(refreshes=cache.refreshes + refreshed)
+    Args:
+      q, k, v: ``[B, L, N, D]`` after QK norm and RoPE, in the backend's token order.
+      backend: the static backend (with its hooks).
+      layer: this layer's index (static).
+      num_layers: layers of the model (static).
+      state: the threaded :class:`AttentionState`.
+
+    Returns:
+      ``(out [B, L, N, D], state)``: the cache with this layer's slot updated at a refresh, and
+      this layer's probe appended when the hooks measure.
+    """
+    dense = lambda: dense_attention(q, k, v, implementation=backend.dense_implementation)  # noqa: E731
+    slot = backend.slot(layer, num_layers)
+    control, cache = state.control, state.cache
+    nk = num_token_blocks(q.shape[1], backend.block_size)
+    if slot is None or control is None:
+        out = dense()
+        visited = None
+    else:
+        _check_cache(cache, q, nk, backend, layer)
+        cached = cache_layout(cache, slot, nk)
+
+        def sparse_branch(cached_layout: BlockLayout) -> tuple[Array, BlockLayout]:
+            layout = jax.lax.cond(
+                control.refresh,
+                lambda: _score_layout(q, k, control.num_blocks, cached.max_blocks, backend, layer, state),
+                lambda: cached_layout,
+            )
+            out = block_sparse_attention(
+                q, k, v, layout, block_size=backend.block_size,
+                implementation=backend.sparse_implementation, interpret=backend.interpret,
+            )  # fmt: skip
+            return out, layout
+
+        def dense_branch(layout: BlockLayout) -> tuple[Array, BlockLayout]:
+            return dense(), layout
+
+        out, layout = jax.lax.cond(control.sparse, sparse_branch, dense_branch, cached)
+        # The slot is written back every step (an in-place update of one layer's rows, cheaper
+        # than passing the whole cache through a conditional); it changes only at a refresh, and
+        # ``refreshes`` (one per layer per refresh step) counts only those.
+        refreshed = jnp.logical_and(control.sparse, control.refresh).astype(cache.refreshes.dtype)
+        cache = cache_update(cache, slot, layout)._replace(refreshes=cache.refreshes + refreshed)
+        visited = lambda: jnp.logical_or(layout.to_dense_mask(), jnp.logical_not(control.sparse))  # noqa: E731
+    state = state._replace(cache=cache)
+    if backend.hooks.probe_template() is None:
+        return out, state
+    batch, _, heads, _ = q.shape
+    mask = jnp.ones((batch, heads, nk, nk), bool) if visited is None else visited()
+    probe = backend.hooks.probe(q, k, v, out, mask, layer=layer, inputs=state.inputs, step=state.step)
+    return out, state._replace(probes=state.probes + (probe,))
 
 
 def skipped_fraction(cache: MaskCache | None, num_layers: int) -> Float[Array, ""]:
     """Mean skipped block fraction over all self-attention layers for the layouts in ``cache``.
 
-    Always-dense layers count 0 (SPEC §6): ``sum_slots mean(1 - count / nk) / num_layers``
+    Always-dense layers count 0 (docs/spec.md §6): ``sum_slots mean(1 - count / nk) / num_layers``
     (self-attention: ``nk`` = the number of query blocks).
     """
     if cache is None or cache.kv_counts.shape[0] == 0:

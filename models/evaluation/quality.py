@@ -1,0 +1,510 @@
+"""Quality harness: DFSAttn and other sparse schemes against dense sampling of one model (docs/spec.md §9).
+
+One compiled program for every variant. :class:`QualityRunner` samples a Wan model (the small
+video DiT of :mod:`models.evaluation.small_dit`, or any
+:class:`~models.wan.transformer.WanTransformer3DModel`) through the production
+:class:`~models.sampling.loop.Sampler` and the model's own forward pass, with everything that
+distinguishes the variants of the quality benchmark passed in as *arrays*:
+
+* the token order (the sampler's ``order`` input: a permutation array, RoPE tables built from it
+  on device), so raster, hilbert2d, block3d, morton3d and hilbert3d share the program;
+* the step plan (``sparse``, ``refresh``, ``num_blocks`` per step), so every density, the default
+  schedule and "refresh at every sparse step" share it;
+* the layout source at a refresh (:class:`QualityHooks`, an ``int32`` index into a
+  ``lax.switch``): hierarchical DFS scoring (:func:`~dfsattn_jax.scoring.block_scores`) with each
+  tile size of the runner's static ``tile_sizes`` (tile = block is plain block mean pooling), or
+  externally given static block scores per step (the spatio-temporal window of
+  :mod:`dfsattn_jax.baselines`; top-k of its ranks is exactly
+  :func:`~dfsattn_jax.baselines.static_window_layout`).
+
+Only the model, the batch and latent shapes, ``block_size``, ``tile_sizes``, ``dense_layers``,
+``max_blocks`` (``K_max`` of the mask cache) and the number of sampled query rows are static.
+
+Measurements (the hooks' probe, a traced flag ``measure``; off, the loop runs at the speed of
+plain sampling), from :func:`dfsattn_jax.metrics.sampled_row_stats`:
+
+* **recall** of the layout in force, per layer and step: the dense softmax mass its blocks cover
+  (docs/spec.md §9), exact per sampled query row, averaged over rows, batch (both guidance
+  branches) and heads; 1 for dense layers and steps;
+* **attention error** per layer and step: ``‖o_sparse − o_dense‖ / ‖o_dense‖`` over the sampled
+  query rows, ``o_dense`` computed exactly in float32. At dense steps it is the dense kernel's own
+  rounding (cuDNN in bf16: ~4e-3), the floor of the measure;
+* **skipped** block fraction per step (docs/spec.md §6 convention; :attr:`RunOutput.sparsity`).
+
+Fidelity (:func:`video_scores`): PSNR and SSIM (:mod:`models.evaluation.fidelity`) of each decoded
+video against the dense run's, from the same noise. LPIPS is not measured: it needs pretrained
+AlexNet/VGG weights that cannot be installed here without a download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from dfsattn_jax.baselines import static_window_scores
+from dfsattn_jax.cache import MaskCache
+from dfsattn_jax.layout import check_density
+from dfsattn_jax.metrics import LayerStats, sampled_row_stats
+from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
+from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
+from dfsattn_jax.scoring import block_scores, check_tile_size
+from models.common.processor import AttentionBackend, AttentionHooks, num_token_blocks
+from models.evaluation.fidelity import psnr, ssim
+from models.sampling import Sampler, step_capacity
+
+__all__ = [
+    "SCORING_WINDOW",
+    "QualityHooks",
+    "QualityInputs",
+    "QualityRunner",
+    "RunOutput",
+    "Variant",
+    "default_variants",
+    "fixed_density",
+    "refresh_every_step",
+    "variant_plan",
+    "video_scores",
+    "window_step_scores",
+]
+
+#: ``Variant.scoring`` value of the static spatio-temporal window baseline.
+SCORING_WINDOW = "window"
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans and variants
+
+
+def fixed_density(config: DFSConfig, density: float) -> DFSConfig:
+    """``config`` at a fixed ``density``: no decrement (a refresh every ``refresh_interval`` steps
+    after the dense steps, always at ``density``)."""
+    return dataclasses.replace(config, density=check_density(density), density_decrement=0.0)
+
+
+def refresh_every_step(plan: SchedulePlan) -> SchedulePlan:
+    """The same densities as ``plan``, with the mask recomputed at every sparse step."""
+    return dataclasses.replace(plan, refresh=plan.sparse.copy())
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of sampling, compared against the dense run.
+
+    Attributes:
+      name: unique label.
+      group: ``"dense"``, ``"order"``, ``"tile"``, ``"window"`` or ``"refresh"`` (for tables).
+      sparse: ``False`` for the dense reference (every other field is then ignored).
+      order: token order (:data:`~dfsattn_jax.orders.ORDER_NAMES`).
+      scoring: ``"dfs"`` (hierarchical scoring) or :data:`SCORING_WINDOW` (static window).
+      tile_size: DFS scoring tile (``None``: the runner's default tile).
+      density: a fixed density (no decrement); ``None``: the default schedule.
+      refresh: ``"schedule"`` (cache between refreshes) or ``"every"`` (refresh at every sparse step).
+    """
+
+    name: str
+    group: str
+    sparse: bool = True
+    order: str = "hilbert3d"
+    scoring: str = "dfs"
+    tile_size: int | None = None
+    density: float | None = None
+    refresh: str = "schedule"
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDER_NAMES:
+            raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
+        if self.scoring not in ("dfs", SCORING_WINDOW):
+            raise ValueError(f"scoring must be 'dfs' or {SCORING_WINDOW!r}, got {self.scoring!r}")
+        if self.refresh not in ("schedule", "every"):
+            raise ValueError(f"refresh must be 'schedule' or 'every', got {self.refresh!r}")
+        if self.density is not None:
+            object.__setattr__(self, "density", check_density(self.density))
+
+    @property
+    def schedule_label(self) -> str:
+        return "default" if self.density is None else f"{self.density:g}"
+
+
+def variant_plan(variant: Variant, num_steps: int, num_key_blocks: int, base: DFSConfig) -> SchedulePlan | None:
+    """The step plan of ``variant`` (``None`` for dense): ``base`` (already scaled to
+    ``num_steps``, see :func:`~dfsattn_jax.schedule.default_schedule`), at a fixed density if given, refreshed at every
+    sparse step if asked."""
+    if not variant.sparse:
+        return None
+    config = base if variant.density is None else fixed_density(base, variant.density)
+    plan = plan_schedule(config, num_steps, num_key_blocks)
+    return refresh_every_step(plan) if variant.refresh == "every" else plan
+
+
+def window_step_scores(
+    grid: tuple[int, int, int],
+    perm: Int[np.ndarray, " L"],
+    plan: SchedulePlan,
+    capacity: int,
+    *,
+    block_size: int,
+    cache: dict | None = None,
+) -> Float[np.ndarray, "p nq nk"]:
+    """Static-window block scores for every step of ``plan``: ``float32[capacity, nq, nk]``.
+
+    Step ``s`` holds :func:`~dfsattn_jax.baselines.static_window_scores` at the density in force
+    (only refresh steps read them); other steps hold zeros. ``cache`` (a dict the caller owns)
+    memoises the scores per ``(perm bytes, density)``.
+    """
+    nk = plan.num_key_blocks
+    out = np.zeros((capacity, nk, nk), np.float32)
+    for step in np.flatnonzero(plan.sparse):
+        density = float(plan.density[step])
+        key = (np.asarray(perm).tobytes(), block_size, density)
+        if cache is None or key not in cache:
+            scores = np.asarray(static_window_scores(grid, perm, block_size=block_size, density=density))
+            if cache is not None:
+                cache[key] = scores
+        else:
+            scores = cache[key]
+        out[step] = scores
+    return out
+
+
+def default_variants(
+    *,
+    orders: Sequence[str] = ("raster", "hilbert2d", "block3d", "morton3d", "hilbert3d"),
+    densities: Sequence[float] = (0.3, 0.2, 0.1, 0.05),
+    tile_size: int = 16,
+    block_size: int = 128,
+    other_tiles: Sequence[int] = (8, 32),
+    tile_densities: Sequence[float | None] = (None, 0.1),
+    window_orders: Sequence[str] = ("hilbert3d",),
+    refresh_densities: Sequence[float | None] = (None,),
+) -> tuple[Variant, ...]:
+    """The variants of the quality benchmark (issue 5), dense reference first.
+
+    * ``order``: every order × (each fixed density, the default schedule), DFS scoring;
+    * ``tile``: hilbert3d with tile = block (plain block mean pooling) and each of ``other_tiles``
+      at each of ``tile_densities`` (``None``: default schedule); tile ``tile_size`` is in ``order``;
+    * ``window``: the static window in each of ``window_orders`` at each density and with the
+      default schedule's densities;
+    * ``refresh``: hilbert3d refreshed at every sparse step at each of ``refresh_densities``
+      (compare with the cached ``order`` rows of the same densities).
+    """
+    out = [Variant("dense", "dense", sparse=False, order="raster")]
+    schedules: list[float | None] = [*densities, None]
+    label = lambda d: "default" if d is None else f"d={d:g}"  # noqa: E731
+    for order in orders:
+        for d in schedules:
+            out.append(Variant(f"{order}/{label(d)}", "order", order=order, density=d))
+    tiles = [block_size] + [t for t in other_tiles if t not in (tile_size, block_size)]
+    for tile in tiles:
+        for d in tile_densities:
+            out.append(Variant(f"hilbert3d/tile{tile}/{label(d)}", "tile", order="hilbert3d", tile_size=tile, density=d))
+    for order in window_orders:
+        for d in schedules:
+            out.append(Variant(f"window-{order}/{label(d)}", "window", order=order, scoring=SCORING_WINDOW, density=d))
+    for d in refresh_densities:
+        out.append(Variant(f"hilbert3d/{label(d)}/refresh-every-step", "refresh", order="hilbert3d", density=d, refresh="every"))
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be unique, got {names}")
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner: the production sampler with hooks
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityHooks(AttentionHooks):
+    """The runner's hooks on the model's own attention.
+
+    ``inputs`` (traced, per run) is :class:`QualityInputs`. At a refresh the layout source is
+    ``lax.switch(inputs.scoring, ...)`` over DFS scoring with each of ``tile_sizes`` and the static
+    scores of the step; every layer's attention is probed for recall and error on ``rows`` (a
+    ``lax.cond`` on ``inputs.measure``).
+    """
+
+    tile_sizes: tuple[int, ...]
+    block_size: int
+
+    def scores(self, q, k, *, layer, inputs, step):
+        batch, _, heads, _ = q.shape
+        nk = inputs.static_scores.shape[-1]
+
+        def dfs(tile):
+            return lambda q, k, s: block_scores(q, k, tile_size=tile, block_size=self.block_size)
+
+        def static(q, k, s):
+            return jnp.broadcast_to(s.astype(jnp.float32), (batch, heads, nk, nk))
+
+        branches = [dfs(t) for t in self.tile_sizes] + [static]
+        return jax.lax.switch(inputs.scoring, branches, q, k, inputs.static_scores[step])
+
+    def probe(self, q, k, v, out, block_mask, *, layer, inputs, step):
+        zero = jnp.zeros((), jnp.float32)
+        measured = lambda: sampled_row_stats(q, k, v, out, block_mask, inputs.rows, block_size=self.block_size)  # noqa: E731
+        return jax.lax.cond(inputs.measure, measured, lambda: LayerStats(zero, zero))
+
+    def probe_template(self):
+        zero = jnp.zeros((), jnp.float32)
+        return LayerStats(zero, zero)
+
+
+class QualityInputs(NamedTuple):
+    """What distinguishes the variants, as arrays (a pytree handed to :class:`QualityHooks`).
+
+    Attributes:
+      scoring: int32[] layout source index (:meth:`QualityRunner.scoring_index`).
+      static_scores: float32[P, nq, nk] static block scores per step (the window baseline).
+      rows: int32[S] sampled query rows (attention order).
+      measure: bool[] measure recall and error.
+    """
+
+    scoring: Int[Array, ""]
+    static_scores: Float[Array, "p nq nk"]
+    rows: Int[Array, " s"]
+    measure: Bool[Array, ""]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutput:
+    """One sampling run of :class:`QualityRunner`.
+
+    Attributes:
+      latents: float32 final latents ``[B, C, F, H, W]`` (the conditional batch).
+      recall: float32[num_steps, num_layers] (NaN when not measured).
+      error: float32[num_steps, num_layers] attention error (NaN when not measured).
+      skipped: float32[num_steps] skipped block fraction over all self-attention layers.
+      refreshed: int32[num_steps] layouts written at each step.
+      cache: the final mask cache (NumPy arrays; ``None`` for a dense run).
+      plan: the step plan (``None``: dense).
+      time_s: wall time of the run (blocked on the result; the program was compiled before).
+      measured: whether recall/error were measured.
+    """
+
+    latents: np.ndarray
+    recall: np.ndarray
+    error: np.ndarray
+    skipped: np.ndarray
+    refreshed: np.ndarray
+    cache: MaskCache | None
+    plan: SchedulePlan | None
+    time_s: float
+    measured: bool
+
+    @property
+    def sparsity(self) -> float:
+        """docs/spec.md §6: mean skipped block fraction over the sparse steps and all layers (0 if dense)."""
+        if self.plan is None or not self.plan.sparse.any():
+            return 0.0
+        return float(np.mean(self.skipped[self.plan.sparse]))
+
+    @property
+    def refresh_steps(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in np.flatnonzero(self.refreshed))
+
+
+class QualityRunner:
+    """Samples ``model`` with classifier-free guidance through the production sampler, one
+    compiled program for every variant (see the module docstring).
+
+    Args:
+      model: a :class:`~models.wan.transformer.WanTransformer3DModel`.
+      latent_shape: ``(C, F, H, W)`` of the latents.
+      block_size: tokens per attention block.
+      tile_sizes: tile sizes the DFS scoring may use (scoring index ``i`` uses ``tile_sizes[i]``;
+        index ``len(tile_sizes)`` uses the static scores input).
+      dense_layers: self-attention layers that always stay dense.
+      max_blocks: ``K_max`` of the mask cache (>= every plan's ``max_blocks``).
+      num_query_samples: query rows sampled for recall and error (all rows when ``>= L``).
+      solver, shift: sampler settings (as :class:`~models.sampling.loop.Sampler`).
+      min_capacity: smallest padded step count.
+      seed: seed of the sampled query rows.
+      sparse_implementation, dense_implementation: attention implementations (``None``: the
+        device's defaults).
+
+    Attributes:
+      sampler: the :class:`~models.sampling.loop.Sampler` every run goes through.
+      rows: int32[S] the sampled query rows (attention order).
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        latent_shape: tuple[int, int, int, int],
+        *,
+        block_size: int = 128,
+        tile_sizes: Sequence[int] = (16,),
+        dense_layers: Sequence[int] = (0,),
+        max_blocks: int,
+        num_query_samples: int = 256,
+        solver: str = "euler",
+        shift: float = 5.0,
+        min_capacity: int = 64,
+        seed: int = 0,
+        sparse_implementation: str | None = None,
+        dense_implementation: str | None = None,
+    ):
+        cfg = model.config
+        self.model = model
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        if len(self.latent_shape) != 4 or self.latent_shape[0] != cfg.in_channels:
+            raise ValueError(f"latent_shape must be (C={cfg.in_channels}, F, H, W), got {latent_shape!r}")
+        self.grid = model.check_inputs(
+            jnp.zeros((1,) + self.latent_shape), jnp.zeros((1,)), jnp.zeros((1, 1, cfg.text_dim))
+        )
+        self.num_tokens = math.prod(self.grid)
+        self.tile_sizes = tuple(check_tile_size(t, block_size)[0] for t in tile_sizes)
+        if not self.tile_sizes:
+            raise ValueError("tile_sizes must hold at least one tile size")
+        self.block_size = int(block_size)
+        self.num_key_blocks = num_token_blocks(self.num_tokens, self.block_size)
+        self.dense_layers = tuple(int(i) for i in dense_layers)
+        bad = [i for i in self.dense_layers if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} out of range for a model of {cfg.num_layers} layers")
+        self.sparse_layers = tuple(i for i in range(cfg.num_layers) if i not in self.dense_layers)
+        if not self.sparse_layers:
+            raise ValueError(f"dense_layers {self.dense_layers} leave no sparse layer")
+        if isinstance(max_blocks, bool) or not 1 <= int(max_blocks) <= self.num_key_blocks:
+            raise ValueError(f"max_blocks must be in [1, {self.num_key_blocks}], got {max_blocks!r}")
+        self.max_blocks = int(max_blocks)
+        samples = int(num_query_samples)
+        if samples < 1:
+            raise ValueError(f"num_query_samples must be a positive integer, got {num_query_samples!r}")
+        if samples >= self.num_tokens:
+            rows = np.arange(self.num_tokens)
+        else:
+            rows = np.sort(np.random.default_rng(seed).choice(self.num_tokens, samples, replace=False))
+        self.rows = rows.astype(np.int32)
+        self.min_capacity = int(min_capacity)
+        backend = AttentionBackend(
+            "dfs",
+            DFSConfig(tile_size=self.tile_sizes[0], block_size=self.block_size, dense_layers=self.dense_layers),
+            sparse_implementation=sparse_implementation,
+            dense_implementation=dense_implementation,
+            hooks=QualityHooks(self.tile_sizes, self.block_size),
+        )
+        self.sampler = Sampler(
+            model, backend, solver=solver, shift=shift, max_blocks=self.max_blocks,
+            min_capacity=self.min_capacity, progress=False,
+        )  # fmt: skip
+
+    @property
+    def backend(self) -> AttentionBackend:
+        return self.sampler.backend
+
+    @property
+    def trace_count(self) -> int:
+        """Programs traced so far (one per static setting and batch shape)."""
+        return self.sampler.trace_count
+
+    def capacity(self, num_steps: int) -> int:
+        return step_capacity(num_steps, self.min_capacity)
+
+    def scoring_index(self, variant: Variant, default_tile: int) -> int:
+        """The ``lax.switch`` index of ``variant``'s layout source."""
+        if variant.scoring == SCORING_WINDOW:
+            return len(self.tile_sizes)
+        tile = default_tile if variant.tile_size is None else variant.tile_size
+        if tile not in self.tile_sizes:
+            raise ValueError(f"variant {variant.name!r} needs tile {tile}, the runner has tile_sizes {self.tile_sizes}")
+        return self.tile_sizes.index(tile)
+
+    def order_arrays(self, order: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(perm, inverse)`` int32[L] of ``order`` on the runner's token grid."""
+        perm = np.asarray(token_order(order, self.grid), np.int32)
+        return perm, np.asarray(inverse_permutation(perm), np.int32)
+
+    def _inputs(self, num_steps: int, scoring: int, static_scores, measure: bool) -> QualityInputs:
+        if not 0 <= int(scoring) <= len(self.tile_sizes):
+            raise ValueError(f"scoring must be in [0, {len(self.tile_sizes)}], got {scoring!r}")
+        capacity = self.capacity(num_steps)
+        nk = self.num_key_blocks
+        if static_scores is None:
+            static_scores = np.zeros((capacity, nk, nk), np.float32)
+        elif tuple(np.shape(static_scores)) != (capacity, nk, nk):
+            raise ValueError(f"static_scores must have shape {(capacity, nk, nk)}, got {np.shape(static_scores)}")
+        return QualityInputs(
+            jnp.asarray(int(scoring), jnp.int32), jnp.asarray(static_scores, jnp.float32),
+            jnp.asarray(self.rows), jnp.asarray(bool(measure)),
+        )  # fmt: skip
+
+    def __call__(
+        self,
+        noise: Float[Array, "b c f h w"],
+        text: Float[Array, "b t e"],
+        negative_text: Float[Array, "b t e"],
+        *,
+        num_steps: int,
+        plan: SchedulePlan | None,
+        order: str = "raster",
+        scoring: int = 0,
+        static_scores: Float[np.ndarray, "p nq nk"] | None = None,
+        guidance_scale: float = 5.0,
+        measure: bool = True,
+    ) -> RunOutput:
+        """Denoises ``noise`` over ``num_steps`` steps (classifier-free guidance, batch ``2B``).
+
+        Args:
+          noise: ``[B, C, F, H, W]``; text, negative_text: ``[B, T, text_dim]``.
+          num_steps: denoising steps.
+          plan: the DFS step plan (``None``: dense everywhere); its ``max_blocks`` must not
+            exceed the runner's.
+          order: token order name.
+          scoring: layout source index (:meth:`scoring_index`).
+          static_scores: ``float32[capacity, nq, nk]`` for the static source (default zeros).
+          guidance_scale: classifier-free guidance scale.
+          measure: measure recall and attention error at every step and layer.
+        """
+        noise = jnp.asarray(noise, jnp.float32)
+        if tuple(noise.shape[1:]) != self.latent_shape:
+            raise ValueError(f"noise must have shape [B, *{self.latent_shape}], got {noise.shape}")
+        text, negative_text = jnp.asarray(text), jnp.asarray(negative_text)
+        if negative_text.shape != text.shape or text.shape[0] != noise.shape[0]:
+            raise ValueError(
+                f"text and negative_text must both have shape [B={noise.shape[0]}, T, E], got {text.shape} and {negative_text.shape}"
+            )
+        inputs = self._inputs(num_steps, scoring, static_scores, measure)
+        result = self.sampler(
+            noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale,
+            plan=plan, order=order, hook_inputs=inputs,
+        )  # fmt: skip
+        recall, error = np.asarray(result.probes.recall), np.asarray(result.probes.error)
+        if not measure:
+            recall = np.full_like(recall, np.nan)
+            error = np.full_like(error, np.nan)
+        return RunOutput(
+            latents=np.asarray(result.latents),
+            recall=recall,
+            error=error,
+            skipped=result.skipped,
+            refreshed=result.refreshed,
+            cache=None if plan is None else jax.tree.map(np.asarray, result.cache),
+            plan=plan,
+            time_s=result.time_s,
+            measured=bool(measure),
+        )
+
+    def warmup(self, noise, text, negative_text, *, num_steps: int) -> float:
+        """Compiles the program of a ``num_steps`` run (one step of it); returns seconds."""
+        inputs = self._inputs(num_steps, 0, None, True)
+        return self.sampler.warmup(noise, text, negative_text, num_steps=num_steps, order="raster", hook_inputs=inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Videos, scores, pictures
+
+
+def video_scores(video: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample PSNR (dB; inf when identical) and SSIM of ``video`` against ``reference``
+    (``[B, T, H, W, 3]`` in [-1, 1])."""
+    return {
+        "psnr": np.asarray(psnr(video, reference, data_range=2.0), np.float64),
+        "ssim": np.asarray(ssim(video, reference, data_range=2.0), np.float64),
+    }

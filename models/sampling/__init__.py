@@ -1,0 +1,24 @@
+"""Flow-matching sampling: one jitted loop (:mod:`~models.sampling.loop`), its schedules
+(:mod:`~models.sampling.schedule`) and solvers (:mod:`~models.sampling.solvers`, UniPC in
+:mod:`~models.sampling.unipc`)."""
+
+from models.sampling.loop import AUTO, LoopState, SampleResult, Sampler, sample
+from models.sampling.schedule import FlowSchedule, StepPlan, flow_schedule, make_schedule, make_step_plan, step_capacity
+from models.sampling.solvers import SOLVER_NAMES, Solver, get_solver
+
+__all__ = [
+    "AUTO",
+    "FlowSchedule",
+    "LoopState",
+    "SOLVER_NAMES",
+    "SampleResult",
+    "Sampler",
+    "Solver",
+    "StepPlan",
+    "flow_schedule",
+    "get_solver",
+    "make_schedule",
+    "make_step_plan",
+    "sample",
+    "step_capacity",
+]

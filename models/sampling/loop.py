@@ -1,0 +1,457 @@
+"""Flow-matching sampling of a video DiT as ONE ``jax.jit`` program, dense or with DFSAttn.
+
+:class:`Sampler` runs the whole denoising loop in one jitted function: a ``lax.fori_loop``
+over the steps (traced count) carrying one state pytree (:class:`LoopState`: the latents, the
+solver state, the attention state with the mask cache, and per-step records). Classifier-free
+guidance runs as one batch of ``2B`` (cond first, uncond second), each element with its own DFS
+layouts. The DFS plan (per-step ``sparse``, ``refresh``, ``num_blocks``) is an input array padded
+to a static capacity (:mod:`models.sampling.schedule`), so neither the number of steps nor the
+densities change the compiled program; only the cache capacity ``K_max`` is static (set by
+``max_density`` or ``max_blocks``). The token order is an input too (a permutation array), so
+runs in different orders share the program. Measurement and layout-source hooks
+(:class:`~models.common.processor.AttentionHooks`, on the backend) plug into the model's own
+attention; what their probes return is recorded per step and layer. A tqdm progress bar is
+driven from the loop by ``jax.debug.callback``; compilation happens before the first step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from dfsattn_jax.cache import MaskCache
+from dfsattn_jax.layout import blocks_for_density, check_density
+from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
+from models.common.processor import (
+    AttentionBackend,
+    AttentionState,
+    TokenPermutation,
+    init_cache,
+    make_backend,
+    num_token_blocks,
+    skipped_fraction,
+    token_permutation,
+)
+from models.sampling.schedule import FlowSchedule, StepPlan, flow_schedule, make_schedule, make_step_plan, step_capacity
+from models.sampling.solvers import Solver, get_solver
+
+__all__ = ["AUTO", "LoopState", "SampleResult", "Sampler", "sample"]
+
+#: ``plan=AUTO``: the plan follows the backend's DFS schedule (``None`` would mean all dense).
+AUTO = "auto"
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+class LoopState(NamedTuple):
+    """The carry of the sampling loop (a pytree).
+
+    Attributes:
+      latents: float32 ``[B, C, F, H, W]``.
+      solver: the solver's state.
+      cache: the mask cache (``None`` for the dense backend).
+      refreshed: int32[P] layouts written at each step.
+      skipped: float32[P] skipped block fraction over all self-attention layers at each step.
+      probes: the hooks' records, each leaf ``[P, num_layers]`` (``None`` without probes).
+    """
+
+    latents: Array
+    solver: Any
+    cache: MaskCache | None
+    refreshed: Array
+    skipped: Array
+    probes: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    """What one sampling run returns.
+
+    Attributes:
+      latents: float32 final latents ``[B, C, F, H, W]``.
+      cache: the final mask cache (``None`` for the dense backend).
+      refreshed: int32[num_steps], layouts written at each step (sparse layers at a refresh
+        step, 0 elsewhere), read from the carried ``MaskCache.refreshes``.
+      skipped: float32[num_steps], mean skipped block fraction over all self-attention layers
+        at each step (dense layers and dense steps count 0), from the layouts in force.
+      plan: the DFS plan (``None``: dense).
+      sigmas: float32[num_steps + 1]; timesteps: int64[num_steps].
+      probes: the hooks' records, each leaf ``[num_steps, num_layers]`` (``None`` without).
+      time_s: wall time of the steps, blocked on the result (with ``progress``, measured from
+        the loop's start on the device, so tracing and compilation are excluded; without it,
+        from the call, so warm up first: :meth:`Sampler.warmup`).
+      compile_s: with ``progress``, the time from the call to the loop's start (tracing and
+        compilation when the program is new); NaN without ``progress``.
+    """
+
+    latents: Array
+    cache: MaskCache | None
+    refreshed: np.ndarray
+    skipped: np.ndarray
+    plan: SchedulePlan | None
+    sigmas: np.ndarray
+    timesteps: np.ndarray
+    probes: Any = None
+    time_s: float = float("nan")
+    compile_s: float = float("nan")
+
+    @property
+    def refresh_steps(self) -> tuple[int, ...]:
+        """Steps at which layouts were actually recomputed."""
+        return tuple(int(s) for s in np.flatnonzero(self.refreshed))
+
+    @property
+    def sparsity(self) -> float:
+        """docs/spec.md §6 reported sparsity: mean of ``skipped`` over the sparse steps (0 without any)."""
+        if self.plan is None or not self.plan.sparse.any():
+            return 0.0
+        return float(np.mean(self.skipped[self.plan.sparse]))
+
+
+class Sampler:
+    """Samples a video DiT with a flow-matching solver in one jitted loop.
+
+    Args:
+      model: a transformer with ``config`` (``num_layers``, ``num_heads``), ``dtype``,
+        ``check_inputs(noise, t, text) -> grid`` and ``forward(...)``, e.g.
+        :class:`models.wan.transformer.WanTransformer3DModel` (its current weights are read at
+        every call).
+      backend: self-attention backend (``"dense"``, ``"dfs"`` or an
+        :class:`~models.common.processor.AttentionBackend`, possibly with hooks); the DFS
+        schedule comes from ``backend.dfs``.
+      solver: solver name or :class:`~models.sampling.solvers.Solver`.
+      shift: flow shift of the schedule (Wan: 3.0 at 480p, 5.0 at 720p).
+      num_train_timesteps: 1000.
+      max_density: the mask cache holds ``blocks_for_density(max_density)`` key blocks per row
+        (at least the plan's ``max_blocks``), so every density up to it runs in the same
+        compiled program; ``None`` sizes the cache to each plan.
+      max_blocks: a fixed ``K_max`` instead (overrides ``max_density``).
+      min_capacity: smallest padded step count.
+      progress: show a tqdm progress bar over the steps.
+
+    Attributes:
+      trace_count: how many times the loop has been traced (= compiled programs).
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        backend: AttentionBackend | str = "dense",
+        *,
+        solver: str | Solver = "euler",
+        shift: float = 5.0,
+        num_train_timesteps: int = 1000,
+        max_density: float | None = 0.5,
+        max_blocks: int | None = None,
+        min_capacity: int = 64,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.backend = make_backend(backend)
+        self.solver = get_solver(solver)
+        self.shift = float(shift)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.max_density = None if max_density is None else check_density(max_density, "max_density")
+        self.max_blocks = None if max_blocks is None else int(max_blocks)
+        self.min_capacity = int(min_capacity)
+        self.progress = bool(progress)
+        self.trace_count = 0
+        self._pbar = None
+        self._quiet = False
+        self._kmax = None
+        self._bar_steps = 0
+        self._started = None
+        self._run = jax.jit(self._loop, static_argnums=(0, 1))
+
+    # -- host side -------------------------------------------------------------------
+
+    def plan(self, num_steps: int, num_tokens: int, dfs: DFSConfig | None = None) -> SchedulePlan | None:
+        """The DFS plan of a run (``None`` for the dense backend).
+
+        ``dfs`` overrides the schedule fields (density, decrement, dense steps, refresh
+        interval) of ``backend.dfs``; its static fields (tile and block size, order, dense
+        layers) must equal the backend's.
+        """
+        if not self.backend.is_sparse:
+            if dfs is not None:
+                raise ValueError("dfs can only be given to a sampler with the dfs backend")
+            return None
+        if dfs is None:
+            dfs = self.backend.dfs
+        elif not isinstance(dfs, DFSConfig):
+            raise ValueError(f"dfs must be a DFSConfig, got {type(dfs).__name__}")
+        else:
+            static = ("tile_size", "block_size", "order", "dense_layers")
+            diff = [f for f in static if getattr(dfs, f) != getattr(self.backend.dfs, f)]
+            if diff:
+                raise ValueError(
+                    f"dfs may only change the schedule; its {diff} differ from the backend's "
+                    "(make a Sampler with that backend instead)"
+                )
+        return plan_schedule(dfs, num_steps, num_token_blocks(num_tokens, self.backend.block_size))
+
+    def cache_capacity(self, plan: SchedulePlan | None) -> int:
+        """``K_max`` of the mask cache for ``plan`` (0 for the dense backend)."""
+        if not self.backend.is_sparse:
+            return 0
+        if self.max_blocks is not None:
+            if plan is not None and plan.max_blocks > self.max_blocks:
+                raise ValueError(f"plan keeps up to {plan.max_blocks} blocks, the sampler's max_blocks is {self.max_blocks}")
+            return self.max_blocks
+        if plan is None:
+            return 1
+        capacity = max(1, plan.max_blocks)
+        if self.max_density is not None:
+            capacity = max(capacity, blocks_for_density(self.max_density, plan.num_key_blocks))
+        return capacity
+
+    def _order(self, order: str | None, grid: tuple[int, int, int]) -> TokenPermutation | None:
+        """The run's permutation as input arrays (``None``: the backend's static order)."""
+        if order is None:
+            return None
+        perm = token_permutation(order, grid)
+        if perm.perm is None:  # raster, given explicitly: identity arrays, to share the program
+            ident = np.arange(math.prod(grid), dtype=np.int32)
+            perm = TokenPermutation(ident, ident)
+        return TokenPermutation(jnp.asarray(perm.perm), jnp.asarray(perm.inverse))
+
+    def __call__(
+        self,
+        noise: Float[Array, "b c f h w"],
+        text: Float[Array, "b t e"],
+        negative_text: Float[Array, "b t e"] | None = None,
+        *,
+        num_steps: int = 50,
+        guidance_scale: float = 5.0,
+        dfs: DFSConfig | None = None,
+        plan: SchedulePlan | None | str = AUTO,
+        order: str | None = None,
+        hook_inputs: Any = None,
+    ) -> SampleResult:
+        """Denoises ``noise`` over ``num_steps`` steps.
+
+        Args:
+          noise: initial latents ``[B, C, F, H, W]`` (standard normal).
+          text: prompt embeddings ``[B, T, text_dim]``.
+          negative_text: negative-prompt embeddings for classifier-free guidance (``None``:
+            no guidance, batch ``B``); with it the model runs a batch of ``2B``.
+          num_steps: denoising steps.
+          guidance_scale: ``v = v_uncond + g * (v_cond - v_uncond)`` (traced: changing it does
+            not recompile).
+          dfs: schedule override for this run (see :meth:`plan`); densities up to
+            ``max_density`` run in the same compiled program.
+          plan: an explicit step plan instead (``None``: every step dense; :data:`AUTO`: from
+            ``dfs`` or the backend).
+          order: run in this token order, passed as an input array so that runs in any order
+            share one program (``None``: the backend's order, baked into the program).
+          hook_inputs: a pytree handed to the backend's hooks at every layer and step.
+        """
+        noise = jnp.asarray(noise)
+        text = jnp.asarray(text)
+        grid = self.model.check_inputs(noise, jnp.zeros((noise.shape[0],)), text)
+        if negative_text is not None:
+            negative_text = jnp.asarray(negative_text)
+            if negative_text.shape != text.shape:
+                raise ValueError(
+                    f"negative_text must have the shape of text {text.shape}, got {negative_text.shape}"
+                )
+        num_tokens = math.prod(grid)
+        sigmas, timesteps = flow_schedule(num_steps, self.shift, self.num_train_timesteps)
+        capacity = step_capacity(num_steps, self.min_capacity)
+        schedule = make_schedule(
+            num_steps, capacity=capacity, shift=self.shift, num_train_timesteps=self.num_train_timesteps
+        )
+        if isinstance(plan, str):
+            if plan != AUTO:
+                raise ValueError(f"plan must be a SchedulePlan, None or {AUTO!r}, got {plan!r}")
+            plan = self.plan(num_steps, num_tokens, dfs)
+        elif plan is not None:
+            nk = num_token_blocks(num_tokens, self.backend.block_size)
+            if not self.backend.is_sparse:
+                raise ValueError("plan can only be given to a sampler with the dfs backend")
+            if plan.num_steps != num_steps or plan.num_key_blocks != nk:
+                raise ValueError(
+                    f"plan must cover {num_steps} steps over {nk} key blocks, got "
+                    f"{plan.num_steps} steps over {plan.num_key_blocks}"
+                )
+        steps = make_step_plan(plan, capacity)
+        graphdef, state = nnx.split(self.model)
+        kmax = self.cache_capacity(plan) if self._kmax is None else self._kmax
+        args = (
+            graphdef, kmax, state, noise.astype(jnp.float32), text, negative_text, schedule, steps,
+            jnp.asarray(guidance_scale, jnp.float32), self._order(order, grid), hook_inputs,
+        )  # fmt: skip
+        self._bar_steps = num_steps
+        self._started = None
+        start = time.perf_counter()
+        try:
+            final = self._run(*args)
+            latents = jax.block_until_ready(final.latents)
+            if self.progress:
+                jax.effects_barrier()
+        finally:
+            if self._pbar is not None:
+                self._pbar.close()
+                self._pbar = None
+        end = time.perf_counter()
+        started = start if self._started is None else self._started
+        return SampleResult(
+            latents=latents,
+            cache=final.cache,
+            refreshed=np.asarray(final.refreshed)[:num_steps],
+            skipped=np.asarray(final.skipped)[:num_steps],
+            plan=plan,
+            sigmas=sigmas,
+            timesteps=timesteps,
+            probes=jax.tree.map(lambda x: np.asarray(x)[:num_steps], final.probes),
+            time_s=end - started,
+            compile_s=float("nan") if self._started is None else self._started - start,
+        )
+
+    def warmup(
+        self,
+        noise: Float[Array, "b c f h w"],
+        text: Float[Array, "b t e"],
+        negative_text: Float[Array, "b t e"] | None = None,
+        *,
+        num_steps: int = 50,
+        **kwargs: Any,
+    ) -> float:
+        """Compiles the program that a ``num_steps`` run uses, by running the fewest steps that
+        share it; returns the wall time in seconds. ``kwargs`` as :meth:`__call__` (``plan``
+        excepted: the short run is dense, in the same program)."""
+        capacity = step_capacity(num_steps, self.min_capacity)
+        fewest = 1 if capacity == step_capacity(1, self.min_capacity) else capacity // 2 + 1
+        start = time.perf_counter()
+        grid = self.model.check_inputs(jnp.asarray(noise), jnp.zeros((noise.shape[0],)), jnp.asarray(text))
+        plan = kwargs.pop("plan", AUTO)
+        if isinstance(plan, str):
+            plan = self.plan(num_steps, math.prod(grid), kwargs.get("dfs"))
+        kwargs.pop("dfs", None)
+        # Same cache capacity as the long run, and no bar (the traced program keeps its callback).
+        self._kmax = self.cache_capacity(plan)
+        self._quiet = True
+        try:
+            result = self(noise, text, negative_text, num_steps=fewest, plan=None, **kwargs)
+        finally:
+            self._quiet = False
+            self._kmax = None
+        jax.block_until_ready(result.latents)
+        return time.perf_counter() - start
+
+    def _on_start(self) -> None:
+        self._started = time.perf_counter()
+        if not self._quiet:
+            from tqdm.auto import tqdm
+
+            self._pbar = tqdm(total=self._bar_steps, desc=f"sampling ({self.backend.name})", unit="step")
+
+    def _on_step(self, step) -> None:
+        pbar = self._pbar
+        if pbar is not None:
+            done = int(step) + 1
+            if done > pbar.n:
+                pbar.update(done - pbar.n)
+
+    # -- traced ----------------------------------------------------------------------
+
+    def _loop(
+        self,
+        graphdef,
+        max_blocks: int,
+        state,
+        noise: Float[Array, "b c f h w"],
+        text: Float[Array, "b t e"],
+        negative_text: Float[Array, "b t e"] | None,
+        schedule: FlowSchedule,
+        steps: StepPlan,
+        guidance_scale: Float[Array, ""],
+        order: TokenPermutation | None,
+        hook_inputs: Any,
+    ) -> LoopState:
+        self.trace_count += 1
+        model = nnx.merge(graphdef, state)
+        cfg = model.config
+        backend = self.backend
+        batch = noise.shape[0]
+        guided = negative_text is not None
+        cond_text = jnp.concatenate([text, negative_text], axis=0) if guided else text
+        model_batch = 2 * batch if guided else batch
+        num_tokens = math.prod(model.check_inputs(noise, jnp.zeros((batch,)), text))
+        capacity = steps.sparse.shape[0]
+        template = backend.hooks.probe_template()
+        probes = None
+        if template is not None:
+            probes = jax.tree.map(lambda z: jnp.zeros((capacity, cfg.num_layers), jnp.asarray(z).dtype), template)
+        cache = None
+        if backend.is_sparse:
+            cache = init_cache(backend, cfg.num_layers, model_batch, cfg.num_heads, num_tokens, max_blocks)
+
+        def body(i, carry: LoopState) -> LoopState:
+            control = steps.control(i) if backend.is_sparse else None
+            x = carry.latents
+            x_in = jnp.concatenate([x, x], axis=0) if guided else x
+            t = jnp.broadcast_to(schedule.timesteps[i], (model_batch,))
+            before = carry.cache.refreshes if carry.cache is not None else None
+            attention = AttentionState(control=control, cache=carry.cache, inputs=hook_inputs, step=i)
+            out, attention = model.forward(
+                x_in.astype(model.dtype), t, cond_text.astype(model.dtype),
+                backend=backend, state=attention, order=order,
+            )  # fmt: skip
+            v = out.astype(jnp.float32)
+            if guided:
+                v_cond, v_uncond = v[:batch], v[batch:]
+                v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            x, solver_state = self.solver.step(carry.solver, v, x, i)
+            new = carry._replace(latents=x, solver=solver_state, cache=attention.cache)
+            if attention.cache is not None:
+                frac = jnp.where(control.sparse, skipped_fraction(attention.cache, cfg.num_layers), 0.0)
+                new = new._replace(
+                    refreshed=carry.refreshed.at[i].set(attention.cache.refreshes - before),
+                    skipped=carry.skipped.at[i].set(frac),
+                )
+            if carry.probes is not None:
+                per_layer = jax.tree.map(lambda *xs: jnp.stack(xs), *attention.probes)
+                new = new._replace(probes=jax.tree.map(lambda rec, p: rec.at[i].set(p), carry.probes, per_layer))
+            if self.progress:
+                jax.debug.callback(self._on_step, i, ordered=True)
+            return new
+
+        carry = LoopState(
+            latents=noise,
+            solver=self.solver.init(schedule, noise),
+            cache=cache,
+            refreshed=jnp.zeros((capacity,), jnp.int32),
+            skipped=jnp.zeros((capacity,), jnp.float32),
+            probes=probes,
+        )
+        if self.progress:  # runs once the program has started: compilation is not a step
+            jax.debug.callback(self._on_start, ordered=True)
+        return jax.lax.fori_loop(0, schedule.num_steps, body, carry)
+
+
+def sample(
+    model: nnx.Module,
+    noise: Float[Array, "b c f h w"],
+    text: Float[Array, "b t e"],
+    negative_text: Float[Array, "b t e"] | None = None,
+    *,
+    backend: AttentionBackend | str = "dense",
+    solver: str | Solver = "euler",
+    num_steps: int = 50,
+    guidance_scale: float = 5.0,
+    shift: float = 5.0,
+    progress: bool = True,
+) -> SampleResult:
+    """One-shot convenience wrapper around :class:`Sampler` (compiles on every call)."""
+    sampler = Sampler(model, backend, solver=solver, shift=shift, progress=progress)
+    return sampler(noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale)
