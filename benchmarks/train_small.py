@@ -76,6 +76,7 @@ from models.evaluation.small_dit import (
     save_small_video_dit,
     unflatten_into,
 )
+from models.io import atomic_write, atomic_write_bytes, atomic_write_text
 from models.wan.transformer import WanTransformer3DModel
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -186,8 +187,8 @@ def _opt_names(opt_state) -> list[str]:
 
 
 def save_checkpoint(path: pathlib.Path, params, opt_state, step: int, config: SmallDiTConfig, cfg: TrainConfig) -> None:
-    """Params (float32), the optimizer state and the step, atomically."""
-    from safetensors.numpy import save_file
+    """Params (float32), the optimizer state and the step, atomically (models.io.atomic_write_bytes)."""
+    from safetensors.numpy import save
 
     tensors = flatten_state(nnx.to_pure_dict(params), "params.")
     leaves = jax.tree_util.tree_leaves(opt_state)
@@ -195,9 +196,7 @@ def save_checkpoint(path: pathlib.Path, params, opt_state, step: int, config: Sm
     tensors["step"] = np.asarray(step, np.int64)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     meta = {"config": config.to_json(), "train": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def load_checkpoint(path: pathlib.Path, params, opt_state, config: SmallDiTConfig):
@@ -247,7 +246,8 @@ def plot_losses(losses: list[tuple[int, float]], path: pathlib.Path, title: str)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as tmp:  # keeps the suffix: matplotlib picks the format from it
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -281,14 +281,16 @@ def save_sample_pictures(
             axes[2 * i, j].set_title(f"t={f}", fontsize=6)
         axes[2 * i, 0].annotate(captions[i], (0, 1.35), xycoords="axes fraction", fontsize=7, ha="left")
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
+    with atomic_write(png) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     # GIF: top row real clips, bottom row samples.
     rows = [np.concatenate(list(_to_uint8(v)), axis=2) for v in (real, generated)]  # [T, H, n*W, 3]
     pad = np.full(rows[0].shape[:1] + (2,) + rows[0].shape[2:], 255, np.uint8)
     movie = np.concatenate([rows[0], pad, rows[1]], axis=1)
     images = [Image.fromarray(frame) for frame in movie]
-    images[0].save(gif, save_all=True, append_images=images[1:], duration=120, loop=0)
+    with atomic_write(gif) as tmp:  # keeps the .gif suffix: Pillow picks the format from it
+        images[0].save(tmp, save_all=True, append_images=images[1:], duration=120, loop=0)
 
 
 def generate_samples(
@@ -391,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt, params, opt_state, step, config, cfg)
-        (out / "losses.json").write_text(json.dumps(losses))
+        atomic_write_text(out / "losses.json", json.dumps(losses))
 
     t_loop = time.perf_counter()
     pending: list[tuple[int, jax.Array]] = []
@@ -471,10 +473,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary["total_s"] = time.perf_counter() - t_start
     write_json(out / "train_summary.json", summary)
     if args.results is not None:
-        args.results.mkdir(parents=True, exist_ok=True)
         for name in ("loss.png", "samples.png", "samples.gif", "losses.json", "train_summary.json"):
             if (out / name).is_file():
-                shutil.copyfile(out / name, args.results / name)
+                with atomic_write(args.results / name) as tmp:
+                    shutil.copyfile(out / name, tmp)
     print(json.dumps(summary, indent=2), flush=True)
     return summary
 

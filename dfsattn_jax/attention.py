@@ -28,10 +28,15 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from dfsattn_jax.layout import BlockLayout, check_layout, validate_layout
-from dfsattn_jax.reference import check_attention_inputs, check_block_size, reference_block_sparse_attention
+from dfsattn_jax.reference import (
+    check_attention_inputs,
+    check_block_size,
+    check_kv_lengths,
+    reference_block_sparse_attention,
+)
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -56,7 +61,7 @@ class Implementation:
     Attributes:
       name: the registry key.
       module: the module that defines ``function`` (imported only when the implementation runs).
-      function: ``(q, k, v, layout, *, block_size, scale, interpret) -> out``.
+      function: ``(q, k, v, layout, *, block_size, scale, kv_lengths, interpret) -> out``.
       pallas: a Pallas kernel (accepts ``interpret=True``); the XLA path ignores ``interpret``.
       description: one line for errors and docs.
     """
@@ -153,6 +158,7 @@ def block_sparse_attention(
     *,
     block_size: int = 128,
     scale: float | None = None,
+    kv_lengths: Int[Array, " b"] | None = None,
     implementation: SparseImpl | None = None,
     interpret: bool = False,
 ) -> Float[Array, "b l n d"]:
@@ -163,6 +169,9 @@ def block_sparse_attention(
       layout: which key blocks each (batch, head, query block) visits, ``[B, N, ceil(L/block), K_max]``.
       block_size: tokens per layout block.
       scale: logit scale, default ``1/sqrt(D)``.
+      kv_lengths: optional ``int[B]`` valid key lengths in ``[0, L]`` (docs/spec.md §6.1): keys at
+        or past ``kv_lengths[b]`` are never attended (default ``L``); a query with no visible key
+        gives zeros. Read at run time (traced values are not range-checked; the kernels clip).
       implementation: a name of :data:`IMPLEMENTATIONS` or ``None`` for this device's default
         (see :func:`resolve_implementation`).
       interpret: run a Pallas kernel in the Pallas interpreter (any backend; slow, for tests).
@@ -174,11 +183,16 @@ def block_sparse_attention(
     block_size = check_block_size(block_size)
     check_layout(layout, batch=batch, heads=heads, num_blocks=-(-length // block_size))
     validate_layout(layout)
+    check_kv_lengths(kv_lengths, batch=batch, length=length)
     name, _ = resolve_implementation(q, block_size=block_size, implementation=implementation)
     impl = IMPLEMENTATIONS[name]
     if not impl.pallas:
-        return reference_block_sparse_attention(q, k, v, layout, block_size=block_size, scale=scale)
-    return impl.load()(q, k, v, layout, block_size=block_size, scale=scale, interpret=bool(interpret))
+        return reference_block_sparse_attention(
+            q, k, v, layout, block_size=block_size, scale=scale, kv_lengths=kv_lengths
+        )
+    return impl.load()(
+        q, k, v, layout, block_size=block_size, scale=scale, kv_lengths=kv_lengths, interpret=bool(interpret)
+    )
 
 
 def dense_attention(

@@ -12,12 +12,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+import numpy as np
+from jaxtyping import Array, Float, Int
 
 from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.layout import BlockLayout, check_layout, validate_layout
 
-__all__ = ["check_attention_inputs", "check_block_size", "reference_block_sparse_attention", "token_mask"]
+__all__ = [
+    "check_attention_inputs",
+    "check_block_size",
+    "check_kv_lengths",
+    "reference_block_sparse_attention",
+    "token_mask",
+]
 
 
 def check_attention_inputs(**arrays: Array) -> tuple[int, int, int, int]:
@@ -54,6 +61,29 @@ def check_block_size(block_size: int, name: str = "block_size") -> int:
     return check_positive_int(block_size, name)
 
 
+def check_kv_lengths(kv_lengths, *, batch: int, length: int, name: str = "kv_lengths") -> None:
+    """Checks per-sample valid key lengths (docs/spec.md §6.1): ``None``, or an integer array of
+    shape ``[batch]`` whose values, when known at trace time, lie in ``[0, length]``.
+
+    Raises:
+      ValueError: naming ``name`` and what is wrong.
+    """
+    if kv_lengths is None:
+        return
+    shape = getattr(kv_lengths, "shape", None)
+    dtype = getattr(kv_lengths, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of shape [B={batch}], got dtype {dtype}")
+    if tuple(shape) != (batch,):
+        raise ValueError(f"{name} must have shape [B={batch}], got {tuple(shape)}")
+    if isinstance(kv_lengths, jax.core.Tracer):
+        return
+    values = np.asarray(kv_lengths)
+    bad = (values < 0) | (values > length)
+    if bad.any():
+        raise ValueError(f"{name} must lie in [0, L={length}], got {values.tolist()}")
+
+
 def token_mask(layout: BlockLayout, length: int, block_size: int) -> jax.Array:
     """Expands a layout to ``bool[B, N, L, L]``: query ``i`` may see key ``j`` iff their blocks are kept.
 
@@ -72,18 +102,22 @@ def reference_block_sparse_attention(
     *,
     block_size: int = 128,
     scale: float | None = None,
+    kv_lengths: Int[Array, " b"] | None = None,
 ) -> Float[Array, "b l n d"]:
     """Block-sparse attention by masking dense XLA attention (the oracle of docs/spec.md §5).
 
     ``out[b, i, n] = sum_j softmax_j(q[b,i,n] . k[b,j,n] * scale) v[b,j,n]`` over the valid keys
-    ``j < L`` of the key blocks that ``layout`` lists for the block of ``i``; a row with count 0
-    gives zeros. Memory is ``O(B * N * L**2)``: use it as a test oracle only.
+    ``j < L`` (and ``j < kv_lengths[b]`` when given) of the key blocks that ``layout`` lists for
+    the block of ``i``; a query that sees no valid key (count 0, or every listed key past
+    ``kv_lengths[b]``) gives zeros. Memory is ``O(B * N * L**2)``: use it as a test oracle only.
 
     Args:
       q, k, v: ``[B, L, N, D]`` in attention order, one floating dtype.
       layout: ``BlockLayout`` of shape ``[B, N, ceil(L / block_size), K_max]``.
       block_size: tokens per block.
       scale: logit scale, default ``1 / sqrt(D)``.
+      kv_lengths: optional ``int[B]`` valid key lengths in ``[0, L]`` (docs/spec.md §6.1): keys
+        at or past ``kv_lengths[b]`` are never attended; default ``L``.
 
     Returns:
       ``[B, L, N, D]`` in the dtype of ``q``.
@@ -93,13 +127,21 @@ def reference_block_sparse_attention(
     num_blocks = -(-length // block_size)
     check_layout(layout, batch=batch, heads=heads, num_blocks=num_blocks)
     validate_layout(layout)
-    return _masked_attention(q, k, v, layout, block_size=block_size, scale=None if scale is None else float(scale))
+    check_kv_lengths(kv_lengths, batch=batch, length=length)
+    if kv_lengths is not None:
+        kv_lengths = jnp.asarray(kv_lengths).astype(jnp.int32)
+    return _masked_attention(
+        q, k, v, layout, kv_lengths, block_size=block_size, scale=None if scale is None else float(scale)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale"))
-def _masked_attention(q, k, v, layout, *, block_size, scale):
+def _masked_attention(q, k, v, layout, kv_lengths, *, block_size, scale):
     mask = token_mask(layout, q.shape[1], block_size)
+    if kv_lengths is not None:
+        visible = jnp.arange(q.shape[1], dtype=jnp.int32)[None, :] < kv_lengths[:, None]  # [B, L] keys
+        mask = mask & visible[:, None, None, :]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
-    # A query that sees no key (its row's count is 0) attends to nothing: 0 (docs/spec.md §4).
+    # A query that sees no key (count 0, or all its keys past kv_lengths) attends to nothing: 0.
     sees_any = jnp.transpose(jnp.any(mask, axis=-1), (0, 2, 1))[..., None]  # [B, L, N, 1]
     return jnp.where(sees_any, out, jnp.zeros_like(out))

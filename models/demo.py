@@ -6,17 +6,24 @@ Two parts (``--mode all`` runs both, the default):
   By default (``--config auto``) it is the small video DiT trained here and shipped in
   ``models/evaluation/weights`` (:mod:`models.evaluation.small_dit`), when its weights are present: a few clip classes
   (``--samples``) are sampled, decoded, compared (PSNR/SSIM of the DFSAttn video against the dense
-  one) and written side by side as a GIF (:func:`models.evaluation.compare.run_clip_comparison`); on CPU the
-  clips are shrunk to 4 frames of 32×32 px with 20 steps and 2 samples, so the demo ends in a
-  minute or two. Without the weights, or with ``--config tiny`` (random weights; ``--config
-  wan2.1-1.3b --frames 81 --height 480 --width 832`` on a GPU), it runs the random-weights
-  comparison of :func:`models.evaluation.compare.run_comparison`. Both report time per step and in total,
-  the speedup, the sparsity actually used (docs/spec.md §6) and the error against dense, and write a JSON
-  report and a PNG of one layer's block masks (raster vs hilbert3d) into ``--out-dir``.
+  one) and written side by side as a GIF, and as an MP4 when an encoder is installed
+  (:func:`models.evaluation.compare.run_clip_comparison`). On CPU the demo scales down, and says
+  so in its output and JSON report: the clips shrink from the trained 16×64×64 to 4 frames of
+  32×32 px (``CPU_CLIP``), with 20 steps instead of 50 and 2 samples instead of 4, so that it
+  ends in a few minutes; since the model was trained at 16×64×64 its PSNR there is lower than
+  the GPU figure of README (``GPU_REFERENCE``). Without the weights, or with ``--config tiny``
+  (random weights; ``--config wan2.1-1.3b --frames 81 --height 480 --width 832`` on a GPU), it runs the random-weights
+  comparison of :func:`models.evaluation.compare.run_comparison`. Both time ``--repeats`` runs
+  of dense and of DFS after one warm-up compile each and report the median time per step and in
+  total (the JSON keeps every run), the speedup of the medians, the sparsity actually used
+  (docs/spec.md §6) and the error against dense, and write a JSON report and a PNG of one
+  layer's block masks (raster vs hilbert3d, with a kept/skipped key) into ``--out-dir``.
 * ``synthetic``: synthesizes video-like q/k/v on a latent grid, reorders the tokens (raster vs hilbert3d by
 default), scores blocks hierarchically, selects the top key blocks at a few densities,
 attends with the reference oracle and prints, per order and density, the kept fraction,
 the recall of the layout and the relative error against dense attention.
+
+Every printed table or report is followed by a legend: one line per column or field.
 
 The synthetic q and k are smooth random fields over (f, h, w): random Fourier features of
 the token position, ``phi(x) = sqrt(2/D) cos(omega . x + b)`` with ``omega`` drawn with a
@@ -28,6 +35,7 @@ another smooth field plus noise. Runs on CPU in seconds for the default grid.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -35,9 +43,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.evaluation.reports import format_legend
 from models.evaluation.synthetic import DEFAULT_DENSITIES, DEFAULT_GRID, DEFAULT_ORDERS, format_table, synthetic_report
 
-__all__ = ["main"]
+__all__ = ["CPU_CLIP", "GPU_REFERENCE", "SYNTHETIC_LEGEND", "cpu_scale_note", "main"]
+
+#: Largest clip (frames, height, width in px) the small model samples on CPU: dense attention
+#: over the trained 16×64×64 clips (16,384 tokens) does not fit a CPU demo.
+CPU_CLIP = (4, 32, 32)
+#: Denoising steps and samples of the small model on CPU and on a GPU.
+CPU_STEPS, GPU_STEPS = 20, 50
+CPU_SAMPLES, GPU_SAMPLES = 2, 4
+#: Timed runs of each of dense and DFS (after one warm-up compile); the report gives their median.
+DEFAULT_REPEATS = 3
+#: The shipped small model's demo on a GPU at its trained size, as README reports it
+#: (benchmarks/results/demo/compare_small-video-dit.json).
+GPU_REFERENCE = {
+    "source": "README (benchmarks/results/demo/compare_small-video-dit.json)",
+    "device": "NVIDIA H200",
+    "config": "small-video-dit",
+    "clip": [16, 64, 64],
+    "tokens": 16384,
+    "steps": 50,
+    "samples": 4,
+    "psnr_db": 25.5,
+    "ssim": 0.81,
+    "speedup": 1.51,
+    "sparsity": 0.675,
+}
+#: One line per column of the synthetic table (:func:`~models.evaluation.synthetic.format_table`).
+SYNTHETIC_LEGEND = (
+    ("order", "token order before blocking: raster (frame by frame, row by row) or hilbert3d (a 3D Hilbert "
+     "curve over f, h, w)"),
+    ("density", "fraction of key blocks asked for per query block"),
+    ("blocks", "key blocks each query block keeps (the density times the key blocks, at least 1)"),
+    ("kept", "fraction of all (query block, key block) pairs computed"),
+    ("recall", "attention (softmax) mass inside the kept blocks, mean over sampled queries and heads; "
+     "1 = nothing missed"),
+    ("rel.err", "||block-sparse output - dense output|| / ||dense output|| of the attention"),
+)
 
 def _parse_ints(text: str) -> tuple[int, ...]:
     try:
@@ -51,6 +95,16 @@ def _parse_floats(text: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(",") if p.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 0.5,0.3, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 SMALL_CONFIG_NAMES = ("small", "small-video-dit")
@@ -69,12 +123,61 @@ def _use_small_model(config: str, weights: str | None) -> bool:
     return default_weights_path().is_file()
 
 
+def _size(dims: Sequence[int]) -> str:
+    return "×".join(str(int(d)) for d in dims)
+
+
+def cpu_scale_note(trained_clip, clip, codec, patch_size, *, steps: int, samples: int, user: dict) -> dict:
+    """What the CPU demo scales down and what to expect, for the report (``scaled_down``).
+
+    ``trained_clip``/``clip`` are the trained and the sampled :class:`~models.evaluation.clips.ClipConfig`;
+    ``user`` says which of ``clip``, ``steps``, ``samples`` the command line set (those are
+    the user's choice, not a scale-down).
+    """
+    from models.evaluation.codec import token_grid
+
+    trained = (trained_clip.frames, trained_clip.height, trained_clip.width)
+    used = (clip.frames, clip.height, clip.width)
+    tokens_trained = math.prod(token_grid(trained_clip, codec, patch_size))
+    tokens_used = math.prod(token_grid(clip, codec, patch_size))
+    items: dict = {}
+    parts = []
+    if used != trained and not user.get("clip"):
+        items["clip"] = {"trained": list(trained), "used": list(used), "tokens_trained": tokens_trained,
+                         "tokens_used": tokens_used}  # fmt: skip
+        parts.append(
+            f"clips {_size(trained)} -> {_size(used)} px (frames×height×width; {tokens_trained:,} -> "
+            f"{tokens_used:,} tokens)"
+        )
+    if not user.get("steps") and steps != GPU_STEPS:
+        items["steps"] = {"gpu_default": GPU_STEPS, "used": steps}
+        parts.append(f"{GPU_STEPS} -> {steps} steps")
+    if not user.get("samples") and samples != GPU_SAMPLES:
+        items["samples"] = {"gpu_default": GPU_SAMPLES, "used": samples}
+        parts.append(f"{GPU_SAMPLES} -> {samples} samples")
+    if parts:
+        summary = "on CPU the demo scales down: " + ", ".join(parts) + " (--frames/--height/--width/--steps/--samples set them)"
+    else:
+        summary = "on CPU, at the sizes given on the command line (nothing scaled down)"
+    ref = GPU_REFERENCE
+    expect = (
+        f"expect: the model was trained at {_size(trained)}"
+        + (f", so at {_size(used)} DFSAttn's PSNR/SSIM against dense are lower than at the trained size" if used != trained else "")
+        + f", and CPU timings say little about GPU speed; README's GPU figure ({ref['device']}, {_size(ref['clip'])}, "
+        f"{ref['steps']} steps, {ref['samples']} samples): PSNR {ref['psnr_db']} dB, SSIM {ref['ssim']}, "
+        f"speedup {ref['speedup']}x"
+    )
+    return {"device": "cpu", "summary": summary, "expect": expect, "items": items, "trained_clip": list(trained),
+            "gpu_reference": dict(ref)}  # fmt: skip
+
+
 def _run_small_model(args: argparse.Namespace) -> None:
-    """Dense vs DFSAttn on the shipped small video DiT: GIF, PSNR/SSIM, masks, JSON."""
+    """Dense vs DFSAttn on the shipped small video DiT: GIF (+ MP4), PSNR/SSIM, masks, JSON."""
     import dataclasses
 
     from models.evaluation.small_dit import default_weights_path, load_clip_conditioner, load_small_video_dit
-    from models.evaluation.compare import format_clip_report, run_clip_comparison
+    from models.evaluation.compare import run_clip_comparison
+    from models.evaluation.reports import format_clip_report
 
     weights = args.weights or str(default_weights_path())
     model, config = load_small_video_dit(weights)  # verifies the checksum
@@ -82,15 +185,31 @@ def _run_small_model(args: argparse.Namespace) -> None:
     on_cpu = jax.default_backend() == "cpu"
     clip = config.clip
     if on_cpu:  # dense attention over the trained 16,384 tokens does not fit a CPU demo
-        clip = dataclasses.replace(clip, frames=min(clip.frames, 4), height=min(clip.height, 32), width=min(clip.width, 32))
+        clip = dataclasses.replace(
+            clip, frames=min(clip.frames, CPU_CLIP[0]), height=min(clip.height, CPU_CLIP[1]),
+            width=min(clip.width, CPU_CLIP[2]),
+        )  # fmt: skip
     clip = dataclasses.replace(
         clip, frames=args.frames or clip.frames, height=args.height or clip.height, width=args.width or clip.width
     )
+    samples = args.samples or (CPU_SAMPLES if on_cpu else GPU_SAMPLES)
+    steps = args.steps or (CPU_STEPS if on_cpu else GPU_STEPS)
+    notes = {}
+    if on_cpu:
+        user = {"clip": bool(args.frames or args.height or args.width), "steps": bool(args.steps),
+                "samples": bool(args.samples)}  # fmt: skip
+        notes["scaled_down"] = cpu_scale_note(
+            config.clip, clip, config.codec, model.config.patch_size, steps=steps, samples=samples, user=user
+        )
+    print(
+        f"{model.config.name}: sampling {samples} clip classes of {_size((clip.frames, clip.height, clip.width))} px, "
+        f"{steps} steps, dense and with DFSAttn, {args.repeats} timed run(s) each after one warm-up compile"
+        + (" (scaled down on CPU: see the note below)" if notes.get("scaled_down", {}).get("items") else ""),
+        flush=True,
+    )
     report = run_clip_comparison(
-        model, config, conditioner,
-        num_samples=args.samples or (2 if on_cpu else 4),
-        steps=args.steps or (20 if on_cpu else 50),
-        seed=args.seed, clip=clip, out_dir=args.out_dir, progress=not args.no_progress, weights=weights,
+        model, config, conditioner, num_samples=samples, steps=steps, seed=args.seed, clip=clip,
+        out_dir=args.out_dir, progress=not args.no_progress, weights=weights, repeats=args.repeats, notes=notes,
     )  # fmt: skip
     print(format_clip_report(report))
 
@@ -118,7 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     model_args.add_argument("--width", type=int, default=None, help="video width in pixels (as --height)")
     model_args.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; small model on CPU 20)")
-    model_args.add_argument("--out-dir", default="demo_out", help="where the JSON report, mask PNG and GIF go")
+    model_args.add_argument(
+        "--repeats", type=_positive_int, default=DEFAULT_REPEATS,
+        help=f"timed runs of dense and of DFS after one warm-up compile; times are their median (default {DEFAULT_REPEATS})",
+    )  # fmt: skip
+    model_args.add_argument("--out-dir", default="demo_out", help="where the JSON report, mask PNG, GIF and MP4 go")
     model_args.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument_group("synthetic attention table (--mode all/synthetic)")
     parser.add_argument("--grid", type=_parse_ints, default=DEFAULT_GRID, help="latent grid F,H,W (default 8,16,16)")
@@ -136,11 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _use_small_model(args.config, args.weights):
             _run_small_model(args)
         else:
-            from models.evaluation.compare import format_report, run_comparison  # the model stack loads only when asked
+            from models.evaluation.compare import run_comparison  # the model stack loads only when asked
+            from models.evaluation.reports import format_report
 
             report = run_comparison(
                 args.config, args.frames or 17, args.height or 256, args.width or 256, args.steps or 50, args.seed,
-                out_dir=args.out_dir, progress=not args.no_progress,
+                out_dir=args.out_dir, progress=not args.no_progress, repeats=args.repeats,
             )  # fmt: skip
             print(format_report(report))
         if args.mode == "model":
@@ -163,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"backend {jax.default_backend()}"
     )
     print(format_table(rows))
+    print(format_legend(SYNTHETIC_LEGEND))
     return 0
 
 

@@ -1,20 +1,31 @@
-"""Sample a real diffusers-format Wan2.1 checkpoint with DFSAttn: ``python -m models.generate``.
+"""Sample a real diffusers-format Wan2.1 checkpoint with DFSAttn: ``dfsattn-generate``.
 
-    python -m models.generate --checkpoint Wan2.1-T2V-1.3B-Diffusers \
+    dfsattn-generate --checkpoint Wan2.1-T2V-1.3B-Diffusers \
         --prompt-embeds prompt.safetensors --frames 81 --height 480 --width 832 \
-        --steps 50 --guidance 5.0 --shift 5.0 --solver unipc --backend dfs \
+        --steps 50 --guidance 5.0 --solver unipc --backend dfs \
         --out out/latents.safetensors --mp4 out/video.mp4
 
-Reads the transformer with :func:`models.wan.loading.load_wan`, the prompt embeddings (``cond``,
-``uncond``) with :func:`models.io.load_prompt_embeds`, samples with
-:class:`models.sampling.loop.Sampler` (one jitted loop, classifier-free guidance as one batch of 2),
-writes the final latents with :func:`models.io.save_latents` and, with ``--mp4``, decodes them
-with diffusers' VAE (:func:`models.io.decode_to_mp4`, optional extra).
+(``python -m models.generate`` is the same command.) Every option is checked before any weight is
+read: the sizes, choices and numbers first, then the files (the checkpoint's ``config.json``,
+which is cheap, the prompt embeddings against its ``text_dim``, ``--noise`` against the latent
+shape, the output paths, and for ``--mp4`` the optional extra and the VAE folder). Only then does
+it read the transformer with :func:`models.wan.loading.load_wan`, print the DFS plan (with a
+WARNING when DFS cannot sparsify anything), sample with :class:`models.sampling.loop.Sampler`
+(one jitted loop, classifier-free guidance as one batch of 2), report the compile time and the
+per-step time separately, write the final latents with :func:`models.io.save_latents` and, with
+``--mp4``, decode them with diffusers' VAE (:func:`models.io.decode_to_mp4`).
+
+A user error (a bad option, a missing or mismatched file) prints one line,
+``dfsattn-generate: error: ...``, to stderr and exits with status 2; ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 import pathlib
 import sys
 import time
@@ -24,40 +35,193 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfsattn_jax.schedule import DFSConfig
-from models.common.processor import make_backend
-from models.wan.config import latent_shape
-from models.io import decode_to_mp4, load_latents, load_prompt_embeds, save_latents
-from models.wan.loading import load_wan
+from dfsattn_jax.orders import ORDER_NAMES
+from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule, reported_sparsity
+from models.common.processor import make_backend, num_token_blocks
+from models.io import check_writable, decode_to_mp4, load_latents, load_prompt_embeds, save_latents
 from models.sampling import SOLVER_NAMES, Sampler
+from models.wan.config import VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR, WanConfig, latent_shape, token_grid
+from models.wan.loading import load_wan, read_wan_config
 
-__all__ = ["build_parser", "main"]
+__all__ = ["PROG", "build_parser", "default_shift", "main"]
+
+PROG = "dfsattn-generate"
+#: The modules ``--mp4`` needs (the ``vae`` extra), checked before anything is read.
+VAE_MODULES: tuple[str, ...] = ("torch", "diffusers", "imageio", "imageio_ffmpeg")
+VAE_EXTRA_INSTALL = 'pip install -e ".[vae]"'
+#: Height from which Wan's flow shift is the 720p value.
+SHIFT_720P_HEIGHT = 720
+_HELP_WIDTH = 100  # fixed, so that --help reads the same everywhere (and in the README)
+
+
+class _UsageError(ValueError):
+    """A command-line parse error (argparse would print the usage and exit)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, handled by main() like every user error
+        raise _UsageError(message)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Fixed width; appends ``(default: X)`` unless the help already states a default."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, width=_HELP_WIDTH, max_help_position=30)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if "default" in text or "required" in text or unset:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def default_shift(height: int) -> float:
+    """Wan's flow shift for a resolution: 3.0 below 720p, 5.0 at 720p and above."""
+    return 5.0 if height >= SHIFT_720P_HEIGHT else 3.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m models.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="diffusers Wan2.1 folder (with transformer/, optionally vae/)")
-    p.add_argument("--prompt-embeds", required=True, help="safetensors with 'cond' and 'uncond' [T, 4096] (UMT5 output)")
-    p.add_argument("--out", default="out/latents.safetensors", help="where to write the final latents")
-    p.add_argument("--mp4", default=None, help="also decode to this MP4 with diffusers' AutoencoderKLWan (optional extra)")
-    p.add_argument("--vae", default=None, help="VAE folder (default: the checkpoint's vae/)")
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: no guidance)")
-    p.add_argument("--shift", type=float, default=5.0, help="flow shift (Wan: 5.0 for 720p, 3.0 for 480p)")
-    p.add_argument("--solver", choices=SOLVER_NAMES, default="unipc")
-    p.add_argument("--backend", choices=("dense", "dfs"), default="dfs")
-    p.add_argument("--density", type=float, default=0.3)
-    p.add_argument("--density-decrement", type=float, default=0.1)
-    p.add_argument("--dense-steps", type=int, default=12)
-    p.add_argument("--refresh-interval", type=int, default=12)
-    p.add_argument("--order", default="hilbert3d")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", default=None, help="initial latents [1, 16, F, H, W] (safetensors 'latents') instead of --seed")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: bf16 on GPU, f32 on CPU")
+    """The ``dfsattn-generate`` argument parser (abbreviations off, defaults and choices shown)."""
+    p = _Parser(
+        prog=PROG,
+        usage="%(prog)s --checkpoint DIR --prompt-embeds FILE [options]",
+        description="Sample a diffusers-format Wan2.1 checkpoint with DFSAttn block-sparse attention.",
+        epilog=(
+            "Also runs as `python -m models.generate`. Options are checked before any weight is read;\n"
+            "a user error prints one line and exits 2 (--debug: the traceback)."
+        ),
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+    )
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--checkpoint", required=True, metavar="DIR",
+                    help="diffusers Wan2.1 folder (with transformer/, optionally vae/) (required)")
+    io.add_argument("--prompt-embeds", required=True, metavar="FILE",
+                    help="safetensors with 'cond' and 'uncond' [T, text_dim] (UMT5 output; 'uncond' "
+                         "only with guidance) (required)")
+    io.add_argument("--out", default="out/latents.safetensors", metavar="FILE",
+                    help="where to write the final latents")
+    io.add_argument("--mp4", default=None, metavar="FILE",
+                    help=f"also decode to this MP4 with diffusers' AutoencoderKLWan; needs the optional "
+                         f"extra: {VAE_EXTRA_INSTALL} (default: none)")
+    io.add_argument("--vae", default=None, metavar="DIR",
+                    help="VAE folder for --mp4 (default: the checkpoint's vae/)")
+
+    size = p.add_argument_group("video size")
+    size.add_argument("--frames", type=int, metavar="N", default=81, help="video frames, 4*k + 1")
+    for name, default in (("--height", 480), ("--width", 832)):
+        size.add_argument(name, type=int, metavar="PX", default=default,
+                          help="pixels, a multiple of 16 (VAE 8x, patch 2)")
+
+    samp = p.add_argument_group("sampling")
+    samp.add_argument("--steps", type=int, metavar="N", default=50, help="denoising steps, >= 1")
+    samp.add_argument("--guidance", type=float, metavar="SCALE", default=5.0,
+                      help="classifier-free guidance scale, finite (<= 1: no guidance)")
+    samp.add_argument("--shift", type=float, metavar="SHIFT", default=None,
+                      help="flow shift, > 0 (default: from --height, 3.0 below 720, 5.0 from 720)")
+    samp.add_argument("--solver", choices=SOLVER_NAMES, default="unipc", help="flow-matching solver")
+    samp.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the initial noise, in [0, 2**32)")
+    samp.add_argument("--noise", default=None, metavar="FILE",
+                      help="initial latents [1, 16, F, H, W] (safetensors 'latents') (default: none, "
+                           "noise from --seed)")
+    samp.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                      help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+    dfs = p.add_argument_group("attention (DFSAttn)")
+    dfs.add_argument("--backend", choices=("dense", "dfs"), default="dfs", help="self-attention backend")
+    dfs.add_argument("--density", type=float, metavar="D", default=0.3,
+                     help="kept fraction of key blocks at the first refresh, in (0, 1]")
+    dfs.add_argument("--density-decrement", type=float, metavar="D", default=0.1,
+                     help="density dropped at each later refresh, in [0, 1] (0: refresh forever)")
+    dfs.add_argument("--dense-steps", type=int, metavar="N", default=12, help="leading steps that run dense, >= 0")
+    dfs.add_argument("--refresh-interval", type=int, metavar="N", default=12, help="steps between mask refreshes, >= 1")
+    dfs.add_argument("--order", choices=ORDER_NAMES, default="hilbert3d", help="token order of the blocks")
+
+    misc = p.add_argument_group("other")
+    misc.add_argument("--debug", action="store_true", help="show the traceback of an error (default: off)")
     return p
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Checks every number and size that needs no file (raises ValueError naming the option)."""
+    if args.frames < 1 or (args.frames - 1) % VAE_TEMPORAL_FACTOR:
+        raise ValueError(f"--frames must be 4*k + 1 (1, 5, ..., 81), got {args.frames}")
+    unit = VAE_SPATIAL_FACTOR * 2
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value < unit or value % unit:
+            raise ValueError(f"{name} must be a positive multiple of {unit} (VAE 8x, patch 2), got {value}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise ValueError(f"--shift must be a finite number > 0, got {args.shift}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if not (0.0 < args.density <= 1.0):  # NaN fails too
+        raise ValueError(f"--density must be in (0, 1], got {args.density}")
+    if not (0.0 <= args.density_decrement <= 1.0):
+        raise ValueError(f"--density-decrement must be in [0, 1], got {args.density_decrement}")
+    if args.dense_steps < 0:
+        raise ValueError(f"--dense-steps must be >= 0, got {args.dense_steps}")
+    if args.refresh_interval < 1:
+        raise ValueError(f"--refresh-interval must be >= 1, got {args.refresh_interval}")
+
+
+def _check_writable(path: str, option: str) -> pathlib.Path:
+    """Checks that ``path`` can be written (missing folders would be created), naming the option;
+    :func:`models.io.check_writable` does the check without leaving anything behind."""
+    try:
+        check_writable(path)
+    except ValueError as err:
+        raise ValueError(f"{option}: {err}") from None
+    return pathlib.Path(os.path.abspath(path))
+
+
+def _check_vae_extra() -> None:
+    """``--mp4`` needs torch, diffusers and imageio (with ffmpeg): checked without importing them."""
+    missing = []
+    for name in VAE_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise ValueError(
+            f"--mp4 needs the optional VAE extra ({', '.join(missing)} not installed); "
+            f"install it with: {VAE_EXTRA_INSTALL}"
+        )
+
+
+def _check_vae_folder(path: str) -> None:
+    p = pathlib.Path(path)
+    if not ((p / "vae" / "config.json").is_file() or (p / "config.json").is_file()):
+        raise ValueError(
+            f"--mp4: {str(p)!r} holds no diffusers VAE (no config.json in it or in its vae/ folder); "
+            "give the VAE folder with --vae"
+        )
+
+
+def _check_sizes(cfg: WanConfig, args: argparse.Namespace) -> tuple[int, ...]:
+    """The latent shape ``(1, C, F, H, W)``, checking the size against the model's patch."""
+    _, ph, pw = cfg.patch_size
+    for name, value, patch in (("--height", args.height, ph), ("--width", args.width, pw)):
+        unit = VAE_SPATIAL_FACTOR * patch
+        if value % unit:
+            raise ValueError(
+                f"{name} must be a multiple of {unit} for {cfg.name} (VAE 8x, patch {patch}), got {value}"
+            )
+    try:
+        return (1,) + latent_shape(cfg, args.frames, args.height, args.width)
+    except ValueError as err:
+        raise ValueError(f"--frames/--height/--width: {err}") from None
 
 
 def _pad_text(x: np.ndarray, length: int) -> np.ndarray:
@@ -65,25 +229,57 @@ def _pad_text(x: np.ndarray, length: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0)))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# --------------------------------------------------------------------------- the DFS plan
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    if not steps:
+        return "none"
+    if len(steps) == 1:
+        return str(steps[0])
+    return f"{steps[0]}-{steps[-1]}"
+
+
+def describe_plan(
+    plan: SchedulePlan, dfs: DFSConfig, num_layers: int, num_tokens: int
+) -> tuple[list[str], str | None]:
+    """Lines describing a DFS plan, and a warning when DFS cannot sparsify anything (else ``None``)."""
+    nk = plan.num_key_blocks
+    dense_layers = sorted(i for i in dfs.dense_layers if 0 <= i < num_layers)
+    expected = reported_sparsity(plan, num_layers, dfs.dense_layers)
+    dense = [s for s in range(plan.num_steps) if not plan.sparse[s]]
+    refreshes = ", ".join(
+        f"{s} (density {plan.density[s]:.2f}: {int(plan.num_blocks[s])} of {nk} blocks)" for s in plan.refresh_steps
+    )
+    lines = [
+        f"DFS plan: {plan.num_steps} steps over {num_tokens} tokens = {nk} key blocks of {dfs.block_size} "
+        f"({dfs.order} order; dense layers {dense_layers or 'none'} of {num_layers})",
+        f"  dense steps:   {_steps_text(dense)} ({len(dense)} of {plan.num_steps})",
+        f"  refresh steps: {refreshes or 'none'}",
+        f"  expected sparsity: {expected:.2%}",
+    ]
+    warning = None
+    if expected <= 0.0:
+        if nk < 2:
+            why = (f"the video has {num_tokens} tokens, under two attention blocks of {dfs.block_size}; "
+                   "use a larger size or --backend dense")
+        elif not plan.sparse.any():
+            why = f"--steps {plan.num_steps} <= --dense-steps {dfs.dense_steps}, so every step is dense"
+        elif len(dense_layers) >= num_layers:
+            why = f"every one of the {num_layers} layers is a dense layer"
+        else:
+            why = f"--density {dfs.density} keeps all {nk} key blocks"
+        warning = f"WARNING: DFS cannot sparsify anything: {why}; this run is dense"
+    return lines, warning
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    t0 = time.perf_counter()
-    model = load_wan(args.checkpoint, dtype=args.dtype, progress=lambda name: print(f"reading {name}", file=sys.stderr))
-    cfg = model.config
-    print(f"loaded {cfg.name} ({cfg.num_layers} layers, dim {cfg.dim}) in {time.perf_counter() - t0:.1f} s")
-    guided = args.guidance > 1.0
-    cond, uncond = load_prompt_embeds(args.prompt_embeds, text_dim=cfg.text_dim, require_uncond=guided)
-    if guided:
-        length = max(cond.shape[1], uncond.shape[1])
-        cond, uncond = _pad_text(cond, length), _pad_text(uncond, length)
-    shape = (1,) + latent_shape(cfg, args.frames, args.height, args.width)
-    if args.noise is not None:
-        noise, _ = load_latents(args.noise)
-        if noise.shape != shape:
-            raise ValueError(f"--noise must have shape {list(shape)} for this size, got {list(noise.shape)}")
-        noise = jnp.asarray(noise)
-    else:
-        noise = jax.random.normal(jax.random.key(args.seed), shape, jnp.float32)
+    # 1. Options that need no file.
+    _check_options(args)
     dfs = None
     if args.backend == "dfs":
         dfs = DFSConfig(
@@ -93,30 +289,93 @@ def main(argv: Sequence[str] | None = None) -> int:
             refresh_interval=args.refresh_interval,
             order=args.order,
         )
-    sampler = Sampler(model, make_backend(args.backend, dfs), solver=args.solver, shift=args.shift)
+    # 2. Outputs and the optional extra: fail now, not after sampling.
+    out = _check_writable(args.out, "--out")
+    if args.mp4 is not None:
+        _check_vae_extra()
+        mp4 = _check_writable(args.mp4, "--mp4")
+        if mp4 == out:
+            raise ValueError(f"--mp4 and --out are the same file {args.out!r}")
+        _check_vae_folder(args.vae or args.checkpoint)
+    # 3. Cheap files, against the model's config.json (no weight is read).
+    cfg = read_wan_config(args.checkpoint)
+    shape = _check_sizes(cfg, args)
+    guided = args.guidance > 1.0
+    cond, uncond = load_prompt_embeds(args.prompt_embeds, text_dim=cfg.text_dim, require_uncond=guided)
+    if guided:
+        length = max(cond.shape[1], uncond.shape[1])
+        cond, uncond = _pad_text(cond, length), _pad_text(uncond, length)
+    if args.noise is not None:
+        noise, _ = load_latents(args.noise)
+        if noise.shape != shape:
+            raise ValueError(f"--noise must have shape {list(shape)} for this size, got {list(noise.shape)}")
+        if not np.all(np.isfinite(noise)):
+            raise ValueError(f"--noise {args.noise!r} holds non-finite values")
+        noise = jnp.asarray(noise)
+    else:
+        noise = jax.random.normal(jax.random.key(args.seed), shape, jnp.float32)
+    shift = args.shift if args.shift is not None else default_shift(args.height)
+    how = "given" if args.shift is not None else f"default for height {args.height}: 3.0 below 720, 5.0 from 720"
+    print(f"flow shift {float(shift)} ({how})")
+    num_tokens = math.prod(token_grid(cfg, shape[2:]))
+    if dfs is not None:
+        plan = plan_schedule(dfs, args.steps, num_token_blocks(num_tokens, dfs.block_size))
+        lines, warning = describe_plan(plan, dfs, cfg.num_layers, num_tokens)
+        print("\n".join(lines))
+        if warning:
+            print(f"{PROG}: {warning}", file=sys.stderr)
+    else:
+        print(f"attention: dense over {num_tokens} tokens (no DFS)")
+    sys.stdout.flush()
+
+    # 4. The weights, then sampling.
     t0 = time.perf_counter()
+    model = load_wan(args.checkpoint, dtype=args.dtype, progress=lambda name: print(f"reading {name}", file=sys.stderr))
+    print(f"loaded {cfg.name} ({cfg.num_layers} layers, dim {cfg.dim}) in {time.perf_counter() - t0:.1f} s")
+    sampler = Sampler(model, make_backend(args.backend, dfs), solver=args.solver, shift=shift, progress=True)
     result = sampler(
         noise, jnp.asarray(cond), jnp.asarray(uncond) if guided else None,
         num_steps=args.steps, guidance_scale=args.guidance,
+    )  # fmt: skip
+    compiled = result.compile_s
+    compile_text = "compile time not measured" if math.isnan(compiled) else f"compiled in {compiled:.1f} s"
+    print(
+        f"{compile_text}; sampled {args.steps} steps in {result.time_s:.2f} s "
+        f"({result.time_s / args.steps:.3f} s/step); measured sparsity {result.sparsity:.2%}"
     )
-    elapsed = time.perf_counter() - t0
     meta = {
         "config": cfg.name, "frames": args.frames, "height": args.height, "width": args.width,
-        "steps": args.steps, "guidance": args.guidance, "shift": args.shift, "solver": args.solver,
+        "steps": args.steps, "guidance": args.guidance, "shift": shift, "solver": args.solver,
         "backend": args.backend, "seed": args.seed if args.noise is None else f"noise:{args.noise}",
         "sparsity": f"{result.sparsity:.4f}",
-    }
+    }  # fmt: skip
     if dfs is not None:
         meta |= {"density": dfs.density, "density_decrement": dfs.density_decrement,
                  "dense_steps": dfs.dense_steps, "refresh_interval": dfs.refresh_interval, "order": dfs.order}
-    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_latents(out, np.asarray(result.latents), meta)
-    print(f"sampled {args.steps} steps in {elapsed:.1f} s (sparsity {result.sparsity:.2%}); latents -> {out}")
+    print(f"latents -> {args.out}")
     if args.mp4:
         video = decode_to_mp4(np.asarray(result.latents), args.vae or args.checkpoint, args.mp4)
         print(f"video -> {video}")
     return 0
+
+
+#: What counts as a user error: one line and exit 2 (``--debug``: the traceback).
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; returns the exit status (0, or 2 after a user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except USER_ERRORS as err:
+        if "--debug" in argv:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,8 +11,13 @@ Layout of the work:
   * q, k, v, out stay in the ``[B, L, N, D]`` layout of ``jax.nn.dot_product_attention``:
     the BlockSpecs pick one (batch, head) column and the kernel slices rows itself, so
     nothing is transposed, padded or copied in HBM around the kernel;
-  * a ragged last block (L not a multiple of the block) is handled with masked loads,
-    masked logits and masked stores.
+  * the key tail is masked on one block only: the last visited block of a row, when it holds
+    keys at or past ``min(L, kv_lengths[b])`` (a ragged last block, L not a multiple of the
+    block, or a per-sample key length). Rows are sorted ascending (docs/spec.md §4), so the
+    wrapper drops the listed blocks with no visible key as the row's tail and the block left
+    last is the only partial one; every other block runs the unmasked fast path, and a call
+    with neither a ragged L nor ``kv_lengths`` compiles no masked path at all. Query rows past
+    a ragged L are handled with masked loads and stores.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def block_sparse_attention_kernel(
     v_ref,  # [L, D]
     idx_ref,  # [K_max] key-block indices of this query block
     cnt_ref,  # [1] how many of them to visit
+    len_ref,  # [1] visible keys of this batch element (in [0, L]), or None: all L keys
     o_ref,  # [L, D]
     *,
     seq_len: int,
@@ -78,13 +84,24 @@ def block_sparse_attention_kernel(
     block_q: int,
     block_k: int,
     qk_scale: float,
-    num_key_blocks: int,
 ):
-    """One program: ``block_q`` query rows against the listed key blocks."""
+    """One program: ``block_q`` query rows against the listed key blocks.
+
+    Keys at or past ``kv_len`` (``len_ref[0]`` when given, else the static ``seq_len``) are
+    masked in the last visited block only; the wrapper guarantees that no other visited block
+    holds such keys (for layouts keeping docs/spec.md §4) and that ``kv_len <= seq_len``, so one
+    mask keeps both the loads in bounds and the logits of invisible keys out.
+    """
     tile = pl.program_id(0)
     q_start = tile * block_q
     head_dim = q_ref.shape[-1]
     ragged = seq_len % block_size != 0
+    if len_ref is None:
+        kv_len = seq_len  # static: only a ragged L needs the masked block
+        tail_mask = ragged
+    else:
+        kv_len = len_ref[0]
+        tail_mask = True
 
     rows = q_start + jnp.arange(block_q, dtype=jnp.int32)
     q_slice = pl.ds(q_start, block_q)
@@ -100,7 +117,7 @@ def block_sparse_attention_kernel(
         k_slice = pl.ds(k_start, block_k)
         if masked:
             cols = k_start + jnp.arange(block_k, dtype=jnp.int32)
-            col_ok = cols < seq_len
+            col_ok = cols < kv_len
             k = plgpu.load(k_ref.at[k_slice, :], mask=col_ok[:, None], other=0.0)
             v = plgpu.load(v_ref.at[k_slice, :], mask=col_ok[:, None], other=0.0)
         else:
@@ -111,8 +128,15 @@ def block_sparse_attention_kernel(
         if masked:
             s = jnp.where(col_ok[None, :], s, -jnp.inf)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
-        alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next[:, None])
+        m_use = m_next
+        if masked:
+            # A row that has seen no visible key yet keeps m = -inf; exponentiate against 0 so
+            # that it stays l = 0, acc = 0 (zeros) instead of NaN. Sorted rows never get here
+            # with nothing visible (the masked block's first key is visible); this guards
+            # layouts breaking docs/spec.md §4.
+            m_use = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        alpha = jnp.exp2(m_prev - m_use)
+        p = jnp.exp2(s - m_use[:, None])
         l_next = l_prev * alpha + jnp.sum(p, axis=-1)
         acc = acc * alpha[:, None] + jnp.dot(
             p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision
@@ -134,11 +158,14 @@ def block_sparse_attention_kernel(
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    if ragged:
-        # The wrapper moves the partial last key block, when listed, to the end of the row:
-        # every other block runs unmasked, that one alone with masks.
-        last_listed = idx_ref[jnp.maximum(count - 1, 0)] == num_key_blocks - 1
-        unmasked = count - last_listed.astype(jnp.int32)
+    if tail_mask:
+        # Only the last visited block can hold keys at or past kv_len: rows are sorted (and
+        # the wrapper moves the ragged block nk-1, when listed, to the end of any row), and
+        # blocks with no visible key were dropped. Every other block runs unmasked, that one
+        # alone with masks. A row with count 0 runs neither loop.
+        last_block = idx_ref[jnp.maximum(count - 1, 0)]
+        partial = (count > 0) & ((last_block + 1) * block_size > kv_len)
+        unmasked = count - partial.astype(jnp.int32)
         carry = lax.fori_loop(0, unmasked, block_step(False), carry)
         acc, _, l = lax.fori_loop(unmasked, count, block_step(True), carry)
     else:
@@ -150,7 +177,7 @@ def block_sparse_attention_kernel(
         o_ref[q_slice, :] = out
 
 
-def _check_inputs(q, k, v, layout, block_size: int) -> None:
+def _check_inputs(q, k, v, layout, block_size: int, kv_lengths) -> None:
     if q.ndim != 4:
         raise ValueError(f"q must have shape [B, L, N, D], got shape {q.shape}")
     if k.shape != q.shape or v.shape != q.shape:
@@ -178,6 +205,16 @@ def _check_inputs(q, k, v, layout, block_size: int) -> None:
             f"layout must have kv_indices [B, N, nq, K_max] and kv_counts [B, N, nq] with "
             f"(B, N, nq) = {(b, n, nq)}; got {layout.kv_indices.shape} and {layout.kv_counts.shape}"
         )
+    if kv_lengths is not None:
+        shape = tuple(getattr(kv_lengths, "shape", ()))
+        dtype = getattr(kv_lengths, "dtype", None)
+        if shape != (b,) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"kv_lengths must be an integer array of shape [B={b}], got {dtype}{list(shape)}")
+        if not isinstance(kv_lengths, jax.core.Tracer):
+            values = [int(x) for x in jax.device_get(kv_lengths)]
+            bad = [x for x in values if not 0 <= x <= seq_len]
+            if bad:
+                raise ValueError(f"kv_lengths must lie in [0, L={seq_len}], got {values}")
 
 
 def block_sparse_attention(
@@ -189,6 +226,7 @@ def block_sparse_attention(
     block_size: int = 128,
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
+    kv_lengths: Int[Array, " b"] | None = None,
     interpret: bool | None = None,
     initial_output: Float[Array, "b l n d"] | None = None,
 ) -> Float[Array, "b l n d"]:
@@ -209,6 +247,11 @@ def block_sparse_attention(
       scale: logit scale, default ``1/sqrt(D)``.
       block_sizes: kernel tiling (:class:`BlockSizes`); ``block_q`` and ``block_k`` must divide
         ``block_size``; default :meth:`BlockSizes.for_dtype`.
+      kv_lengths: optional ``int[B]``, read at run time: keys at or past ``kv_lengths[b]`` are
+        never attended (default L; docs/spec.md §6.1); a query row with no visible key gives
+        zeros. Concrete values must lie in ``[0, L]``; traced ones are clipped to it. Listed
+        blocks with no visible key are dropped as the tail of each row, which relies on rows
+        sorted ascending (§4).
       interpret: run the kernel in the Pallas interpreter; ``None`` interprets everywhere but
         on GPU.
       initial_output: for tests: a ``[B, L, N, D]`` buffer (e.g. filled with NaN) that the
@@ -217,7 +260,7 @@ def block_sparse_attention(
     Returns:
       ``[B, L, N, D]`` in the input dtype; accumulation is float32.
     """
-    _check_inputs(q, k, v, layout, block_size)
+    _check_inputs(q, k, v, layout, block_size, kv_lengths)
     bs = block_sizes or BlockSizes.for_dtype(q.dtype)
     for name in ("block_q", "block_k"):
         value = getattr(bs, name)
@@ -233,8 +276,10 @@ def block_sparse_attention(
     # Bounds for any traced layout: the kernel must never read outside q, k, v or the row.
     kv_indices = jnp.clip(layout.kv_indices.astype(jnp.int32), 0, layout.num_key_blocks - 1)
     kv_counts = jnp.clip(layout.kv_counts.astype(jnp.int32), 0, layout.kv_indices.shape[-1])
+    if kv_lengths is not None:
+        kv_lengths = jnp.asarray(kv_lengths).astype(jnp.int32)
     return _block_sparse_attention(
-        q, k, v, kv_indices, kv_counts,
+        q, k, v, kv_indices, kv_counts, kv_lengths,
         initial_output, block_size=block_size, scale=scale, block_sizes=bs,
         interpret=bool(interpret),
     )
@@ -247,6 +292,7 @@ def _block_sparse_attention(
     v: Float[Array, "b l n d"],
     kv_indices: Int[Array, "b n nq kmax"],
     kv_counts: Int[Array, "b n nq"],
+    kv_lengths: Int[Array, " b"] | None,
     initial_output: Float[Array, "b l n d"] | None,
     *,
     block_size: int,
@@ -266,8 +312,16 @@ def _block_sparse_attention(
         block_q=block_q,
         block_k=block_sizes.block_k,
         qk_scale=scale * _LOG2E,
-        num_key_blocks=nq,
     )
+    if kv_lengths is not None:
+        kv_lengths = jnp.clip(kv_lengths, 0, seq_len)
+        # Drop listed blocks with no visible key: with rows sorted ascending (docs/spec.md §4)
+        # they form the row's tail, so the kept ones stay a prefix and the last kept block is
+        # the only one that can hold invisible keys. Rows left empty give zeros.
+        visible_blocks = (kv_lengths + block_size - 1) // block_size
+        listed = jnp.arange(k_max, dtype=jnp.int32) < kv_counts[..., None]
+        keep = listed & (kv_indices < visible_blocks[:, None, None, None])
+        kv_counts = jnp.sum(keep, axis=-1, dtype=jnp.int32)
     if seq_len % block_size:
         kv_indices = partial_block_last(kv_indices, kv_counts, nq - 1)
     full = pl.BlockSpec((None, seq_len, None, head_dim), lambda t, b, n: (b, 0, n, 0))
@@ -279,6 +333,11 @@ def _block_sparse_attention(
         pl.BlockSpec((None, None, None, 1), lambda t, b, n: (b, n, t // tiles_per_block, 0)),
     ]
     operands = [q, k, v, kv_indices, kv_counts[..., None]]
+    if kv_lengths is not None:
+        # GPU Pallas has no scalar prefetch: the lengths are an input indexed by the batch id.
+        in_specs.append(pl.BlockSpec((None, 1), lambda t, b, n: (b, 0)))
+        operands.append(kv_lengths[:, None])
+    kernel = _bind_refs(kernel, has_lengths=kv_lengths is not None, has_aliased_output=initial_output is not None)
     aliases = {}
     if initial_output is not None:
         if initial_output.shape != q.shape or initial_output.dtype != q.dtype:
@@ -289,7 +348,6 @@ def _block_sparse_attention(
         operands.append(initial_output)
         in_specs.append(full)
         aliases = {len(operands) - 1: 0}
-        kernel = _ignoring_aliased_output(kernel)
     return pl.pallas_call(
         kernel,
         grid=(nq * tiles_per_block, batch, heads),
@@ -305,10 +363,16 @@ def _block_sparse_attention(
     )(*operands)
 
 
-def _ignoring_aliased_output(kernel):
-    """Wraps the kernel for a call whose output buffer also arrives as the last input."""
+def _bind_refs(kernel, *, has_lengths: bool, has_aliased_output: bool):
+    """Adapts the kernel to the refs of one call: ``q, k, v, idx, cnt``, then the lengths when
+    given, then the output buffer when it also arrives as the last input (ignored), then ``o``."""
 
-    def wrapped(q_ref, k_ref, v_ref, idx_ref, cnt_ref, _aliased_ref, o_ref):
-        kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, o_ref)
+    def wrapped(q_ref, k_ref, v_ref, idx_ref, cnt_ref, *rest):
+        rest = list(rest)
+        len_ref = rest.pop(0) if has_lengths else None
+        if has_aliased_output:
+            rest.pop(0)
+        (o_ref,) = rest
+        kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, len_ref, o_ref)
 
     return wrapped

@@ -51,26 +51,40 @@ def random_layout(key, b, n, nq, *, min_count=1, max_count=None) -> BlockLayout:
     return sorted_layout(BlockLayout(kv_indices=order[..., :max_count], kv_counts=counts, num_key_blocks=nq))
 
 
-def numpy_block_sparse(q, k, v, layout: BlockLayout, scale=None) -> np.ndarray:
-    """Float64 masked softmax attention (docs/spec.md §5), the independent oracle."""
+def numpy_token_mask(layout: BlockLayout, seq_len: int, kv_lengths=None) -> np.ndarray:
+    """bool[B, N, L, L] from the layout (block loops in NumPy) and the optional key lengths."""
+    indices, counts = np.asarray(layout.kv_indices), np.asarray(layout.kv_counts)
+    b, n, nq, _ = indices.shape
+    block_mask = np.zeros((b, n, nq, layout.num_key_blocks), bool)
+    for bi, ni, u in np.ndindex(b, n, nq):
+        block_mask[bi, ni, u, indices[bi, ni, u, : counts[bi, ni, u]]] = True
+    tok = np.repeat(np.repeat(block_mask, BLOCK, axis=2), BLOCK, axis=3)[:, :, :seq_len, :seq_len]
+    if kv_lengths is not None:
+        tok = tok & (np.arange(seq_len) < np.asarray(kv_lengths)[:, None])[:, None, None, :]
+    return tok
+
+
+def numpy_block_sparse(q, k, v, layout: BlockLayout, scale=None, kv_lengths=None) -> np.ndarray:
+    """Float64 masked softmax attention (docs/spec.md §5), the independent oracle; a query row
+    that sees no key gives zeros."""
     qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
     b, seq_len, n, d = qn.shape
     scale = 1.0 / np.sqrt(d) if scale is None else scale
-    mask = np.asarray(layout.to_dense_mask())
-    tok = np.repeat(np.repeat(mask, BLOCK, axis=2), BLOCK, axis=3)[:, :, :seq_len, :seq_len]
+    tok = numpy_token_mask(layout, seq_len, kv_lengths)
     s = np.einsum("blnd,bmnd->bnlm", qn, kn) * scale
     s = np.where(tok, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    sees_any = tok.any(-1, keepdims=True)
+    s = np.where(sees_any, s, 0.0)
+    p = np.where(tok, np.exp(s - s.max(-1, keepdims=True)), 0.0)
+    p /= np.where(sees_any, p.sum(-1, keepdims=True), 1.0)
     return np.einsum("bnlm,bmnd->blnd", p, vn)
 
 
-def xla_block_sparse(q, k, v, layout: BlockLayout) -> jax.Array:
+def xla_block_sparse(q, k, v, layout: BlockLayout, kv_lengths=None) -> jax.Array:
     """XLA attention in the input dtype with the layout as a token mask (the dtype baseline)."""
-    seq_len = q.shape[1]
-    mask = layout.to_dense_mask()
-    tok = jnp.repeat(jnp.repeat(mask, BLOCK, axis=2), BLOCK, axis=3)[:, :, :seq_len, :seq_len]
-    return jax.nn.dot_product_attention(q, k, v, mask=tok, implementation="xla")
+    tok = jnp.asarray(numpy_token_mask(layout, q.shape[1], kv_lengths))
+    out = jax.nn.dot_product_attention(q, k, v, mask=tok, implementation="xla")
+    return jnp.where(jnp.any(tok, -1).transpose(0, 2, 1)[..., None], out, 0)
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
@@ -226,6 +240,172 @@ def test_bad_input_raises(change, match):
         )
 
 
+# Per-sample key lengths (docs/spec.md §6.1): keys at or past kv_lengths[b] are never attended.
+
+
+def layout_with_all_counts(key, b, n, nq) -> BlockLayout:
+    """A random sorted layout whose counts take every value 0..nq (cycling over the rows), so
+    that rows with no block, one block, all blocks and in between all occur in each batch."""
+    base = random_layout(key, b, n, nq, min_count=nq)  # every row lists all blocks, shuffled
+    counts = (np.arange(b * n * nq).reshape(b, n, nq) * 7 + np.arange(b)[:, None, None]) % (nq + 1)
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), np.asarray(base.kv_indices), axis=-1, independent=True))
+    return sorted_layout(BlockLayout(jnp.asarray(order), jnp.asarray(counts, jnp.int32), nq))
+
+
+# (L, kv_lengths for B=5): inside a block, at a block boundary, 0, L, and one key only.
+LENGTH_CASES = [
+    (512, [200, 256, 0, 512, 1]),
+    (300, [150, 128, 0, 300, 257]),  # ragged L: the last block holds 44 keys
+]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("seq_len, lengths", LENGTH_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kv_lengths_match_numpy(interpret, seq_len, lengths, dtype):
+    b, n, d = len(lengths), 2, 64
+    nq = -(-seq_len // BLOCK)
+    k_inputs, k_layout = keys(7000 + seq_len)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, dtype)
+    layout = layout_with_all_counts(k_layout, b, n, nq)
+    assert set(np.unique(np.asarray(layout.kv_counts))) == set(range(nq + 1))
+    kv_lengths = jnp.asarray(lengths, jnp.int32)
+    out = block_sparse_attention(
+        q, k, v, layout, kv_lengths=kv_lengths, interpret=interpret, initial_output=poisoned(q)
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert bool(jnp.all(jnp.isfinite(out))), "kernel left elements unwritten (NaN poison survived)"
+    ref = numpy_block_sparse(q, k, v, layout, kv_lengths=lengths)
+    tok = numpy_token_mask(layout, seq_len, lengths)
+    blind = ~tok.any(-1).transpose(0, 2, 1)  # [B, L, N]: queries that see no key
+    assert blind[2].all() and not blind[3].all()
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[blind], 0.0)
+    baseline = xla_block_sparse(q, k, v, layout, lengths)
+    for bi in range(b):
+        if not blind[bi].all():
+            err = rel_l2(out[bi], ref[bi])
+            # 16-bit: no worse than twice XLA's own 16-bit attention on the same mask.
+            tol = 2e-5 if dtype == jnp.float32 else max(2.0 * rel_l2(baseline[bi], ref[bi]), 1e-6)
+            assert err <= tol, (bi, lengths[bi], err, tol)
+    # The same layout without lengths (batch 3 has kv_lengths = L) must agree with them.
+    full = block_sparse_attention(q, k, v, layout, interpret=interpret)
+    chex.assert_trees_all_close(
+        np.asarray(out[3], np.float32), np.asarray(full[3], np.float32), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_kv_lengths_with_small_key_tiles(interpret):
+    """block_k = 32: sub-steps of the masked block that hold no visible key at all."""
+    b, n, seq_len, d = 3, 2, 384, 64
+    nq = seq_len // BLOCK
+    k_inputs, k_layout = keys(7100)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
+    layout = layout_with_all_counts(k_layout, b, n, nq)
+    lengths = [129, 383, 224]
+    out = block_sparse_attention(
+        q, k, v, layout, kv_lengths=jnp.asarray(lengths, jnp.int32), scale=0.07,
+        block_sizes=BlockSizes(64, 32, 4, 2), interpret=interpret, initial_output=poisoned(q),
+    )
+    assert rel_l2(out, numpy_block_sparse(q, k, v, layout, scale=0.07, kv_lengths=lengths)) < 2e-5
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_empty_rows_whose_padding_is_the_partial_block(interpret, with_lengths):
+    """Count-0 rows whose (unread) first entry is the ragged block nk-1 give zeros: the masked
+    block is only the last *visited* one."""
+    b, n, seq_len, d = 2, 2, 300, 64
+    nq = -(-seq_len // BLOCK)
+    k_inputs, _ = keys(7150)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
+    counts = np.zeros((b, n, nq), np.int32)
+    counts[:, 1, 1] = 1
+    layout = BlockLayout(jnp.full((b, n, nq, 1), nq - 1, jnp.int32), jnp.asarray(counts), nq)
+    lengths = [300, 290] if with_lengths else None
+    out = block_sparse_attention(
+        q, k, v, layout, kv_lengths=None if lengths is None else jnp.asarray(lengths, jnp.int32),
+        interpret=interpret, initial_output=poisoned(q),
+    )
+    np.testing.assert_array_equal(np.asarray(out)[:, :, 0], 0.0)
+    np.testing.assert_array_equal(np.asarray(out)[:, :BLOCK, 1], 0.0)
+    assert rel_l2(out, numpy_block_sparse(q, k, v, layout, kv_lengths=lengths)) < 2e-5
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_traced_kv_lengths_share_one_compilation(interpret):
+    """Lengths are run-time data: new lengths reuse the compiled kernel."""
+    b, n, seq_len, d = 2, 2, 300, 64
+    nq = -(-seq_len // BLOCK)
+    k_inputs, k_layout = keys(7200)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
+    layout = layout_with_all_counts(k_layout, b, n, nq)
+    traces = []
+
+    @jax.jit
+    def run(kv_lengths):
+        traces.append(1)
+        return block_sparse_attention(q, k, v, layout, kv_lengths=kv_lengths, interpret=interpret)
+
+    for lengths in ([300, 17], [128, 256]):
+        out = run(jnp.asarray(lengths, jnp.int32))
+        assert rel_l2(out, numpy_block_sparse(q, k, v, layout, kv_lengths=lengths)) < 2e-5
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize(
+    "seq_len, with_lengths, dtype",
+    [(300, True, jnp.bfloat16), (512, True, jnp.float32), (512, False, jnp.bfloat16), (300, False, jnp.float16)],
+)
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu" and tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11),
+    reason="jax >= 0.11 lowers Pallas Triton only with a GPU device present (the compiled GPU tests cover it)",
+)
+def test_lowers_for_cuda(seq_len, with_lengths, dtype):
+    """Ahead-of-time lowering of the compiled (Triton) kernel, with and without lengths (on CPU
+    with jax 0.10; jax >= 0.11 needs a GPU device for it)."""
+    nq = -(-seq_len // BLOCK)
+
+    def f(q, k, v, idx, cnt, lengths):
+        layout = BlockLayout(idx, cnt, nq)
+        return block_sparse_attention(
+            q, k, v, layout, kv_lengths=lengths if with_lengths else None, interpret=False
+        )
+
+    x = jax.ShapeDtypeStruct((2, seq_len, 2, 64), dtype)
+    args = (
+        x, x, x,
+        jax.ShapeDtypeStruct((2, 2, nq, 3), jnp.int32),
+        jax.ShapeDtypeStruct((2, 2, nq), jnp.int32),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+    )
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower()
+
+
+@pytest.mark.parametrize(
+    "kv_lengths, match",
+    [
+        (jnp.asarray([256], jnp.int32), r"kv_lengths.*\[B=2\]"),
+        (jnp.asarray([[256, 256]], jnp.int32), r"kv_lengths.*\[B=2\]"),
+        (jnp.asarray([256.0, 256.0], jnp.float32), "kv_lengths.*integer"),
+        (jnp.asarray([257, 10], jnp.int32), r"kv_lengths.*\[0, L=256\]"),
+        (jnp.asarray([-1, 10], jnp.int32), r"kv_lengths.*\[0, L=256\]"),
+    ],
+)
+def test_bad_kv_lengths_raise(kv_lengths, match):
+    q = jnp.ones((2, 256, 2, 64), jnp.float32)
+    layout = full_layout(2, 2, 2, 2)
+    with pytest.raises(ValueError, match=match):
+        block_sparse_attention(q, q, q, layout, kv_lengths=kv_lengths, interpret=True)
+    with pytest.raises(ValueError, match="kv_lengths"):
+        attention.block_sparse_attention(q, q, q, layout, kv_lengths=kv_lengths, implementation="xla")
+    with pytest.raises(ValueError, match="kv_lengths"):
+        attention.block_sparse_attention(
+            q, q, q, layout, kv_lengths=kv_lengths, implementation="triton", interpret=True
+        )
+
+
 # dfsattn_jax.attention's registry: the Triton kernel is one implementation among others.
 
 
@@ -242,6 +422,29 @@ def test_registry_triton_interpret_equals_xla(seed):
     assert got.shape == q.shape and got.dtype == q.dtype
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
     assert rel_l2(got, numpy_block_sparse(q, k, v, layout)) < 2e-5
+
+
+@pytest.mark.parametrize("seq_len, lengths", [(300, [150, 0]), (384, [256, 384])])
+def test_registry_passes_kv_lengths(seq_len, lengths):
+    b, n, d = 2, 2, 64
+    nq = -(-seq_len // BLOCK)
+    k_inputs, k_layout = keys(7300 + seq_len)
+    q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
+    layout = layout_with_all_counts(k_layout, b, n, nq)
+    kv_lengths = jnp.asarray(lengths, jnp.int32)
+    want = numpy_block_sparse(q, k, v, layout, kv_lengths=lengths)
+    assert rel_l2(want, numpy_block_sparse(q, k, v, layout)) > 1e-2  # the lengths matter here
+    with jax.default_matmul_precision("highest"):  # no TF32 in the XLA reference on GPU
+        xla = attention.block_sparse_attention(
+            q, k, v, layout, block_size=BLOCK, kv_lengths=kv_lengths, implementation="xla"
+        )
+    triton = attention.block_sparse_attention(
+        q, k, v, layout, block_size=BLOCK, kv_lengths=kv_lengths, implementation="triton", interpret=True
+    )
+    for got in (xla, triton):
+        assert got.shape == q.shape and got.dtype == q.dtype
+        assert rel_l2(got, want) < 2e-5
+    chex.assert_trees_all_close(triton, xla, rtol=1e-5, atol=1e-5)
 
 
 def test_resolve_implementation():

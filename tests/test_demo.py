@@ -14,7 +14,8 @@ def test_main_prints_the_table(capsys):
     out = capsys.readouterr().out
     lines = [line.split() for line in out.splitlines()]
     assert lines[1] == ["order", "density", "blocks", "kept", "recall", "rel.err"]
-    rows = lines[2:]
+    rows = lines[2:6]
+    assert lines[6] == ["legend:"]  # then one line per column (tests/test_hardening_demo.py)
     assert [(r[0], r[1]) for r in rows] == [("raster", "0.50"), ("raster", "0.20"), ("hilbert3d", "0.50"), ("hilbert3d", "0.20")]
     for r in rows:
         assert 0.0 < float(r[4]) <= 1.0 and 0.0 < float(r[5]) < 1.0

@@ -5,8 +5,9 @@ Two comparisons: :func:`run_comparison` on a Wan config with random weights, and
 side-by-side GIF). Both sample through the production :class:`~models.sampling.loop.Sampler`.
 
 :func:`run_comparison` samples the same noise with the same weights twice (dense self-attention
-and DFSAttn), each after a compile warm-up (a 1-step run of the same compiled program), and
-reports time per step and in total, the speedup, the sparsity actually used (docs/spec.md §6: mean
+and DFSAttn), each after one compile warm-up (a short run of the same compiled program), then
+``repeats`` timed runs of each, dense and DFS alternating, and reports the median time per step and
+in total (every run's time is kept), the speedup of the medians, the sparsity actually used (docs/spec.md §6: mean
 skipped block fraction over the sparse steps and all self-attention layers, dense layers 0),
 and the relative error of the final latents against dense. It writes a JSON report and a PNG
 of one layer's block masks for a few heads in raster and hilbert3d order, computed at the
@@ -19,6 +20,7 @@ import dataclasses
 import math
 import os
 import platform
+import statistics
 import time
 from typing import Any
 
@@ -32,7 +34,7 @@ from dfsattn_jax.schedule import DFSConfig, default_schedule, reported_sparsity
 from models.common.processor import AttentionBackend, AttentionState, init_cache, num_token_blocks, sparse_step
 from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS, clip_classes
 from models.evaluation.codec import latents_to_video, token_grid as clip_token_grid
-from models.evaluation.media import plot_block_masks, write_side_by_side_gif
+from models.evaluation.media import MP4_ENCODER_HINT, plot_block_masks, write_side_by_side_gif, write_side_by_side_mp4
 from models.evaluation.quality import video_scores
 from models.evaluation.results import device_name, write_json
 from models.sampling import Sampler
@@ -42,8 +44,6 @@ from models.wan.transformer import WanTransformer3DModel
 __all__ = [
     "block_masks",
     "default_dfs_config",
-    "format_clip_report",
-    "format_report",
     "run_clip_comparison",
     "run_comparison",
 ]
@@ -106,12 +106,45 @@ def _save_report(report: dict, out_dir: str) -> dict:
     return report
 
 
-def _timed(sampler: Sampler, noise, text, negative, steps: int, guidance_scale: float):
-    sampler.warmup(noise, text, negative, num_steps=steps)  # compiles the same program
-    start = time.perf_counter()
-    result = sampler(noise, text, negative, num_steps=steps, guidance_scale=guidance_scale)
-    jax.block_until_ready(result.latents)
-    return result, time.perf_counter() - start
+def _timed_pair(
+    dense_sampler: Sampler, dfs_sampler: Sampler, noise, text, negative, steps: int, guidance_scale: float,
+    repeats: int,
+):
+    """Warms each sampler up once (one compile of the program the timed runs use), then runs
+    dense and DFS ``repeats`` times each, alternating so that drifting machine load hits both
+    alike. Returns the last dense and DFS results and ``{"dense": [s, ...], "dfs": [s, ...]}``,
+    each run's :attr:`~models.sampling.loop.SampleResult.time_s` (wall time blocked on the result)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    for sampler in (dense_sampler, dfs_sampler):
+        sampler.warmup(noise, text, negative, num_steps=steps)  # compiles the same program
+    times: dict[str, list[float]] = {"dense": [], "dfs": []}
+    results: dict[str, Any] = {}
+    for _ in range(int(repeats)):
+        for name, sampler in (("dense", dense_sampler), ("dfs", dfs_sampler)):
+            start = time.perf_counter()
+            result = sampler(noise, text, negative, num_steps=steps, guidance_scale=guidance_scale)
+            jax.block_until_ready(result.latents)
+            elapsed = result.time_s if math.isfinite(result.time_s) else time.perf_counter() - start
+            times[name].append(float(elapsed))
+            results[name] = result
+    return results["dense"], results["dfs"], times
+
+
+def _timing_fields(times: dict[str, list[float]], steps: int) -> dict:
+    """The report's timing entries: medians (total and per step), every run, and the speedup of
+    the medians (with the per-run ratios, to show the spread)."""
+    median = {k: float(statistics.median(v)) for k, v in times.items()}
+    return {
+        "repeats": len(times["dense"]),
+        "timing": f"median of {len(times['dense'])} timed run(s) each after one warm-up compile; "
+        "dense and DFS runs alternate",
+        "time_runs_s": {k: [float(x) for x in v] for k, v in times.items()},
+        "time_total_s": median,
+        "time_per_step_s": {k: v / steps for k, v in median.items()},
+        "speedup": median["dense"] / median["dfs"] if median["dfs"] > 0 else float("nan"),
+        "speedup_runs": [d / s if s > 0 else float("nan") for d, s in zip(times["dense"], times["dfs"])],
+    }
 
 
 def run_comparison(
@@ -135,6 +168,8 @@ def run_comparison(
     mask_orders: tuple[str, ...] = ("raster", "hilbert3d"),
     progress: bool = True,
     dtype: Any = None,
+    repeats: int = 1,
+    notes: dict | None = None,
 ) -> dict:
     """Samples the same noise dense and with DFSAttn and reports the difference.
 
@@ -155,6 +190,9 @@ def run_comparison(
       mask_orders: token orders compared in the PNG.
       progress: show progress bars.
       dtype: activation/param dtype of a random model (default: bf16 on GPU, f32 on CPU).
+      repeats: timed runs of each of dense and DFS after the warm-up; the report's times are
+        their medians (``time_runs_s`` keeps every run) and the speedup is the medians' ratio.
+      notes: extra entries merged into the report (e.g. what the caller scaled down).
 
     Returns:
       The report (also written as ``<out_dir>/compare_<config>.json``).
@@ -180,8 +218,9 @@ def run_comparison(
     dense_sampler = Sampler(model, "dense", solver=solver, shift=shift, progress=progress)
     dfs_backend = AttentionBackend("dfs", dfs_config)
     dfs_sampler = Sampler(model, dfs_backend, solver=solver, shift=shift, progress=progress)
-    dense, t_dense = _timed(dense_sampler, noise, text, negative_text, steps, guidance_scale)
-    sparse, t_dfs = _timed(dfs_sampler, noise, text, negative_text, steps, guidance_scale)
+    dense, sparse, times = _timed_pair(
+        dense_sampler, dfs_sampler, noise, text, negative_text, steps, guidance_scale, repeats
+    )
 
     ref = np.asarray(dense.latents, np.float64)
     out = np.asarray(sparse.latents, np.float64)
@@ -242,9 +281,7 @@ def run_comparison(
         "dfs_config": dataclasses.asdict(dfs_config),
         "refresh_steps": list(sparse.refresh_steps),
         "sparse_steps": int(plan.sparse.sum()),
-        "time_total_s": {"dense": t_dense, "dfs": t_dfs},
-        "time_per_step_s": {"dense": t_dense / steps, "dfs": t_dfs / steps},
-        "speedup": t_dense / t_dfs if t_dfs > 0 else float("nan"),
+        **_timing_fields(times, steps),
         "sparsity": sparse.sparsity,
         "planned_sparsity": reported_sparsity(plan, cfg.num_layers, dfs_config.dense_layers),
         "relative_error": rel_err,
@@ -252,24 +289,9 @@ def run_comparison(
         "compiles": {"dense": dense_sampler.trace_count, "dfs": dfs_sampler.trace_count},
         "masks": mask_info,
         "mask_png": png_path,
+        **(notes or {}),
     }
     return _save_report(report, out_dir)
-
-
-def format_report(report: dict) -> str:
-    """A short human-readable summary of :func:`run_comparison`'s report."""
-    t = report["time_per_step_s"]
-    lines = [
-        f"{report['config']} on {report['device']}: {report['tokens']} tokens, {report['steps']} steps",
-        f"  time/step  dense {t['dense'] * 1e3:9.2f} ms   dfs {t['dfs'] * 1e3:9.2f} ms   "
-        f"speedup {report['speedup']:.2f}x",
-        f"  total      dense {report['time_total_s']['dense']:9.2f} s    dfs {report['time_total_s']['dfs']:9.2f} s",
-        f"  sparsity {report['sparsity']:.4f} (planned {report['planned_sparsity']:.4f}), "
-        f"refreshes at {report['refresh_steps']}",
-        f"  final latents: relative error vs dense {report['relative_error']:.4e}",
-        f"  report {report['report_json']}, masks {report['mask_png']}",
-    ]
-    return "\n".join(lines)
 
 
 def run_clip_comparison(
@@ -287,12 +309,18 @@ def run_clip_comparison(
     mask_layer: int | None = None,
     progress: bool = True,
     weights: str | None = None,
+    repeats: int = 1,
+    notes: dict | None = None,
+    mp4: bool = True,
 ) -> dict:
     """Samples classes of the shipped clip model dense and with DFSAttn from the same noise.
 
-    Both runs use the production :class:`~models.sampling.loop.Sampler` (each timed after a compile
-    warm-up). Writes into ``out_dir``: ``demo_<model>.gif`` (dense | DFSAttn, one row per
-    sample), ``masks_<model>.png`` (one layer's block masks in raster and hilbert3d order at the
+    Both runs use the production :class:`~models.sampling.loop.Sampler` (one compile warm-up each,
+    then ``repeats`` timed runs each; the report keeps every run's time, their medians and the
+    medians' speedup). Writes into ``out_dir``: ``demo_<model>.gif`` (dense | DFSAttn, one row per
+    sample), ``demo_<model>.mp4`` (the same video, when an MP4 encoder is installed:
+    :func:`~models.evaluation.media.mp4_encoder`; otherwise the report's ``mp4_note`` says so),
+    ``masks_<model>.png`` (one layer's block masks in raster and hilbert3d order at the
     first refresh step, :func:`models.evaluation.compare.block_masks`) and ``compare_<model>.json``.
 
     Args:
@@ -310,6 +338,9 @@ def run_clip_comparison(
       mask_layer: layer drawn (default: the middle one).
       progress: progress bars.
       weights: the weights file (recorded in the report).
+      repeats: timed runs of each of dense and DFS (see :func:`run_comparison`).
+      notes: extra entries merged into the report (the demo records what it scaled down).
+      mp4: also write the MP4 when an encoder is installed.
 
     Returns:
       The report (also written as JSON).
@@ -333,8 +364,7 @@ def run_clip_comparison(
     dense_sampler = Sampler(model, "dense", shift=dit_config.sample_shift, progress=progress)
     backend = AttentionBackend("dfs", dfs_config)
     dfs_sampler = Sampler(model, backend, shift=dit_config.sample_shift, progress=progress)
-    dense, t_dense = _timed(dense_sampler, noise, text, negative, steps, guidance_scale)
-    sparse, t_dfs = _timed(dfs_sampler, noise, text, negative, steps, guidance_scale)
+    dense, sparse, times = _timed_pair(dense_sampler, dfs_sampler, noise, text, negative, steps, guidance_scale, repeats)
     ref_video = latents_to_video(dense.latents, dit_config.codec)
     dfs_video = latents_to_video(sparse.latents, dit_config.codec)
     scores = video_scores(dfs_video, ref_video)
@@ -342,10 +372,23 @@ def run_clip_comparison(
 
     os.makedirs(out_dir, exist_ok=True)
     name = cfg.name
+    scale = max(1, 256 // max(ref_video.shape[2:4]))
     gif = write_side_by_side_gif(
-        ref_video, dfs_video, os.path.join(out_dir, f"demo_{name}.gif"), captions=captions,
-        scale=max(1, 256 // max(ref_video.shape[2:4])),
-    )  # fmt: skip
+        ref_video, dfs_video, os.path.join(out_dir, f"demo_{name}.gif"), captions=captions, scale=scale
+    )
+    mp4_path, mp4_note = None, None
+    if mp4:
+        try:
+            mp4_path = write_side_by_side_mp4(
+                ref_video, dfs_video, os.path.join(out_dir, f"demo_{name}.mp4"), captions=captions, scale=scale
+            )
+        except Exception as err:  # an optional output: an encoder failure must not lose the run
+            mp4_note = f"no MP4 written: the encoder failed ({type(err).__name__}: {err}); the GIF has the same video"
+        else:
+            if mp4_path is None:
+                mp4_note = (
+                    f"no MP4 written: no MP4 encoder is installed (to get one: {MP4_ENCODER_HINT}); the GIF has the same video"
+                )
     plan = sparse.plan
     sparse_layers = backend.sparse_layers(cfg.num_layers)
     mask_png, mask_info = None, {}
@@ -385,9 +428,7 @@ def run_clip_comparison(
         "seed": seed,
         "dfs_config": dataclasses.asdict(dfs_config),
         "refresh_steps": list(sparse.refresh_steps),
-        "time_total_s": {"dense": t_dense, "dfs": t_dfs},
-        "time_per_step_s": {"dense": t_dense / steps, "dfs": t_dfs / steps},
-        "speedup": t_dense / t_dfs if t_dfs > 0 else float("nan"),
+        **_timing_fields(times, steps),
         "sparsity": sparse.sparsity,
         "planned_sparsity": reported_sparsity(plan, cfg.num_layers, dfs_config.dense_layers),
         "psnr": [float(x) for x in scores["psnr"]],
@@ -397,24 +438,10 @@ def run_clip_comparison(
         "lpips": None,
         "lpips_note": "not measured: LPIPS needs pretrained network weights that cannot be installed without a download",
         "gif": gif,
+        "mp4": mp4_path,
+        "mp4_note": mp4_note,
         "masks": mask_info,
         "mask_png": mask_png,
+        **(notes or {}),
     }
     return _save_report(report, out_dir)
-
-
-def format_clip_report(report: dict) -> str:
-    """A short human-readable summary of :func:`run_clip_comparison`'s report."""
-    t = report["time_per_step_s"]
-    per = ", ".join(
-        f"{c}: {p:.2f} dB / {s:.4f}" for c, p, s in zip(report["samples"], report["psnr"], report["ssim"])
-    )
-    lines = [
-        f"{report['config']} (trained weights {report['weights']}) on {report['device']}: {report['tokens']} tokens, "
-        f"{len(report['samples'])} samples, {report['steps']} steps",
-        f"  time/step  dense {t['dense'] * 1e3:9.2f} ms   dfs {t['dfs'] * 1e3:9.2f} ms   speedup {report['speedup']:.2f}x",
-        f"  sparsity {report['sparsity']:.4f} (planned {report['planned_sparsity']:.4f}), refreshes at {report['refresh_steps']}",
-        f"  DFSAttn vs dense video: PSNR {report['psnr_mean']:.2f} dB, SSIM {report['ssim_mean']:.4f} (mean); {per}",
-        f"  video {report['gif']}, masks {report['mask_png']}, report {report['report_json']}",
-    ]
-    return "\n".join(lines)

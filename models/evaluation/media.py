@@ -1,38 +1,59 @@
-"""Pictures and videos of results: side-by-side GIFs and block-mask figures.
+"""Pictures and videos of results: side-by-side GIFs and MP4s, and block-mask figures.
 
 Videos are ``[B, T, H, W, 3]`` in [-1, 1]. GIFs are drawn with Pillow (a matplotlib dependency),
-figures with matplotlib (Agg backend, no display needed).
+figures with matplotlib (Agg backend, no display needed). MP4s need an H.264 encoder, which is
+optional: :func:`mp4_encoder` says which one is installed (``imageio`` with ``imageio-ffmpeg``,
+or an ``ffmpeg`` on the PATH through matplotlib's writer), and :func:`write_side_by_side_mp4`
+returns ``None`` instead of failing when there is none. Every file is written atomically
+(:func:`models.io.atomic_write`: a temporary file renamed over the destination), so an error or a
+kill never leaves a truncated GIF, MP4 or PNG.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Sequence
 
 import numpy as np
 from jaxtyping import Float
 
-__all__ = ["plot_block_masks", "to_uint8", "write_side_by_side_gif"]
+__all__ = [
+    "MASK_COLOURS",
+    "MP4_ENCODER_HINT",
+    "block_mask_figure",
+    "mp4_encoder",
+    "plot_block_masks",
+    "side_by_side_frames",
+    "to_uint8",
+    "write_side_by_side_gif",
+    "write_side_by_side_mp4",
+]
+
+#: Colours of the block-mask figures: a kept (computed) block and a skipped one.
+MASK_COLOURS = {"kept": "#1f3a93", "skipped": "#eeeeee"}
+#: What to install for MP4 output.
+MP4_ENCODER_HINT = "pip install imageio imageio-ffmpeg, or put ffmpeg on the PATH"
 
 
 def to_uint8(video: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(video, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def write_side_by_side_gif(
+def side_by_side_frames(
     left: Float[np.ndarray, "b t h w 3"],
     right: Float[np.ndarray, "b t h w 3"],
-    path: str | os.PathLike,
     *,
     titles: tuple[str, str] = ("dense", "DFSAttn"),
     captions: Sequence[str] | None = None,
     scale: int = 4,
-    frame_ms: int = 125,
-) -> str:
-    """Writes an animated GIF: one row per sample, ``left`` and ``right`` side by side.
+    multiple_of: int = 1,
+) -> list[np.ndarray]:
+    """The frames of a side-by-side video as ``uint8[H', W', 3]`` RGB arrays.
 
-    Videos are ``[B, T, H, W, 3]`` in [-1, 1]; frames are upscaled ``scale``× (nearest), with a
-    title strip on top and an optional caption per row. Uses Pillow (a matplotlib dependency).
+    One row per sample, ``left`` and ``right`` side by side, frames upscaled ``scale``×
+    (nearest), a title strip on top and an optional caption per row; the canvas is padded (white)
+    to a multiple of ``multiple_of`` pixels in each direction (16 for H.264).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -50,6 +71,8 @@ def write_side_by_side_gif(
     cell_w, cell_h = w * scale, h * scale
     width = 2 * cell_w + 3 * gap
     height = head + b * (cap + cell_h + gap) + gap
+    m = max(1, int(multiple_of))
+    width, height = -(-width // m) * m, -(-height // m) * m
     lu8, ru8 = to_uint8(left), to_uint8(right)
     frames = []
     for f in range(t):
@@ -64,36 +87,195 @@ def write_side_by_side_gif(
             for c, video in enumerate((lu8, ru8)):
                 tile = Image.fromarray(video[i, f]).resize((cell_w, cell_h), Image.NEAREST)
                 canvas.paste(tile, (gap + c * (cell_w + gap), top + cap))
-        frames.append(canvas.convert("P", palette=Image.ADAPTIVE, colors=255))
+        frames.append(np.asarray(canvas))
+    return frames
+
+
+def write_side_by_side_gif(
+    left: Float[np.ndarray, "b t h w 3"],
+    right: Float[np.ndarray, "b t h w 3"],
+    path: str | os.PathLike,
+    *,
+    titles: tuple[str, str] = ("dense", "DFSAttn"),
+    captions: Sequence[str] | None = None,
+    scale: int = 4,
+    frame_ms: int = 125,
+) -> str:
+    """Writes an animated GIF: one row per sample, ``left`` and ``right`` side by side.
+
+    Videos are ``[B, T, H, W, 3]`` in [-1, 1]; frames are upscaled ``scale``× (nearest), with a
+    title strip on top and an optional caption per row. Uses Pillow (a matplotlib dependency).
+    """
+    from PIL import Image
+
+    frames = [
+        Image.fromarray(f).convert("P", palette=Image.ADAPTIVE, colors=255)
+        for f in side_by_side_frames(left, right, titles=titles, captions=captions, scale=scale)
+    ]
+    from models.io import atomic_write
+
     path = str(path)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(frame_ms), loop=0)
+    with atomic_write(path) as tmp:
+        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(frame_ms), loop=0)
     return path
 
 
-def plot_block_masks(masks: dict[str, np.ndarray], path: str, *, title: str, heads: int = 4) -> str:
-    """Saves a grid (rows: orders, columns: heads) of block masks ``bool[N, nq, nk]`` as a PNG."""
+def mp4_encoder() -> str | None:
+    """The installed MP4 (H.264) encoder: ``"imageio-ffmpeg"`` (``imageio`` with the
+    ``imageio-ffmpeg`` binary), ``"matplotlib-ffmpeg"`` (matplotlib's writer with an ``ffmpeg``
+    on the PATH), or ``None`` when neither is available."""
+    try:
+        import imageio  # noqa: F401  (the documented pair: imageio + imageio-ffmpeg)
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()  # raises when the package has no usable binary
+        return "imageio-ffmpeg"
+    except Exception:  # ImportError, or RuntimeError for a missing binary
+        pass
+    try:
+        from matplotlib import animation
+
+        if animation.writers.is_available("ffmpeg"):
+            return "matplotlib-ffmpeg"
+    except Exception:
+        pass
+    return None
+
+
+def write_side_by_side_mp4(
+    left: Float[np.ndarray, "b t h w 3"],
+    right: Float[np.ndarray, "b t h w 3"],
+    path: str | os.PathLike,
+    *,
+    titles: tuple[str, str] = ("dense", "DFSAttn"),
+    captions: Sequence[str] | None = None,
+    scale: int = 4,
+    fps: int = 8,
+    encoder: str | None = None,
+) -> str | None:
+    """Writes the side-by-side video of :func:`write_side_by_side_gif` as an H.264 MP4.
+
+    ``encoder`` is one of :func:`mp4_encoder`'s names (default: the installed one). Returns the
+    path, or ``None`` (nothing written) when no encoder is installed.
+    """
+    encoder = mp4_encoder() if encoder is None else encoder
+    if encoder is None:
+        return None
+    if encoder not in ("imageio-ffmpeg", "matplotlib-ffmpeg"):
+        raise ValueError(f"unknown MP4 encoder {encoder!r}; use 'imageio-ffmpeg' or 'matplotlib-ffmpeg'")
+    from models.io import atomic_write
+
+    frames = side_by_side_frames(left, right, titles=titles, captions=captions, scale=scale, multiple_of=16)
+    path = str(path)
+    with atomic_write(path) as tmp:
+        if encoder == "imageio-ffmpeg":
+            _encode_imageio_ffmpeg(frames, str(tmp), fps)
+        else:
+            _encode_matplotlib_ffmpeg(frames, str(tmp), fps)
+    return path
+
+
+def _encode_imageio_ffmpeg(frames: list[np.ndarray], path: str, fps: int) -> None:
+    import imageio_ffmpeg
+
+    height, width = frames[0].shape[:2]
+    writer = imageio_ffmpeg.write_frames(
+        path, (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=16,
+        quality=8, ffmpeg_log_level="error",
+    )  # fmt: skip
+    writer.send(None)  # starts ffmpeg
+    try:
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+    finally:
+        writer.close()
+
+
+def _encode_matplotlib_ffmpeg(frames: list[np.ndarray], path: str, fps: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.animation import FFMpegWriter
+
+    height, width = frames[0].shape[:2]
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    ax.set_axis_off()
+    image = ax.imshow(frames[0], interpolation="nearest")
+    writer = FFMpegWriter(fps=fps, codec="libx264", extra_args=["-pix_fmt", "yuv420p"])
+    try:
+        with writer.saving(fig, path, dpi):
+            for frame in frames:
+                image.set_data(frame)
+                writer.grab_frame()
+    finally:
+        plt.close(fig)
+
+
+def block_mask_figure(masks: dict[str, np.ndarray], *, title: str, heads: int = 4):
+    """The block-mask figure of :func:`plot_block_masks` (a matplotlib ``Figure``, not saved).
+
+    Rows are token orders, columns heads; each panel is one head's ``bool[nq, nk]`` mask with
+    kept blocks dark and skipped blocks light (:data:`MASK_COLOURS`), titled with the head and its
+    kept fraction, the order on the left of each row, query/key block axis labels, a colour key
+    (legend) under the panels and ``title`` (wrapped) as the figure's title above them.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     orders = list(masks)
+    if not orders:
+        raise ValueError("masks must hold at least one order")
     heads = max(1, min(heads, *(m.shape[0] for m in masks.values())))
-    fig, axes = plt.subplots(len(orders), heads, figsize=(2.6 * heads, 2.8 * len(orders)), squeeze=False)
+    lines = [textwrap.fill(line, width=max(40, 34 * heads)) for line in str(title).split("\n")]
+    n_title_lines = sum(line.count("\n") + 1 for line in lines)
+    fig, axes = plt.subplots(
+        len(orders), heads, figsize=(2.7 * heads + 0.6, 2.9 * len(orders) + 0.35 * n_title_lines + 0.8),
+        squeeze=False, layout="constrained",
+    )  # fmt: skip
+    cmap = ListedColormap([MASK_COLOURS["skipped"], MASK_COLOURS["kept"]])
     for r, order in enumerate(orders):
         for h in range(heads):
             ax = axes[r][h]
-            mask = masks[order][h]
-            ax.imshow(mask, cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
-            ax.set_title(f"{order}, head {h}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if h == 0:
-                ax.set_ylabel("query block", fontsize=7)
-            if r == len(orders) - 1:
-                ax.set_xlabel("key block", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            mask = np.asarray(masks[order][h], bool)
+            nq, nk = mask.shape
+            ax.imshow(mask, cmap=cmap, interpolation="nearest", vmin=0, vmax=1, aspect="auto")
+            ax.set_title(f"head {h} (kept {mask.mean():.0%})", fontsize=8)
+            ax.set_xticks([0, nk - 1])
+            ax.set_yticks([0, nq - 1])
+            ax.tick_params(labelsize=6, length=2)
+            ax.set_xlabel("key block", fontsize=7, labelpad=1)
+            ax.set_ylabel(f"{order}\nquery block" if h == 0 else "query block", fontsize=7, labelpad=1)
+    fig.legend(
+        handles=[
+            Patch(facecolor=MASK_COLOURS["kept"], edgecolor="black", label="kept block (attention computed)"),
+            Patch(facecolor=MASK_COLOURS["skipped"], edgecolor="black", label="skipped block"),
+        ],
+        loc="outside lower center", ncols=2, fontsize=8, frameon=False,
+    )  # fmt: skip
+    fig.suptitle("\n".join(lines), fontsize=9)
+    fig.get_layout_engine().set(h_pad=0.08, w_pad=0.08, hspace=0.06, wspace=0.04)
+    return fig
+
+
+def plot_block_masks(masks: dict[str, np.ndarray], path: str, *, title: str, heads: int = 4) -> str:
+    """Saves a grid (rows: orders, columns: heads) of block masks ``bool[N, nq, nk]`` as a PNG,
+    with a kept/skipped colour key, axis labels and the (wrapped) ``title`` above the panels
+    (:func:`block_mask_figure`)."""
+    import matplotlib.pyplot as plt
+
+    from models.io import atomic_write
+
+    fig = block_mask_figure(masks, title=title, heads=heads)
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
     return path

@@ -70,8 +70,12 @@ def _plain(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> pathlib.Path:
-    """Writes ``data`` as indented JSON (paths made portable), creating parent folders."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(portable(data), indent=2, default=_plain) + "\n")
-    return path
+    """Writes ``data`` as indented JSON (paths made portable), creating parent folders.
+
+    The text is built first and written atomically (:func:`models.io.atomic_write_text`): an
+    error or a kill leaves any previous file at ``path`` intact.
+    """
+    from models.io import atomic_write_text
+
+    text = json.dumps(portable(data), indent=2, default=_plain) + "\n"
+    return atomic_write_text(path, text)

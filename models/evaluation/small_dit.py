@@ -262,12 +262,16 @@ def save_small_video_dit(
 ) -> str:
     """Writes the weights (transformer in ``dtype``, conditioner float32) and ``<path>.sha256``.
 
+    Both files are written atomically (:func:`models.io.atomic_write_bytes`; parent folders are
+    created), the weights first: a kill leaves the old pair, or new weights whose checksum file
+    does not match yet (which :func:`verify_checksum` reports), never a truncated weights file.
     Returns the SHA-256 digest.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    from models.io import atomic_write_bytes, atomic_write_text
 
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: np.asarray(jnp.asarray(v, dtype))
         for k, v in flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), "transformer.").items()
@@ -276,9 +280,10 @@ def save_small_video_dit(
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     meta = {"config": config.to_json(), "format": "dfsattn-jax small video DiT v1"}
     meta.update(metadata or {})
-    save_file(tensors, str(path), metadata=meta)
-    digest = file_sha256(path)
-    _checksum_path(path).write_text(f"{digest}  {path.name}\n")
+    data = save(tensors, metadata=meta)
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(path, data)
+    atomic_write_text(_checksum_path(path), f"{digest}  {path.name}\n")
     return digest
 
 

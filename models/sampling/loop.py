@@ -43,13 +43,23 @@ from models.common.processor import (
 from models.sampling.schedule import FlowSchedule, StepPlan, flow_schedule, make_schedule, make_step_plan, step_capacity
 from models.sampling.solvers import Solver, get_solver
 
-__all__ = ["AUTO", "LoopState", "SampleResult", "Sampler", "sample"]
+__all__ = ["AUTO", "LoopState", "SampleResult", "Sampler", "check_finite", "sample"]
 
 #: ``plan=AUTO``: the plan follows the backend's DFS schedule (``None`` would mean all dense).
 AUTO = "auto"
 
 
 # --------------------------------------------------------------------------- sampler
+
+
+def check_finite(**values: Any) -> None:
+    """Raises ``ValueError`` naming the first argument that holds a NaN or an infinity (``None``
+    and traced values are skipped): non-finite inputs would make every latent NaN."""
+    for name, value in values.items():
+        if value is None or isinstance(value, jax.core.Tracer):
+            continue
+        if not bool(jnp.all(jnp.isfinite(jnp.asarray(value)))):
+            raise ValueError(f"{name} must be finite, got NaN or infinite values")
 
 
 class LoopState(NamedTuple):
@@ -264,6 +274,7 @@ class Sampler:
                 raise ValueError(
                     f"negative_text must have the shape of text {text.shape}, got {negative_text.shape}"
                 )
+        check_finite(noise=noise, text=text, negative_text=negative_text, guidance_scale=guidance_scale)
         num_tokens = math.prod(grid)
         sigmas, timesteps = flow_schedule(num_steps, self.shift, self.num_train_timesteps)
         capacity = step_capacity(num_steps, self.min_capacity)

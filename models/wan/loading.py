@@ -24,11 +24,13 @@ name, with ``kernel`` for ``weight``. ``nn.Linear`` weights ``[out, in]`` are tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import pathlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,15 @@ _CLASS_NAME = "WanTransformer3DModel"
 # diffusers config keys that only exist for features this model does not implement (I2V / FLF2V).
 _UNSUPPORTED_WHEN_SET = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
 _LIST_LIMIT = 20
+# Parameter / activation dtypes load_wan accepts (JAX runs with 32-bit defaults: no float64).
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# safetensors dtype codes the loader casts to the parameter dtype: floating point only. An
+# integer or bool tensor in a float slot is a broken checkpoint, not something to cast.
+_FLOAT_TENSOR_DTYPES = ("F16", "BF16", "F32", "F64")
+_TENSOR_DTYPE_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+    "I32": "int32", "U64": "uint64", "I64": "int64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +98,23 @@ def _config_name(config: WanConfig) -> str:
     return config.name
 
 
+def _int_field(raw: dict, key: str, file: pathlib.Path, default: Any = None) -> int:
+    """``raw[key]`` (or ``default`` when absent) as an int; a fraction, a bool, a string or
+    anything else that is not a whole number raises instead of being truncated."""
+    value = raw.get(key, default)
+    return _as_int(value, key, file)
+
+
+def _as_int(value: Any, key: str, file: pathlib.Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config {str(file)!r}: {key} must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise ValueError(f"config {str(file)!r}: {key} must be an integer, got {value!r}")
+        value = int(value)
+    return value
+
+
 def read_wan_config(path: str | os.PathLike) -> WanConfig:
     """Reads a diffusers ``WanTransformer3DModel`` ``config.json`` into a :class:`WanConfig`.
 
@@ -98,8 +126,10 @@ def read_wan_config(path: str | os.PathLike) -> WanConfig:
       ``"wan2.1-14b"``, ...) when the hyper-parameters agree, else ``"diffusers:<folder>"``.
 
     Raises:
-      ValueError: for a missing or malformed file, another model class, or a feature this
-        model does not implement (image conditioning, another QK norm).
+      ValueError: for a missing or malformed file, another model class, a feature this model
+        does not implement (image conditioning, another QK norm), or a field of the wrong type
+        (an integer field holding a fraction, a string or a bool is named with its value, never
+        truncated).
     """
     p = pathlib.Path(path)
     file = p if p.is_file() else transformer_dir(p) / CONFIG_NAME
@@ -125,28 +155,62 @@ def read_wan_config(path: str | os.PathLike) -> WanConfig:
     missing = [k for k in required if k not in raw]
     if missing:
         raise ValueError(f"config {str(file)!r} lacks the keys {missing}")
+    heads = _int_field(raw, "num_attention_heads", file)
+    head_dim = _int_field(raw, "attention_head_dim", file)
+    in_channels = _int_field(raw, "in_channels", file, 16)
+    out_channels = in_channels if raw.get("out_channels") is None else _int_field(raw, "out_channels", file)
+    patch_size = raw.get("patch_size", (1, 2, 2))
+    if not isinstance(patch_size, (list, tuple)) or len(patch_size) != 3:
+        raise ValueError(f"config {str(file)!r}: patch_size must be a list of three integers, got {patch_size!r}")
+    patch_size = tuple(_as_int(v, "patch_size", file) for v in patch_size)
+    eps = raw.get("eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"config {str(file)!r}: eps must be a positive number, got {eps!r}")
+    cross_attn_norm = raw.get("cross_attn_norm", True)
+    if not isinstance(cross_attn_norm, bool):
+        raise ValueError(f"config {str(file)!r}: cross_attn_norm must be true or false, got {cross_attn_norm!r}")
     try:
-        heads = int(raw["num_attention_heads"])
-        in_channels = int(raw.get("in_channels", 16))
-        out_channels = raw.get("out_channels") or in_channels
         config = WanConfig(
             name=f"diffusers:{file.parent.parent.name if file.parent.name == 'transformer' else file.parent.name}",
-            dim=heads * int(raw["attention_head_dim"]),
-            num_layers=int(raw["num_layers"]),
+            dim=heads * head_dim,
+            num_layers=_int_field(raw, "num_layers", file),
             num_heads=heads,
-            ffn_dim=int(raw["ffn_dim"]),
-            text_dim=int(raw.get("text_dim", 4096)),
+            ffn_dim=_int_field(raw, "ffn_dim", file),
+            text_dim=_int_field(raw, "text_dim", file, 4096),
             in_channels=in_channels,
-            out_channels=int(out_channels),
-            freq_dim=int(raw.get("freq_dim", 256)),
-            patch_size=tuple(int(v) for v in raw.get("patch_size", (1, 2, 2))),
-            eps=float(raw.get("eps", 1e-6)),
-            cross_attn_norm=bool(raw.get("cross_attn_norm", True)),
-            rope_max_seq_len=int(raw.get("rope_max_seq_len", 1024)),
+            out_channels=out_channels,
+            freq_dim=_int_field(raw, "freq_dim", file, 256),
+            patch_size=patch_size,
+            eps=float(eps),
+            cross_attn_norm=cross_attn_norm,
+            rope_max_seq_len=_int_field(raw, "rope_max_seq_len", file, 1024),
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"config {str(file)!r} is not a valid Wan transformer config: {err}") from None
     return dataclasses.replace(config, name=_config_name(config))
+
+
+@contextlib.contextmanager
+def _reading(file: pathlib.Path, key: str | None = None) -> Iterator[None]:
+    """Turns safetensors' own errors (a truncated or corrupt file) and I/O errors while reading
+    ``file`` into a ``ValueError`` naming the shard (and the tensor, when known)."""
+    from safetensors import SafetensorError
+
+    tensor = f", tensor {key!r}" if key is not None else ""
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"shard {str(file)!r}{tensor}: corrupt or truncated safetensors file ({err})") from None
+    except OSError as err:
+        raise ValueError(f"shard {str(file)!r}{tensor} could not be read: {err}") from None
+
+
+def _open_shard(file: pathlib.Path):
+    """``safe_open`` on a shard (memory-mapped, headers parsed and checked against the file size)."""
+    from safetensors import safe_open
+
+    with _reading(file):
+        return safe_open(str(file), framework="flax")
 
 
 def checkpoint_shards(path: str | os.PathLike) -> dict[pathlib.Path, list[str]]:
@@ -157,10 +221,9 @@ def checkpoint_shards(path: str | os.PathLike) -> dict[pathlib.Path, list[str]]:
 
     Raises:
       ValueError: if no weights are found, the index is malformed or names a missing file, a
-        tensor listed in the index is absent from its shard, or a tensor appears twice.
+        tensor listed in the index is absent from its shard, a tensor appears twice, or a
+        shard is truncated or corrupt (naming the file).
     """
-    from safetensors import safe_open
-
     folder = transformer_dir(path)
     index_file = folder / INDEX_NAME
     if index_file.is_file():
@@ -186,7 +249,7 @@ def checkpoint_shards(path: str | os.PathLike) -> dict[pathlib.Path, list[str]]:
     for file in files:
         if not file.is_file():
             raise ValueError(f"shard {file.name!r} named in {INDEX_NAME} is missing from {str(folder)!r}")
-        with safe_open(str(file), framework="flax") as f:
+        with _open_shard(file) as f, _reading(file):
             keys = list(f.keys())
         for key in keys:
             if key in seen:
@@ -263,8 +326,13 @@ def _short(names: Iterable[str]) -> str:
     return f"[{head}{more}]"
 
 
+def _dtype_label(code: str) -> str:
+    name = _TENSOR_DTYPE_NAMES.get(code)
+    return f"{code} ({name})" if name else code
+
+
 def _check_names_and_shapes(
-    specs: dict[str, TensorSpec], found: dict[str, tuple[tuple[int, ...], pathlib.Path]], where: str
+    specs: dict[str, TensorSpec], found: dict[str, tuple[tuple[int, ...], pathlib.Path, str]], where: str
 ) -> None:
     missing = sorted(set(specs) - set(found))
     unexpected = sorted(set(found) - set(specs))
@@ -272,6 +340,11 @@ def _check_names_and_shapes(
         f"{name!r} in {found[name][1].name!r} has shape {list(found[name][0])}, expected {list(spec.shape)}"
         for name, spec in sorted(specs.items())
         if name in found and tuple(found[name][0]) != spec.shape
+    ]
+    non_float = [
+        f"{name!r} in {found[name][1].name!r} is {_dtype_label(found[name][2])}"
+        for name in sorted(specs)
+        if name in found and found[name][2] not in _FLOAT_TENSOR_DTYPES
     ]
     problems = []
     if missing:
@@ -281,6 +354,12 @@ def _check_names_and_shapes(
     if misshaped:
         extra = f" and {len(misshaped) - _LIST_LIMIT} more" if len(misshaped) > _LIST_LIMIT else ""
         problems.append("mis-shaped tensors: " + "; ".join(misshaped[:_LIST_LIMIT]) + extra)
+    if non_float:
+        extra = f" and {len(non_float) - _LIST_LIMIT} more" if len(non_float) > _LIST_LIMIT else ""
+        problems.append(
+            "tensors that are not floating point (the model's weights are; they are not cast): "
+            + "; ".join(non_float[:_LIST_LIMIT]) + extra
+        )
     if problems:
         raise ValueError(f"checkpoint {where!r} does not match the Wan model: " + "; ".join(problems))
 
@@ -303,9 +382,11 @@ def load_wan(
 
     Args:
       path: the checkpoint root (with a ``transformer/`` folder) or the transformer folder.
-      dtype: activation dtype of the model (default: bf16 on accelerators, float32 on CPU).
-      param_dtype: parameter dtype (default: ``dtype``). The modules diffusers keeps in
-        float32 (time embedder, modulation tables, cross-attention norm) stay float32.
+      dtype: activation dtype of the model, a floating-point dtype: ``"float32"``,
+        ``"bfloat16"`` or ``"float16"`` (``"float64"`` too when JAX runs with x64); default
+        bf16 on accelerators, float32 on CPU.
+      param_dtype: parameter dtype, same choices (default: ``dtype``). The modules diffusers
+        keeps in float32 (time embedder, modulation tables, cross-attention norm) stay float32.
       config: use this config instead of reading ``config.json`` (its shapes must match).
       device: where to put the parameters (a device or a sharding; default: JAX's default
         device).
@@ -315,20 +396,23 @@ def load_wan(
       The model, with every parameter taken from the checkpoint.
 
     Raises:
-      ValueError: naming the problem: a malformed directory or config, or any missing,
-        unexpected or mis-shaped tensor (checked from the headers before any tensor is read).
+      ValueError: naming the problem: a ``dtype`` / ``param_dtype`` that is not floating point
+        (checked before anything is read), a malformed directory or config, any missing,
+        unexpected, mis-shaped or non-floating-point tensor (checked from the headers before
+        any tensor is read), or a truncated or corrupt shard (naming the file and, when known,
+        the tensor).
     """
-    from safetensors import safe_open
-
     from models.wan.config import default_dtype
     from models.wan.transformer import WanTransformer3DModel
 
+    dtype = _float_dtype("dtype", dtype)
+    param_dtype = _float_dtype("param_dtype", param_dtype)
     folder = transformer_dir(path)
     config = read_wan_config(folder) if config is None else config
     if not isinstance(config, WanConfig):
         raise ValueError(f"config must be a WanConfig, got {type(config).__name__}")
-    dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
-    param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
+    dtype = dtype if dtype is not None else default_dtype()
+    param_dtype = param_dtype if param_dtype is not None else dtype
 
     abstract = nnx.eval_shape(
         lambda: WanTransformer3DModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
@@ -337,11 +421,13 @@ def load_wan(
     specs = expected_tensors(abstract_state)
 
     shards = checkpoint_shards(folder)
-    found: dict[str, tuple[tuple[int, ...], pathlib.Path]] = {}
+    found: dict[str, tuple[tuple[int, ...], pathlib.Path, str]] = {}
     for file, keys in shards.items():
-        with safe_open(str(file), framework="flax") as f:
+        with _open_shard(file) as f:
             for key in keys:
-                found[key] = (tuple(f.get_slice(key).get_shape()), file)
+                with _reading(file, key):
+                    view = f.get_slice(key)
+                    found[key] = (tuple(view.get_shape()), file, str(view.get_dtype()))
     _check_names_and_shapes(specs, found, str(folder))
 
     by_path = {spec.path: name for name, spec in specs.items()}
@@ -349,10 +435,11 @@ def load_wan(
     for file, keys in shards.items():
         if progress is not None:
             progress(file.name)
-        with safe_open(str(file), framework="flax") as f:
+        with _open_shard(file) as f:
             for key in keys:
                 spec = specs[key]
-                tensor = f.get_tensor(key)
+                with _reading(file, key):
+                    tensor = f.get_tensor(key)
                 loaded[key] = _convert(tensor, spec, device)
                 del tensor
 
@@ -360,6 +447,24 @@ def load_wan(
     for path, var in nnx.to_flat_state(abstract_state):
         flat.append((path, var.replace(loaded.pop(by_path[tuple(path)]))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _float_dtype(name: str, value: Any) -> jnp.dtype | None:
+    """``value`` as a floating-point dtype (``None`` stays ``None``), else a ValueError naming
+    ``name`` and the allowed values."""
+    allowed = _FLOAT_DTYPES + (("float64",) if jax.config.jax_enable_x64 else ())
+    if value is None:
+        return None
+    try:
+        dt = jnp.dtype(value)
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or dt.name not in allowed:
+        raise ValueError(
+            f"{name} must be a floating-point dtype, one of {list(allowed)} (or None for the default), "
+            f"got {value!r}"
+        )
+    return dt
 
 
 def _convert(tensor: Any, spec: TensorSpec, device: Any) -> jax.Array:
