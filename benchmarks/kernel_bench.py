@@ -183,6 +183,9 @@ def bench_shape(name: str, args, impls: Sequence[str], densities: Sequence[float
     dense_ref = None
     rows = []
     for impl in impls:
+        # One jitted function per implementation: every layout and density reuses its program.
+        jitted = jax.jit(lambda q, k, v, i, c, impl=impl: block_sparse_attention(
+            q, k, v, BlockLayout(i, c, nq), implementation=impl))
         for kind, by_density in layouts.items():
             for d in densities:
                 lay = by_density[d]
@@ -200,8 +203,6 @@ def bench_shape(name: str, args, impls: Sequence[str], densities: Sequence[float
                         fn, to_jax = made
                         out = to_jax(fn())
                     else:
-                        jitted = jax.jit(lambda q, k, v, i, c, impl=impl: block_sparse_attention(
-                            q, k, v, BlockLayout(i, c, nq), implementation=impl))
                         fn = lambda: jitted(q, k, v, lay.kv_indices, lay.kv_counts)  # noqa: E731
                         out = fn()
                     if d == 1.0:

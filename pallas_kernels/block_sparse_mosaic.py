@@ -438,6 +438,8 @@ def _block_sparse_attention_mosaic(q, k, v, kv_indices, kv_counts, kv_lengths, *
     nq = kv_counts.shape[-1]
     k_max = kv_indices.shape[-1]
     counts = jnp.clip(kv_counts, 0, k_max)
+    # Whatever a traced layout holds, the producer never asks TMA for a block outside [0, nq).
+    kv_indices = jnp.clip(kv_indices, 0, nq - 1)
     if kv_lengths is None:
         lengths = jnp.full((batch,), seq_len, jnp.int32)
     else:
