@@ -30,6 +30,7 @@ __all__ = [
     "select_blocks",
     "sorted_layout",
     "validate_layout",
+    "visible_counts",
 ]
 
 
@@ -316,3 +317,16 @@ def partial_block_last(
     swapped = jnp.where(pos == where, at_tail, kv_indices)
     swapped = jnp.where(pos == tail, last, swapped)
     return jnp.where(has, swapped, kv_indices)
+
+
+def visible_counts(
+    kv_indices: Int[Array, "b n nq kmax"], kv_counts: Int[Array, "b n nq"], kv_lengths: Int[Array, " b"], block_size: int
+) -> Int[Array, "b n nq"]:
+    """Counts with the listed blocks that hold no visible key (every key at or past
+    ``kv_lengths[b]``) dropped. Rows sorted ascending (docs/spec.md §4) list such blocks as their
+    tail, so the kept entries stay a prefix and only the last kept block can hold invisible keys;
+    a row left empty gives zeros."""
+    visible_blocks = (kv_lengths + block_size - 1) // block_size
+    listed = jnp.arange(kv_indices.shape[-1], dtype=jnp.int32) < kv_counts[..., None]
+    keep = listed & (kv_indices < visible_blocks[:, None, None, None])
+    return jnp.sum(keep, axis=-1, dtype=jnp.int32)

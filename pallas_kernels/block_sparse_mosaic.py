@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from dfsattn_jax.layout import BlockLayout, check_layout, partial_block_last, validate_layout
+from dfsattn_jax.layout import BlockLayout, check_layout, partial_block_last, validate_layout, visible_counts
 
 __all__ = [
     "MosaicBlockSizes",
@@ -444,12 +444,7 @@ def _block_sparse_attention_mosaic(q, k, v, kv_indices, kv_counts, kv_lengths, *
         lengths = jnp.full((batch,), seq_len, jnp.int32)
     else:
         lengths = jnp.clip(kv_lengths, 0, seq_len)
-        # Drop listed blocks with no visible key: with rows sorted ascending they form the
-        # row's tail, so the kept ones stay a prefix. Rows left empty give zeros.
-        visible_blocks = (lengths + _BLOCK - 1) // _BLOCK
-        listed = jnp.arange(k_max, dtype=jnp.int32) < counts[..., None]
-        keep = listed & (kv_indices < visible_blocks[:, None, None, None])
-        counts = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+        counts = visible_counts(kv_indices, counts, lengths, _BLOCK)
     if seq_len % _BLOCK:
         # The kernel masks only a row's last visited block. Rows sorted ascending (docs/spec.md §4)
         # already end with the partial block nq-1 when they list it; this makes rows in any

@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from dfsattn_jax.layout import partial_block_last, validate_layout
+from dfsattn_jax.layout import partial_block_last, validate_layout, visible_counts
 
 __all__ = ["BlockSizes", "block_sparse_attention", "block_sparse_attention_kernel"]
 
@@ -315,13 +315,7 @@ def _block_sparse_attention(
     )
     if kv_lengths is not None:
         kv_lengths = jnp.clip(kv_lengths, 0, seq_len)
-        # Drop listed blocks with no visible key: with rows sorted ascending (docs/spec.md §4)
-        # they form the row's tail, so the kept ones stay a prefix and the last kept block is
-        # the only one that can hold invisible keys. Rows left empty give zeros.
-        visible_blocks = (kv_lengths + block_size - 1) // block_size
-        listed = jnp.arange(k_max, dtype=jnp.int32) < kv_counts[..., None]
-        keep = listed & (kv_indices < visible_blocks[:, None, None, None])
-        kv_counts = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+        kv_counts = visible_counts(kv_indices, kv_counts, kv_lengths, block_size)
     if seq_len % block_size:
         kv_indices = partial_block_last(kv_indices, kv_counts, nq - 1)
     full = pl.BlockSpec((None, seq_len, None, head_dim), lambda t, b, n: (b, 0, n, 0))
