@@ -203,12 +203,22 @@ def test_registry_runs_the_kernel_in_its_interpreter(capsys):
     from dfsattn_jax.layout import BlockLayout
 
     rng = np.random.default_rng(21)
-    q, k, v = random_qkv(rng, 1, 300, 2, 64, jnp.bfloat16)
+    q, k, v = random_qkv(rng, 1, 296, 2, 64, jnp.bfloat16)
     idx, counts = random_sorted_layout(rng, 1, 2, 3, pad_value=0)
     layout = BlockLayout(jnp.asarray(idx), jnp.asarray(counts), 3)
     out = np.asarray(block_sparse_attention(q, k, v, layout, implementation="mosaic_gpu", interpret=True), np.float64)
     check(out, reference(q, k, v, idx, counts), jnp.bfloat16)
     assert "RACE DETECTED" not in capsys.readouterr().out
+
+
+def test_interpreter_refuses_lengths_not_a_multiple_of_8():
+    """The interpreter deadlocks on the padded path (L % 8 != 0); the compiled kernel runs it
+    (test_gpu_matches_reference at L=297), so the interpreter refuses it with a clear error."""
+    rng = np.random.default_rng(22)
+    q, k, v = random_qkv(rng, 1, 300, 1, 64, jnp.bfloat16)
+    idx, counts = random_sorted_layout(rng, 1, 1, 3, pad_value=0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        block_sparse_attention_mosaic(q, k, v, jnp.asarray(idx), jnp.asarray(counts), num_key_blocks=3, interpret=True)
 
 
 @cpu_only
