@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfsattn_jax.attention import block_sparse_attention, dense_attention, resolve_implementation
 from dfsattn_jax.cache import cache_layout, cache_update
 from dfsattn_jax.layout import blocks_for_density, select_blocks
 from dfsattn_jax.schedule import DFSConfig, plan_schedule, reported_sparsity
@@ -191,6 +192,26 @@ def main(argv=None) -> dict:
         scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
         return select_blocks(scores, num_blocks, max_blocks=max_blocks)
 
+    impl, why = resolve_implementation(q, block_size=dfs.block_size)
+    print(f"sparse attention implementation: {impl} ({why})", flush=True)
+
+    @jax.jit
+    def attention_only(q, k, num_blocks):
+        layout = select_blocks(block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size),
+                               num_blocks, max_blocks=max_blocks)
+        return layout, block_sparse_attention(q, k, k, layout, block_size=dfs.block_size)
+
+    @jax.jit
+    def kernel_only(q, k, layout):
+        return block_sparse_attention(q, k, k, layout, block_size=dfs.block_size)
+
+    t_attn = {"dense_cudnn": _median_time(jax.jit(dense_attention), q, k, k, **timing)}
+    for d in densities:
+        layout_d, _ = attention_only(q, k, jnp.asarray(blocks[d], jnp.int32))
+        t_attn[f"{d:g}"] = _median_time(kernel_only, q, k, layout_d, **timing)
+        print(f"one layer's attention at {d:.2f}: {t_attn[f'{d:g}'] * 1e3:.2f} ms "
+              f"(dense cuDNN {t_attn['dense_cudnn'] * 1e3:.2f} ms)", flush=True)
+
     t_perm = _median_time(permute_only, patches, **timing)
     t_cache = _median_time(cache_only, cache0, **timing)
     t_score = _median_time(score_only, q, k, jnp.asarray(blocks[densities[0]], jnp.int32), **timing)
@@ -224,6 +245,8 @@ def main(argv=None) -> dict:
         "kept_blocks": {f"{d:g}": blocks[d] for d in densities},
         "cache_max_blocks": max_blocks,
         "dfs_config": dataclasses.asdict(dfs),
+        "sparse_implementation": {"name": impl, "reason": why},
+        "attention_one_layer_s": t_attn,
         "timing": {"warmup": args.warmup, "iters": args.iters, "statistic": "median"},
     })
     results["per_step_s"] = {

@@ -3,6 +3,8 @@
 #   bash benchmarks/h200_session.sh checks   # compiled kernel tests + implementation choice + e2e per-step (1.3B)
 #   bash benchmarks/h200_session.sh kernels  # kernel_bench, Wan-1.3B shapes (D=128 and D=64)
 #   bash benchmarks/h200_session.sh big      # kernel_bench, Wan-14B and HunyuanVideo shapes
+#   bash benchmarks/h200_session.sh tests    # every compiled kernel test (xdist) + e2e per-step check at 0.2
+#   bash benchmarks/h200_session.sh dfs      # kernel_bench 1.3B: DFS and random layouts, every implementation
 # Logs and JSON go to $OUT (default: out/).
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -34,6 +36,23 @@ print('bf16 D=96:', resolve_implementation(jnp.zeros((1, 1000, 2, 96), jnp.bfloa
       --random-only --repeats 3 --out "$OUT/kernel_big.json" > "$OUT/kernel_big.txt" 2>&1; tail -3 "$OUT/kernel_big.txt"
     timeout 140 python3 benchmarks/e2e_bench.py --iters 3 --densities 0.2 --out-dir "$OUT" > "$OUT/e2e.txt" 2>&1; tail -16 "$OUT/e2e.txt"
     grep -h "TFLOP/s\|FAILED" "$OUT"/kernel_*.txt | tail -40
+    ;;
+  tests)
+    export JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false
+    python3 -c "
+import jax, jax.numpy as jnp
+from dfsattn_jax.attention import resolve_implementation
+print('jax', jax.__version__, jax.devices()[0].device_kind)
+print('bf16 L=32760 D=128:', resolve_implementation(jnp.zeros((1, 32760, 12, 128), jnp.bfloat16)))
+" 2>&1 | tee "$OUT/impl.txt"
+    timeout 120 python3 -m pytest -q -n 4 tests/test_block_sparse_mosaic.py -p no:cacheprovider 2>&1 | tail -8 | tee "$OUT/pytest_mosaic.txt"
+    timeout 240 python3 -m pytest -q -n 8 -k compiled tests/test_block_sparse_kernel.py -p no:cacheprovider 2>&1 | tail -12 | tee "$OUT/pytest_triton.txt"
+    unset XLA_PYTHON_CLIENT_PREALLOCATE
+    timeout 200 python3 benchmarks/e2e_bench.py --iters 3 --densities 0.2 --out-dir "$OUT" > "$OUT/e2e.txt" 2>&1; tail -22 "$OUT/e2e.txt"
+    ;;
+  dfs)
+    timeout 560 python3 benchmarks/kernel_bench.py --shapes 1.3b --densities 1.0,0.5,0.2,0.1,0.05 --repeats 5 \
+      --out "$OUT/kernel_1.3b_dfs.json" > "$OUT/kernel_1.3b_dfs.txt" 2>&1; grep "TFLOP/s\|FAILED" "$OUT/kernel_1.3b_dfs.txt"
     ;;
   kernels)
     timeout 330 python3 benchmarks/kernel_bench.py --shapes 1.3b --out "$OUT/kernel_1.3b.json" 2>&1 | tee "$OUT/kernel_1.3b.txt" | tail -45

@@ -22,6 +22,8 @@ from pallas_kernels.block_sparse_triton import BlockSizes, block_sparse_attentio
 BLOCK = 128
 # The interpreter everywhere, plus the compiled kernel where a GPU exists.
 INTERPRET = [True] + ([False] if jax.default_backend() == "gpu" else [])
+# Test ids say the mode: ``-k compiled`` selects the GPU runs.
+MODE_ID = {True: "interpret", False: "compiled"}.get
 
 
 def keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -87,7 +89,7 @@ def xla_block_sparse(q, k, v, layout: BlockLayout, kv_lengths=None) -> jax.Array
     return jnp.where(jnp.any(tok, -1).transpose(0, 2, 1)[..., None], out, 0)
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 @pytest.mark.parametrize("seq_len", [128, 200, 1000, 4103])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -115,7 +117,7 @@ def test_matches_references(interpret, seq_len, head_dim, dtype):
         assert err <= 2.0 * baseline, (err, baseline)
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 @pytest.mark.parametrize("seq_len", [200, 1000])
 def test_full_layout_equals_dense_attention(interpret, seq_len):
     b, n, d = 2, 3, 64
@@ -132,7 +134,7 @@ def test_full_layout_equals_dense_attention(interpret, seq_len):
     chex.assert_trees_all_close(out_full, dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 def test_counts_differ_per_head_and_batch(interpret):
     """Rows with one block, all blocks, and in between, each checked on its own."""
     b, n, seq_len, d = 2, 3, 1000, 64
@@ -152,7 +154,7 @@ def test_counts_differ_per_head_and_batch(interpret):
         assert err < 2e-5, (bi, ni, err)
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 def test_entries_beyond_count_are_ignored(interpret):
     b, n, seq_len, d = 1, 2, 640, 64
     nq = seq_len // BLOCK
@@ -166,7 +168,7 @@ def test_entries_beyond_count_are_ignored(interpret):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 # float32 at D=128: larger tiles exceed the GPU's shared memory.
 @pytest.mark.parametrize("tiles", [BlockSizes(128, 32, 8, 2), BlockSizes(64, 64, 4, 2)])
 def test_block_sizes_and_scale(interpret, tiles):
@@ -181,7 +183,7 @@ def test_block_sizes_and_scale(interpret, tiles):
     assert rel_l2(out, numpy_block_sparse(q, k, v, layout, scale=0.05)) < 2e-5
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 def test_bitwise_deterministic(interpret):
     b, n, seq_len, d = 2, 3, 1000, 128
     nq = -(-seq_len // BLOCK)
@@ -193,7 +195,7 @@ def test_bitwise_deterministic(interpret):
     np.testing.assert_array_equal(np.asarray(first, np.float32), np.asarray(second, np.float32))
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 def test_traced_counts_share_one_compilation(interpret):
     """Counts are run-time data: new densities reuse the compiled kernel."""
     b, n, seq_len, d = 1, 2, 256, 64
@@ -259,7 +261,7 @@ LENGTH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 @pytest.mark.parametrize("seq_len, lengths", LENGTH_CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kv_lengths_match_numpy(interpret, seq_len, lengths, dtype):
@@ -294,7 +296,7 @@ def test_kv_lengths_match_numpy(interpret, seq_len, lengths, dtype):
     )
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 def test_kv_lengths_with_small_key_tiles(interpret):
     """block_k = 32: sub-steps of the masked block that hold no visible key at all."""
     b, n, seq_len, d = 3, 2, 384, 64
@@ -310,7 +312,7 @@ def test_kv_lengths_with_small_key_tiles(interpret):
     assert rel_l2(out, numpy_block_sparse(q, k, v, layout, scale=0.07, kv_lengths=lengths)) < 2e-5
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_empty_rows_whose_padding_is_the_partial_block(interpret, with_lengths):
     """Count-0 rows whose (unread) first entry is the ragged block nk-1 give zeros: the masked
@@ -332,7 +334,7 @@ def test_empty_rows_whose_padding_is_the_partial_block(interpret, with_lengths):
     assert rel_l2(out, numpy_block_sparse(q, k, v, layout, kv_lengths=lengths)) < 2e-5
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 def test_traced_kv_lengths_share_one_compilation(interpret):
     """Lengths are run-time data: new lengths reuse the compiled kernel."""
     b, n, seq_len, d = 2, 2, 300, 64
