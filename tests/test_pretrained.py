@@ -134,3 +134,84 @@ def test_shipped_model_denoises_a_real_clip():
     err_model = float(jnp.mean(jnp.square(x0_hat - x0)))
     err_input = float(jnp.mean(jnp.square(noisy - x0)))
     assert err_model < 0.5 * err_input, (err_model, err_input)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model registry, the v2 model's shape and sharded weights
+
+
+def test_registry_names_both_models_and_rejects_others():
+    assert set(pretrained.SMALL_DIT_MODELS) >= {"v1", "v2"}
+    assert pretrained.get_small_dit("v1").config == pretrained.SMALL_DIT_CONFIG
+    assert pretrained.get_small_dit("v1").weights_path == SHIPPED == pretrained.default_weights_path("v1")
+    assert pretrained.get_small_dit("v2").config == pretrained.SMALL_DIT_V2_CONFIG
+    with pytest.raises(ValueError, match="model must be one of"):
+        pretrained.get_small_dit("v3")
+
+
+def test_v2_is_wan_shaped_and_fits_the_transfer_limits():
+    config = pretrained.SMALL_DIT_V2_CONFIG
+    assert pretrained.SmallDiTConfig.from_json(config.to_json()) == config
+    grid = config.token_grid
+    tokens = int(np.prod(grid))
+    assert grid == (16, 30, 54) and tokens == 25920
+    assert all(side & (side - 1) for side in grid[1:])  # height and width are not powers of two
+    assert -(-tokens // 128) == 203 and tokens % 128 == 64  # the last block is half full
+    assert config.wan.num_heads >= 8 and config.wan.head_dim == 64
+    model = nnx.eval_shape(lambda: WanTransformer3DModel(config.wan, rngs=nnx.Rngs(0), param_dtype=jnp.float32))
+    cond = nnx.eval_shape(lambda: pretrained.ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(0)))
+    transformer = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    tables = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(cond, nnx.Param)))
+    shipped = 2 * transformer + 4 * tables  # bf16 transformer, float32 conditioner
+    assert shipped <= 31_000_000, shipped  # "about 30 MB in all"
+    largest = max(2 * int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert largest < pretrained.MAX_SHARD_BYTES // 4  # shards pack whole tensors
+
+
+def test_sharded_save_load_roundtrip_and_checksums(tmp_path):
+    import subprocess
+
+    model, conditioner = _random_modules(21)
+    path = tmp_path / "w.safetensors"
+    limit = 200_000
+    digests = pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
+                                              max_shard_bytes=limit)  # fmt: skip
+    files = pretrained.weights_files(path)
+    assert len(files) >= 2 and not path.exists()
+    assert [f.name for f in files] == sorted(digests) == [f"w-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    assert all(f.stat().st_size <= limit for f in files)
+    assert pretrained.read_weights_checksums(path) == digests == pretrained.verify_weights(path)
+    assert subprocess.run(["sha256sum", "-c", path.name + ".sha256"], cwd=tmp_path, capture_output=True).returncode == 0
+    loaded, config = pretrained.load_small_video_dit(path, dtype=jnp.float32, param_dtype=jnp.float32)
+    assert config == pretrained.SMOKE_DIT_CONFIG
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                 nnx.to_pure_dict(nnx.state(loaded, nnx.Param)))  # fmt: skip
+    photo, motion = jnp.array([1, 2]), jnp.array([0, 4])
+    chex.assert_trees_all_equal(pretrained.load_clip_conditioner(path)(photo, motion), conditioner(photo, motion))
+    # Rewriting as one file removes the shards; rewriting as shards removes the file.
+    pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32)
+    assert pretrained.weights_files(path) == [path] and not list(tmp_path.glob("w-*"))
+    pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
+                                    max_shard_bytes=limit)  # fmt: skip
+    assert not path.exists() and len(pretrained.weights_files(path)) == len(files)
+
+
+def test_sharded_weights_refuse_damage(tmp_path):
+    model, conditioner = _random_modules(22)
+    path = tmp_path / "w.safetensors"
+    pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
+                                    max_shard_bytes=200_000)  # fmt: skip
+    files = pretrained.weights_files(path)
+    data = bytearray(files[1].read_bytes())
+    data[-1] ^= 0x01
+    files[1].write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{files[1].name}.*SHA-256"):
+        pretrained.load_small_video_dit(path)
+    files[1].unlink()
+    with pytest.raises(ValueError, match=f"lack shards.*{files[1].name}"):
+        pretrained.load_small_video_dit(path)
+    path.write_bytes(b"not weights")
+    with pytest.raises(ValueError, match="both as one file and as shards"):
+        pretrained.weights_files(path)
+    with pytest.raises(ValueError, match="alone exceeds max_shard_bytes"):
+        pretrained.write_sharded(tmp_path / "big.safetensors", {"x": np.ones(1000, np.float32)}, {}, max_shard_bytes=2000)

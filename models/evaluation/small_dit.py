@@ -1,24 +1,35 @@
-"""The small video DiT trained here (``benchmarks/train_small.py``) and its loader.
+"""The small video DiTs trained here (``benchmarks/train_small.py``), their registry and loaders.
 
 No pretrained video model can be downloaded here, and random weights have no attention
-structure, so the quality harness uses a small Wan2.1-architecture DiT trained on the synthetic
-clips of :mod:`models.evaluation.clips` (flow matching, optax AdamW, a few minutes on one H100).
+structure, so the quality harness uses small Wan2.1-architecture DiTs trained on the synthetic
+clips of :mod:`models.evaluation.clips` (flow matching, optax AdamW, minutes on one H200).
+Two models are registered in :data:`SMALL_DIT_MODELS` (:func:`get_small_dit`):
 
-The model (:data:`SMALL_WAN_CONFIG`): dim 256, 6 layers, 4 heads of 64, FFN 1024, text dim 64,
-3 latent channels, patch (1, 2, 2): 6.9 M parameters. Clips of 16 frames × 64×64 px
-(:class:`~models.evaluation.codec.LatentCodec` with ``space_to_depth=1``: latent ``[3, 16, 64, 64]``) give a
-16×32×32 token grid, 16,384 tokens = 128 blocks of 128.
+``v1`` (:data:`SMALL_DIT_CONFIG`, WanConfig ``small-video-dit``)
+  dim 256, 6 layers, 4 heads of 64, FFN 1024, text dim 64, 3 latent channels, patch (1, 2, 2):
+  6.9 M parameters. Clips of 16 frames × 64×64 px (:class:`~models.evaluation.codec.LatentCodec`
+  with ``space_to_depth=1``: latent ``[3, 16, 64, 64]``) give a 16×32×32 token grid, 16,384
+  tokens = 128 blocks of 128: a raster block is exactly 4 whole rows of one frame.
+``v2`` (:data:`SMALL_DIT_V2_CONFIG`, WanConfig ``small-video-dit-v2``)
+  a grid shaped like Wan2.1's (21×30×52 at 480p): clips of 16 frames × 60×108 px, latent
+  ``[3, 16, 60, 108]``, token grid 16×30×54 = 25,920 tokens = 203 blocks of 128, the last one
+  half full; sides that are not powers of two, so a raster block spans 2.4 rows and crosses row
+  and frame ends. dim 512, 4 layers, 8 heads of 64, FFN 1024: 14.8 M parameters, 29.7 MB in
+  bfloat16, shipped as two files of at most 16 MiB.
 
 Conditioning (:class:`ClipConditioner`): a learned embedding of the clip's background photo
 (``n`` tokens) followed by one of its motion class (``n`` tokens), each ``text_dim`` wide, fed
 to the cross-attention as ``encoder_hidden_states [B, 2n, text_dim]``. Index ``NUM_PHOTOS`` /
 ``NUM_MOTIONS`` is the learned "null" embedding used for classifier-free guidance.
 
-The shipped file ``models/evaluation/weights/small_video_dit.safetensors`` holds the transformer parameters
+Weights files (:func:`save_small_video_dit`): the transformer parameters
 (``transformer.<nnx path>``, bfloat16) and the conditioner tables (``conditioner.photo``,
-``conditioner.motion``), with the :class:`SmallDiTConfig` as JSON in the header metadata;
-``small_video_dit.safetensors.sha256`` holds its SHA-256 (``sha256sum`` format). The loaders
-verify it before reading.
+``conditioner.motion``), with the :class:`SmallDiTConfig` as JSON in the header metadata. A
+model whose file would exceed ``max_shard_bytes`` (16 MiB) is split into shards
+``<stem>-00001-of-0000N.safetensors`` (whole tensors, each shard with the config); ``<path>``
+then names the set. ``<path>.sha256`` (``sha256sum`` format, one line per file, so
+``sha256sum -c`` checks it) holds the SHA-256 of every file; the loaders verify them before
+reading.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -43,18 +55,30 @@ from models.wan.transformer import WanTransformer3DModel
 
 __all__ = [
     "SMALL_WAN_CONFIG",
+    "SMALL_WAN_V2_CONFIG",
     "SmallDiTConfig",
     "SMALL_DIT_CONFIG",
+    "SMALL_DIT_V2_CONFIG",
     "SMOKE_DIT_CONFIG",
+    "SmallDiTModel",
+    "SMALL_DIT_MODELS",
+    "get_small_dit",
     "ClipConditioner",
+    "MAX_SHARD_BYTES",
     "WEIGHTS_DIR",
     "WEIGHTS_FILE",
     "default_weights_path",
+    "weights_files",
+    "read_weights_checksums",
     "file_sha256",
     "read_checksum",
+    "read_checksums",
+    "verify_weights",
     "verify_checksum",
     "flatten_state",
     "unflatten_into",
+    "write_sharded",
+    "read_sharded",
     "save_small_video_dit",
     "load_small_video_dit",
     "load_clip_conditioner",
@@ -72,9 +96,14 @@ SMALL_WAN_CONFIG = WanConfig(
     freq_dim=128,
     text_len=4,
 )
+#: The second harness model: 8 heads of 64 (the Hopper kernel's head dim), 4 layers, at the
+#: largest width whose bfloat16 weights stay near 30 MB (two files of at most 16 MiB).
+SMALL_WAN_V2_CONFIG = SMALL_WAN_CONFIG.replace(name="small-video-dit-v2", dim=512, num_layers=4, num_heads=8)
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = "small_video_dit.safetensors"
+#: Largest weights file written (the GPU machine returns files of at most 16 MiB).
+MAX_SHARD_BYTES = 16 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +181,51 @@ SMOKE_DIT_CONFIG = SmallDiTConfig(
     ),
     clip=ClipConfig(frames=4, height=16, width=16),
 )  # fmt: skip
+#: The v2 harness model: 16 frames × 60×108 px → a 16×30×54 token grid (25,920 tokens = 203
+#: blocks of 128, the last one half full), like Wan2.1's 21×30×52 at 480p.
+SMALL_DIT_V2_CONFIG = SmallDiTConfig(wan=SMALL_WAN_V2_CONFIG, clip=ClipConfig(frames=16, height=60, width=108))
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallDiTModel:
+    """A registered small video DiT: its configuration and its shipped weights.
+
+    Attributes:
+      name: the registry key (``"v1"``, ``"v2"``).
+      config: the model's :class:`SmallDiTConfig`.
+      weights: file name in :data:`WEIGHTS_DIR`: the weights file, or the name that stands for
+        its shards (``<stem>-0000i-of-0000N.safetensors``; :func:`weights_files`).
+      description: one line for reports.
+    """
+
+    name: str
+    config: SmallDiTConfig
+    weights: str
+    description: str
+
+    @property
+    def weights_path(self) -> pathlib.Path:
+        return WEIGHTS_DIR / self.weights
+
+
+#: The registered models; add an entry to ship another one.
+SMALL_DIT_MODELS: dict[str, SmallDiTModel] = {
+    "v1": SmallDiTModel(
+        "v1", SMALL_DIT_CONFIG, WEIGHTS_FILE,
+        "small-video-dit: 6 layers × 4 heads, 16×32×32 tokens (128 whole blocks)",
+    ),
+    "v2": SmallDiTModel(
+        "v2", SMALL_DIT_V2_CONFIG, "small_video_dit_v2.safetensors",
+        "small-video-dit-v2: 4 layers × 8 heads, 16×30×54 tokens (203 blocks, the last partial)",
+    ),
+}  # fmt: skip
+
+
+def get_small_dit(name: str) -> SmallDiTModel:
+    """The registered model ``name`` (``ValueError`` listing the names otherwise)."""
+    if name not in SMALL_DIT_MODELS:
+        raise ValueError(f"model must be one of {sorted(SMALL_DIT_MODELS)}, got {name!r}")
+    return SMALL_DIT_MODELS[name]
 
 
 class ClipConditioner(nnx.Module):
@@ -181,8 +255,9 @@ class ClipConditioner(nnx.Module):
 # Files and checksums
 
 
-def default_weights_path() -> pathlib.Path:
-    return WEIGHTS_DIR / WEIGHTS_FILE
+def default_weights_path(model: str = "v1") -> pathlib.Path:
+    """Where the registered ``model``'s shipped weights live (a file or the name of its shards)."""
+    return get_small_dit(model).weights_path
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -197,20 +272,39 @@ def _checksum_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + ".sha256")
 
 
-def read_checksum(path: str | os.PathLike) -> str:
-    """The expected SHA-256 of ``path`` from ``<path>.sha256`` (``sha256sum`` format)."""
+def read_checksums(path: str | os.PathLike) -> dict[str, str]:
+    """``{file name: SHA-256}`` from ``<path>.sha256`` (``sha256sum`` format: one ``digest  name``
+    line per file, so ``sha256sum -c`` checks it in its folder)."""
     path = pathlib.Path(path)
     sums = _checksum_path(path)
     if not sums.is_file():
         raise ValueError(f"path {str(path)!r} has no checksum file {str(sums)!r}")
-    text = sums.read_text().split()
-    if not text or len(text[0]) != 64:
+    out: dict[str, str] = {}
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or len(parts[0]) != 64 or any(c not in "0123456789abcdefABCDEF" for c in parts[0]):
+            raise ValueError(f"checksum file {str(sums)!r} has a line that is not 'SHA-256 hex digest  name': {line!r}")
+        out[parts[1].lstrip("*")] = parts[0].lower()
+    if not out:
         raise ValueError(f"checksum file {str(sums)!r} does not start with a SHA-256 hex digest")
-    return text[0].lower()
+    return out
+
+
+def read_checksum(path: str | os.PathLike) -> str:
+    """The expected SHA-256 of the single file ``path`` from ``<path>.sha256``."""
+    path = pathlib.Path(path)
+    sums = read_checksums(path)
+    if path.name in sums:
+        return sums[path.name]
+    if len(sums) == 1:  # a checksum file written under another name of the same file
+        return next(iter(sums.values()))
+    raise ValueError(f"checksum file of {str(path)!r} lists {sorted(sums)}, not {path.name!r}")
 
 
 def verify_checksum(path: str | os.PathLike) -> str:
-    """Checks ``path`` against ``<path>.sha256``; returns the digest or raises ``ValueError``."""
+    """Checks the single file ``path`` against ``<path>.sha256``; returns the digest or raises ``ValueError``."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ValueError(f"weights file {str(path)!r} does not exist (train it with benchmarks/train_small.py)")
@@ -219,6 +313,160 @@ def verify_checksum(path: str | os.PathLike) -> str:
     if actual != expected:
         raise ValueError(f"weights file {str(path)!r} has SHA-256 {actual}, its checksum file says {expected}")
     return actual
+
+
+def _shard_path(path: pathlib.Path, index: int, count: int) -> pathlib.Path:
+    return path.with_name(f"{path.stem}-{index:05d}-of-{count:05d}{path.suffix}")
+
+
+def _shards_of(path: pathlib.Path) -> list[tuple[int, int, pathlib.Path]]:
+    """``(index, count, file)`` of every ``<stem>-IIIII-of-NNNNN<suffix>`` next to ``path``."""
+    pattern = re.compile(re.escape(path.stem) + r"-(\d{5})-of-(\d{5})" + re.escape(path.suffix) + "$")
+    found = []
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            match = pattern.match(entry.name)
+            if match and entry.is_file():
+                found.append((int(match[1]), int(match[2]), entry))
+    return sorted(found)
+
+
+def weights_files(path: str | os.PathLike) -> list[pathlib.Path]:
+    """The files holding the weights named ``path``: ``[path]`` when it is a file, else its shards
+    ``<stem>-00001-of-0000N<suffix>`` … in order.
+
+    Raises:
+      ValueError: when neither exists, when both exist, or when the shards do not form one
+        complete set (the message names the missing or extra files).
+    """
+    path = pathlib.Path(path)
+    shards = _shards_of(path)
+    if path.is_file():
+        if shards:
+            raise ValueError(
+                f"weights {str(path)!r} exist both as one file and as shards ({shards[0][2].name}, ...); remove one"
+            )
+        return [path]
+    if not shards:
+        raise ValueError(f"weights file {str(path)!r} does not exist (train it with benchmarks/train_small.py)")
+    counts = sorted({count for _, count, _ in shards})
+    if len(counts) != 1:
+        raise ValueError(f"weights {str(path)!r} have shards of several sets (of {counts}); remove the stale ones")
+    count = counts[0]
+    present = [index for index, _, _ in shards]
+    if present != list(range(1, count + 1)):
+        missing = sorted(set(range(1, count + 1)) - set(present))
+        raise ValueError(
+            f"weights {str(path)!r} lack shards {[_shard_path(path, i, count).name for i in missing]}"
+        )
+    return [file for _, _, file in shards]
+
+
+def read_weights_checksums(path: str | os.PathLike) -> dict[str, str]:
+    """``{file name: expected SHA-256}`` of every file of the weights named ``path``, from
+    ``<path>.sha256`` (no hashing; :func:`verify_weights` hashes)."""
+    files = weights_files(path)
+    if len(files) == 1 and files[0] == pathlib.Path(path):
+        return {files[0].name: read_checksum(files[0])}
+    sums = read_checksums(path)
+    missing = [f.name for f in files if f.name not in sums]
+    if missing:
+        raise ValueError(f"checksum file of {str(path)!r} does not list {missing}")
+    return {f.name: sums[f.name] for f in files}
+
+
+def verify_weights(path: str | os.PathLike) -> dict[str, str]:
+    """Checks every file of the weights named ``path`` against ``<path>.sha256``; returns
+    ``{file name: SHA-256}`` or raises ``ValueError`` naming the file that differs."""
+    expected = read_weights_checksums(path)
+    for file in weights_files(path):
+        actual = file_sha256(file)
+        if actual != expected[file.name]:
+            raise ValueError(
+                f"weights file {str(file)!r} has SHA-256 {actual}, its checksum file says {expected[file.name]}"
+            )
+    return expected
+
+
+def write_sharded(
+    path: str | os.PathLike,
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, str],
+    *,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict[str, str]:
+    """Writes ``tensors`` to ``path``, or to shards of at most ``max_shard_bytes`` when one file
+    would be larger, and ``<path>.sha256`` listing every file written; returns ``{file name: SHA-256}``.
+
+    Tensors are whole in one shard (filled in name order); every shard carries ``metadata`` plus
+    ``"shard": "i/N"``. Files are written atomically (:func:`models.io.atomic_write_bytes`), then
+    the files of an earlier write under the other form (or another shard count) are removed, so
+    :func:`weights_files` finds exactly this set.
+
+    Raises:
+      ValueError: when one tensor alone exceeds ``max_shard_bytes``.
+    """
+    from safetensors.numpy import save
+
+    from models.io import atomic_write_bytes, atomic_write_text
+
+    path = pathlib.Path(path)
+    tensors = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
+    overhead = 1024 + len(json.dumps(metadata)) + 256  # header: metadata, "shard", framing
+    budget = int(max_shard_bytes) - overhead
+    groups: list[dict[str, np.ndarray]] = [{}]
+    used = 0
+    for name, array in tensors.items():
+        size = array.nbytes + 160 + len(name)  # data + its header entry
+        if size > budget:
+            raise ValueError(f"tensor {name!r} ({array.nbytes} bytes) alone exceeds max_shard_bytes={max_shard_bytes}")
+        if used + size > budget and groups[-1]:
+            groups.append({})
+            used = 0
+        groups[-1][name] = array
+        used += size
+    count = len(groups)
+    targets = [path] if count == 1 else [_shard_path(path, i + 1, count) for i in range(count)]
+    digests: dict[str, str] = {}
+    for i, (target, group) in enumerate(zip(targets, groups)):
+        meta = dict(metadata) if count == 1 else {**metadata, "shard": f"{i + 1}/{count}"}
+        data = save(group, metadata=meta)
+        if len(data) > max_shard_bytes:  # pragma: no cover - the header estimate above is generous
+            raise ValueError(f"shard {target.name} has {len(data)} bytes, over max_shard_bytes={max_shard_bytes}")
+        atomic_write_bytes(target, data)
+        digests[target.name] = hashlib.sha256(data).hexdigest()
+    atomic_write_text(_checksum_path(path), "".join(f"{d}  {name}\n" for name, d in digests.items()))
+    stale = [f for _, _, f in _shards_of(path) if f not in targets] + ([path] if count > 1 and path.is_file() else [])
+    for old in stale:
+        old.unlink()
+    return digests
+
+
+def read_sharded(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Reads the weights named ``path`` (a file or its shards): ``(tensors, metadata)``.
+
+    With ``verify``, every file is checked against ``<path>.sha256`` first (:func:`verify_weights`). The shards must carry
+    the same metadata (besides ``"shard"``) and distinct tensor names; ``metadata`` is the first
+    file's without ``"shard"``.
+    """
+    from safetensors import safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    metadata: dict[str, str] | None = None
+    if verify:
+        verify_weights(path)
+    for file in weights_files(path):
+        with safe_open(str(file), framework="numpy") as f:
+            meta = {k: v for k, v in (f.metadata() or {}).items() if k != "shard"}
+            if metadata is None:
+                metadata = meta
+            elif meta != metadata:
+                raise ValueError(f"shard {file.name!r} has other metadata than the first shard of {str(path)!r}")
+            for key in f.keys():
+                if key in tensors:
+                    raise ValueError(f"tensor {key!r} appears in two shards of {str(path)!r}")
+                tensors[key] = f.get_tensor(key)
+    return tensors, metadata or {}
 
 
 def flatten_state(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
@@ -259,62 +507,54 @@ def save_small_video_dit(
     *,
     dtype=jnp.bfloat16,
     metadata: dict[str, str] | None = None,
-) -> str:
-    """Writes the weights (transformer in ``dtype``, conditioner float32) and ``<path>.sha256``.
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict[str, str]:
+    """Writes the weights (transformer in ``dtype``, conditioner float32) with their checksums.
 
-    Both files are written atomically (:func:`models.io.atomic_write_bytes`; parent folders are
-    created), the weights first: a kill leaves the old pair, or new weights whose checksum file
-    does not match yet (which :func:`verify_checksum` reports), never a truncated weights file.
-    Returns the SHA-256 digest.
+    One file at ``path``, or shards of at most ``max_shard_bytes`` (:func:`write_sharded`).
+    Each file is written atomically (:func:`models.io.atomic_write_bytes`; parent folders are
+    created) before its ``.sha256``: a kill leaves the old files, or new weights whose checksum
+    file does not match yet (which :func:`verify_checksum` reports), never a truncated weights
+    file. Returns ``{file name: SHA-256}``.
     """
-    from safetensors.numpy import save
-
-    from models.io import atomic_write_bytes, atomic_write_text
-
-    path = pathlib.Path(path)
     tensors = {
         k: np.asarray(jnp.asarray(v, dtype))
         for k, v in flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), "transformer.").items()
     }
     tensors.update(flatten_state(nnx.to_pure_dict(nnx.state(conditioner, nnx.Param)), "conditioner."))
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     meta = {"config": config.to_json(), "format": "dfsattn-jax small video DiT v1"}
     meta.update(metadata or {})
-    data = save(tensors, metadata=meta)
-    digest = hashlib.sha256(data).hexdigest()
-    atomic_write_bytes(path, data)
-    atomic_write_text(_checksum_path(path), f"{digest}  {path.name}\n")
-    return digest
+    return write_sharded(path, tensors, meta, max_shard_bytes=max_shard_bytes)
 
 
 def _read(path: str | os.PathLike | None, verify: bool) -> tuple[dict[str, np.ndarray], SmallDiTConfig, dict[str, str]]:
-    from safetensors import safe_open
-
     path = pathlib.Path(path) if path is not None else default_weights_path()
-    if verify:
-        verify_checksum(path)
-    elif not path.is_file():
-        raise ValueError(f"weights file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_sharded(path, verify=verify)
     if "config" not in metadata:
         raise ValueError(f"weights file {str(path)!r} has no 'config' metadata")
     return tensors, SmallDiTConfig.from_json(metadata["config"]), metadata
 
 
+def _weights_path(path: str | os.PathLike | None) -> str | os.PathLike | None:
+    """A registered model name (``"v1"``, ``"v2"``) stands for its shipped weights."""
+    if isinstance(path, str) and path in SMALL_DIT_MODELS:
+        return get_small_dit(path).weights_path
+    return path
+
+
 def load_small_video_dit(
     path: str | os.PathLike | None = None, *, dtype=None, param_dtype=None, verify: bool = True
 ) -> tuple[WanTransformer3DModel, SmallDiTConfig]:
-    """Loads the shipped small video DiT: ``(model, config)``.
+    """Loads a small video DiT: ``(model, config)``.
 
     Args:
-      path: the safetensors file (default ``models/evaluation/weights/small_video_dit.safetensors``).
+      path: a weights file or the name of its shards, or a registered model name (``"v1"``,
+        ``"v2"``: its shipped weights); default: the v1 model's shipped weights.
       dtype, param_dtype: activation / parameter dtypes (default: bf16 on accelerators, float32
         on CPU; the float32 modules of Wan stay float32).
-      verify: check the file against its ``.sha256`` first (raises ``ValueError`` on mismatch).
+      verify: check every file against its ``.sha256`` first (raises ``ValueError`` on mismatch).
     """
-    tensors, config, _ = _read(path, verify)
+    tensors, config, _ = _read(_weights_path(path), verify)
     dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
     param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else default_dtype()
     model = nnx.eval_shape(
@@ -328,8 +568,8 @@ def load_small_video_dit(
 
 
 def load_clip_conditioner(path: str | os.PathLike | None = None, *, verify: bool = True) -> ClipConditioner:
-    """Loads the shipped model's :class:`ClipConditioner` (float32)."""
-    tensors, config, _ = _read(path, verify)
+    """Loads a small video DiT's :class:`ClipConditioner` (float32); ``path`` as :func:`load_small_video_dit`."""
+    tensors, config, _ = _read(_weights_path(path), verify)
     conditioner = nnx.eval_shape(lambda: ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(0)))
     state = nnx.state(conditioner, nnx.Param)
     nnx.replace_by_pure_dict(state, unflatten_into(nnx.to_pure_dict(state), tensors, "conditioner."))
