@@ -1,40 +1,67 @@
-"""Train the small video DiT of the quality harness (``models/evaluation/small_dit.py``) on synthetic clips.
+"""Train a small video DiT of the quality harness (``models/evaluation/small_dit.py``) on synthetic clips.
 
-Model: the Wan2.1 architecture of ``models/wan/transformer.py`` at :data:`models.evaluation.small_dit.SMALL_WAN_CONFIG`
-(dim 256, 6 layers, 4 heads of 64, 6.9 M parameters), on 16-frame 64×64 clips of
-``models/evaluation/clips.py`` (latent ``[3, 16, 64, 64]``, 16,384 tokens), conditioned through the
-cross-attention on a learned embedding of the clip's photo and motion class
-(:class:`models.evaluation.small_dit.ClipConditioner`, 2 + 2 tokens of width 64).
+Models (``--model``, :data:`models.evaluation.small_dit.SMALL_DIT_MODELS`): ``v1`` (dim 256, 6
+layers, 4 heads, 16×64×64-px clips, 16,384 tokens), ``v2`` (dim 512, 4 layers, 8 heads of 64,
+16×60×108-px clips, a 16×30×54 = 25,920-token grid like Wan2.1's), ``--smoke`` a tiny CPU model.
+Each is conditioned through the cross-attention on a learned embedding of the clip's photo and
+motion class (:class:`models.evaluation.small_dit.ClipConditioner`, 2 + 2 tokens of width 64).
 
-Objective: rectified flow as Wan trains it: ``x_σ = (1 - σ) x0 + σ ε``, the model predicts
-``ε - x0`` at timestep ``1000 σ`` (the sampler in ``models/sampling/loop.py`` integrates exactly this
-velocity). ``σ = s u / (1 + (s - 1) u)`` with ``u = sigmoid(n)``, ``n ~ N(0, 1)`` (logit-normal,
-shifted by ``s = train_shift = 3`` towards high noise, where the shift-5 sampler spends its
-steps). The conditioning is replaced by the learned null embedding with probability 0.1
-(classifier-free guidance).
+Objective (:mod:`models.evaluation.learning`): rectified flow as Wan trains it, ``x_σ = (1 - σ) x0
++ σ ε``, the model predicts ``ε - x0`` at timestep ``1000 σ``; ``σ`` shifted logit-normal
+(shift ``train_shift = 3``); the conditioning is replaced by the learned null embedding with
+probability 0.1 (classifier-free guidance).
 
-Optimisation: optax AdamW (β = 0.9, 0.99, weight decay 0.01), global-norm clipping at 1, linear
-warm-up then cosine decay to 10 %; float32 master weights, bfloat16 activations on GPU (float32
-on CPU). The clips are rendered on the device inside the jitted step from parameters drawn on
-the host with the seed ``(seed, step)``, so a resumed run sees exactly the data it would have.
+Stages (``--stages``): the run is a sequence of stages, each a step range with its own batch and
+clip size (the same model: RoPE positions follow the grid). The v2 recipe trains first on
+4-frame clips at the full 60×108 px (6,480 tokens: the photos' detail at the final spatial
+scale for 1/16 of the attention cost per clip), then on the 16-frame clips (25,920 tokens).
 
-Outputs (``--out``, default ``out/train_small``): ``checkpoint.safetensors`` (params, AdamW
-state and step; written every ``--checkpoint-every`` steps and at the end; a rerun with the same
-``--out`` resumes from it), ``losses.json``, ``loss.png`` (the loss curve), ``samples.png`` /
-``samples.gif`` (real clips vs 50-step samples of the same classes), ``train_summary.json``;
-with ``--results DIR`` copies of the pictures and summaries (for the README); with ``--export
-PATH`` the shipped weights (bfloat16 safetensors + ``.sha256``).
+Optimisation: AdamW (β = 0.9, 0.99, weight decay 0.01), global-norm clipping at 1; learning rate
+given to every step from the host (:func:`learning_rate`): linear warm-up, cosine decay to 10 %
+of the peak over all stages, times a linear re-warm ramp after a resume without optimizer
+moments. float32 master weights, bfloat16 activations on GPU (float32 on CPU). The clips are
+rendered on the device inside the jitted step from parameters drawn on the host with the seed
+``(seed, step)``, so a resumed run sees exactly the data it would have.
+
+Checkpoints, two kinds (a run resumes from the newer one):
+
+* **full** (``--out``/``checkpoint.safetensors``): float32 params, AdamW moments and the step,
+  every ``--checkpoint-every`` steps and at the end; it stays on the machine (v2: 178 MB);
+* **compact** (``--carry-out DIR``, read back with ``--carry-in DIR``): the params only, in
+  ``--carry-dtype`` (bfloat16: 29.7 MB for v2, in shards of at most 16 MiB via
+  :func:`models.evaluation.small_dit.write_sharded`) plus ``compact.json`` (step, configs, loss
+  and held-out histories). This is what travels between GPU calls: the GPU machine returns files
+  of at most 16 MiB and receives a working tree of at most 64 MiB. Trade-off: resuming from it
+  rounds the weights to bfloat16 once (a relative change of at most 2⁻⁹, the rounding the
+  shipped weights get anyway) and restarts the AdamW moments: bias-corrected Adam then takes
+  sign-like steps, so the learning rate ramps back up linearly over ``--rewarm`` steps (100),
+  which costs about 50 steps of progress per resume. float32 params (59 MB for v2) plus moments
+  would not fit the 64 MiB tree next to the repository.
+
+Measures (:mod:`models.evaluation.learning`): the held-out flow-matching loss on a fixed set at
+fixed noise levels every ``--eval-every`` steps; at the end of the last stage, ``--eval-samples``
+dense 50-step samples with their PSNR to the nearest of ``--eval-candidates`` real clips of their
+class, the same for held-out real clips (the ceiling), and the photo each sample is nearest to.
+
+Outputs (``--out``): ``checkpoint.safetensors``, ``losses.json``, ``heldout.json``,
+``loss.png`` (training loss per stage and held-out loss), ``samples.png`` / ``samples.gif``
+(real clips vs samples of the same classes), ``train_summary.json``; with ``--results DIR``
+copies of the pictures and summaries (for the README); with ``--export PATH``, once the last
+stage is done, the shipped weights (bfloat16 safetensors, shards of at most 16 MiB, ``PATH.sha256``).
 
 Usage (from the repository root; needs the package installed: ``pip install -e .``)::
 
-    # CPU smoke test (tiny model, 4-frame 16×16 clips; well under a minute):
+    # CPU smoke test (tiny model, 2 stages of 4-frame 16×16 clips; about a minute):
     JAX_PLATFORMS=cpu python benchmarks/train_small.py --smoke --out /tmp/train_smoke
 
-    # The shipped model: about 7 min on one H100 (7.2 steps/s at batch 8, 32 s compile, 22 s
-    # of sampling); --time-limit guarantees the 8-minute budget on a slower machine:
-    python benchmarks/train_small.py --steps 2600 --batch 8 --time-limit 450 \\
-        --out out/train_small --results benchmarks/results/train_small \\
-        --export models/evaluation/weights/small_video_dit.safetensors
+    # v2 on the H200 in resumable calls (benchmarks/NOTES.md, "Fidelity v2 runbook"):
+    python benchmarks/train_small.py --model v2 --out out/train_v2 --time-limit 500 \\
+        --carry-in carry/train_v2 --carry-out $OUT/ckpt --results $OUT/results \\
+        --export $OUT/weights/small_video_dit_v2.safetensors
+
+    # The shipped v1 model (2,400 steps × batch 8 on one H200, 6.4 min):
+    python benchmarks/train_small.py --model v1 --steps 2400 --batch 8 --out out/train_small \\
+        --results benchmarks/results/train_small --export models/evaluation/weights/small_video_dit.safetensors
 """
 
 from __future__ import annotations
@@ -56,30 +83,95 @@ import optax
 from flax import nnx
 
 from models.evaluation.clips import (
+    BACKGROUND_PHOTOS,
     MOTIONS,
     NUM_MOTIONS,
     NUM_PHOTOS,
-    BACKGROUND_PHOTOS,
-    ClipParams,
+    ClipConfig,
     load_photo_bank,
-    render_clips,
     sample_clip_params,
 )
-from models.evaluation.codec import encode_latent, latents_to_video
+from models.evaluation.learning import (
+    HeldoutSet,
+    clips_to_latents,
+    learning_report,
+    sample_sigmas,
+    velocity_loss,
+)
+from models.evaluation.media import plot_sample_grid, write_side_by_side_gif
 from models.evaluation.results import device_name, portable, write_json
 from models.evaluation.small_dit import (
-    SMALL_DIT_CONFIG,
+    MAX_SHARD_BYTES,
     SMOKE_DIT_CONFIG,
     ClipConditioner,
     SmallDiTConfig,
     flatten_state,
+    get_small_dit,
+    read_sharded,
     save_small_video_dit,
     unflatten_into,
+    weights_files,
+    write_sharded,
 )
 from models.io import atomic_write, atomic_write_bytes, atomic_write_text
 from models.wan.transformer import WanTransformer3DModel
 
 CHECKPOINT = "checkpoint.safetensors"
+COMPACT = "compact.safetensors"
+COMPACT_META = "compact.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A step range of the training run with its own batch and clip size.
+
+    Attributes:
+      end: the stage runs steps ``[previous end, end)``.
+      batch: clips per step.
+      frames, height, width: clip size (pixels); the model's clip config with these fields.
+    """
+
+    end: int
+    batch: int
+    frames: int
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        for name in ("end", "batch", "frames", "height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"stage {name} must be a positive integer, got {value!r}")
+
+    def clip(self, base: ClipConfig) -> ClipConfig:
+        return dataclasses.replace(base, frames=self.frames, height=self.height, width=self.width)
+
+    def text(self) -> str:
+        return f"{self.end}:{self.batch}:{self.frames}x{self.height}x{self.width}"
+
+
+def parse_stages(text: str) -> tuple[Stage, ...]:
+    """``"END:BATCH:FxHxW,..."`` (ends increasing) → stages, e.g. ``"2000:32:4x60x108,3100:8:16x60x108"``."""
+    stages = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            end, batch, size = part.split(":")
+            frames, height, width = (int(x) for x in size.lower().split("x"))
+            stages.append(Stage(int(end), int(batch), frames, height, width))
+        except ValueError as err:
+            raise ValueError(f"--stages entry {part!r} must be END:BATCH:FxHxW (e.g. 2000:32:4x60x108): {err}") from None
+    if not stages:
+        raise ValueError(f"--stages must name at least one stage, got {text!r}")
+    ends = [s.end for s in stages]
+    if ends != sorted(set(ends)):
+        raise ValueError(f"--stages ends must increase, got {ends}")
+    return tuple(stages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,24 +179,77 @@ class TrainConfig:
     """Optimisation settings.
 
     Attributes:
-      steps: optimizer steps in total (a resumed run continues up to it).
-      batch: clips per step.
+      stages: the run's stages (the last one's ``end`` is the total step count).
       lr: peak learning rate.
       warmup: linear warm-up steps.
+      final_lr: the cosine decay's end, as a fraction of ``lr``.
       weight_decay: AdamW weight decay.
       grad_clip: global gradient-norm clip.
       p_uncond: probability of the null conditioning (classifier-free guidance).
+      rewarm: steps of the linear learning-rate ramp after a resume without optimizer moments.
       seed: data and initialisation seed.
     """
 
-    steps: int = 2600
-    batch: int = 8
+    stages: tuple[Stage, ...]
     lr: float = 6e-4
     warmup: int = 100
+    final_lr: float = 0.1
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     p_uncond: float = 0.1
+    rewarm: int = 100
     seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return self.stages[-1].end
+
+    def stage_index(self, step: int) -> int:
+        """The index of the stage that runs ``step``."""
+        for i, stage in enumerate(self.stages):
+            if step < stage.end:
+                return i
+        raise ValueError(f"step {step} is past the last stage (end {self.steps})")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _single(config: SmallDiTConfig, steps: int, batch: int) -> tuple[Stage, ...]:
+    clip = config.clip
+    return (Stage(steps, batch, clip.frames, clip.height, clip.width),)
+
+
+#: The default recipe of each model: ``(config, TrainConfig)``. v1 is the shipped run's
+#: settings (it stopped at 2,400 of 2,600 planned steps: ``--steps 2400``); v2 is planned for
+#: 15–20 H200 minutes (benchmarks/NOTES.md).
+def recipe(model: str) -> tuple[SmallDiTConfig, TrainConfig]:
+    """The default model config and training settings of ``"v1"``, ``"v2"`` or ``"smoke"``."""
+    if model == "smoke":
+        config = SMOKE_DIT_CONFIG
+        stages = (Stage(10, 2, 2, 16, 16), Stage(20, 2, 4, 16, 16))
+        return config, TrainConfig(stages=stages, warmup=5, rewarm=3)
+    config = get_small_dit(model).config
+    if model == "v1":
+        return config, TrainConfig(stages=_single(config, 2600, 8))
+    stages = (Stage(2000, 32, 4, 60, 108), Stage(3100, 8, 16, 60, 108))
+    return config, TrainConfig(stages=stages, lr=4e-4, warmup=200)
+
+
+def learning_rate(step: int, cfg: TrainConfig, rewarm_from: int | None = None) -> float:
+    """The learning rate of update ``step`` (0-based): linear warm-up to ``cfg.lr`` over
+    ``cfg.warmup`` steps, then cosine decay to ``cfg.final_lr * cfg.lr`` at ``cfg.steps``; after
+    a resume without optimizer moments at ``rewarm_from``, times ``min(1, (step - rewarm_from + 1) / cfg.rewarm)``."""
+    warmup = max(1, min(cfg.warmup, cfg.steps - 1)) if cfg.steps > 1 else 1
+    if step < warmup:
+        lr = cfg.lr * step / warmup
+    else:
+        frac = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+        end = cfg.final_lr * cfg.lr
+        lr = end + (cfg.lr - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if rewarm_from is not None and step >= rewarm_from:
+        lr *= min(1.0, (step - rewarm_from + 1) / max(1, cfg.rewarm))
+    return float(lr)
 
 
 class SmallDiT(nnx.Module):
@@ -116,53 +261,34 @@ class SmallDiT(nnx.Module):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    warmup = max(1, min(cfg.warmup, cfg.steps - 1)) if cfg.steps > 1 else 1
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=max(cfg.steps, warmup + 1),
-        end_value=0.1 * cfg.lr,
-    )  # fmt: skip
+    """AdamW without its learning rate (the step scales the update by ``-learning_rate(step)``)."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay),
+        optax.scale_by_adam(b1=0.9, b2=0.99),
+        optax.add_decayed_weights(cfg.weight_decay),
     )
-
-
-def sample_sigmas(key: jax.Array, batch: int, shift: float) -> jax.Array:
-    """Training noise levels: shifted logit-normal, ``σ = s u / (1 + (s - 1) u)``, ``u = sigmoid(N(0, 1))``."""
-    u = jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32))
-    return shift * u / (1.0 + (shift - 1.0) * u)
-
-
-def clips_to_latents(images: jax.Array, params: ClipParams, config: SmallDiTConfig) -> jax.Array:
-    """Renders clips and encodes them: ``[B, C, F, H, W]`` float32 (the model's layout)."""
-    video = render_clips(images, params, config.clip)
-    latent = encode_latent(video, config.codec)  # [B, F, H, W, C]
-    return jnp.moveaxis(latent, -1, 1)
 
 
 def flow_matching_loss(
     bundle: SmallDiT, latents: jax.Array, photo: jax.Array, motion: jax.Array, key: jax.Array,
     *, shift: float, p_uncond: float,
 ) -> jax.Array:  # fmt: skip
-    """Mean squared error of the predicted velocity ``ε - x0`` (float32)."""
+    """Mean squared error of the predicted velocity ``ε - x0``, conditioning dropped with ``p_uncond`` (float32)."""
     k_noise, k_sigma, k_drop = jax.random.split(key, 3)
     batch = latents.shape[0]
     eps = jax.random.normal(k_noise, latents.shape, jnp.float32)
     sigma = sample_sigmas(k_sigma, batch, shift)
-    s = sigma[:, None, None, None, None]
-    noisy = (1.0 - s) * latents + s * eps
     drop = jax.random.uniform(k_drop, (batch,)) < p_uncond
     text = bundle.conditioner(jnp.where(drop, NUM_PHOTOS, photo), jnp.where(drop, NUM_MOTIONS, motion))
-    model = bundle.transformer
-    out, _ = model(noisy.astype(model.dtype), sigma * 1000.0, text.astype(model.dtype))
-    return jnp.mean(jnp.square(out.astype(jnp.float32) - (eps - latents)))
+    return jnp.mean(velocity_loss(bundle.transformer, text, latents, eps, sigma))
 
 
-def make_train_step(graphdef, config: SmallDiTConfig, tx: optax.GradientTransformation, cfg: TrainConfig):
-    """The jitted step ``(params, opt_state, images, clip_params, key) -> (params, opt_state, loss)``."""
+def make_train_step(graphdef, config: SmallDiTConfig, clip: ClipConfig, tx: optax.GradientTransformation, cfg: TrainConfig):
+    """The jitted step ``(params, opt_state, images, clip_params, key, lr) -> (params, opt_state, loss)``
+    on clips of size ``clip``."""
 
-    def step(params, opt_state, images, clip_params, key):
-        latents = clips_to_latents(images, clip_params, config)
+    def step(params, opt_state, images, clip_params, key, lr):
+        latents = clips_to_latents(images, clip_params, clip, config.codec)
 
         def loss_fn(p):
             bundle = nnx.merge(graphdef, p)
@@ -173,6 +299,7 @@ def make_train_step(graphdef, config: SmallDiTConfig, tx: optax.GradientTransfor
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: -lr * u, updates)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -186,8 +313,12 @@ def _opt_names(opt_state) -> list[str]:
     return ["opt" + jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]]
 
 
-def save_checkpoint(path: pathlib.Path, params, opt_state, step: int, config: SmallDiTConfig, cfg: TrainConfig) -> None:
-    """Params (float32), the optimizer state and the step, atomically (models.io.atomic_write_bytes)."""
+def save_checkpoint(
+    path: pathlib.Path, params, opt_state, step: int, config: SmallDiTConfig, cfg: TrainConfig,
+    *, rewarm_from: int | None = None,
+) -> None:  # fmt: skip
+    """The full checkpoint: params (float32), the optimizer state and the step, atomically
+    (:func:`models.io.atomic_write_bytes`)."""
     from safetensors.numpy import save
 
     tensors = flatten_state(nnx.to_pure_dict(params), "params.")
@@ -195,8 +326,17 @@ def save_checkpoint(path: pathlib.Path, params, opt_state, step: int, config: Sm
     tensors.update({name: np.asarray(leaf) for name, leaf in zip(_opt_names(opt_state), leaves)})
     tensors["step"] = np.asarray(step, np.int64)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    meta = {"config": config.to_json(), "train": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
+    meta = {"config": config.to_json(), "train": cfg.to_json(), "step": str(step),
+            "rewarm_from": "" if rewarm_from is None else str(rewarm_from)}  # fmt: skip
     atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def checkpoint_info(path: pathlib.Path) -> dict[str, str]:
+    """The full checkpoint's metadata (step, configs, ``rewarm_from``) without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return dict(f.metadata() or {})
 
 
 def load_checkpoint(path: pathlib.Path, params, opt_state, config: SmallDiTConfig):
@@ -221,11 +361,52 @@ def load_checkpoint(path: pathlib.Path, params, opt_state, config: SmallDiTConfi
     return params, opt_state, int(np.asarray(tensors["step"]).reshape(-1)[0])
 
 
+def save_compact(
+    folder: pathlib.Path, params, step: int, config: SmallDiTConfig, cfg: TrainConfig, history: dict[str, list],
+    *, dtype=jnp.bfloat16, max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict[str, str]:  # fmt: skip
+    """The compact checkpoint in ``folder``: params in ``dtype`` (``compact.safetensors`` or its
+    shards, with ``compact.safetensors.sha256``) and ``compact.json`` (step, configs, histories).
+    Returns ``{file name: SHA-256}``."""
+    tensors = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in flatten_state(nnx.to_pure_dict(params), "params.").items()}
+    meta = {"config": config.to_json(), "train": cfg.to_json(), "step": str(step)}
+    digests = write_sharded(folder / COMPACT, tensors, meta, max_shard_bytes=max_shard_bytes)
+    info = {"step": step, "config": config.to_json(), "train": cfg.to_json(), "dtype": jnp.dtype(dtype).name,
+            "files": digests, **history}  # fmt: skip
+    atomic_write_text(folder / COMPACT_META, json.dumps(info))
+    return digests
+
+
+def compact_step(folder: pathlib.Path | None) -> int | None:
+    """The step of the compact checkpoint in ``folder`` (``None`` when there is none)."""
+    if folder is None or not (folder / COMPACT_META).is_file():
+        return None
+    return int(json.loads((folder / COMPACT_META).read_text())["step"])
+
+
+def load_compact(folder: pathlib.Path, params, config: SmallDiTConfig) -> tuple[Any, int, dict[str, list]]:
+    """Restores the params (cast to the template's dtypes) of the compact checkpoint in
+    ``folder``: ``(params, step, histories)``. Checks the files' SHA-256 and the model config."""
+    info = json.loads((folder / COMPACT_META).read_text())
+    if info.get("config") != config.to_json():
+        raise ValueError(f"compact checkpoint in {str(folder)!r} was trained with another model config")
+    tensors, meta = read_sharded(folder / COMPACT, verify=True)
+    if meta.get("step") != str(info["step"]):
+        raise ValueError(f"compact checkpoint in {str(folder)!r}: {COMPACT_META} says step {info['step']}, "
+                         f"the tensors step {meta.get('step')}")  # fmt: skip
+    pure = unflatten_into(nnx.to_pure_dict(params), tensors, "params.")
+    nnx.replace_by_pure_dict(params, pure)
+    history = {k: [tuple(x) for x in info.get(k, [])] for k in ("losses", "heldout")}
+    return params, int(info["step"]), history
+
+
 # ----------------------------------------------------------------------------------------------
 # Pictures
 
 
-def plot_losses(losses: list[tuple[int, float]], path: pathlib.Path, title: str) -> None:
+def plot_losses(losses: list[tuple[int, float]], path: pathlib.Path, title: str, *,
+                heldout: Sequence[tuple[int, float]] = (), stages: Sequence[Stage] = ()) -> None:  # fmt: skip
+    """The training loss per step (and its running mean), the held-out loss, the stage boundaries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,79 +414,39 @@ def plot_losses(losses: list[tuple[int, float]], path: pathlib.Path, title: str)
 
     steps = np.array([s for s, _ in losses])
     values = np.array([v for _, v in losses])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, values, lw=0.5, alpha=0.4, label="per step")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(steps, values, lw=0.5, alpha=0.4, label="training loss per step")
     if len(values) >= 10:
         k = max(5, len(values) // 50)
         smooth = np.convolve(values, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"training, mean of {k}")
+    if heldout:
+        ax.plot([s for s, _ in heldout], [v for _, v in heldout], "o-", ms=3, lw=1.2, color="black",
+                label="held-out (final clip size)")  # fmt: skip
+    for stage in stages[:-1]:
+        ax.axvline(stage.end, color="grey", ls=":", lw=1)
+    for i, stage in enumerate(stages):
+        start = stages[i - 1].end if i else 0
+        ax.annotate(f"{stage.frames}×{stage.height}×{stage.width}, batch {stage.batch}", ((start + stage.end) / 2, 1.0),
+                    xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=7)  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss (MSE of ε − x0)")
     ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9, pad=14 if stages else 6)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_write(path) as tmp:  # keeps the suffix: matplotlib picks the format from it
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
-def _to_uint8(video: np.ndarray) -> np.ndarray:
-    return np.clip(np.round((video + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def save_sample_pictures(
     real: np.ndarray, generated: np.ndarray, captions: Sequence[str], png: pathlib.Path, gif: pathlib.Path
 ) -> None:
     """PNG: for each class a row of real frames and a row of generated frames; GIF: side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    n, t = real.shape[:2]
-    cols = min(t, 8)
-    frames = np.linspace(0, t - 1, cols).round().astype(int)
-    fig, axes = plt.subplots(2 * n, cols, figsize=(1.1 * cols, 1.25 * 2 * n), squeeze=False)
-    for i in range(n):
-        for j, f in enumerate(frames):
-            for r, (video, kind) in enumerate(((real, "real"), (generated, "sample"))):
-                ax = axes[2 * i + r, j]
-                ax.imshow(_to_uint8(video[i, f]))
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if j == 0:
-                    ax.set_ylabel(kind, fontsize=7)
-            axes[2 * i, j].set_title(f"t={f}", fontsize=6)
-        axes[2 * i, 0].annotate(captions[i], (0, 1.35), xycoords="axes fraction", fontsize=7, ha="left")
-    fig.tight_layout()
-    with atomic_write(png) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    # GIF: top row real clips, bottom row samples.
-    rows = [np.concatenate(list(_to_uint8(v)), axis=2) for v in (real, generated)]  # [T, H, n*W, 3]
-    pad = np.full(rows[0].shape[:1] + (2,) + rows[0].shape[2:], 255, np.uint8)
-    movie = np.concatenate([rows[0], pad, rows[1]], axis=1)
-    images = [Image.fromarray(frame) for frame in movie]
-    with atomic_write(gif) as tmp:  # keeps the .gif suffix: Pillow picks the format from it
-        images[0].save(tmp, save_all=True, append_images=images[1:], duration=120, loop=0)
-
-
-def generate_samples(
-    bundle: SmallDiT, config: SmallDiTConfig, photo: np.ndarray, motion: np.ndarray, *, num_steps: int, seed: int
-) -> np.ndarray:
-    """Dense classifier-free-guided samples of the given classes: ``[B, F, H, W, 3]`` pixels."""
-    from models.sampling.loop import Sampler
-
-    batch = photo.shape[0]
-    noise = jax.random.normal(jax.random.key(seed), (batch,) + config.latent_shape, jnp.float32)
-    text = bundle.conditioner(jnp.asarray(photo), jnp.asarray(motion))
-    negative = bundle.conditioner.unconditional(batch)
-    sampler = Sampler(bundle.transformer, "dense", shift=config.sample_shift, progress=False)
-    result = sampler(noise, text, negative, num_steps=num_steps, guidance_scale=config.guidance_scale)
-    return latents_to_video(result.latents, config.codec)
+    plot_sample_grid(real, generated, png, captions=captions)
+    write_side_by_side_gif(real, generated, gif, titles=("real clip", "sample"), captions=captions, scale=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,26 +463,80 @@ def _portable_path(path: pathlib.Path) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("v1", "v2"), default="v1", help="the registered model to train (default v1)")
     p.add_argument("--smoke", action="store_true", help="tiny model and clips, few steps (CPU smoke test)")
-    p.add_argument("--out", type=pathlib.Path, default=None, help="output folder (default out/train_small[_smoke])")
-    p.add_argument("--steps", type=int, default=None, help=f"total steps (default {d.steps}; smoke 20)")
-    p.add_argument("--batch", type=int, default=None, help=f"clips per step (default {d.batch}; smoke 2)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=None, help=f"warm-up steps (default {d.warmup}; smoke 5)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", type=pathlib.Path, default=None, help="output folder (default out/train_<model>)")
+    p.add_argument("--stages", default=None,
+                   help="END:BATCH:FxHxW,... (default: the model's recipe, see recipe())")
+    p.add_argument("--steps", type=int, default=None, help="one stage of this many steps at the model's clip size")
+    p.add_argument("--batch", type=int, default=None, help="batch of that one stage (default: the recipe's last)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--time-limit", type=float, default=None, help="stop training (and save) after this many seconds")
-    p.add_argument("--sample-steps", type=int, default=None, help="denoising steps of the samples (default 50; smoke 4)")
-    p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--no-samples", action="store_true")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out loss every N steps (default 250; smoke 10; 0: only at the end)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop training (and save) after this many seconds since the start")
+    p.add_argument("--carry-out", type=pathlib.Path, default=None,
+                   help="also write the compact checkpoint (params only, shards <= 16 MiB) here")
+    p.add_argument("--carry-in", type=pathlib.Path, default=None,
+                   help="resume from the compact checkpoint here when it is newer than --out's full one")
+    p.add_argument("--carry-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--sample-steps", type=int, default=None, help="denoising steps of the samples (default 50; smoke 2)")
+    p.add_argument("--eval-samples", type=int, default=None, help="samples scored at the end (default 16; smoke 2)")
+    p.add_argument("--eval-candidates", type=int, default=None,
+                   help="real clips per class for the nearest-clip PSNR (default 256; smoke 4)")
+    p.add_argument("--show-samples", type=int, default=8, help="classes in samples.png / samples.gif")
+    p.add_argument("--no-samples", action="store_true", help="no samples and no end-of-training evaluation")
     p.add_argument("--export", type=pathlib.Path, default=None, help="write the shipped weights (+ .sha256) here")
     p.add_argument("--results", type=pathlib.Path, default=None,
                    help="also copy loss.png, samples.png/.gif, losses.json and train_summary.json here")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     return p.parse_args(argv)
+
+
+def _train_config(args: argparse.Namespace) -> tuple[str, SmallDiTConfig, TrainConfig]:
+    name = "smoke" if args.smoke else args.model
+    config, cfg = recipe(name)
+    if args.stages is not None and (args.steps is not None or args.batch is not None):
+        raise ValueError("give either --stages or --steps/--batch, not both")
+    stages = cfg.stages
+    if args.stages is not None:
+        stages = parse_stages(args.stages)
+    elif args.steps is not None or args.batch is not None:
+        stages = _single(config, args.steps or cfg.steps, args.batch or cfg.stages[-1].batch)
+    changes = {"stages": stages, "seed": args.seed}
+    if args.lr is not None:
+        changes["lr"] = args.lr
+    if args.warmup is not None:
+        changes["warmup"] = args.warmup
+    return name, config, dataclasses.replace(cfg, **changes)
+
+
+def _resume(args, out: pathlib.Path, params, opt_state, config, cfg) -> tuple[Any, Any, int, dict, int | None, str | None]:
+    """``(params, opt_state, step, histories, rewarm_from, source)`` from the newer checkpoint;
+    ``source`` is ``"full"``, ``"compact"`` or ``None`` (a fresh start)."""
+    history: dict[str, list] = {"losses": [], "heldout": []}
+    if args.fresh:
+        return params, opt_state, 0, history, None, None
+    ckpt = out / CHECKPOINT
+    full = int(checkpoint_info(ckpt)["step"]) if ckpt.exists() else None
+    compact = compact_step(args.carry_in)
+    if full is not None and (compact is None or full >= compact):
+        params, opt_state, step = load_checkpoint(ckpt, params, opt_state, config)
+        rewarm = checkpoint_info(ckpt).get("rewarm_from") or None
+        for key in history:
+            file = out / f"{key}.json"
+            if file.exists():
+                history[key] = [(int(s), float(v)) for s, v in json.loads(file.read_text()) if s <= step]
+        return params, opt_state, step, history, None if rewarm is None else int(rewarm), "full"
+    if compact is not None:
+        params, step, history = load_compact(args.carry_in, params, config)
+        return params, opt_state, step, history, step, "compact"
+    return params, opt_state, 0, history, None, None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -351,25 +546,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # Tiny CPU runs are dominated by XLA:CPU's LLVM optimisation (3× faster compiles at
         # level 0, same speed for these shapes). Takes effect only if no backend exists yet.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-    config = SMOKE_DIT_CONFIG if args.smoke else SMALL_DIT_CONFIG
-    defaults = dict(steps=20, batch=2, warmup=5) if args.smoke else {}
-    cfg = TrainConfig(
-        steps=args.steps or defaults.get("steps", TrainConfig.steps),
-        batch=args.batch or defaults.get("batch", TrainConfig.batch),
-        lr=args.lr,
-        warmup=args.warmup if args.warmup is not None else defaults.get("warmup", TrainConfig.warmup),
-        seed=args.seed,
-    )
-    if cfg.steps < 1 or cfg.batch < 1:
-        raise ValueError(f"--steps and --batch must be positive, got {cfg.steps} and {cfg.batch}")
-    out = args.out or pathlib.Path("out/train_small_smoke" if args.smoke else "out/train_small")
+    name, config, cfg = _train_config(args)
+    out = args.out or pathlib.Path(f"out/train_{name}")
     out.mkdir(parents=True, exist_ok=True)
     on_cpu = jax.default_backend() == "cpu"
     dtype = jnp.float32 if on_cpu else jnp.bfloat16
+    eval_every = args.eval_every if args.eval_every is not None else (10 if args.smoke else 250)
     print(
-        f"device {device_name()}; model {config.wan.name} (dim {config.wan.dim}, "
-        f"{config.wan.num_layers} layers, {config.wan.num_heads} heads); latent {config.latent_shape}, "
-        f"tokens {math.prod(config.token_grid)}; {cfg.steps} steps × batch {cfg.batch}; activations {jnp.dtype(dtype).name}",
+        f"device {device_name()}; model {config.wan.name} (dim {config.wan.dim}, {config.wan.num_layers} layers, "
+        f"{config.wan.num_heads} heads); final latent {config.latent_shape}, tokens {math.prod(config.token_grid)}; "
+        f"stages {', '.join(s.text() for s in cfg.stages)}; activations {jnp.dtype(dtype).name}",
         flush=True,
     )
 
@@ -380,57 +566,92 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
-    start = 0
-    losses: list[tuple[int, float]] = []
-    ckpt = out / CHECKPOINT
-    if ckpt.exists() and not args.fresh:
-        params, opt_state, start = load_checkpoint(ckpt, params, opt_state, config)
-        if (out / "losses.json").exists():
-            losses = [(int(s), float(v)) for s, v in json.loads((out / "losses.json").read_text()) if s < start]
-        print(f"resumed from {ckpt} at step {start}", flush=True)
-    train_step = make_train_step(graphdef, config, tx, cfg)
+    params, opt_state, start, history, rewarm_from, source = _resume(args, out, params, opt_state, config, cfg)
+    if source == "full":
+        print(f"resumed from the full checkpoint {out / CHECKPOINT} at step {start}", flush=True)
+    elif source == "compact":
+        print(f"resumed from the compact checkpoint in {args.carry_in} at step {start} "
+              f"(optimizer moments restarted, learning rate re-warmed over {cfg.rewarm} steps)", flush=True)  # fmt: skip
     base_key = jax.random.key(cfg.seed)
+    heldout = HeldoutSet(config, bank=bank, num_clips=4 if args.smoke else 16, num_sigmas=2 if args.smoke else 8,
+                         batch=2 if args.smoke else 8, seed=cfg.seed)  # fmt: skip
+    carry_dtype = jnp.dtype(args.carry_dtype)
+
+    def evaluate(step: int) -> None:
+        bundle = nnx.merge(graphdef, params)
+        loss = heldout(bundle.transformer, bundle.conditioner)["loss"]
+        history["heldout"] = [h for h in history["heldout"] if h[0] != step] + [(step, loss)]
+        print(f"step {step}: held-out loss {loss:.4f}", flush=True)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt, params, opt_state, step, config, cfg)
-        atomic_write_text(out / "losses.json", json.dumps(losses))
+        save_checkpoint(out / CHECKPOINT, params, opt_state, step, config, cfg, rewarm_from=rewarm_from)
+        for key, values in history.items():
+            atomic_write_text(out / f"{key}.json", json.dumps(values))
+        # A finished run that exports its weights needs no compact checkpoint (and the GPU
+        # machine returns at most 8 files: the export and the results use them).
+        if args.carry_out is not None and not (step >= cfg.steps and args.export is not None):
+            save_compact(args.carry_out, params, step, config, cfg, history, dtype=carry_dtype)
 
     t_loop = time.perf_counter()
     pending: list[tuple[int, jax.Array]] = []
     step = start
-    compile_s = None
     stopped_early = False
+    stage_stats: dict[int, dict[str, float]] = {}
+    current, train_step, t_steady, stage_start = None, None, None, start
     while step < cfg.steps:
-        clip_params = sample_clip_params((cfg.seed, step), cfg.batch, config.clip)
-        params, opt_state, loss = train_step(params, opt_state, images, clip_params, jax.random.fold_in(base_key, step))
+        index = cfg.stage_index(step)
+        stage = cfg.stages[index]
+        clip = stage.clip(config.clip)
+        if index != current:
+            current, stage_start = index, step
+            train_step = make_train_step(graphdef, config, clip, tx, cfg)
+            t_stage = time.perf_counter()
+            print(f"stage {index}: steps {step}-{stage.end - 1}, batch {stage.batch}, clips {clip.frames}x{clip.height}x{clip.width} px", flush=True)
+        clip_params = sample_clip_params((cfg.seed, step), stage.batch, clip)
+        lr = jnp.float32(learning_rate(step, cfg, rewarm_from))
+        params, opt_state, loss = train_step(params, opt_state, images, clip_params, jax.random.fold_in(base_key, step), lr)
         pending.append((step, loss))
         step += 1
-        if compile_s is None:
+        if step == stage_start + 1:
             jax.block_until_ready(loss)
-            compile_s = time.perf_counter() - t_loop
+            first = time.perf_counter() - t_stage
+            stage_stats[index] = {"first_step_s": first, "steps": 0, "seconds": 0.0}
             t_steady = time.perf_counter()
-            print(f"step {step}: loss {float(loss):.4f} (first step incl. compile {compile_s:.1f} s)", flush=True)
-        if step % args.log_every == 0 or step == cfg.steps:
-            losses.extend((s, float(v)) for s, v in pending)
+            print(f"step {step}: loss {float(loss):.4f} (first step of stage {index} incl. compile {first:.1f} s)", flush=True)
+        flush = step % args.log_every == 0 or step == cfg.steps or step == stage.end
+        if flush:
+            history["losses"].extend((s, float(v)) for s, v in pending)
             pending.clear()
-            rate = (step - start - 1) / max(time.perf_counter() - t_steady, 1e-9)
-            recent = np.mean([v for _, v in losses[-args.log_every :]])
-            print(f"step {step}: loss {recent:.4f} ({rate:.2f} steps/s)", flush=True)
+            stats = stage_stats[index]
+            stats["steps"], stats["seconds"] = step - stage_start - 1, time.perf_counter() - t_steady
+            rate = stats["steps"] / max(stats["seconds"], 1e-9)
+            recent = np.mean([v for _, v in history["losses"][-args.log_every :]])
+            print(f"step {step}: loss {recent:.4f} ({rate:.2f} steps/s, lr {float(lr):.2e})", flush=True)
+        if eval_every and step % eval_every == 0 and step < cfg.steps:
+            history["losses"].extend((s, float(v)) for s, v in pending)
+            pending.clear()
+            evaluate(step)
         if step % args.checkpoint_every == 0 and step < cfg.steps:
-            losses.extend((s, float(v)) for s, v in pending)
+            history["losses"].extend((s, float(v)) for s, v in pending)
             pending.clear()
             checkpoint(step)
         if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit and step < cfg.steps:
             print(f"time limit reached at step {step}", flush=True)
             stopped_early = True
             break
-    losses.extend((s, float(v)) for s, v in pending)
+    history["losses"].extend((s, float(v)) for s, v in pending)
+    if current is not None and t_steady is not None:
+        stats = stage_stats[current]
+        stats["steps"], stats["seconds"] = step - stage_start - 1, time.perf_counter() - t_steady
+    complete = step >= cfg.steps
+    if complete and step > start and (not history["heldout"] or history["heldout"][-1][0] != step):
+        evaluate(step)
     if step > start:
         checkpoint(step)
     train_s = time.perf_counter() - t_loop
-    steady = (step - start - 1) / max(time.perf_counter() - t_steady, 1e-9) if step - start > 1 else float("nan")
-    if losses:
-        plot_losses(losses, out / "loss.png", f"{config.wan.name}: {step} steps × batch {cfg.batch}")
+    if history["losses"]:
+        plot_losses(history["losses"], out / "loss.png", f"{config.wan.name}: {step} steps", heldout=history["heldout"],
+                    stages=cfg.stages)  # fmt: skip
 
     bundle = nnx.merge(graphdef, params)
     summary: dict[str, Any] = dict(
@@ -438,46 +659,59 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model=config.wan.name,
         parameters=int(num_params),
         tokens=math.prod(config.token_grid),
+        token_grid=list(config.token_grid),
+        stages=[dataclasses.asdict(s) for s in cfg.stages],
         steps=step,
-        batch=cfg.batch,
+        complete=complete,
         stopped_early=stopped_early,
-        first_step_s=compile_s,
-        steps_per_s=steady,
+        resumed_from=source,
+        start_step=start,
+        rewarm_from=rewarm_from,
+        stage_timing={str(i): {**s, "steps_per_s": s["steps"] / s["seconds"] if s["seconds"] > 0 else None}
+                      for i, s in stage_stats.items()},  # fmt: skip
         train_s=train_s,
-        final_loss=float(np.mean([v for _, v in losses[-100:]])) if losses else None,
+        final_loss=float(np.mean([v for _, v in history["losses"][-100:]])) if history["losses"] else None,
+        heldout=history["heldout"][-1][1] if history["heldout"] else None,
+        heldout_history=history["heldout"],
     )
-    if not args.no_samples:
-        t0 = time.perf_counter()
-        n = args.num_samples
-        photo = np.arange(n) % NUM_PHOTOS
-        motion = np.arange(n) % NUM_MOTIONS
-        real = np.stack([
-            np.asarray(render_clips(images, sample_clip_params((cfg.seed, 7, i), 1, config.clip, photo=int(p), motion=int(m)), config.clip))[0]
-            for i, (p, m) in enumerate(zip(photo, motion))
-        ])  # fmt: skip
-        num_steps = args.sample_steps or (4 if args.smoke else 50)
-        generated = generate_samples(bundle, config, photo, motion, num_steps=num_steps, seed=cfg.seed + 1)
-        captions = [f"{BACKGROUND_PHOTOS[p]} / {MOTIONS[m]}" for p, m in zip(photo, motion)]
-        save_sample_pictures(real, generated, captions, out / "samples.png", out / "samples.gif")
-        summary["sample_s"] = time.perf_counter() - t0
-        summary["sample_steps"] = num_steps
-    if args.export is not None:
-        digest = save_small_video_dit(
+    if complete and args.export is not None:  # first: the weights are safe before the evaluation runs
+        digests = save_small_video_dit(
             args.export, bundle.transformer, bundle.conditioner, config,
-            metadata={"steps": str(step), "batch": str(cfg.batch), "final_loss": str(summary["final_loss"]),
-                      "train": json.dumps(dataclasses.asdict(cfg))},
+            metadata={"steps": str(step), "final_loss": str(summary["final_loss"]), "train": cfg.to_json()},
         )  # fmt: skip
         summary["export"] = _portable_path(args.export)
-        summary["sha256"] = digest
-        summary["export_bytes"] = os.path.getsize(args.export)
+        summary["sha256"] = digests
+        summary["export_bytes"] = sum(os.path.getsize(f) for f in weights_files(args.export))
+    if complete and not args.no_samples:
+        t0 = time.perf_counter()
+        num = args.eval_samples or (2 if args.smoke else 16)
+        report, videos = learning_report(
+            bundle.transformer, bundle.conditioner, config, num_samples=num,
+            num_steps=args.sample_steps or (2 if args.smoke else 50),
+            num_candidates=args.eval_candidates or (4 if args.smoke else 256),
+            photo_candidates=2 if args.smoke else 32,
+            seed=cfg.seed, heldout=heldout,
+        )  # fmt: skip
+        shown = min(args.show_samples, num)
+        captions = [f"{BACKGROUND_PHOTOS[p]} / {MOTIONS[m]}" for p, m in report["classes"][:shown]]
+        save_sample_pictures(videos["real"][:shown], videos["samples"][:shown], captions, out / "samples.png", out / "samples.gif")
+        summary["learning"] = report
+        summary["sample_s"] = time.perf_counter() - t0
+        summary["sample_steps"] = report["num_steps"]
     summary["total_s"] = time.perf_counter() - t_start
     write_json(out / "train_summary.json", summary)
     if args.results is not None:
-        for name in ("loss.png", "samples.png", "samples.gif", "losses.json", "train_summary.json"):
-            if (out / name).is_file():
-                with atomic_write(args.results / name) as tmp:
-                    shutil.copyfile(out / name, tmp)
-    print(json.dumps(summary, indent=2), flush=True)
+        for file in ("loss.png", "samples.png", "samples.gif", "losses.json", "train_summary.json"):
+            if (out / file).is_file():
+                with atomic_write(args.results / file) as tmp:
+                    shutil.copyfile(out / file, tmp)
+    brief = {k: summary[k] for k in ("model", "steps", "complete", "final_loss", "heldout", "train_s", "total_s")}
+    if "learning" in summary:
+        learn = summary["learning"]
+        brief["nearest_psnr"] = learn["samples"]["nearest_psnr_summary"]["mean"]
+        brief["nearest_psnr_real"] = learn["real"]["nearest_psnr_summary"]["mean"]
+        brief["photo_accuracy"] = learn["samples"]["photo_accuracy"]
+    print(json.dumps(brief, indent=2), flush=True)
     return summary
 
 

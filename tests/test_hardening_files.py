@@ -351,7 +351,7 @@ def test_train_small_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     from benchmarks import train_small
 
     config = pretrained.SMOKE_DIT_CONFIG
-    cfg = train_small.TrainConfig(steps=4, batch=1)
+    cfg = train_small.TrainConfig(stages=(train_small.Stage(4, 1, 4, 16, 16),))
     abstract = nnx.eval_shape(lambda: train_small.SmallDiT(config, rngs=nnx.Rngs(0), dtype=jnp.float32))
     _, params_shape = nnx.split(abstract, nnx.Param)
     tx = train_small.make_optimizer(cfg)

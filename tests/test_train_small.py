@@ -1,7 +1,9 @@
-"""benchmarks/train_small.py: checkpoints restore exactly; the smoke run trains, resumes, samples, exports."""
+"""benchmarks/train_small.py: stages, learning rate, both checkpoint kinds, and a smoke run that
+trains across two stages, resumes, evaluates and exports."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import jax
@@ -12,6 +14,8 @@ from flax import nnx
 
 from benchmarks import train_small
 from models.evaluation import small_dit as pretrained
+
+SMOKE_STAGES = (train_small.Stage(3, 2, 2, 16, 16), train_small.Stage(6, 2, 4, 16, 16))
 
 
 def _random_like(rng: np.random.Generator, tree):
@@ -25,23 +29,26 @@ def _random_like(rng: np.random.Generator, tree):
     return jax.tree.map(fill, tree)
 
 
+def _templates(cfg):
+    abstract = nnx.eval_shape(lambda: train_small.SmallDiT(pretrained.SMOKE_DIT_CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float32))
+    _, params_shape = nnx.split(abstract, nnx.Param)
+    return params_shape, jax.eval_shape(train_small.make_optimizer(cfg).init, params_shape)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_checkpoint_roundtrip_restores_params_optimizer_and_step(tmp_path, seed):
     config = pretrained.SMOKE_DIT_CONFIG
-    cfg = train_small.TrainConfig(steps=10, batch=2)
+    cfg = train_small.TrainConfig(stages=SMOKE_STAGES)
     rng = np.random.default_rng(seed)
-    abstract = nnx.eval_shape(lambda: train_small.SmallDiT(config, rngs=nnx.Rngs(0), dtype=jnp.float32))
-    _, params_shape = nnx.split(abstract, nnx.Param)
-    tx = train_small.make_optimizer(cfg)
-    opt_shape = jax.eval_shape(tx.init, params_shape)
+    params_shape, opt_shape = _templates(cfg)
     params = _random_like(rng, params_shape)
     opt_state = _random_like(rng, opt_shape)  # moments and counts all non-trivial
     path = tmp_path / "ckpt.safetensors"
     step = int(rng.integers(1, 10_000))
-    train_small.save_checkpoint(path, params, opt_state, step, config, cfg)
+    train_small.save_checkpoint(path, params, opt_state, step, config, cfg, rewarm_from=step - 1)
 
     params2, opt2, step2 = train_small.load_checkpoint(path, params_shape, opt_shape, config)
-    assert step2 == step
+    assert step2 == step and train_small.checkpoint_info(path)["rewarm_from"] == str(step - 1)
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(params), nnx.to_pure_dict(params2))
     jax.tree.map(np.testing.assert_array_equal, opt_state, opt2)
     other = pretrained.SmallDiTConfig(wan=config.wan, clip=config.clip, guidance_scale=config.guidance_scale + 1)
@@ -49,37 +56,102 @@ def test_checkpoint_roundtrip_restores_params_optimizer_and_step(tmp_path, seed)
         train_small.load_checkpoint(path, params_shape, opt_shape, other)
 
 
+def test_compact_checkpoint_travels_in_small_shards_and_resumes(tmp_path):
+    config = pretrained.SMOKE_DIT_CONFIG
+    cfg = train_small.TrainConfig(stages=SMOKE_STAGES)
+    rng = np.random.default_rng(5)
+    params_shape, _ = _templates(cfg)
+    params = _random_like(rng, params_shape)
+    history = {"losses": [(0, 2.5), (1, 2.25)], "heldout": [(1, 2.0)]}
+    digests = train_small.save_compact(tmp_path, params, 2, config, cfg, history, max_shard_bytes=150_000)
+    assert len(digests) >= 2 and all((tmp_path / name).stat().st_size <= 150_000 for name in digests)
+    assert train_small.compact_step(tmp_path) == 2 and train_small.compact_step(tmp_path / "absent") is None
+    restored, step, hist = train_small.load_compact(tmp_path, _random_like(np.random.default_rng(6), params_shape), config)
+    assert step == 2 and hist == history
+    rounded = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), nnx.to_pure_dict(params))
+    jax.tree.map(np.testing.assert_array_equal, rounded, nnx.to_pure_dict(restored))
+    # The run resumes from it (moments restarted, learning rate re-warmed) when --out holds nothing newer.
+    args = argparse.Namespace(fresh=False, carry_in=tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    fresh_opt = train_small.make_optimizer(cfg).init(params)
+    got = train_small._resume(args, out, _random_like(np.random.default_rng(7), params_shape), fresh_opt, config, cfg)
+    assert got[2] == 2 and got[4] == 2 and got[5] == "compact" and got[3] == history
+    jax.tree.map(np.testing.assert_array_equal, rounded, nnx.to_pure_dict(got[0]))
+    other = pretrained.SmallDiTConfig(wan=config.wan, clip=config.clip, guidance_scale=config.guidance_scale + 1)
+    with pytest.raises(ValueError, match="another model config"):
+        train_small.load_compact(tmp_path, params_shape, other)
+
+
+def test_learning_rate_warms_up_decays_and_rewarms():
+    cfg = train_small.TrainConfig(stages=(train_small.Stage(1000, 2, 2, 16, 16),), lr=4e-4, warmup=100, final_lr=0.1, rewarm=50)
+    lr = np.array([train_small.learning_rate(s, cfg) for s in range(1000)])
+    assert lr[0] == 0.0 and lr[50] == pytest.approx(2e-4) and lr[100] == pytest.approx(4e-4)
+    assert np.all(np.diff(lr[:100]) > 0) and np.all(np.diff(lr[100:]) <= 1e-12)
+    assert lr[-1] == pytest.approx(4e-5, rel=1e-3)  # cosine down to 10 % at the last step
+    ramp = np.array([train_small.learning_rate(s, cfg, rewarm_from=400) for s in range(1000)])
+    np.testing.assert_array_equal(ramp[:400], lr[:400])
+    np.testing.assert_allclose(ramp[400:450], lr[400:450] * np.arange(1, 51) / 50, rtol=1e-12)
+    np.testing.assert_array_equal(ramp[450:], lr[450:])
+
+
+def test_stages_parse_and_validate():
+    stages = train_small.parse_stages("2000:32:4x60x108, 3100:8:16x60x108")
+    assert stages == (train_small.Stage(2000, 32, 4, 60, 108), train_small.Stage(3100, 8, 16, 60, 108))
+    cfg = train_small.TrainConfig(stages=stages)
+    assert cfg.steps == 3100 and cfg.stage_index(0) == 0 and cfg.stage_index(1999) == 0 and cfg.stage_index(2000) == 1
+    with pytest.raises(ValueError, match="past the last stage"):
+        cfg.stage_index(3100)
+    for bad, match in (("10:2:4x16", "END:BATCH:FxHxW"), ("10:2:4x16x16,5:2:4x16x16", "must increase"),
+                       ("10:0:4x16x16", "batch"), ("", "at least one")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            train_small.parse_stages(bad)
+    config, v2 = train_small.recipe("v2")
+    assert config == pretrained.SMALL_DIT_V2_CONFIG and v2.stages[-1].clip(config.clip) == config.clip
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigma_distribution_is_shifted_logit_normal(seed):
-    sigma = np.asarray(train_small.sample_sigmas(jax.random.key(seed), 20000, 3.0))
+    from models.evaluation.learning import sample_sigmas
+
+    sigma = np.asarray(sample_sigmas(jax.random.key(seed), 20000, 3.0))
     assert sigma.min() > 0 and sigma.max() < 1
     # the median of u = sigmoid(N(0, 1)) is 1/2, shifted: 3 * 0.5 / (1 + 2 * 0.5) = 0.75
     assert abs(float(np.median(sigma)) - 0.75) < 0.02
 
 
-def test_smoke_run_trains_resumes_samples_and_exports(tmp_path, capsys):
-    out = tmp_path / "run"
-    first = train_small.main(["--smoke", "--steps", "1", "--no-samples", "--out", str(out)])
-    assert first["steps"] == 1 and np.isfinite(first["final_loss"])
+def test_smoke_run_trains_across_stages_resumes_evaluates_and_exports(tmp_path, capsys):
+    out, carry = tmp_path / "run", tmp_path / "carry"
+    stages = "1:2:2x16x16,3:2:4x16x16"
+    first = train_small.main(["--smoke", "--stages", stages, "--time-limit", "0", "--eval-every", "0",
+                              "--out", str(out), "--carry-out", str(carry)])  # fmt: skip
+    assert first["steps"] == 1 and not first["complete"] and np.isfinite(first["final_loss"])
     assert (out / "checkpoint.safetensors").is_file() and (out / "loss.png").is_file()
+    assert train_small.compact_step(carry) == 1 and "learning" not in first
     export = tmp_path / "w.safetensors"
     second = train_small.main([
-        "--smoke", "--steps", "1", "--sample-steps", "1", "--num-samples", "2",
-        "--out", str(out), "--export", str(export), "--results", str(tmp_path / "results"),
+        "--smoke", "--stages", stages, "--eval-every", "0", "--sample-steps", "1", "--eval-samples", "2",
+        "--eval-candidates", "2", "--out", str(out), "--carry-in", str(carry), "--carry-out", str(carry),
+        "--export", str(export), "--results", str(tmp_path / "results"),
     ])  # fmt: skip
-    assert "resumed from" in capsys.readouterr().out
-    assert second["steps"] == 1
-    assert json.loads((out / "losses.json").read_text())[0][0] == 0
+    printed = capsys.readouterr().out
+    assert "resumed from the full checkpoint" in printed and "stage 1: steps 1-2" in printed
+    assert second["steps"] == 3 and second["complete"] and second["start_step"] == 1
+    assert [s for s, _ in json.loads((out / "losses.json").read_text())] == [0, 1, 2]
+    assert second["heldout_history"][-1][0] == 3 and np.isfinite(second["heldout"])
+    learning = second["learning"]
+    assert len(learning["samples"]["nearest_psnr"]) == 2 and 0.0 <= learning["real"]["photo_accuracy"] <= 1.0
+    assert train_small.compact_step(carry) == 1  # a finished, exported run writes no compact checkpoint
     for name in ("samples.png", "samples.gif", "train_summary.json"):
         assert (out / name).is_file()
         assert (tmp_path / "results" / name).read_bytes() == (out / name).read_bytes()
     model, config = pretrained.load_small_video_dit(export, dtype=jnp.float32, param_dtype=jnp.float32)
-    assert config == pretrained.SMOKE_DIT_CONFIG
+    assert config == pretrained.SMOKE_DIT_CONFIG and second["sha256"] == pretrained.read_weights_checksums(export)
     # the export is the checkpoint's transformer rounded to bfloat16
     template = train_small.SmallDiT(config, rngs=nnx.Rngs(0), dtype=jnp.float32)
     _, params = nnx.split(template, nnx.Param)
-    tx = train_small.make_optimizer(train_small.TrainConfig(steps=1, batch=2))
-    params, _, _ = train_small.load_checkpoint(out / "checkpoint.safetensors", params, tx.init(params), config)
+    cfg = train_small.TrainConfig(stages=train_small.parse_stages(stages))
+    params, _, _ = train_small.load_checkpoint(out / "checkpoint.safetensors", params, train_small.make_optimizer(cfg).init(params), config)
     expected = jax.tree.map(
         lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), nnx.to_pure_dict(params)["transformer"]
     )

@@ -17,6 +17,9 @@ jit-able.
 
 LPIPS is not provided: it needs pretrained network weights (AlexNet/VGG plus the LPIPS linear
 heads) that cannot be installed here without a download.
+
+:func:`spread` summarises per-sample values (mean, min, max and the half-width of a 95 %
+confidence interval of the mean).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-__all__ = ["psnr", "psnr_per_frame", "ssim", "ssim_per_frame", "gaussian_window", "video_fidelity"]
+__all__ = ["psnr", "psnr_per_frame", "ssim", "ssim_per_frame", "gaussian_window", "video_fidelity", "spread"]
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -167,3 +170,24 @@ def video_fidelity(
         "psnr": psnr(video, reference, data_range=data_range),
         "ssim": ssim(video, reference, data_range=data_range),
     }
+
+
+def spread(values) -> dict[str, float | int | None]:
+    """Mean, min, max and the 95 % confidence half-width of the mean of per-sample ``values``.
+
+    The half-width is Student's ``t(0.975, n - 1) · s / sqrt(n)`` with the sample standard
+    deviation ``s`` (``None`` for one value, or when a value is infinite: identical videos give
+    a PSNR of ``+inf``). Infinite values are kept in min/max/mean as ``inf``.
+
+    Returns:
+      ``{"mean", "min", "max", "ci95", "n"}`` (Python floats; ``ci95`` may be ``None``).
+    """
+    from scipy.stats import t as student_t
+
+    x = np.asarray(values, np.float64).ravel()
+    if x.size == 0 or np.isnan(x).any():
+        raise ValueError(f"values must be a non-empty sequence of numbers without NaN, got {values!r}")
+    half = None
+    if x.size > 1 and np.isfinite(x).all():
+        half = float(student_t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return {"mean": float(x.mean()), "min": float(x.min()), "max": float(x.max()), "ci95": half, "n": int(x.size)}

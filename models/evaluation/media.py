@@ -24,6 +24,7 @@ __all__ = [
     "block_mask_figure",
     "mp4_encoder",
     "plot_block_masks",
+    "plot_sample_grid",
     "side_by_side_frames",
     "to_uint8",
     "write_side_by_side_gif",
@@ -279,3 +280,46 @@ def plot_block_masks(masks: dict[str, np.ndarray], path: str, *, title: str, hea
     finally:
         plt.close(fig)
     return path
+
+
+def plot_sample_grid(
+    real: Float[np.ndarray, "b t h w 3"],
+    generated: Float[np.ndarray, "b t h w 3"],
+    path: str | os.PathLike,
+    *,
+    captions: Sequence[str],
+    columns: int = 8,
+) -> str:
+    """A PNG: for each of the ``B`` classes a row of ``real`` frames above a row of ``generated``
+    frames (``columns`` frames spread over ``T``), captioned; videos in [-1, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from models.io import atomic_write
+
+    real, generated = np.asarray(real), np.asarray(generated)
+    if real.shape != generated.shape or real.ndim != 5 or len(captions) != real.shape[0]:
+        raise ValueError(f"real and generated must have the same shape [B, T, H, W, 3] and captions B entries, got "
+                         f"{real.shape}, {generated.shape} and {len(captions)} captions")  # fmt: skip
+    n, t, h, w = real.shape[:4]
+    cols = min(t, columns)
+    frames = np.linspace(0, t - 1, cols).round().astype(int)
+    fig, axes = plt.subplots(2 * n, cols, figsize=(1.1 * cols * w / h, 1.25 * 2 * n), squeeze=False)
+    for i in range(n):
+        for j, f in enumerate(frames):
+            for r, (video, kind) in enumerate(((real, "real"), (generated, "sample"))):
+                ax = axes[2 * i + r, j]
+                ax.imshow(to_uint8(video[i, f]))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(kind, fontsize=7)
+            axes[2 * i, j].set_title(f"t={f}", fontsize=6)
+        axes[2 * i, 0].annotate(captions[i], (0, 1.35), xycoords="axes fraction", fontsize=7, ha="left")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,391 @@
+"""Has a small video DiT learned its data? The flow-matching objective and two measures of it.
+
+The small DiTs of :mod:`models.evaluation.small_dit` are trained (``benchmarks/train_small.py``)
+with rectified flow as Wan trains it: ``x_σ = (1 - σ) x0 + σ ε`` and the model predicts the
+velocity ``ε - x0`` at timestep ``1000 σ`` (the sampler in :mod:`models.sampling.loop`
+integrates exactly this velocity). This module holds that objective once
+(:func:`sample_sigmas`, :func:`velocity_loss`, :func:`clips_to_latents`) and two measures of how
+well a model has learned its clips, usable on any registered model:
+
+* :func:`heldout_loss`: the flow-matching loss on clips the training never drew (seeds of their
+  own), at a fixed grid of noise levels (the quantiles of the training σ distribution) with
+  fixed noise, so that two evaluations of one model give the same number and two checkpoints
+  compare directly;
+* :func:`nearest_clip_psnr` and :func:`photo_match`: each generated video's PSNR to the nearest
+  of many real clips of its class (same background photo and motion; the camera path and
+  sprites of a class vary, so "nearest of many" asks whether the sample looks like *some* real
+  clip of its class), and which photo's clips the sample is nearest to. The same measures of
+  held-out *real* clips (:func:`learning_report`) give the ceiling a perfect generator would
+  reach with that many candidates.
+
+Seeds: training draws clip parameters from ``(seed, step)``; held-out clips from
+``(seed, HELDOUT_TAG, i)`` and candidate clips from ``(seed, CANDIDATE_TAG, photo, motion)``,
+disjoint streams of :class:`numpy.random.SeedSequence`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from models.evaluation.clips import (
+    NUM_MOTIONS,
+    NUM_PHOTOS,
+    ClipConfig,
+    ClipParams,
+    PhotoBank,
+    load_photo_bank,
+    make_clips,
+    render_clips,
+    sample_clip_params,
+)
+from models.evaluation.codec import LatentCodec, encode_latent, latents_to_video
+from models.evaluation.fidelity import psnr, spread
+
+__all__ = [
+    "CANDIDATE_TAG",
+    "HELDOUT_TAG",
+    "clips_to_latents",
+    "generate_samples",
+    "HeldoutSet",
+    "heldout_loss",
+    "heldout_sigmas",
+    "learning_report",
+    "nearest_clip_psnr",
+    "photo_match",
+    "sample_sigmas",
+    "shifted_sigma",
+    "velocity_loss",
+]
+
+#: Seed-sequence tags of the held-out clips and of the candidate clips ("HELD", "NEAR").
+HELDOUT_TAG = 0x48454C44
+CANDIDATE_TAG = 0x4E454152
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective
+
+
+def shifted_sigma(u: Float[Array, "..."], shift: float) -> Float[Array, "..."]:
+    """``σ = s u / (1 + (s - 1) u)``: the flow shift ``s`` applied to ``u`` in (0, 1)."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def sample_sigmas(key: jax.Array, batch: int, shift: float) -> Float[Array, " b"]:
+    """Training noise levels: shifted logit-normal, ``σ = shifted_sigma(sigmoid(n), s)``, ``n ~ N(0, 1)``."""
+    return shifted_sigma(jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32)), shift)
+
+
+def heldout_sigmas(count: int, shift: float) -> np.ndarray:
+    """``count`` noise levels at the quantiles ``(j + 1/2) / count`` of the training σ distribution
+    (float64; logit-normal quantile ``sigmoid(Φ⁻¹(p))``, then :func:`shifted_sigma`)."""
+    from statistics import NormalDist
+
+    if isinstance(count, bool) or int(count) < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    normal = NormalDist()
+    p = (np.arange(int(count)) + 0.5) / int(count)
+    u = 1.0 / (1.0 + np.exp(-np.array([normal.inv_cdf(x) for x in p])))
+    return np.asarray(shifted_sigma(u, float(shift)), np.float64)
+
+
+def clips_to_latents(
+    images: Float[Array, "p s s 3"], params: ClipParams, clip: ClipConfig, codec: LatentCodec
+) -> Float[Array, "b c f h w"]:
+    """Renders clips and encodes them: ``[B, C, F, H, W]`` float32 (the model's layout)."""
+    video = render_clips(images, params, clip)
+    latent = encode_latent(video, codec)  # [B, F, H, W, C]
+    return jnp.moveaxis(latent, -1, 1)
+
+
+def velocity_loss(
+    model,
+    text: Float[Array, "b t e"],
+    latents: Float[Array, "b c f h w"],
+    eps: Float[Array, "b c f h w"],
+    sigma: Float[Array, " b"],
+) -> Float[Array, " b"]:
+    """Per-clip mean squared error of the predicted velocity ``ε - x0`` at noise level ``σ`` (float32).
+
+    Args:
+      model: a :class:`~models.wan.transformer.WanTransformer3DModel`.
+      text: the conditioning tokens (a :class:`~models.evaluation.small_dit.ClipConditioner` output).
+      latents: clean latents ``x0``; eps: the noise ``ε`` (same shape); sigma: ``[B]`` in (0, 1).
+    """
+    s = sigma[:, None, None, None, None]
+    noisy = (1.0 - s) * latents + s * eps
+    out, _ = model(noisy.astype(model.dtype), sigma * 1000.0, text.astype(model.dtype))
+    return jnp.mean(jnp.square(out.astype(jnp.float32) - (eps - latents)), axis=(1, 2, 3, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out loss
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _heldout_batch(graphdef, config, state, images, clip_params, sigma, key) -> Float[Array, " b"]:
+    """Per-clip velocity loss of one batch of held-out clips at one σ (compiled once per model and shapes)."""
+    from flax import nnx
+
+    model, conditioner = nnx.merge(graphdef, state)
+    latents = clips_to_latents(images, clip_params, config.clip, config.codec)
+    eps = jax.random.normal(key, latents.shape, jnp.float32)
+    text = conditioner(clip_params.photo, clip_params.motion)
+    return velocity_loss(model, text, latents, eps, jnp.full((latents.shape[0],), sigma, jnp.float32))
+
+
+class HeldoutSet:
+    """A fixed held-out set and its compiled loss (:func:`heldout_loss` in a reusable form).
+
+    ``num_clips`` clips from the held-out seed stream ``(seed, HELDOUT_TAG)``, each at every σ of
+    :func:`heldout_sigmas` (``num_sigmas`` quantiles of the training distribution, shift
+    ``config.train_shift``) with noise fixed by ``(seed, clip batch, σ index)``, conditioned on
+    their class (never the null conditioning). Calling it on a model evaluates that model on
+    exactly the same data and noise; the program is compiled once per model structure.
+
+    Args:
+      config: the model's :class:`~models.evaluation.small_dit.SmallDiTConfig` (clip size, codec, shift).
+      bank: the photo bank (loaded at ``config.clip.bank_size`` when ``None``).
+      num_clips, num_sigmas: size of the held-out set.
+      batch: clips per forward pass.
+      seed: selects the held-out set and its noise.
+    """
+
+    def __init__(self, config, *, bank: PhotoBank | None = None, num_clips: int = 16, num_sigmas: int = 8,
+                 batch: int = 8, seed: int = 0):  # fmt: skip
+        for name, value in (("num_clips", num_clips), ("num_sigmas", num_sigmas), ("batch", batch)):
+            if isinstance(value, bool) or int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.config = config
+        self.images = jnp.asarray((load_photo_bank(config.clip.bank_size) if bank is None else bank).images)
+        self.sigmas = heldout_sigmas(num_sigmas, config.train_shift)
+        self.num_clips, self.batch, self.seed = int(num_clips), int(batch), int(seed)
+        self.params = sample_clip_params((self.seed, HELDOUT_TAG), self.num_clips, config.clip)
+
+    def __call__(self, model, conditioner) -> dict[str, Any]:
+        """``{"loss": mean over clips and σ, "per_sigma": [num_sigmas] means over clips, "sigmas",
+        "num_clips", "seed"}`` (Python floats) of ``model`` with ``conditioner``."""
+        from flax import nnx
+
+        graphdef, state = nnx.split((model, conditioner))
+        losses = np.zeros((self.num_clips, len(self.sigmas)))
+        for start in range(0, self.num_clips, self.batch):
+            part = jax.tree.map(lambda x: x[start : start + self.batch], self.params)
+            for j, sigma in enumerate(self.sigmas):
+                key = jax.random.fold_in(jax.random.key(self.seed), start * len(self.sigmas) + j)
+                loss = _heldout_batch(graphdef, self.config, state, self.images, part, jnp.float32(sigma), key)
+                losses[start : start + part.photo.shape[0], j] = np.asarray(loss)
+        return {
+            "loss": float(losses.mean()),
+            "per_sigma": [float(x) for x in losses.mean(axis=0)],
+            "sigmas": [float(s) for s in self.sigmas],
+            "num_clips": self.num_clips,
+            "seed": self.seed,
+        }
+
+
+def heldout_loss(
+    model,
+    conditioner,
+    config,
+    *,
+    bank: PhotoBank | None = None,
+    num_clips: int = 16,
+    num_sigmas: int = 8,
+    batch: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The flow-matching loss of ``model`` on a held-out set at fixed noise levels (deterministic);
+    see :class:`HeldoutSet` for the set and the returned dict."""
+    held = HeldoutSet(config, bank=bank, num_clips=num_clips, num_sigmas=num_sigmas, batch=batch, seed=seed)
+    return held(model, conditioner)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples and their nearest real clips
+
+
+def generate_samples(
+    model,
+    conditioner,
+    config,
+    photo: Int[np.ndarray, " b"],
+    motion: Int[np.ndarray, " b"],
+    *,
+    num_steps: int = 50,
+    seed: int = 0,
+    solver: str = "euler",
+) -> Float[np.ndarray, "b t h w 3"]:
+    """Dense classifier-free-guided samples of the given classes, decoded: ``[B, T, H, W, 3]`` in [-1, 1].
+
+    The noise is ``jax.random.normal(key(seed), (B, *config.latent_shape))``; guidance and flow
+    shift are the config's.
+    """
+    from models.sampling.loop import Sampler
+
+    photo, motion = np.asarray(photo, np.int32), np.asarray(motion, np.int32)
+    if photo.shape != motion.shape or photo.ndim != 1 or photo.size < 1:
+        raise ValueError(f"photo and motion must be equal-length non-empty vectors, got {photo.shape} and {motion.shape}")
+    batch = photo.shape[0]
+    noise = jax.random.normal(jax.random.key(seed), (batch,) + config.latent_shape, jnp.float32)
+    text = conditioner(jnp.asarray(photo), jnp.asarray(motion))
+    negative = conditioner.unconditional(batch)
+    sampler = Sampler(model, "dense", solver=solver, shift=config.sample_shift, progress=False)
+    result = sampler(noise, text, negative, num_steps=num_steps, guidance_scale=config.guidance_scale)
+    return latents_to_video(result.latents, config.codec)
+
+
+def _check_videos(videos: np.ndarray, photo: np.ndarray, motion: np.ndarray, clip: ClipConfig) -> None:
+    shape = (clip.frames, clip.height, clip.width, 3)
+    if videos.ndim != 5 or tuple(videos.shape[1:]) != shape:
+        raise ValueError(f"videos must have shape [B, {', '.join(map(str, shape))}], got {videos.shape}")
+    if photo.shape != (videos.shape[0],) or motion.shape != (videos.shape[0],):
+        raise ValueError(f"photo and motion must have shape [{videos.shape[0]}], got {photo.shape} and {motion.shape}")
+    if not (((0 <= photo) & (photo < NUM_PHOTOS)).all() and ((0 <= motion) & (motion < NUM_MOTIONS)).all()):
+        raise ValueError(f"photo must be in [0, {NUM_PHOTOS}) and motion in [0, {NUM_MOTIONS}), got {photo} and {motion}")
+
+
+def _prepare(videos, photo, motion, clip: ClipConfig, bank, num_candidates, seed, chunk):
+    """Checked ``(videos, photo, motion)`` as NumPy arrays and the candidate pools to score them against."""
+    videos, photo, motion = np.asarray(videos), np.asarray(photo, np.int64), np.asarray(motion, np.int64)
+    _check_videos(videos, photo, motion, clip)
+    if isinstance(num_candidates, bool) or int(num_candidates) < 1:
+        raise ValueError(f"num_candidates must be a positive integer, got {num_candidates!r}")
+    bank = load_photo_bank(clip.bank_size) if bank is None else bank
+    return videos, photo, motion, _CandidatePools(clip, bank, num_candidates, seed, chunk)
+
+
+class _CandidatePools:
+    """The candidate clips of each class, rendered once per ``(photo, motion)`` in chunks."""
+
+    def __init__(self, clip: ClipConfig, bank: PhotoBank, num_candidates: int, seed: int, chunk: int):
+        self.clip, self.images = clip, jnp.asarray(bank.images)
+        self.num, self.seed, self.chunk = int(num_candidates), int(seed), max(1, int(chunk))
+        self._render = jax.jit(render_clips, static_argnums=2)
+
+    def best(self, video: np.ndarray, photo: int, motion: int) -> tuple[float, int]:
+        """``(PSNR, index)`` of the candidate of class ``(photo, motion)`` nearest to ``video``."""
+        params = sample_clip_params((self.seed, CANDIDATE_TAG, photo, motion), self.num, self.clip, photo=photo, motion=motion)
+        target = jnp.asarray(video, jnp.float32)[None]
+        scores = []
+        for start in range(0, self.num, self.chunk):
+            part = jax.tree.map(lambda x: x[start : start + self.chunk], params)
+            rendered = self._render(self.images, part, self.clip)
+            scores.append(np.asarray(psnr(rendered, jnp.broadcast_to(target, rendered.shape), data_range=2.0)))
+        scores = np.concatenate(scores)
+        index = int(np.argmax(scores))
+        return float(scores[index]), index
+
+
+def nearest_clip_psnr(
+    videos: Float[np.ndarray, "b t h w 3"],
+    photo: Int[np.ndarray, " b"],
+    motion: Int[np.ndarray, " b"],
+    clip: ClipConfig,
+    *,
+    bank: PhotoBank | None = None,
+    num_candidates: int = 64,
+    seed: int = 0,
+    chunk: int = 16,
+) -> dict[str, np.ndarray]:
+    """Each video's PSNR (dB, data range 2) to the nearest of ``num_candidates`` real clips of its class.
+
+    The candidates of class ``(photo, motion)`` come from the seed ``(seed, CANDIDATE_TAG, photo,
+    motion)``: the same pool for every video of the class and every model with clips of ``clip``.
+
+    Returns:
+      ``{"psnr": float64[B], "index": int64[B]}``: the best PSNR and which candidate gave it.
+    """
+    videos, photo, motion, pools = _prepare(videos, photo, motion, clip, bank, num_candidates, seed, chunk)
+    best = [pools.best(v, int(p), int(m)) for v, p, m in zip(videos, photo, motion)]
+    return {"psnr": np.array([b[0] for b in best], np.float64), "index": np.array([b[1] for b in best], np.int64)}
+
+
+def photo_match(
+    videos: Float[np.ndarray, "b t h w 3"],
+    photo: Int[np.ndarray, " b"],
+    motion: Int[np.ndarray, " b"],
+    clip: ClipConfig,
+    *,
+    bank: PhotoBank | None = None,
+    num_candidates: int = 16,
+    seed: int = 0,
+    chunk: int = 16,
+) -> dict[str, Any]:
+    """Which background photo each video is nearest to, among every photo's clips of its motion.
+
+    For every video and every photo ``p``: the PSNR to the nearest of ``num_candidates`` real
+    clips of class ``(p, motion)``; the predicted photo is the best one.
+
+    Returns:
+      ``{"psnr": float64[B, NUM_PHOTOS], "predicted": int64[B], "accuracy": float}``.
+    """
+    videos, photo, motion, pools = _prepare(videos, photo, motion, clip, bank, num_candidates, seed, chunk)
+    table = np.array([[pools.best(v, p, int(m))[0] for p in range(NUM_PHOTOS)] for v, m in zip(videos, motion)])
+    predicted = np.argmax(table, axis=1)
+    return {"psnr": table, "predicted": predicted, "accuracy": float(np.mean(predicted == photo))}
+
+
+def learning_report(
+    model,
+    conditioner,
+    config,
+    *,
+    num_samples: int = 16,
+    num_steps: int = 50,
+    num_candidates: int = 64,
+    photo_candidates: int = 16,
+    heldout_clips: int = 16,
+    heldout_sigma_count: int = 8,
+    seed: int = 0,
+    videos: np.ndarray | None = None,
+    heldout: HeldoutSet | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Everything :mod:`benchmarks.learning_bench` reports about one model, and the videos.
+
+    ``num_samples`` dense samples (classes ``i % 8``, ``i % 5``: every photo and motion; noise
+    seed ``seed``), each scored by :func:`nearest_clip_psnr` and :func:`photo_match`; the same
+    measures of as many held-out real clips of the same classes (the ceiling: what a generator
+    of real clips would score against these candidates); and :func:`heldout_loss`.
+
+    Args:
+      videos: already generated samples of those classes (skips sampling), ``[B, T, H, W, 3]``.
+      heldout: the held-out set to use (default: a new :class:`HeldoutSet` of ``heldout_clips``
+        clips at ``heldout_sigma_count`` noise levels).
+
+    Returns:
+      ``(report, {"samples": videos, "real": held-out real clips})``; the report holds per-sample
+      values and their mean, min, max and 95% confidence half-width.
+    """
+    from models.evaluation.clips import clip_classes
+
+    photo, motion = clip_classes(num_samples)
+    bank = load_photo_bank(config.clip.bank_size)
+    if videos is None:
+        videos = generate_samples(model, conditioner, config, photo, motion, num_steps=num_steps, seed=seed)
+    real = np.stack([
+        make_clips((seed, HELDOUT_TAG, 2, i), 1, config.clip, bank=bank, photo=int(p), motion=int(m)).video[0]
+        for i, (p, m) in enumerate(zip(photo, motion))
+    ])  # fmt: skip
+    out: dict[str, Any] = {"num_samples": int(num_samples), "num_steps": int(num_steps), "seed": int(seed),
+                           "num_candidates": int(num_candidates), "photo_candidates": int(photo_candidates)}  # fmt: skip
+    for name, video in (("samples", videos), ("real", real)):
+        near = nearest_clip_psnr(video, photo, motion, config.clip, bank=bank, num_candidates=num_candidates, seed=seed)
+        match = photo_match(video, photo, motion, config.clip, bank=bank, num_candidates=photo_candidates, seed=seed)
+        out[name] = {
+            "nearest_psnr": [float(x) for x in near["psnr"]],
+            "nearest_psnr_summary": spread(near["psnr"]),
+            "photo_predicted": [int(x) for x in match["predicted"]],
+            "photo_accuracy": match["accuracy"],
+        }
+    out["classes"] = [[int(p), int(m)] for p, m in zip(photo, motion)]
+    if heldout is None:
+        heldout = HeldoutSet(config, bank=bank, num_clips=heldout_clips, num_sigmas=heldout_sigma_count, seed=seed)
+    out["heldout"] = heldout(model, conditioner)
+    return out, {"samples": np.asarray(videos), "real": real}

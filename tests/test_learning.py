@@ -1,0 +1,117 @@
+"""models/evaluation/learning.py: the flow-matching objective, the held-out loss and the
+nearest-real-clip measures, on the smoke-sized model and clips (CPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.evaluation import learning as L
+from models.evaluation.clips import NUM_PHOTOS, load_photo_bank, make_clips, sample_clip_params
+from models.evaluation.fidelity import psnr, spread
+from models.evaluation.small_dit import SMOKE_DIT_CONFIG, ClipConditioner
+from models.wan.transformer import WanTransformer3DModel
+
+CONFIG = SMOKE_DIT_CONFIG  # 4 frames of 16x16 px
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return load_photo_bank(CONFIG.clip.bank_size)
+
+
+def _modules(seed: int):
+    """Smoke-sized modules with small random float32 weights, built abstractly (no XLA initialisers)."""
+    rng = np.random.default_rng(seed)
+    model = nnx.eval_shape(lambda: WanTransformer3DModel(CONFIG.wan, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32))
+    conditioner = nnx.eval_shape(lambda: ClipConditioner(CONFIG.tokens_per_field, CONFIG.wan.text_dim, rngs=nnx.Rngs(0)))
+    for module in (model, conditioner):
+        state = nnx.state(module, nnx.Param)
+        nnx.update(module, jax.tree.map(lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype), state))
+    return model, conditioner
+
+
+def test_heldout_sigmas_are_quantiles_of_the_training_distribution():
+    sigmas = L.heldout_sigmas(8, 3.0)
+    assert sigmas.shape == (8,) and np.all(np.diff(sigmas) > 0) and 0 < sigmas[0] and sigmas[-1] < 1
+    drawn = np.sort(np.asarray(L.sample_sigmas(jax.random.key(0), 200_000, 3.0), np.float64))
+    empirical = drawn[((np.arange(8) + 0.5) / 8 * drawn.size).astype(int)]
+    np.testing.assert_allclose(sigmas, empirical, atol=3e-3)  # sampling error of a quantile of 2e5 draws
+    np.testing.assert_allclose(L.heldout_sigmas(1, 3.0), [0.75])  # the median, shifted
+    with pytest.raises(ValueError, match="count"):
+        L.heldout_sigmas(0, 3.0)
+
+
+def test_heldout_set_is_deterministic_and_is_the_flow_matching_loss(bank):
+    model, conditioner = _modules(3)
+    held = L.HeldoutSet(CONFIG, bank=bank, num_clips=2, num_sigmas=2, batch=2, seed=5)
+    first, second = held(model, conditioner), held(model, conditioner)
+    assert first == second and len(first["per_sigma"]) == 2 and first["num_clips"] == 2
+    assert first["loss"] == pytest.approx(np.mean(first["per_sigma"]))
+    # The first clip batch at the first σ, by hand: same clips, σ and noise key.
+    params = sample_clip_params((5, L.HELDOUT_TAG), 2, CONFIG.clip)
+    latents = jax.jit(L.clips_to_latents, static_argnums=(2, 3))(jnp.asarray(bank.images), params, CONFIG.clip, CONFIG.codec)
+    eps = jax.random.normal(jax.random.fold_in(jax.random.key(5), 0), latents.shape, jnp.float32)
+    sigma = jnp.full((2,), held.sigmas[0], jnp.float32)
+    text = conditioner(params.photo, params.motion)
+    noisy = (1 - sigma[:, None, None, None, None]) * latents + sigma[:, None, None, None, None] * eps
+    out, _ = nnx.jit(lambda m, *a: m(*a))(model, noisy, sigma * 1000.0, text)
+    by_hand = np.mean(np.square(np.asarray(out, np.float64) - np.asarray(eps - latents, np.float64)), axis=(1, 2, 3, 4))
+    np.testing.assert_allclose(np.asarray(L.velocity_loss(model, text, latents, eps, sigma)), by_hand, rtol=1e-5)
+    other = L.HeldoutSet(CONFIG, bank=bank, num_clips=2, num_sigmas=2, batch=2, seed=6)(model, conditioner)
+    assert other["loss"] != first["loss"]  # another seed, another set
+    with pytest.raises(ValueError, match="num_clips"):
+        L.HeldoutSet(CONFIG, bank=bank, num_clips=0)
+
+
+def test_nearest_clip_finds_a_candidate_and_photo_match_recognises_real_clips(bank):
+    photo, motion = np.array([2, 6]), np.array([1, 3])
+    candidates = [sample_clip_params((0, L.CANDIDATE_TAG, int(p), int(m)), 4, CONFIG.clip, photo=int(p), motion=int(m))
+                  for p, m in zip(photo, motion)]  # fmt: skip
+    from models.evaluation.clips import render_clips
+
+    render = jax.jit(render_clips, static_argnums=2)
+    videos = np.stack([np.asarray(render(jnp.asarray(bank.images), c, CONFIG.clip))[2] for c in candidates])
+    near = L.nearest_clip_psnr(videos, photo, motion, CONFIG.clip, bank=bank, num_candidates=4, chunk=3)
+    # candidate 2 itself (rendered in another batch: float32 rounding apart)
+    assert (near["psnr"] > 100).all() and (near["index"] == 2).all()
+    noisy = np.clip(videos + np.random.default_rng(0).normal(0, 0.1, videos.shape), -1, 1)
+    near = L.nearest_clip_psnr(noisy, photo, motion, CONFIG.clip, bank=bank, num_candidates=4)
+    expected = np.asarray(psnr(noisy, videos, data_range=2.0))
+    assert (near["index"] == 2).all() and np.allclose(near["psnr"], expected, rtol=1e-5)
+    match = L.photo_match(videos, photo, motion, CONFIG.clip, bank=bank, num_candidates=4)
+    assert match["psnr"].shape == (2, NUM_PHOTOS) and match["accuracy"] == 1.0
+    np.testing.assert_array_equal(match["predicted"], photo)
+    with pytest.raises(ValueError, match="videos must have shape"):
+        L.nearest_clip_psnr(videos[:, :2], photo, motion, CONFIG.clip, bank=bank)
+    with pytest.raises(ValueError, match="photo must be in"):
+        L.nearest_clip_psnr(videos, np.array([2, NUM_PHOTOS]), motion, CONFIG.clip, bank=bank)
+    with pytest.raises(ValueError, match="num_candidates"):
+        L.photo_match(videos, photo, motion, CONFIG.clip, bank=bank, num_candidates=0)
+
+
+def test_learning_report_scores_given_videos_and_real_clips(bank):
+    model, conditioner = _modules(4)
+    clips = make_clips((1, 2), 2, CONFIG.clip, bank=bank)  # any videos stand in for samples
+    report, videos = L.learning_report(model, conditioner, CONFIG, num_samples=2, num_candidates=2, photo_candidates=1,
+                                       heldout_clips=2, heldout_sigma_count=1, videos=clips.video)  # fmt: skip
+    assert videos["real"].shape == clips.video.shape and report["classes"] == [[0, 0], [1, 1]]
+    for key in ("samples", "real"):
+        values = report[key]["nearest_psnr"]
+        assert len(values) == 2 and report[key]["nearest_psnr_summary"] == spread(values)
+    assert np.isfinite(report["heldout"]["loss"]) and report["heldout"]["num_clips"] == 2
+
+
+def test_spread_reports_student_interval():
+    values = np.array([20.0, 22.0, 21.0, 25.0])
+    s = spread(values)
+    from scipy.stats import t
+
+    half = t.ppf(0.975, 3) * values.std(ddof=1) / 2.0
+    assert s == {"mean": 22.0, "min": 20.0, "max": 25.0, "ci95": pytest.approx(half), "n": 4}
+    assert spread([3.0])["ci95"] is None and spread([1.0, np.inf])["ci95"] is None
+    with pytest.raises(ValueError, match="values"):
+        spread([])
