@@ -15,7 +15,14 @@ from jaxtyping import Array, Bool, Float, Int
 from dfsattn_jax.layout import BlockLayout, check_layout
 from dfsattn_jax.reference import check_attention_inputs, check_block_size
 
-__all__ = ["LayerStats", "attention_error", "layout_recall", "sampled_row_stats"]
+__all__ = [
+    "DISTANCE_CLASS_NAMES",
+    "LayerStats",
+    "attention_error",
+    "distance_classes",
+    "layout_recall",
+    "sampled_row_stats",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 #: Peak elements of one batch of sampled softmax rows (float32: 128 MiB).
@@ -103,11 +110,54 @@ def attention_error(out: Float[Array, "..."], ref: Float[Array, "..."]) -> Float
     return jnp.linalg.norm(diff.ravel()) / jnp.linalg.norm(ref.astype(jnp.float32).ravel())
 
 
+#: Names of the distance classes of :func:`distance_classes`, in class order: the key token's
+#: frame distance ``Δf`` to the query (``0`` = same frame) and its spatial Chebyshev distance
+#: ``ds = max(|Δh|, |Δw|)`` in tokens.
+DISTANCE_CLASS_NAMES: tuple[str, ...] = (
+    "same frame, ds<=1",
+    "same frame, ds 2-7",
+    "same frame, ds>=8",
+    "other frames, ds<=1",
+    "other frames, ds 2-7",
+    "other frames, ds>=8",
+)
+
+
+def distance_classes(query_coords: Int[Array, "s 3"], key_coords: Int[Array, "l 3"]) -> Int[Array, "s l"]:
+    """The distance class (index into :data:`DISTANCE_CLASS_NAMES`) of every (query, key) pair.
+
+    Args:
+      query_coords, key_coords: ``(frame, row, column)`` of each token, int.
+
+    Returns:
+      int32 ``[S, L]``: ``3 * (Δf > 0) + (0 if ds <= 1 else 1 if ds <= 7 else 2)``.
+    """
+    d = jnp.abs(query_coords[:, None, :].astype(jnp.int32) - key_coords[None, :, :].astype(jnp.int32))
+    spatial = jnp.maximum(d[..., 1], d[..., 2])
+    near = jnp.where(spatial <= 1, 0, jnp.where(spatial <= 7, 1, 2))
+    return (3 * (d[..., 0] > 0) + near).astype(jnp.int32)
+
+
 class LayerStats(NamedTuple):
-    """Recall and attention error of one layer at one step (float32 scalars)."""
+    """What :func:`sampled_row_stats` measures on one layer's attention (float32).
+
+    Attributes:
+      recall: ``[]`` covered dense softmax mass, mean over rows, batch and heads.
+      error: ``[]`` relative L2 error of the output.
+      head_recall: ``[N]`` recall per head (mean over rows and batch).
+      top_mass: ``[N]`` per head, the dense softmax mass of each row's ``top_blocks`` heaviest key
+        blocks (mean over rows and batch): how concentrated the attention is, block-wise.
+      mass_by_class: ``[C]`` dense softmax mass by distance class of the key (mean over rows,
+        batch and heads; sums to 1), ``C = 0`` without coordinates.
+      missed_by_class: ``[C]`` the part of it the block mask misses (sums to ``1 - recall``).
+    """
 
     recall: Float[Array, ""]
     error: Float[Array, ""]
+    head_recall: Float[Array, " n"]
+    top_mass: Float[Array, " n"]
+    mass_by_class: Float[Array, " c"]
+    missed_by_class: Float[Array, " c"]
 
 
 def sampled_row_stats(
@@ -121,17 +171,24 @@ def sampled_row_stats(
     block_size: int,
     scale: float | None = None,
     row_budget: int = _ROW_BUDGET,
+    top_blocks: int | None = None,
+    coords: Int[Array, "l 3"] | None = None,
 ) -> LayerStats:
-    """Recall of ``block_mask`` and relative error of ``out`` on the query rows ``rows``.
+    """Recall of ``block_mask``, relative error of ``out`` and where the attention mass lies, on the
+    query rows ``rows``.
 
     For each sampled row ``i`` (in attention order) the exact dense probabilities
     ``p_ij = softmax_j(q_i · k_j · scale)`` over all ``L`` keys (float32) give
 
     * recall: ``Σ_j p_ij M[block(i), block(j)]``, averaged over rows, batch and heads
-      (equals :func:`dfsattn_jax.metrics.layout_recall` averaged, for the same rows);
+      (equals :func:`dfsattn_jax.metrics.layout_recall` averaged, for the same rows), and per head;
     * error: ``sqrt(Σ ‖out_i − Σ_j p_ij v_j‖² / Σ ‖Σ_j p_ij v_j‖²)`` pooled over rows, batch and
       heads (equals :func:`dfsattn_jax.metrics.attention_error` against dense attention when
-      every row is sampled).
+      every row is sampled);
+    * top_mass: the mass of the row's ``top_blocks`` heaviest key blocks (default
+      ``max(1, int(0.2 * nk))``, the blocks density 0.2 keeps), per head;
+    * with ``coords`` (``int[L, 3]``: frame, row, column of each token in attention order): the
+      mass and the missed mass (``p_ij (1 - M)``) per distance class (:func:`distance_classes`).
 
     Memory: ``row_budget`` float32 elements of probabilities at a time (``lax.map`` over heads).
     """
@@ -140,6 +197,13 @@ def sampled_row_stats(
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     num_rows = rows.shape[0]
     groups = batch * heads
+    top = max(1, int(0.2 * nk)) if top_blocks is None else int(top_blocks)
+    if not 1 <= top <= nk:
+        raise ValueError(f"top_blocks must be in [1, {nk}], got {top_blocks!r}")
+    if coords is not None and tuple(coords.shape) != (length, 3):
+        raise ValueError(f"coords must have shape ({length}, 3), got {tuple(coords.shape)}")
+    num_classes = 0 if coords is None else len(DISTANCE_CLASS_NAMES)
+    classes = None if coords is None else distance_classes(coords[rows], coords)  # [S, L]
 
     def per_head(x):  # [B, L', N, D] -> [B*N, L', D]
         return jnp.transpose(x, (0, 2, 1, 3)).reshape(groups, x.shape[1], dim)
@@ -157,11 +221,31 @@ def sampled_row_stats(
         probs = jax.nn.softmax(logits * scale, axis=-1)
         dense = jnp.einsum("sl,ld->sd", probs, v_h.astype(jnp.float32), precision=_HIGHEST)
         mass = jnp.sum(jnp.pad(probs, ((0, 0), (0, key_pad))).reshape(num_rows, nk, block_size), axis=-1)
-        recall = jnp.mean(jnp.sum(mass * m_h.astype(jnp.float32), axis=-1))
+        kept = m_h.astype(jnp.float32)
+        recall = jnp.mean(jnp.sum(mass * kept, axis=-1))
+        top_mass = jnp.mean(jnp.sum(jax.lax.top_k(mass, top)[0], axis=-1))
         diff = o_h.astype(jnp.float32) - dense
-        return recall, jnp.sum(diff * diff), jnp.sum(dense * dense)
+        out = (recall, jnp.sum(diff * diff), jnp.sum(dense * dense), top_mass)
+        if classes is None:
+            return out
+        missed_probs = probs * (1.0 - jnp.repeat(kept, block_size, axis=-1)[:, :length])
+        by_class = jnp.stack([jnp.sum(jnp.where(classes == c, probs, 0.0)) for c in range(num_classes)]) / num_rows
+        missed = jnp.stack([jnp.sum(jnp.where(classes == c, missed_probs, 0.0)) for c in range(num_classes)]) / num_rows
+        return out + (by_class, missed)
 
     per_batch = max(1, min(groups, int(row_budget) // max(1, num_rows * length)))
-    recall, num, den = jax.lax.map(one, (q_rows, k_heads, v_heads, o_rows, m_rows), batch_size=per_batch)
+    results = jax.lax.map(one, (q_rows, k_heads, v_heads, o_rows, m_rows), batch_size=per_batch)
+    recall, num, den, top_mass = results[:4]
+    if classes is None:
+        by_class = missed = jnp.zeros((0,), jnp.float32)
+    else:
+        by_class, missed = (jnp.mean(x, axis=0) for x in results[4:])
     error = jnp.sqrt(jnp.sum(num) / jnp.maximum(jnp.sum(den), jnp.finfo(jnp.float32).tiny))
-    return LayerStats(jnp.mean(recall), error)
+    return LayerStats(
+        recall=jnp.mean(recall),
+        error=error,
+        head_recall=jnp.mean(recall.reshape(batch, heads), axis=0),
+        top_mass=jnp.mean(top_mass.reshape(batch, heads), axis=0),
+        mass_by_class=by_class,
+        missed_by_class=missed,
+    )

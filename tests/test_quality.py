@@ -35,6 +35,7 @@ from models.sampling.loop import Sampler
 from models.wan.transformer import WanTransformer3DModel
 
 CONFIG = SMOKE_DIT_CONFIG  # latent [3, 4, 16, 16] -> token grid (4, 8, 8)
+SMOKE_HEADS = CONFIG.wan.num_heads
 BLOCK, TILE = 32, 8
 STEPS = 8
 NK = math.prod(CONFIG.token_grid) // BLOCK  # 8 key blocks
@@ -191,8 +192,9 @@ def test_schedules_and_variants():
     variants = Q.default_variants()
     names = [v.name for v in variants]
     assert len(names) == len(set(names)) and names[0] == "dense" and not variants[0].sparse
-    groups = {g: sum(v.group == g for v in variants) for g in ("order", "tile", "window", "refresh")}
-    assert groups == {"order": 25, "tile": 6, "window": 5, "refresh": 1}
+    groups = {g: sum(v.group == g for v in variants) for g in ("order", "tile", "window", "random", "refresh")}
+    assert groups == {"order": 25, "tile": 6, "window": 5, "random": 5, "refresh": 1}
+    assert {v.scoring for v in variants if v.group == "random"} == {Q.SCORING_RANDOM}
     assert {v.tile_size for v in variants if v.group == "tile"} == {128, 8, 32}
     assert Q.variant_plan(variants[0], 50, 128, DFSConfig()) is None
     with pytest.raises(ValueError, match="order"):
@@ -242,8 +244,7 @@ def test_side_by_side_gif(tmp_path):
     assert device_slug("NVIDIA H200") == "nvidia_h200" and device_slug("cpu") == "cpu"
 
 
-def test_quality_bench_short_run(tmp_path):
-    """benchmarks/quality_bench.py --quick, trimmed further: every group runs and the files are sane."""
+def _bench():
     import importlib.util
     import pathlib
 
@@ -251,31 +252,121 @@ def test_quality_bench_short_run(tmp_path):
     spec = importlib.util.spec_from_file_location("quality_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    report = bench.main([
-        "--quick", "--samples", "1", "--steps", "4", "--orders", "raster,hilbert3d", "--densities", "0.2",
-        "--tiles", "16", "--timing", "subset", "--query-samples", "64", "--out-dir", str(tmp_path),
-    ])  # fmt: skip
+    return bench
+
+
+def test_quality_bench_short_run_in_two_calls(tmp_path):
+    """benchmarks/quality_bench.py --quick, trimmed further, split into two calls whose records merge."""
+    import pathlib
+
+    bench = _bench()
+    common = ["--quick", "--samples", "2", "--steps", "4", "--orders", "raster,hilbert3d", "--densities", "0.2",
+              "--tiles", "16", "--query-samples", "64", "--out-dir", str(tmp_path)]  # fmt: skip
+    first = bench.main([*common, "--variants", "group:order,random-*"])
+    assert first["calls"][-1]["compiles"] == 1  # every variant of a call in one program
+    assert not first["complete"] and "window-hilbert3d/d=0.2" in first["missing_variants"]
+    report = bench.main([*common, "--variants", "group:tile,group:window,group:refresh"])
     by = {r["name"]: r for r in report["variants"]}
     assert set(by) == {
         "dense", "raster/d=0.2", "raster/default", "hilbert3d/d=0.2", "hilbert3d/default",
         "hilbert3d/tile32/default", "hilbert3d/tile16/default", "window-hilbert3d/d=0.2",
-        "window-hilbert3d/default", "hilbert3d/default/refresh-every-step",
+        "window-hilbert3d/default", "random-hilbert3d/d=0.2", "random-hilbert3d/default",
+        "hilbert3d/default/refresh-every-step",
     }  # fmt: skip
-    assert report["compiles"] == 1
+    assert report["complete"] and len(report["calls"]) == 2 and not report["dense_mismatch"]
+    assert report["calls"][1]["variants"][0] == "dense (reference only)"
     assert by["dense"]["psnr_mean"] == "inf" and by["dense"]["ssim_mean"] == 1.0
+    heads = SMOKE_HEADS
     for name, r in by.items():
+        assert len(r["psnr"]) == 2 and len(r["top_mass_per_layer"]) == CONFIG.wan.num_layers, name
         if name == "dense":
             continue
         assert isinstance(r["psnr_mean"], float) and r["psnr_mean"] > 10, name
+        assert r["psnr_min"] <= r["psnr_mean"] <= r["psnr_max"] and r["psnr_ci95"] > 0, name
         assert 0 < r["ssim_mean"] <= 1 and 0 <= r["recall_mean"] <= 1 and r["attn_error_mean"] > 0, name
         assert 0 < r["sparsity"] < 1 and r["sparsity"] == pytest.approx(r["planned_sparsity"]), name
-        assert len(r["recall_per_step_layer"]) == 4
+        assert len(r["recall_per_step_layer"]) == 4 and len(r["recall_per_layer_head"][1]) == heads, name
+        missed = np.sum(r["missed_by_class_per_layer"][1])
+        assert missed == pytest.approx(1.0 - r["recall_per_layer"][1], abs=1e-4), name
     assert by["hilbert3d/default/refresh-every-step"]["num_refreshes"] == by["hilbert3d/default"]["sparse_steps"]
-    assert "time_s" in by["hilbert3d/default"] and "time_s" not in by["raster/d=0.2"]
     files = report["files"]
     saved = json.loads(open(files["json"]).read())
-    assert saved["setup"]["tokens"] == 1024 and len(saved["variants"]) == 10
+    assert saved["setup"]["tokens"] == 1024 and len(saved["variants"]) == 12 and saved["setup"]["token_grid"] == [4, 16, 16]
+    assert not any(str(v).startswith("/") for v in saved["files"].values() if v)  # repository-relative or bare names
     table = open(files["markdown"]).read()
-    assert "## Token orders" in table and "static spatio-temporal window" in table and "LPIPS" in table
-    for key in ("density_png", "recall_png", "masks_png"):
+    for fragment in ("## Token orders", "static spatio-temporal window and random layouts", "LPIPS", "± ",
+                     "Missed mass by distance class", "Recall per layer and head", "DFS better than a random layout"):  # fmt: skip
+        assert fragment in table, fragment
+    for key in ("density_png", "layers_png", "recall_png", "masks_png"):
         assert pathlib.Path(files[key]).stat().st_size > 5000
+    with pytest.raises(ValueError, match="another setup"):
+        bench.main([*common, "--samples", "3", "--variants", "dense"])
+    with pytest.raises(ValueError, match="match no variant"):
+        bench.main([*common, "--variants", "spiral/*"])
+
+
+def test_random_layouts_whole_layers_and_probed_steps(setup):
+    runner = setup["runner"]
+    plan = plan_schedule(Q.fixed_density(BASE, 0.25), STEPS, NK)  # 2 of 8 key blocks
+    random_index = runner.scoring_index(Q.Variant("r", "random", scoring=Q.SCORING_RANDOM), TILE)
+    assert random_index == len(runner.tile_sizes) + 1
+    dfs = _run(setup, plan, order="hilbert3d", scoring=0, measure=False)
+    rand = _run(setup, plan, order="hilbert3d", scoring=random_index, measure=False, random_seed=3)
+    again = _run(setup, plan, order="hilbert3d", scoring=random_index, measure=False, random_seed=3)
+    other = _run(setup, plan, order="hilbert3d", scoring=random_index, measure=False, random_seed=4)
+    np.testing.assert_array_equal(rand.cache.kv_indices, again.cache.kv_indices)  # the seed fixes the layouts
+    assert (rand.cache.kv_counts == 2).all() and rand.sparsity == pytest.approx(dfs.sparsity)
+    assert not np.array_equal(rand.cache.kv_indices, other.cache.kv_indices)
+    assert not np.array_equal(rand.cache.kv_indices[..., :2], dfs.cache.kv_indices[..., :2])
+    # A sparse layer kept whole: recall 1 and no skipped block there; probed only where asked.
+    flags = np.zeros(STEPS, bool)
+    flags[[0, 3, 5]] = True
+    whole = _run(setup, plan, order="hilbert3d", scoring=0, dense_layers=(1,), measure=flags)
+    assert (whole.cache.kv_counts == NK).all() and whole.sparsity == 0.0
+    np.testing.assert_array_equal(whole.measured, flags)
+    assert np.isnan(whole.recall[~flags]).all() and np.isnan(whole.head_recall[~flags]).all()
+    np.testing.assert_allclose(whole.recall[flags], 1.0, atol=1e-5)
+    np.testing.assert_allclose(whole.missed_by_class[flags], 0.0, atol=1e-6)
+    np.testing.assert_allclose(whole.mass_by_class[flags].sum(axis=-1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="dense_layers entries"):
+        _run(setup, plan, dense_layers=(0,))  # layer 0 is dense already
+    with pytest.raises(ValueError, match="measure"):
+        _run(setup, plan, measure=[True, False])
+
+
+def test_probe_statistics_match_float64_numpy():
+    from dfsattn_jax.metrics import DISTANCE_CLASS_NAMES, distance_classes
+
+    rng = np.random.default_rng(7)
+    b, grid, n, d, block = 2, (2, 4, 10), 3, 8, 16
+    length = int(np.prod(grid))  # 80 tokens = 5 blocks of 16
+    q, k, v = (rng.normal(size=(b, length, n, d)) * 1.3 for _ in range(3))
+    perm = np.asarray(Q.order_coords("hilbert3d", grid))
+    nk = -(-length // block)
+    layout = select_blocks(jnp.asarray(rng.normal(size=(b, n, nk, nk)), jnp.float32), 2)
+    out = reference_block_sparse_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), layout, block_size=block)
+    rows = np.sort(rng.choice(length, 24, replace=False)).astype(np.int32)
+    mask = np.asarray(layout.to_dense_mask())
+    stats = sampled_row_stats(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), out, jnp.asarray(mask), jnp.asarray(rows),
+                              block_size=block, top_blocks=2, coords=jnp.asarray(perm))  # fmt: skip
+    # float64 reference
+    logits = np.einsum("bsnd,blnd->bnsl", q[:, rows], k) / np.sqrt(d)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)  # [B, N, S, L]
+    token_mask = mask[:, :, rows // block][..., np.arange(length) // block]
+    head_recall = (p * token_mask).sum(-1).mean(axis=(0, 2))
+    blocks = np.stack([p[..., i * block : (i + 1) * block].sum(-1) for i in range(nk)], -1)  # [B, N, S, nk]
+    top = np.sort(blocks, axis=-1)[..., -2:].sum(-1).mean(axis=(0, 2))
+    cls = np.asarray(distance_classes(jnp.asarray(perm[rows]), jnp.asarray(perm)))
+    by_class = np.array([(p * (cls == c)).sum(-1).mean() for c in range(len(DISTANCE_CLASS_NAMES))])
+    missed = np.array([(p * (1 - token_mask) * (cls == c)).sum(-1).mean() for c in range(len(DISTANCE_CLASS_NAMES))])
+    np.testing.assert_allclose(stats.head_recall, head_recall, rtol=1e-5)  # float32 sums of <= 80 probabilities
+    np.testing.assert_allclose(stats.recall, head_recall.mean(), rtol=1e-5)
+    np.testing.assert_allclose(stats.top_mass, top, rtol=1e-5)
+    np.testing.assert_allclose(stats.mass_by_class, by_class, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stats.missed_by_class, missed, rtol=1e-5, atol=1e-7)
+    assert 0 < head_recall.min() < 1 and (by_class > 0).sum() >= 4
+    # distance classes by hand for a few pairs: (frame, row, col)
+    pairs = np.array([[0, 0, 0], [0, 1, 1], [0, 0, 5], [0, 3, 9], [1, 0, 0], [1, 2, 3], [1, 3, 9]])
+    expected = [[0, 0, 1, 2, 3, 4, 5]]
+    np.testing.assert_array_equal(np.asarray(distance_classes(jnp.asarray(pairs[:1]), jnp.asarray(pairs))), expected)

@@ -115,6 +115,11 @@ class AttentionHooks:
         """Block scores ``float32[B, N, nq, nk]`` used at a refresh, or ``None`` for DFS scoring."""
         return None
 
+    def layer_blocks(self, num_blocks: Array, *, layer: int, inputs: Any, step: Array, num_key_blocks: int) -> Array:
+        """Key blocks this layer keeps at a refresh (int32[]; default: the step's ``num_blocks``).
+        A value above the cache's ``K_max`` is clipped by the selection."""
+        return num_blocks
+
     def probe(
         self, q: Array, k: Array, v: Array, out: Array, block_mask: Array, *, layer: int, inputs: Any, step: Array
     ) -> Any:
@@ -308,6 +313,9 @@ def _score_layout(
     if scores is None:
         dfs = backend.dfs
         scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
+    num_blocks = backend.hooks.layer_blocks(
+        num_blocks, layer=layer, inputs=state.inputs, step=state.step, num_key_blocks=scores.shape[-1]
+    )
     return select_blocks(scores, num_blocks, max_blocks=max_blocks)
 
 

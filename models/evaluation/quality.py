@@ -12,23 +12,32 @@ distinguishes the variants of the quality benchmark passed in as *arrays*:
   schedule and "refresh at every sparse step" share it;
 * the layout source at a refresh (:class:`QualityHooks`, an ``int32`` index into a
   ``lax.switch``): hierarchical DFS scoring (:func:`~dfsattn_jax.scoring.block_scores`) with each
-  tile size of the runner's static ``tile_sizes`` (tile = block is plain block mean pooling), or
+  tile size of the runner's static ``tile_sizes`` (tile = block is plain block mean pooling),
   externally given static block scores per step (the spatio-temporal window of
   :mod:`dfsattn_jax.baselines`; top-k of its ranks is exactly
-  :func:`~dfsattn_jax.baselines.static_window_layout`).
+  :func:`~dfsattn_jax.baselines.static_window_layout`), or uniform random scores (a random
+  layout with the same count: if it scores near DFS, the model barely uses its attention);
+* which sparse layers keep every key block (``dense_layers`` of a run; the schedule search uses
+  it to try always-dense layers without a compile per set).
 
-Only the model, the batch and latent shapes, ``block_size``, ``tile_sizes``, ``dense_layers``,
-``max_blocks`` (``K_max`` of the mask cache) and the number of sampled query rows are static.
+Only the model, the batch and latent shapes, ``block_size``, ``tile_sizes``, the truly dense
+``dense_layers``, ``max_blocks`` (``K_max`` of the mask cache) and the number of sampled query
+rows are static.
 
-Measurements (the hooks' probe, a traced flag ``measure``; off, the loop runs at the speed of
-plain sampling), from :func:`dfsattn_jax.metrics.sampled_row_stats`:
+Measurements (the hooks' probe, under a traced per-step flag; off, the loop runs at the speed of
+plain sampling), from :func:`dfsattn_jax.metrics.sampled_row_stats` on sampled query rows with
+the exact dense float32 softmax:
 
-* **recall** of the layout in force, per layer and step: the dense softmax mass its blocks cover
-  (docs/spec.md §9), exact per sampled query row, averaged over rows, batch (both guidance
-  branches) and heads; 1 for dense layers and steps;
+* **recall** of the layout in force, per layer and step, and per head: the dense softmax mass
+  its blocks cover (docs/spec.md §9), averaged over rows and batch (both guidance branches); 1
+  for dense layers and steps;
 * **attention error** per layer and step: ``‖o_sparse − o_dense‖ / ‖o_dense‖`` over the sampled
-  query rows, ``o_dense`` computed exactly in float32. At dense steps it is the dense kernel's own
-  rounding (cuDNN in bf16: ~4e-3), the floor of the measure;
+  query rows. At dense steps it is the dense kernel's own rounding (cuDNN in bf16: ~4e-3), the
+  floor of the measure;
+* **concentration** per layer, step and head: the dense mass of each row's top 20 % key blocks
+  (in the run's token order), a property of the model's attention;
+* where the mass lies and what the layout **misses**, by distance class of the key token
+  (same or other frames × spatial distance; :data:`~dfsattn_jax.metrics.DISTANCE_CLASS_NAMES`);
 * **skipped** block fraction per step (docs/spec.md §6 convention; :attr:`RunOutput.sparsity`).
 
 Fidelity (:func:`video_scores`): PSNR and SSIM (:mod:`models.evaluation.fidelity`) of each decoded
@@ -51,7 +60,7 @@ from jaxtyping import Array, Bool, Float, Int
 from dfsattn_jax.baselines import static_window_scores
 from dfsattn_jax.cache import MaskCache
 from dfsattn_jax.layout import check_density
-from dfsattn_jax.metrics import LayerStats, sampled_row_stats
+from dfsattn_jax.metrics import DISTANCE_CLASS_NAMES, LayerStats, sampled_row_stats
 from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
 from dfsattn_jax.scoring import block_scores, check_tile_size
@@ -60,6 +69,7 @@ from models.evaluation.fidelity import psnr, ssim
 from models.sampling import Sampler, step_capacity
 
 __all__ = [
+    "SCORING_RANDOM",
     "SCORING_WINDOW",
     "QualityHooks",
     "QualityInputs",
@@ -67,6 +77,7 @@ __all__ = [
     "RunOutput",
     "Variant",
     "default_variants",
+    "order_coords",
     "fixed_density",
     "refresh_every_step",
     "variant_plan",
@@ -76,6 +87,8 @@ __all__ = [
 
 #: ``Variant.scoring`` value of the static spatio-temporal window baseline.
 SCORING_WINDOW = "window"
+#: ``Variant.scoring`` value of the random-layout baseline (uniform random scores, top-k).
+SCORING_RANDOM = "random"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,10 +112,11 @@ class Variant:
 
     Attributes:
       name: unique label.
-      group: ``"dense"``, ``"order"``, ``"tile"``, ``"window"`` or ``"refresh"`` (for tables).
+      group: ``"dense"``, ``"order"``, ``"tile"``, ``"window"``, ``"random"`` or ``"refresh"`` (for tables).
       sparse: ``False`` for the dense reference (every other field is then ignored).
       order: token order (:data:`~dfsattn_jax.orders.ORDER_NAMES`).
-      scoring: ``"dfs"`` (hierarchical scoring) or :data:`SCORING_WINDOW` (static window).
+      scoring: ``"dfs"`` (hierarchical scoring), :data:`SCORING_WINDOW` (static window) or
+        :data:`SCORING_RANDOM` (a random layout with the same count).
       tile_size: DFS scoring tile (``None``: the runner's default tile).
       density: a fixed density (no decrement); ``None``: the default schedule.
       refresh: ``"schedule"`` (cache between refreshes) or ``"every"`` (refresh at every sparse step).
@@ -120,8 +134,8 @@ class Variant:
     def __post_init__(self) -> None:
         if self.order not in ORDER_NAMES:
             raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
-        if self.scoring not in ("dfs", SCORING_WINDOW):
-            raise ValueError(f"scoring must be 'dfs' or {SCORING_WINDOW!r}, got {self.scoring!r}")
+        if self.scoring not in ("dfs", SCORING_WINDOW, SCORING_RANDOM):
+            raise ValueError(f"scoring must be 'dfs', {SCORING_WINDOW!r} or {SCORING_RANDOM!r}, got {self.scoring!r}")
         if self.refresh not in ("schedule", "every"):
             raise ValueError(f"refresh must be 'schedule' or 'every', got {self.refresh!r}")
         if self.density is not None:
@@ -182,6 +196,7 @@ def default_variants(
     other_tiles: Sequence[int] = (8, 32),
     tile_densities: Sequence[float | None] = (None, 0.1),
     window_orders: Sequence[str] = ("hilbert3d",),
+    random_orders: Sequence[str] = ("hilbert3d",),
     refresh_densities: Sequence[float | None] = (None,),
 ) -> tuple[Variant, ...]:
     """The variants of the quality benchmark (issue 5), dense reference first.
@@ -191,6 +206,8 @@ def default_variants(
       at each of ``tile_densities`` (``None``: default schedule); tile ``tile_size`` is in ``order``;
     * ``window``: the static window in each of ``window_orders`` at each density and with the
       default schedule's densities;
+    * ``random``: a uniformly random layout (per batch, head, query block, layer and refresh)
+      with the same count, in each of ``random_orders``, at each density and the default schedule;
     * ``refresh``: hilbert3d refreshed at every sparse step at each of ``refresh_densities``
       (compare with the cached ``order`` rows of the same densities).
     """
@@ -207,6 +224,9 @@ def default_variants(
     for order in window_orders:
         for d in schedules:
             out.append(Variant(f"window-{order}/{label(d)}", "window", order=order, scoring=SCORING_WINDOW, density=d))
+    for order in random_orders:
+        for d in schedules:
+            out.append(Variant(f"random-{order}/{label(d)}", "random", order=order, scoring=SCORING_RANDOM, density=d))
     for d in refresh_densities:
         out.append(Variant(f"hilbert3d/{label(d)}/refresh-every-step", "refresh", order="hilbert3d", density=d, refresh="every"))
     names = [v.name for v in out]
@@ -224,13 +244,17 @@ class QualityHooks(AttentionHooks):
     """The runner's hooks on the model's own attention.
 
     ``inputs`` (traced, per run) is :class:`QualityInputs`. At a refresh the layout source is
-    ``lax.switch(inputs.scoring, ...)`` over DFS scoring with each of ``tile_sizes`` and the static
-    scores of the step; every layer's attention is probed for recall and error on ``rows`` (a
-    ``lax.cond`` on ``inputs.measure``).
+    ``lax.switch(inputs.scoring, ...)`` over DFS scoring with each of ``tile_sizes``, the static
+    scores of the step and uniform random scores (a random layout at the same count); layers
+    flagged in ``inputs.dense_layer`` keep every key block. Every layer's attention is probed
+    (:func:`~dfsattn_jax.metrics.sampled_row_stats` on ``inputs.rows``, with the tokens'
+    coordinates) at the steps flagged in ``inputs.measure_steps`` (a ``lax.cond``).
     """
 
     tile_sizes: tuple[int, ...]
     block_size: int
+    num_heads: int
+    row_budget: int = 1 << 25
 
     def scores(self, q, k, *, layer, inputs, step):
         batch, _, heads, _ = q.shape
@@ -242,17 +266,30 @@ class QualityHooks(AttentionHooks):
         def static(q, k, s):
             return jnp.broadcast_to(s.astype(jnp.float32), (batch, heads, nk, nk))
 
-        branches = [dfs(t) for t in self.tile_sizes] + [static]
+        def random(q, k, s):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(inputs.random_seed), step), layer)
+            return jax.random.uniform(key, (batch, heads, nk, nk), jnp.float32)
+
+        branches = [dfs(t) for t in self.tile_sizes] + [static, random]
         return jax.lax.switch(inputs.scoring, branches, q, k, inputs.static_scores[step])
 
+    def layer_blocks(self, num_blocks, *, layer, inputs, step, num_key_blocks):
+        return jnp.where(inputs.dense_layer[layer], jnp.int32(num_key_blocks), num_blocks).astype(num_blocks.dtype)
+
     def probe(self, q, k, v, out, block_mask, *, layer, inputs, step):
-        zero = jnp.zeros((), jnp.float32)
-        measured = lambda: sampled_row_stats(q, k, v, out, block_mask, inputs.rows, block_size=self.block_size)  # noqa: E731
-        return jax.lax.cond(inputs.measure, measured, lambda: LayerStats(zero, zero))
+        def measured():
+            return sampled_row_stats(
+                q, k, v, out, block_mask, inputs.rows, block_size=self.block_size, row_budget=self.row_budget,
+                coords=inputs.coords,
+            )  # fmt: skip
+
+        return jax.lax.cond(inputs.measure_steps[step], measured, self.probe_template)
 
     def probe_template(self):
         zero = jnp.zeros((), jnp.float32)
-        return LayerStats(zero, zero)
+        heads = jnp.zeros((self.num_heads,), jnp.float32)
+        classes = jnp.zeros((len(DISTANCE_CLASS_NAMES),), jnp.float32)
+        return LayerStats(zero, zero, heads, heads, classes, classes)
 
 
 class QualityInputs(NamedTuple):
@@ -262,40 +299,55 @@ class QualityInputs(NamedTuple):
       scoring: int32[] layout source index (:meth:`QualityRunner.scoring_index`).
       static_scores: float32[P, nq, nk] static block scores per step (the window baseline).
       rows: int32[S] sampled query rows (attention order).
-      measure: bool[] measure recall and error.
+      measure_steps: bool[P] the steps whose attention is probed.
+      coords: int32[L, 3] (frame, row, column) of the token at each attention position.
+      random_seed: int32[] seed of the random layouts.
+      dense_layer: bool[num_layers] layers that keep every key block at a refresh.
     """
 
     scoring: Int[Array, ""]
     static_scores: Float[Array, "p nq nk"]
     rows: Int[Array, " s"]
-    measure: Bool[Array, ""]
+    measure_steps: Bool[Array, " p"]
+    coords: Int[Array, "l 3"]
+    random_seed: Int[Array, ""]
+    dense_layer: Bool[Array, " layers"]
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOutput:
-    """One sampling run of :class:`QualityRunner`.
+    """One sampling run of :class:`QualityRunner`. Unmeasured steps hold NaN in the probes.
 
     Attributes:
       latents: float32 final latents ``[B, C, F, H, W]`` (the conditional batch).
-      recall: float32[num_steps, num_layers] (NaN when not measured).
-      error: float32[num_steps, num_layers] attention error (NaN when not measured).
+      recall: float32[num_steps, num_layers] covered dense softmax mass.
+      error: float32[num_steps, num_layers] attention error.
+      head_recall: float32[num_steps, num_layers, N] recall per head.
+      top_mass: float32[num_steps, num_layers, N] dense mass of each row's top 20 % key blocks.
+      mass_by_class: float32[num_steps, num_layers, C] dense mass per distance class
+        (:data:`~dfsattn_jax.metrics.DISTANCE_CLASS_NAMES`).
+      missed_by_class: float32[num_steps, num_layers, C] the part the layout misses.
       skipped: float32[num_steps] skipped block fraction over all self-attention layers.
       refreshed: int32[num_steps] layouts written at each step.
       cache: the final mask cache (NumPy arrays; ``None`` for a dense run).
       plan: the step plan (``None``: dense).
       time_s: wall time of the run (blocked on the result; the program was compiled before).
-      measured: whether recall/error were measured.
+      measured: bool[num_steps] the probed steps.
     """
 
     latents: np.ndarray
     recall: np.ndarray
     error: np.ndarray
+    head_recall: np.ndarray
+    top_mass: np.ndarray
+    mass_by_class: np.ndarray
+    missed_by_class: np.ndarray
     skipped: np.ndarray
     refreshed: np.ndarray
     cache: MaskCache | None
     plan: SchedulePlan | None
     time_s: float
-    measured: bool
+    measured: np.ndarray
 
     @property
     def sparsity(self) -> float:
@@ -309,6 +361,12 @@ class RunOutput:
         return tuple(int(s) for s in np.flatnonzero(self.refreshed))
 
 
+def order_coords(order: str, grid: tuple[int, int, int]) -> Int[np.ndarray, "l 3"]:
+    """``(frame, row, column)`` of the token at each position of ``order`` on ``grid`` (int32[L, 3])."""
+    perm = np.asarray(token_order(order, grid), np.int64)
+    return np.stack(np.unravel_index(perm, grid), axis=1).astype(np.int32)
+
+
 class QualityRunner:
     """Samples ``model`` with classifier-free guidance through the production sampler, one
     compiled program for every variant (see the module docstring).
@@ -318,15 +376,17 @@ class QualityRunner:
       latent_shape: ``(C, F, H, W)`` of the latents.
       block_size: tokens per attention block.
       tile_sizes: tile sizes the DFS scoring may use (scoring index ``i`` uses ``tile_sizes[i]``;
-        index ``len(tile_sizes)`` uses the static scores input).
-      dense_layers: self-attention layers that always stay dense.
-      max_blocks: ``K_max`` of the mask cache (>= every plan's ``max_blocks``).
-      num_query_samples: query rows sampled for recall and error (all rows when ``>= L``).
+        index ``len(tile_sizes)`` the static scores input, ``len(tile_sizes) + 1`` random scores).
+      dense_layers: self-attention layers that always stay dense (dense attention, static).
+      max_blocks: ``K_max`` of the mask cache (>= every plan's ``max_blocks``; the key block
+        count when runs keep layers whole through ``dense_layers`` of :meth:`__call__`).
+      num_query_samples: query rows sampled for the probes (all rows when ``>= L``).
       solver, shift: sampler settings (as :class:`~models.sampling.loop.Sampler`).
       min_capacity: smallest padded step count.
       seed: seed of the sampled query rows.
       sparse_implementation, dense_implementation: attention implementations (``None``: the
         device's defaults).
+      row_budget: float32 elements of probe probabilities held at a time.
 
     Attributes:
       sampler: the :class:`~models.sampling.loop.Sampler` every run goes through.
@@ -349,6 +409,7 @@ class QualityRunner:
         seed: int = 0,
         sparse_implementation: str | None = None,
         dense_implementation: str | None = None,
+        row_budget: int = 1 << 25,
     ):
         cfg = model.config
         self.model = model
@@ -359,6 +420,7 @@ class QualityRunner:
             jnp.zeros((1,) + self.latent_shape), jnp.zeros((1,)), jnp.zeros((1, 1, cfg.text_dim))
         )
         self.num_tokens = math.prod(self.grid)
+        self.num_layers = cfg.num_layers
         self.tile_sizes = tuple(check_tile_size(t, block_size)[0] for t in tile_sizes)
         if not self.tile_sizes:
             raise ValueError("tile_sizes must hold at least one tile size")
@@ -388,7 +450,7 @@ class QualityRunner:
             DFSConfig(tile_size=self.tile_sizes[0], block_size=self.block_size, dense_layers=self.dense_layers),
             sparse_implementation=sparse_implementation,
             dense_implementation=dense_implementation,
-            hooks=QualityHooks(self.tile_sizes, self.block_size),
+            hooks=QualityHooks(self.tile_sizes, self.block_size, cfg.num_heads, int(row_budget)),
         )
         self.sampler = Sampler(
             model, backend, solver=solver, shift=shift, max_blocks=self.max_blocks,
@@ -411,6 +473,8 @@ class QualityRunner:
         """The ``lax.switch`` index of ``variant``'s layout source."""
         if variant.scoring == SCORING_WINDOW:
             return len(self.tile_sizes)
+        if variant.scoring == SCORING_RANDOM:
+            return len(self.tile_sizes) + 1
         tile = default_tile if variant.tile_size is None else variant.tile_size
         if tile not in self.tile_sizes:
             raise ValueError(f"variant {variant.name!r} needs tile {tile}, the runner has tile_sizes {self.tile_sizes}")
@@ -421,18 +485,39 @@ class QualityRunner:
         perm = np.asarray(token_order(order, self.grid), np.int32)
         return perm, np.asarray(inverse_permutation(perm), np.int32)
 
-    def _inputs(self, num_steps: int, scoring: int, static_scores, measure: bool) -> QualityInputs:
-        if not 0 <= int(scoring) <= len(self.tile_sizes):
-            raise ValueError(f"scoring must be in [0, {len(self.tile_sizes)}], got {scoring!r}")
+    def measure_steps(self, num_steps: int, measure: bool | Sequence[bool]) -> np.ndarray:
+        """``bool[num_steps]`` of the probed steps from ``measure`` (one flag, or one per step)."""
+        flags = np.asarray(measure, bool)
+        if flags.ndim == 0:
+            return np.full(num_steps, bool(flags))
+        if flags.shape != (num_steps,):
+            raise ValueError(f"measure must be one bool or {num_steps} bools (one per step), got shape {flags.shape}")
+        return flags
+
+    def _inputs(self, num_steps: int, scoring: int, static_scores, measure, order: str, random_seed: int,
+                dense_layers: Sequence[int]) -> QualityInputs:  # fmt: skip
+        if not 0 <= int(scoring) <= len(self.tile_sizes) + 1:
+            raise ValueError(f"scoring must be in [0, {len(self.tile_sizes) + 1}], got {scoring!r}")
         capacity = self.capacity(num_steps)
         nk = self.num_key_blocks
         if static_scores is None:
             static_scores = np.zeros((capacity, nk, nk), np.float32)
         elif tuple(np.shape(static_scores)) != (capacity, nk, nk):
             raise ValueError(f"static_scores must have shape {(capacity, nk, nk)}, got {np.shape(static_scores)}")
+        steps = np.zeros(capacity, bool)
+        steps[:num_steps] = self.measure_steps(num_steps, measure)
+        whole = np.zeros(self.num_layers, bool)
+        for layer in dense_layers:
+            if layer not in self.sparse_layers:
+                raise ValueError(f"dense_layers entries must be sparse layers of the runner {self.sparse_layers}, got {layer!r}")
+            whole[layer] = True
+        if whole.any() and self.max_blocks < nk:
+            raise ValueError(f"dense_layers {tuple(dense_layers)} keep all {nk} key blocks: the runner needs max_blocks={nk}, "
+                             f"it has {self.max_blocks}")  # fmt: skip
         return QualityInputs(
-            jnp.asarray(int(scoring), jnp.int32), jnp.asarray(static_scores, jnp.float32),
-            jnp.asarray(self.rows), jnp.asarray(bool(measure)),
+            jnp.asarray(int(scoring), jnp.int32), jnp.asarray(static_scores, jnp.float32), jnp.asarray(self.rows),
+            jnp.asarray(steps), jnp.asarray(order_coords(order, self.grid)), jnp.asarray(int(random_seed), jnp.int32),
+            jnp.asarray(whole),
         )  # fmt: skip
 
     def __call__(
@@ -447,7 +532,9 @@ class QualityRunner:
         scoring: int = 0,
         static_scores: Float[np.ndarray, "p nq nk"] | None = None,
         guidance_scale: float = 5.0,
-        measure: bool = True,
+        measure: bool | Sequence[bool] = True,
+        random_seed: int = 0,
+        dense_layers: Sequence[int] = (),
     ) -> RunOutput:
         """Denoises ``noise`` over ``num_steps`` steps (classifier-free guidance, batch ``2B``).
 
@@ -460,7 +547,11 @@ class QualityRunner:
           scoring: layout source index (:meth:`scoring_index`).
           static_scores: ``float32[capacity, nq, nk]`` for the static source (default zeros).
           guidance_scale: classifier-free guidance scale.
-          measure: measure recall and attention error at every step and layer.
+          measure: probe every step (``True``), none, or the steps flagged (``num_steps`` bools).
+          random_seed: seed of the random layouts (scoring index ``len(tile_sizes) + 1``).
+          dense_layers: sparse layers of the runner that keep every key block in this run (the
+            block-sparse kernel with a full layout equals dense attention up to rounding); needs
+            ``max_blocks`` equal to the key block count.
         """
         noise = jnp.asarray(noise, jnp.float32)
         if tuple(noise.shape[1:]) != self.latent_shape:
@@ -470,30 +561,38 @@ class QualityRunner:
             raise ValueError(
                 f"text and negative_text must both have shape [B={noise.shape[0]}, T, E], got {text.shape} and {negative_text.shape}"
             )
-        inputs = self._inputs(num_steps, scoring, static_scores, measure)
+        inputs = self._inputs(num_steps, scoring, static_scores, measure, order, random_seed, dense_layers)
         result = self.sampler(
             noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale,
             plan=plan, order=order, hook_inputs=inputs,
         )  # fmt: skip
-        recall, error = np.asarray(result.probes.recall), np.asarray(result.probes.error)
-        if not measure:
-            recall = np.full_like(recall, np.nan)
-            error = np.full_like(error, np.nan)
+        measured = np.asarray(inputs.measure_steps)[:num_steps]
+
+        def masked(x):
+            x = np.asarray(x, np.float32).copy()
+            x[~measured] = np.nan
+            return x
+
+        probes = result.probes
         return RunOutput(
             latents=np.asarray(result.latents),
-            recall=recall,
-            error=error,
+            recall=masked(probes.recall),
+            error=masked(probes.error),
+            head_recall=masked(probes.head_recall),
+            top_mass=masked(probes.top_mass),
+            mass_by_class=masked(probes.mass_by_class),
+            missed_by_class=masked(probes.missed_by_class),
             skipped=result.skipped,
             refreshed=result.refreshed,
             cache=None if plan is None else jax.tree.map(np.asarray, result.cache),
             plan=plan,
             time_s=result.time_s,
-            measured=bool(measure),
+            measured=measured,
         )
 
     def warmup(self, noise, text, negative_text, *, num_steps: int) -> float:
         """Compiles the program of a ``num_steps`` run (one step of it); returns seconds."""
-        inputs = self._inputs(num_steps, 0, None, True)
+        inputs = self._inputs(num_steps, 0, None, True, "raster", 0, ())
         return self.sampler.warmup(noise, text, negative_text, num_steps=num_steps, order="raster", hook_inputs=inputs)
 
 

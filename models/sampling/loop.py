@@ -71,7 +71,8 @@ class LoopState(NamedTuple):
       cache: the mask cache (``None`` for the dense backend).
       refreshed: int32[P] layouts written at each step.
       skipped: float32[P] skipped block fraction over all self-attention layers at each step.
-      probes: the hooks' records, each leaf ``[P, num_layers]`` (``None`` without probes).
+      probes: the hooks' records, each leaf ``[P, num_layers, *shape]`` for a probe leaf of
+        ``shape`` (``None`` without probes).
     """
 
     latents: Array
@@ -95,7 +96,7 @@ class SampleResult:
         at each step (dense layers and dense steps count 0), from the layouts in force.
       plan: the DFS plan (``None``: dense).
       sigmas: float32[num_steps + 1]; timesteps: int64[num_steps].
-      probes: the hooks' records, each leaf ``[num_steps, num_layers]`` (``None`` without).
+      probes: the hooks' records, each leaf ``[num_steps, num_layers, *shape]`` (``None`` without).
       time_s: wall time of the steps, blocked on the result (with ``progress``, measured from
         the loop's start on the device, so tracing and compilation are excluded; without it,
         from the call, so warm up first: :meth:`Sampler.warmup`).
@@ -402,7 +403,9 @@ class Sampler:
         template = backend.hooks.probe_template()
         probes = None
         if template is not None:
-            probes = jax.tree.map(lambda z: jnp.zeros((capacity, cfg.num_layers), jnp.asarray(z).dtype), template)
+            probes = jax.tree.map(
+                lambda z: jnp.zeros((capacity, cfg.num_layers) + jnp.shape(z), jnp.asarray(z).dtype), template
+            )
         cache = None
         if backend.is_sparse:
             cache = init_cache(backend, cfg.num_layers, model_batch, cfg.num_heads, num_tokens, max_blocks)
