@@ -22,6 +22,7 @@ Needs the package installed (``pip install -e .``); run from the repository root
 GPU (what the lead runs)::
 
     python benchmarks/e2e_bench.py --measure-full
+    python benchmarks/e2e_bench.py --measure-full --schedule fast   # a named preset: e2e_<slug>_fast.json
 
 Reduced size on CPU (a smoke test of the script)::
 
@@ -47,7 +48,7 @@ from flax import nnx
 from dfsattn_jax.attention import block_sparse_attention, dense_attention, resolve_implementation
 from dfsattn_jax.cache import cache_layout, cache_update
 from dfsattn_jax.layout import blocks_for_density, select_blocks
-from dfsattn_jax.schedule import DFSConfig, plan_schedule, reported_sparsity
+from dfsattn_jax.schedule import SCHEDULE_PRESETS, DFSConfig, get_schedule_preset, plan_schedule, reported_sparsity
 from dfsattn_jax.scoring import block_scores
 from models.common.processor import (
     AttentionBackend,
@@ -100,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--tile-size", type=int, default=16)
     p.add_argument("--order", default="hilbert3d")
+    p.add_argument("--schedule", default=None, choices=sorted(SCHEDULE_PRESETS),
+                   help="a named schedule preset instead of the default (results get a _<name> suffix)")
     p.add_argument("--max-density", type=float, default=0.5, help="mask-cache capacity, as the sampler's")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -115,6 +118,9 @@ def main(argv=None) -> dict:
     cfg = get_config(args.config)
     dtype = jnp.dtype(args.dtype) if args.dtype else default_dtype()
     dfs = DFSConfig(tile_size=args.tile_size, block_size=args.block_size, order=args.order)
+    if args.schedule is not None:
+        dfs = dataclasses.replace(get_schedule_preset(args.schedule), tile_size=args.tile_size,
+                                  block_size=args.block_size, order=args.order)  # fmt: skip
     shape = latent_shape(cfg, args.frames, args.height, args.width)
     grid = token_grid(cfg, shape[1:])
     num_tokens = math.prod(grid)
@@ -245,6 +251,7 @@ def main(argv=None) -> dict:
         "kept_blocks": {f"{d:g}": blocks[d] for d in densities},
         "cache_max_blocks": max_blocks,
         "dfs_config": dataclasses.asdict(dfs),
+        "schedule_preset": args.schedule,
         "sparse_implementation": {"name": impl, "reason": why},
         "attention_one_layer_s": t_attn,
         "timing": {"warmup": args.warmup, "iters": args.iters, "statistic": "median"},
@@ -303,6 +310,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     default_size = (cfg.name, args.frames, args.height, args.width) == ("wan2.1-1.3b", 81, 480, 832)
     suffix = "" if default_size else f"_{cfg.name}_{args.frames}x{args.height}x{args.width}"
+    suffix += f"_{args.schedule}" if args.schedule not in (None, "default") else ""
     stem = os.path.join(args.out_dir, f"e2e_{device_slug()}{suffix}")
     write_json(stem + ".json", results)
     table = markdown_table(results)

@@ -6,13 +6,14 @@ from dfsattn_jax.layout import BlockLayout, blocks_for_density, full_layout, sel
 from dfsattn_jax.metrics import attention_error, layout_recall
 from dfsattn_jax.orders import check_grid, inverse_permutation, token_order
 from dfsattn_jax.reference import reference_block_sparse_attention
-from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
+from dfsattn_jax.schedule import SCHEDULE_PRESETS, DFSConfig, SchedulePlan, get_schedule_preset, plan_schedule
 from dfsattn_jax.scoring import block_scores, tile_probabilities
 
 __all__ = [
     "BlockLayout",
     "DFSConfig",
     "MaskCache",
+    "SCHEDULE_PRESETS",
     "SchedulePlan",
     "attention_error",
     "block_scores",
@@ -23,6 +24,7 @@ __all__ = [
     "check_grid",
     "dense_attention",
     "full_layout",
+    "get_schedule_preset",
     "init_mask_cache",
     "inverse_permutation",
     "layout_recall",

@@ -26,7 +26,16 @@ from dfsattn_jax.layout import blocks_for_density, check_density
 from dfsattn_jax.orders import ORDER_NAMES
 from dfsattn_jax.scoring import check_tile_size
 
-__all__ = ["DFSConfig", "SchedulePlan", "default_schedule", "plan_schedule", "reported_sparsity"]
+__all__ = [
+    "DFSConfig",
+    "SCHEDULE_PRESETS",
+    "SchedulePlan",
+    "SchedulePreset",
+    "default_schedule",
+    "get_schedule_preset",
+    "plan_schedule",
+    "reported_sparsity",
+]
 
 
 def _check_int(value: int, name: str, minimum: int) -> int:
@@ -199,3 +208,61 @@ def default_schedule(num_steps: int, base: DFSConfig = DFSConfig()) -> DFSConfig
         dense_steps=max(1, round(base.dense_steps * factor)),
         refresh_interval=max(1, round(base.refresh_interval * factor)),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Named schedule presets. One registry, SCHEDULE_PRESETS; to ship another schedule, add an
+# entry (a SchedulePreset) and it is available from get_schedule_preset, the sampler (pass its
+# config as the backend's DFSConfig) and `dfsattn-generate --schedule NAME`.
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulePreset:
+    """A named DFSAttn schedule for 50-step sampling.
+
+    Attributes:
+      name: the registry key.
+      config: the schedule (its tile and block size and order are the defaults; the schedule
+        fields and ``dense_layers`` are what the preset chooses).
+      description: one line: what it is for and where its values come from.
+      provisional: ``True`` while the values are placeholders not yet chosen by a measurement.
+    """
+
+    name: str
+    config: DFSConfig
+    description: str
+    provisional: bool = False
+
+
+SCHEDULE_PRESETS: dict[str, SchedulePreset] = {
+    "default": SchedulePreset(
+        "default", DFSConfig(),
+        "the paper's schedule: dense steps 0-11, refreshes at 12, 24, 36 with densities 0.3, 0.2, 0.1, layer 0 dense",
+    ),
+    # PLACEHOLDER values: benchmarks/schedule_search.py chooses the real ones (the fastest
+    # schedule within 0.2 dB PSNR of "default" on the harness model, speed composed from the
+    # Wan2.1-1.3B per-step times); until it has run, "fast" is a guess (composed 2.05x over
+    # dense on Wan2.1-1.3B, fidelity not measured) and says so (provisional=True).
+    "fast": SchedulePreset(
+        "fast", DFSConfig(density=0.25, density_decrement=0.05, dense_steps=4, refresh_interval=10, dense_layers=(0,)),
+        "PROVISIONAL placeholder for the fastest schedule at the default's fidelity (benchmarks/schedule_search.py)",
+        provisional=True,
+    ),
+}  # fmt: skip
+
+
+def get_schedule_preset(name: str, num_steps: int | None = None) -> DFSConfig:
+    """The :class:`DFSConfig` of the preset ``name`` (:data:`SCHEDULE_PRESETS`).
+
+    Args:
+      name: a key of :data:`SCHEDULE_PRESETS`.
+      num_steps: ``None`` for the preset as defined (for 50 steps); otherwise its dense steps and
+        refresh interval scaled to ``num_steps`` as :func:`default_schedule` scales the default.
+
+    Raises:
+      ValueError: for an unknown name (listing the known ones).
+    """
+    if not isinstance(name, str) or name not in SCHEDULE_PRESETS:
+        raise ValueError(f"schedule preset must be one of {sorted(SCHEDULE_PRESETS)}, got {name!r}")
+    config = SCHEDULE_PRESETS[name].config
+    return config if num_steps is None else default_schedule(num_steps, config)

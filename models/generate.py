@@ -23,6 +23,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import math
 import os
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfsattn_jax.orders import ORDER_NAMES
-from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule, reported_sparsity
+from dfsattn_jax.schedule import SCHEDULE_PRESETS, DFSConfig, SchedulePlan, get_schedule_preset, plan_schedule, reported_sparsity
 from models.common.processor import make_backend, num_token_blocks
 from models.io import check_writable, decode_to_mp4, load_latents, load_prompt_embeds, save_latents
 from models.sampling import SOLVER_NAMES, Sampler
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     dfs.add_argument("--dense-steps", type=int, metavar="N", default=12, help="leading steps that run dense, >= 0")
     dfs.add_argument("--refresh-interval", type=int, metavar="N", default=12, help="steps between mask refreshes, >= 1")
     dfs.add_argument("--order", choices=ORDER_NAMES, default="hilbert3d", help="token order of the blocks")
+    dfs.add_argument("--schedule", choices=sorted(SCHEDULE_PRESETS), default=None,
+                     help="a named schedule (dfsattn_jax.schedule.SCHEDULE_PRESETS: schedule and dense layers) "
+                          "instead of --density, --density-decrement, --dense-steps and --refresh-interval, "
+                          "which then keep their defaults (default: none)")
 
     misc = p.add_argument_group("other")
     misc.add_argument("--debug", action="store_true", help="show the traceback of an error (default: off)")
@@ -171,6 +176,16 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--dense-steps must be >= 0, got {args.dense_steps}")
     if args.refresh_interval < 1:
         raise ValueError(f"--refresh-interval must be >= 1, got {args.refresh_interval}")
+
+
+def _preset(args: argparse.Namespace, given: DFSConfig) -> DFSConfig:
+    """``--schedule NAME``: the preset's schedule and dense layers with ``--order``; the options
+    it replaces must keep their defaults (else a ValueError naming them)."""
+    changed = [f"--{f.replace('_', '-')}" for f in ("density", "density_decrement", "dense_steps", "refresh_interval")
+               if getattr(given, f) != getattr(DFSConfig(), f)]  # fmt: skip
+    if changed:
+        raise ValueError(f"--schedule {args.schedule} sets the schedule; drop {', '.join(changed)}")
+    return dataclasses.replace(get_schedule_preset(args.schedule), order=args.order)
 
 
 def _check_writable(path: str, option: str) -> pathlib.Path:
@@ -289,6 +304,8 @@ def _run(argv: Sequence[str]) -> int:
             refresh_interval=args.refresh_interval,
             order=args.order,
         )
+        if args.schedule is not None:
+            dfs = _preset(args, dfs)
     # 2. Outputs and the optional extra: fail now, not after sampling.
     out = _check_writable(args.out, "--out")
     if args.mp4 is not None:
@@ -351,7 +368,8 @@ def _run(argv: Sequence[str]) -> int:
     }  # fmt: skip
     if dfs is not None:
         meta |= {"density": dfs.density, "density_decrement": dfs.density_decrement,
-                 "dense_steps": dfs.dense_steps, "refresh_interval": dfs.refresh_interval, "order": dfs.order}
+                 "dense_steps": dfs.dense_steps, "refresh_interval": dfs.refresh_interval, "order": dfs.order,
+                 "dense_layers": ",".join(map(str, dfs.dense_layers)), "schedule": args.schedule or "options"}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_latents(out, np.asarray(result.latents), meta)
     print(f"latents -> {args.out}")

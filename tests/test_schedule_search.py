@@ -1,0 +1,185 @@
+"""Named schedule presets (API, sampler, CLI), the composed Wan2.1 speed model and the schedule search.
+
+The preset "fast" holds placeholder values until benchmarks/schedule_search.py has run on the
+GPU: these tests check that presets exist and plug into the sampler and the CLI, never their
+numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import models.generate as generate
+from dfsattn_jax.schedule import SCHEDULE_PRESETS, DFSConfig, SchedulePreset, default_schedule, get_schedule_preset, plan_schedule
+from models.evaluation.speed import DEFAULT_E2E_RESULTS, StepTimes, compose
+from models.sampling import Sampler
+from models.common.processor import make_backend
+from models.wan.config import get_config
+from models.wan.transformer import WanTransformer3DModel
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "wan_tiny"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def test_presets_registry_and_lookup():
+    assert {"default", "fast"} <= set(SCHEDULE_PRESETS)
+    assert get_schedule_preset("default") == DFSConfig()
+    for name, preset in SCHEDULE_PRESETS.items():
+        assert isinstance(preset, SchedulePreset) and preset.name == name and preset.description
+        assert get_schedule_preset(name) is preset.config
+        assert get_schedule_preset(name, 20) == default_schedule(20, preset.config)
+    assert SCHEDULE_PRESETS["fast"].provisional  # placeholder until the GPU search has chosen it
+    with pytest.raises(ValueError, match="must be one of"):
+        get_schedule_preset("fastest")
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULE_PRESETS))
+def test_preset_plugs_into_the_sampler(name):
+    cfg = get_config("tiny")
+    model = WanTransformer3DModel(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    preset = dataclasses.replace(get_schedule_preset(name, 10), block_size=32, tile_size=8)
+    sampler = Sampler(model, make_backend("dfs", preset), progress=False)
+    noise = jax.random.normal(jax.random.key(1), (1, cfg.in_channels, 2, 16, 16), jnp.float32)  # 2x8x8 = 128 tokens
+    text = jax.random.normal(jax.random.key(2), (1, 4, cfg.text_dim), jnp.float32)
+    result = sampler(noise, text, 0.0 * text, num_steps=10, guidance_scale=2.0)
+    plan = plan_schedule(preset, 10, 4)
+    assert result.refresh_steps == plan.refresh_steps and np.isfinite(np.asarray(result.latents)).all()
+    assert result.sparsity > 0
+
+
+@pytest.fixture
+def embeds(tmp_path) -> pathlib.Path:
+    text = load_file(FIXTURE / "io.safetensors")["encoder_hidden_states"]
+    path = tmp_path / "prompt.safetensors"
+    save_file({"cond": text[0], "uncond": text[1]}, str(path))
+    return path
+
+
+def _cli(embeds, tmp_path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(FIXTURE), "--prompt-embeds", str(embeds), "--out", str(tmp_path / "lat.safetensors"),
+            "--frames", "9", "--height", "96", "--width", "128", "--dtype", "float32", *extra]  # fmt: skip
+
+
+def test_cli_schedule_option_runs_the_preset(embeds, tmp_path, capsys):
+    from models.io import load_latents
+
+    preset = get_schedule_preset("fast")
+    assert generate.main(_cli(embeds, tmp_path, "--schedule", "fast", "--steps", "12")) == 0
+    out = capsys.readouterr().out
+    lines, _ = generate.describe_plan(plan_schedule(preset, 12, 2), preset, 2, 144)
+    for line in lines:
+        assert line in out
+    _, meta = load_latents(tmp_path / "lat.safetensors")
+    assert meta["schedule"] == "fast" and int(meta["dense_steps"]) == preset.dense_steps
+    assert float(meta["density"]) == preset.density and meta["dense_layers"] == ",".join(map(str, preset.dense_layers))
+
+
+def test_cli_schedule_refuses_schedule_options(embeds, tmp_path, capsys, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights must not be read")
+
+    monkeypatch.setattr(generate, "load_wan", no_weights)
+    assert generate.main(_cli(embeds, tmp_path, "--schedule", "fast", "--density", "0.2", "--dense-steps", "3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--schedule fast sets the schedule; drop --density, --dense-steps" in err[0]
+    assert generate.main(_cli(embeds, tmp_path, "--schedule", "fastest")) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The speed model
+
+
+def test_composition_reproduces_the_e2e_benchmark():
+    results = json.loads(DEFAULT_E2E_RESULTS.read_text())
+    times = StepTimes.from_e2e(results)
+    default = compose(DFSConfig(), times)
+    # At the measured densities the composition is e2e_bench's own, step for step.
+    assert default["dfs_s"] == pytest.approx(results["schedule"]["composed_dfs_s"], rel=1e-12)
+    assert default["speedup"] == pytest.approx(results["schedule"]["composed_speedup"], rel=1e-12)
+    assert default["sparsity"] == pytest.approx(results["schedule"]["reported_sparsity"], rel=1e-12)
+    per = results["per_step_s"]
+    for density, kept in results["kept_blocks"].items():
+        assert times.step(kept, refresh=False, dense_layers=1) == pytest.approx(per["sparse"][density], rel=1e-12)
+        assert times.step(kept, refresh=True, dense_layers=1) == pytest.approx(per["refresh"][density], rel=1e-12)
+
+
+def test_interpolation_extrapolation_and_dense_layers():
+    times = StepTimes(dense=1.0, dfs_dense=1.0, sparse={10: 0.5, 20: 0.6}, refresh={10: 0.55, 20: 0.65},
+                      num_key_blocks=100, num_layers=5, measured_dense_layers=1)  # fmt: skip
+    assert times.step(15, refresh=False, dense_layers=1) == pytest.approx(0.55)  # linear between 10 and 20
+    assert times.step(60, refresh=False, dense_layers=1) == pytest.approx(0.6 + 40 / 80 * 0.4)  # towards the dense step
+    assert times.step(5, refresh=False, dense_layers=1) == pytest.approx(0.45)  # extrapolated along 10-20
+    assert times.step(100, refresh=True, dense_layers=1) == pytest.approx(1.05)  # dense step + refresh overhead
+    # 4 sparse layers measured: each saves (1.0 - 0.5) / 4 at 10 blocks
+    assert times.step(10, refresh=False, dense_layers=0) == pytest.approx(0.5 - 0.125)
+    assert times.step(10, refresh=False, dense_layers=3) == pytest.approx(0.5 + 0.25)
+    config = DFSConfig(density=0.1, density_decrement=0.0, dense_steps=2, refresh_interval=4)
+    composed = compose(config, times, num_steps=6)
+    assert composed["steps_s"] == pytest.approx([1.0, 1.0, 0.55, 0.5, 0.5, 0.5])  # refresh at 2, reuse after
+    assert composed["speedup"] == pytest.approx(6.0 / 4.05)
+    with pytest.raises(ValueError, match="same kept-block counts"):
+        StepTimes(1.0, 1.0, {10: 0.5}, {20: 0.6}, 100, 5, 1)
+    with pytest.raises(ValueError, match="kept"):
+        times.step(0, refresh=False, dense_layers=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+
+
+def test_search_helpers():
+    search = _script("schedule_search")
+    config = DFSConfig()
+    near = search.neighbours(config, ((0,), ()))
+    names = {search.candidate_name(c) for c in near}
+    assert search.candidate_name(config) == "dense12-d0.3-dec0.1-every12-layers0"
+    assert {"dense10-d0.3-dec0.1-every12-layers0", "dense14-d0.3-dec0.1-every12-layers0",
+            "dense12-d0.25-dec0.1-every12-layers0", "dense12-d0.3-dec0.075-every12-layers0",
+            "dense12-d0.3-dec0.1-every10-layers0", "dense12-d0.3-dec0.1-every12-layersnone"} <= names  # fmt: skip
+    assert all(sum(a != b for a, b in zip(dataclasses.astuple(c), dataclasses.astuple(config))) == 1 for c in near)
+    points = [("a", 30.0, 1.5), ("b", 29.0, 2.0), ("c", 28.0, 1.9), ("d", 31.0, 1.2), ("e", 29.0, 1.8)]
+    assert search.pareto_front(points) == ["d", "a", "b"]
+    assert search._layers("0;none;0,3") == ((0,), (), (0, 3))
+
+
+def test_search_quick_run_chooses_and_reports(tmp_path):
+    search = _script("schedule_search")
+    args = ["--quick", "--samples", "1", "--steps", "4", "--max-candidates", "4", "--report-front", "1",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    state = search.main(args)
+    assert set(state["choose"]) >= {"default", "preset:fast"} and len(state["choose"]) <= 4
+    winner = state["winner"]
+    base = state["choose"]["default"]["psnr_mean"]
+    qualifying = [n for n, r in state["choose"].items() if r["psnr_mean"] >= base - 0.2]
+    assert winner == max(qualifying, key=lambda n: state["speed"][n]["speedup"])
+    assert {"default", winner} <= set(state["report"])
+    for name, speed in state["speed"].items():
+        cfg = state["configs"][name]
+        expected = compose(DFSConfig(**{**cfg, "dense_layers": tuple(cfg["dense_layers"])}), StepTimes.from_e2e())
+        assert speed["speedup"] == pytest.approx(expected["speedup"])
+    files = [tmp_path / f"schedule_search_smoke_cpu.{ext}" for ext in ("json", "md", "png")]
+    assert all(f.is_file() for f in files) and "Preset line" in files[1].read_text()
+    again = search.main(args)  # resumes: nothing new to evaluate
+    assert again["choose"] == state["choose"] and again["report"] == state["report"]
