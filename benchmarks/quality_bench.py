@@ -535,8 +535,7 @@ def check_claims(report: dict) -> list[dict]:
     add("DFS better than the static window at equal density",
         [(f"{s} ({o})", f"hilbert3d/{s}", f"window-{o}/{s}") for s in all_scheds for o in meta["window_orders"]])
     add("DFS better than a random layout at equal density (the model uses its attention)",
-        [(f"{s} ({o})", f"{o}/{s}" if o != "hilbert3d" else f"hilbert3d/{s}", f"random-{o}/{s}")
-         for s in all_scheds for o in meta["random_orders"]])  # fmt: skip
+        [(f"{s} ({o})", f"{o}/{s}", f"random-{o}/{s}") for s in all_scheds for o in meta["random_orders"]])
     for r in report["variants"]:
         if r["group"] == "refresh":
             cached = r["name"].replace("/refresh-every-step", "")

@@ -711,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         brief["nearest_psnr"] = learn["samples"]["nearest_psnr_summary"]["mean"]
         brief["nearest_psnr_real"] = learn["real"]["nearest_psnr_summary"]["mean"]
         brief["photo_accuracy"] = learn["samples"]["photo_accuracy"]
+        brief["sharpness_ratio"] = learn["sharpness_ratio"]
     print(json.dumps(brief, indent=2), flush=True)
     return summary
 

@@ -78,6 +78,7 @@ def test_nearest_clip_finds_a_candidate_and_photo_match_recognises_real_clips(ba
     near = L.nearest_clip_psnr(videos, photo, motion, CONFIG.clip, bank=bank, num_candidates=4, chunk=3)
     # candidate 2 itself (rendered in another batch: float32 rounding apart)
     assert (near["psnr"] > 100).all() and (near["index"] == 2).all()
+    np.testing.assert_allclose(near["ssim"], 1.0, atol=1e-5)
     noisy = np.clip(videos + np.random.default_rng(0).normal(0, 0.1, videos.shape), -1, 1)
     near = L.nearest_clip_psnr(noisy, photo, motion, CONFIG.clip, bank=bank, num_candidates=4)
     expected = np.asarray(psnr(noisy, videos, data_range=2.0))
@@ -103,6 +104,20 @@ def test_learning_report_scores_given_videos_and_real_clips(bank):
         values = report[key]["nearest_psnr"]
         assert len(values) == 2 and report[key]["nearest_psnr_summary"] == spread(values)
     assert np.isfinite(report["heldout"]["loss"]) and report["heldout"]["num_clips"] == 2
+    ratio = report["samples"]["sharpness_summary"]["mean"] / report["real"]["sharpness_summary"]["mean"]
+    assert report["sharpness_ratio"] == pytest.approx(ratio) and all(0 < x <= 1 for x in report["real"]["nearest_ssim"])
+
+
+def test_sharpness_falls_with_blur_and_matches_a_hand_value():
+    rng = np.random.default_rng(3)
+    video = rng.uniform(-1, 1, size=(1, 2, 8, 8, 3))
+    blurred = (video + np.roll(video, 1, axis=2) + np.roll(video, 1, axis=3)) / 3.0
+    assert L.sharpness(blurred)[0] < 0.7 * L.sharpness(video)[0]
+    stripes = np.zeros((1, 1, 4, 4, 3))
+    stripes[..., ::2, :] = 1.0  # columns 0, 2 white: every horizontal step is 1, vertical 0
+    np.testing.assert_allclose(L.sharpness(stripes), [0.5])
+    with pytest.raises(ValueError, match="videos"):
+        L.sharpness(np.zeros((2, 4, 4, 3)))
 
 
 def test_spread_reports_student_interval():
