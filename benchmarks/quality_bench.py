@@ -35,7 +35,8 @@ files. All variants of a call run in ONE compiled program
 (``models.evaluation.quality.QualityRunner``).
 
 Outputs in ``--out-dir`` (default ``benchmarks/results``), ``<tag>`` = ``<model>_<device slug>``
-(e.g. ``v2_nvidia_h200``; ``_random`` for random weights, ``smoke_cpu`` for ``--quick``):
+(e.g. ``v2_nvidia_h200``; ``_random`` for random weights, ``_FxHxW`` for a clip size given with
+``--frames/--height/--width``, ``smoke_cpu`` for ``--quick``):
 ``quality_<tag>.json`` (everything), ``quality_<tag>.md`` (tables and the paper's claims
 checked), ``quality_density_<tag>.png`` (PSNR with its 95 % interval and recall vs density),
 ``quality_layers_<tag>.png`` (concentration, recall per layer and order, missed mass by
@@ -50,6 +51,10 @@ Usage (from the repository root; ``PYTHONPATH=.`` or the package installed)::
 
     # CPU smoke run (a tiny random model, 1024 tokens, 10 steps, fewer densities; about a minute):
     JAX_PLATFORMS=cpu python benchmarks/quality_bench.py --quick
+
+    # A shipped model on CPU-sized clips (4 frames of 32x32 px, 1024 tokens; a few variants):
+    JAX_PLATFORMS=cpu python benchmarks/quality_bench.py --model v1 --frames 4 --height 32 --width 32 \
+        --steps 12 --samples 2 --variants 'hilbert3d/d=0.2,raster/d=0.2'
 """
 
 from __future__ import annotations
@@ -778,7 +783,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     photo, motion = clip_classes(num_samples)
     device = device_name()
     key = source["key"]
-    tag = args.tag or (f"{key}_{device_slug()}" + ("_random" if source["random"] and key != "smoke" else ""))
+    resized = any(getattr(args, k) is not None for k in ("frames", "height", "width"))
+    size = f"_{config.clip.frames}x{config.clip.height}x{config.clip.width}" if resized else ""
+    tag = args.tag or (f"{key}_{device_slug()}" + ("_random" if source["random"] and key != "smoke" else "") + size)
     setup = {
         "model": cfg.name, "key": key, "random": source["random"], "weights": source["weights"], "sha256": source["sha256"],
         "num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim, "dim": cfg.dim,
