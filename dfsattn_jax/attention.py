@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from dfsattn_jax.layout import BlockLayout, check_layout, validate_layout
@@ -201,14 +202,22 @@ def dense_attention(
     v: Float[Array, "b s n d"],
     *,
     scale: float | None = None,
+    kv_lengths: Int[Array, " b"] | None = None,
     implementation: DenseImpl | None = None,
 ) -> Float[Array, "b l n d"]:
     """Dense softmax attention; ``implementation=None`` uses cuDNN on GPU (16-bit inputs), XLA elsewhere.
 
-    ``k``/``v`` may have another length than ``q`` (cross-attention).
+    ``k``/``v`` may have another length ``S`` than ``q`` (cross-attention). ``kv_lengths``
+    (optional ``int[B]`` in ``[1, S]``, docs/spec.md §6.1): keys at or past ``kv_lengths[b]`` are
+    never attended (padded text of a joint sequence); both implementations honour it.
     """
     if implementation is None:
         implementation = "cudnn" if on_gpu() and q.dtype.itemsize == 2 else "xla"
     if implementation not in ("cudnn", "xla"):
         raise ValueError(f"implementation must be 'cudnn', 'xla' or None, got {implementation!r}")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    check_kv_lengths(kv_lengths, batch=q.shape[0], length=k.shape[1])
+    if kv_lengths is not None:
+        kv_lengths = kv_lengths.astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, key_value_seq_lengths=kv_lengths, implementation=implementation
+    )

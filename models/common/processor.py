@@ -52,6 +52,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from dfsattn_jax.attention import block_sparse_attention, dense_attention
 from dfsattn_jax.cache import MaskCache, cache_layout, cache_update, init_mask_cache
+from dfsattn_jax.joint import JointTokens
 from dfsattn_jax.layout import BlockLayout, select_blocks
 from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
 from dfsattn_jax.schedule import DFSConfig
@@ -335,27 +336,39 @@ def self_attention(
     layer: int,
     num_layers: int,
     state: AttentionState,
+    joint: JointTokens | None = None,
+    kv_lengths: Int[Array, " b"] | None = None,
 ) -> tuple[Float[Array, "b l n d"], AttentionState]:
-    """Video self-attention of one layer, dense or DFS (see the module docstring).
+    """Self-attention of one layer, dense or DFS (see the module docstring).
 
     Args:
-      q, k, v: ``[B, L, N, D]`` after QK norm and RoPE, in the backend's token order.
+      q, k, v: ``[B, L, N, D]`` after QK norm and RoPE, in the backend's token order (a joint
+        sequence: ``[video (backend order); text]``).
       backend: the static backend (with its hooks).
       layer: this layer's index (static).
       num_layers: layers of the model (static).
       state: the threaded :class:`AttentionState`.
+      joint: the spans of a joint text + video sequence (``None``: video only, the Wan path).
+      kv_lengths: ``int32[B]`` valid key lengths (``L_v`` + valid text tokens): keys at or past
+        ``kv_lengths[b]`` are never attended (``None``: all ``L`` keys).
 
     Returns:
       ``(out [B, L, N, D], state)``: the cache with this layer's slot updated at a refresh, and
       this layer's probe appended when the hooks measure.
     """
-    dense = lambda: dense_attention(q, k, v, implementation=backend.dense_implementation)  # noqa: E731
+    if joint is not None:
+        joint.check(q.shape[1])
+    dense = lambda: dense_attention(  # noqa: E731
+        q, k, v, kv_lengths=kv_lengths, implementation=backend.dense_implementation
+    )
     slot = backend.slot(layer, num_layers)
     control, cache = state.control, state.cache
     nk = num_token_blocks(q.shape[1], backend.block_size)
     if slot is None or control is None:
         out = dense()
         visited = None
+    elif joint is not None or kv_lengths is not None:
+        raise NotImplementedError("sparse joint attention: in progress (hy-dfs)")
     else:
         _check_cache(cache, q, nk, backend, layer)
         cached = cache_layout(cache, slot, nk)
