@@ -11,6 +11,10 @@ At diffusion step ``s``:
 
 With the defaults over 50 steps: dense 0–11, refreshes at 12, 24, 36 with densities 0.3,
 0.2, 0.1 (177, 118, 59 of 591 key blocks), and the step-36 mask stays until the end.
+
+Named presets (:func:`dfs_preset`): ``"wan2.1"`` is ``DFSConfig()`` (layer 0 always dense, as the
+reference runs Wan2.1); ``"hunyuan-video"`` is the reference's HunyuanVideo schedule, the same
+steps and densities with no always-dense layer (docs/spec.md §6.1).
 """
 
 from __future__ import annotations
@@ -22,11 +26,20 @@ import operator
 import numpy as np
 from jaxtyping import Bool, Float64, Int32
 
+from dfsattn_jax.joint import JointTokens, joint_density
 from dfsattn_jax.layout import blocks_for_density, check_density
 from dfsattn_jax.orders import ORDER_NAMES
 from dfsattn_jax.scoring import check_tile_size
 
-__all__ = ["DFSConfig", "SchedulePlan", "default_schedule", "plan_schedule", "reported_sparsity"]
+__all__ = [
+    "DFS_PRESETS",
+    "DFSConfig",
+    "SchedulePlan",
+    "default_schedule",
+    "dfs_preset",
+    "plan_schedule",
+    "reported_sparsity",
+]
 
 
 def _check_int(value: int, name: str, minimum: int) -> int:
@@ -170,15 +183,55 @@ def plan_schedule(config: DFSConfig, num_steps: int, num_key_blocks: int) -> Sch
     )
 
 
-def reported_sparsity(plan: SchedulePlan, num_layers: int, dense_layers: tuple[int, ...] = (0,)) -> float:
+def reported_sparsity(
+    plan: SchedulePlan,
+    num_layers: int,
+    dense_layers: tuple[int, ...] = (0,),
+    *,
+    joint: JointTokens | None = None,
+    block_size: int = 128,
+) -> float:
     """The paper's reported sparsity (docs/spec.md §6): mean skipped block fraction over the sparse
-    steps and all self-attention layers, dense layers counting as 0. 0.0 without sparse steps."""
+    steps and all self-attention layers, dense layers counting as 0. 0.0 without sparse steps.
+
+    With ``joint`` (a joint text + video sequence, docs/spec.md §6.1) a step's kept fraction is
+    :func:`~dfsattn_jax.joint.joint_density` (text blocks always on, text query rows dense), as
+    the reference counts it: HunyuanVideo's default schedule at 720p×129 gives 0.8029.
+    """
     num_layers = _check_int(num_layers, "num_layers", 1)
     dense = {i for i in dense_layers if 0 <= i < num_layers}
     if not plan.sparse.any():
         return 0.0
-    skipped = 1.0 - plan.num_blocks[plan.sparse].astype(np.float64) / plan.num_key_blocks
+    if joint is None:
+        skipped = 1.0 - plan.num_blocks[plan.sparse].astype(np.float64) / plan.num_key_blocks
+    else:
+        if joint.num_blocks(block_size) != plan.num_key_blocks:
+            raise ValueError(
+                f"joint {joint} has {joint.num_blocks(block_size)} blocks of {block_size}, the plan "
+                f"{plan.num_key_blocks}"
+            )
+        skipped = np.array([1.0 - joint_density(k, joint, block_size) for k in plan.num_blocks[plan.sparse]])
     return float(skipped.mean() * (num_layers - len(dense)) / num_layers)
+
+
+#: Named DFS configurations: the reference's settings per model family.
+DFS_PRESETS: dict[str, DFSConfig] = {
+    "wan2.1": DFSConfig(),
+    "hunyuan-video": DFSConfig(dense_layers=()),
+}
+
+
+def dfs_preset(name: str) -> DFSConfig:
+    """The DFS configuration the reference uses for a model family (:data:`DFS_PRESETS`).
+
+    ``"hunyuan-video"``: density 0.3 dropping by 0.1, dense steps 12, refresh interval 12,
+    16-token tiles, 128-token blocks, hilbert3d, and no always-dense layer (all 60 joint
+    attentions are sparse): over 50 steps dense 0–11, refreshes at 12, 24, 36 (budgets 279,
+    186, 93 of 931 joint blocks at 720p×129), the step-36 mask kept to the end.
+    """
+    if name not in DFS_PRESETS:
+        raise ValueError(f"preset must be one of {tuple(DFS_PRESETS)}, got {name!r}")
+    return DFS_PRESETS[name]
 
 
 def default_schedule(num_steps: int, base: DFSConfig = DFSConfig()) -> DFSConfig:

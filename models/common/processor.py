@@ -52,7 +52,14 @@ from jaxtyping import Array, Bool, Float, Int
 
 from dfsattn_jax.attention import block_sparse_attention, dense_attention
 from dfsattn_jax.cache import MaskCache, cache_layout, cache_update, init_mask_cache
-from dfsattn_jax.joint import JointTokens
+from dfsattn_jax.joint import (
+    JointTokens,
+    joint_attention,
+    joint_block_mask,
+    joint_kept_blocks,
+    select_joint_blocks,
+    valid_key_blocks,
+)
 from dfsattn_jax.layout import BlockLayout, select_blocks
 from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
 from dfsattn_jax.schedule import DFSConfig
@@ -304,12 +311,21 @@ def _score_layout(
     backend: AttentionBackend,
     layer: int,
     state: AttentionState,
+    joint: JointTokens | None,
+    kv_lengths: Int[Array, " b"] | None,
 ) -> BlockLayout:
     scores = backend.hooks.scores(q, k, layer=layer, inputs=state.inputs, step=state.step)
+    dfs = backend.dfs
     if scores is None:
-        dfs = backend.dfs
-        scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
-    return select_blocks(scores, num_blocks, max_blocks=max_blocks)
+        if kv_lengths is None:
+            scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
+        else:
+            scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size, kv_lengths=kv_lengths)
+    if joint is None:
+        return select_blocks(scores, num_blocks, max_blocks=max_blocks)
+    return select_joint_blocks(
+        scores, num_blocks, joint=joint, block_size=dfs.block_size, max_blocks=max_blocks, kv_lengths=kv_lengths
+    )
 
 
 def _check_cache(cache: MaskCache, q: Array, nk: int, backend: AttentionBackend, layer: int) -> None:
@@ -349,12 +365,15 @@ def self_attention(
       num_layers: layers of the model (static).
       state: the threaded :class:`AttentionState`.
       joint: the spans of a joint text + video sequence (``None``: video only, the Wan path).
+        Its sparse steps follow :mod:`dfsattn_jax.joint` (docs/spec.md §6.1).
       kv_lengths: ``int32[B]`` valid key lengths (``L_v`` + valid text tokens): keys at or past
-        ``kv_lengths[b]`` are never attended (``None``: all ``L`` keys).
+        ``kv_lengths[b]`` are never attended, by the dense path, the kernels and the scorer
+        (``None``: all ``L`` keys).
 
     Returns:
       ``(out [B, L, N, D], state)``: the cache with this layer's slot updated at a refresh, and
-      this layer's probe appended when the hooks measure.
+      this layer's probe appended when the hooks measure. With ``joint``, the rows of padded
+      text queries attend to the valid keys (they never reach a valid output).
     """
     if joint is not None:
         joint.check(q.shape[1])
@@ -367,8 +386,6 @@ def self_attention(
     if slot is None or control is None:
         out = dense()
         visited = None
-    elif joint is not None or kv_lengths is not None:
-        raise NotImplementedError("sparse joint attention: in progress (hy-dfs)")
     else:
         _check_cache(cache, q, nk, backend, layer)
         cached = cache_layout(cache, slot, nk)
@@ -376,13 +393,21 @@ def self_attention(
         def sparse_branch(cached_layout: BlockLayout) -> tuple[Array, BlockLayout]:
             layout = jax.lax.cond(
                 control.refresh,
-                lambda: _score_layout(q, k, control.num_blocks, cached.max_blocks, backend, layer, state),
+                lambda: _score_layout(
+                    q, k, control.num_blocks, cached.max_blocks, backend, layer, state, joint, kv_lengths
+                ),
                 lambda: cached_layout,
             )
-            out = block_sparse_attention(
-                q, k, v, layout, block_size=backend.block_size,
+            options = dict(
+                block_size=backend.block_size, kv_lengths=kv_lengths,
                 implementation=backend.sparse_implementation, interpret=backend.interpret,
             )  # fmt: skip
+            if joint is None:
+                out = block_sparse_attention(q, k, v, layout, **options)
+            else:
+                out = joint_attention(
+                    q, k, v, layout, joint=joint, dense_implementation=backend.dense_implementation, **options
+                )
             return out, layout
 
         def dense_branch(layout: BlockLayout) -> tuple[Array, BlockLayout]:
@@ -394,24 +419,62 @@ def self_attention(
         # ``refreshes`` (one per layer per refresh step) counts only those.
         refreshed = jnp.logical_and(control.sparse, control.refresh).astype(cache.refreshes.dtype)
         cache = cache_update(cache, slot, layout)._replace(refreshes=cache.refreshes + refreshed)
-        visited = lambda: jnp.logical_or(layout.to_dense_mask(), jnp.logical_not(control.sparse))  # noqa: E731
+        visited = lambda: _visited(layout, control.sparse, joint, backend.block_size, kv_lengths)  # noqa: E731
     state = state._replace(cache=cache)
     if backend.hooks.probe_template() is None:
         return out, state
     batch, _, heads, _ = q.shape
-    mask = jnp.ones((batch, heads, nk, nk), bool) if visited is None else visited()
+    if visited is not None:
+        mask = visited()
+    elif joint is None:
+        mask = jnp.ones((batch, heads, nk, nk), bool)
+    else:
+        mask = _visited(None, True, joint, backend.block_size, kv_lengths, batch=batch, heads=heads)
     probe = backend.hooks.probe(q, k, v, out, mask, layer=layer, inputs=state.inputs, step=state.step)
     return out, state._replace(probes=state.probes + (probe,))
 
 
-def skipped_fraction(cache: MaskCache | None, num_layers: int) -> Float[Array, ""]:
+def _visited(
+    layout: BlockLayout | None,
+    sparse: Bool[Array, ""] | bool,
+    joint: JointTokens | None,
+    block_size: int,
+    kv_lengths: Int[Array, " b"] | None,
+    *,
+    batch: int = 0,
+    heads: int = 0,
+) -> Bool[Array, "b n nq nk"]:
+    """The key blocks this step's attention visited (``layout=None``: a dense step)."""
+    if joint is None:
+        return jnp.logical_or(layout.to_dense_mask(), jnp.logical_not(sparse))
+    nk = joint.num_blocks(block_size)
+    if layout is None:
+        layout = BlockLayout(
+            jnp.zeros((batch, heads, nk, 1), jnp.int32), jnp.zeros((batch, heads, nk), jnp.int32), nk
+        )
+    sparse_mask = joint_block_mask(layout, joint=joint, block_size=block_size, kv_lengths=kv_lengths)
+    lengths = kv_lengths if kv_lengths is not None else jnp.full((layout.kv_counts.shape[0],), joint.length)
+    dense_mask = valid_key_blocks(lengths, nk, block_size)[:, None, None, :]
+    return jnp.where(sparse, sparse_mask, dense_mask)
+
+
+def skipped_fraction(
+    cache: MaskCache | None, num_layers: int, *, joint: JointTokens | None = None, block_size: int = 128
+) -> Float[Array, ""]:
     """Mean skipped block fraction over all self-attention layers for the layouts in ``cache``.
 
-    Always-dense layers count 0 (docs/spec.md §6): ``sum_slots mean(1 - count / nk) / num_layers``
-    (self-attention: ``nk`` = the number of query blocks).
+    Always-dense layers count 0 (docs/spec.md §6): ``sum_slots mean(1 - kept / nk) / num_layers``
+    (self-attention: ``nk`` = the number of query blocks). ``kept`` is a row's count; with
+    ``joint`` it is counted as the reference counts it (:func:`dfsattn_jax.joint.joint_kept_blocks`:
+    text blocks always count, dense rows count ``nk``).
     """
     if cache is None or cache.kv_counts.shape[0] == 0:
         return jnp.zeros((), jnp.float32)
     nk = cache.kv_counts.shape[-1]
-    per_slot = 1.0 - jnp.mean(cache.kv_counts.astype(jnp.float32), axis=(1, 2, 3)) / nk
-    return jnp.sum(per_slot) / num_layers
+    if joint is None:
+        kept = jnp.mean(cache.kv_counts.astype(jnp.float32), axis=(1, 2, 3))
+    else:
+        kept = jnp.mean(
+            joint_kept_blocks(cache.kv_indices, cache.kv_counts, joint=joint, block_size=block_size), axis=(1, 2)
+        )
+    return jnp.sum(1.0 - kept / nk) / num_layers
