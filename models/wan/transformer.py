@@ -64,14 +64,16 @@ from models.common.processor import (
 )
 from models.wan.config import WanConfig, default_dtype, get_config, token_grid
 from models.common.layers import (
+    FeedForward,
     FP32LayerNorm,
     Identity,
     PatchEmbedding,
     RMSNorm,
+    TextProjection,
+    TimestepEmbedding,
     linear,
     patchify,
     timestep_embedding,
-    uniform_init,
     unpatchify,
 )
 from models.common.rope import apply_rope, rope_tables
@@ -90,28 +92,6 @@ __all__ = [
     "patchify",
     "unpatchify",
 ]
-
-
-class TimestepEmbedding(nnx.Module):
-    """``linear_2(silu(linear_1(x)))``."""
-
-    def __init__(self, in_features: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_1 = linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
-class TextProjection(nnx.Module):
-    """``linear_2(gelu_tanh(linear_1(x)))`` (diffusers ``PixArtAlphaTextProjection``)."""
-
-    def __init__(self, in_features: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_1 = linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=True))
 
 
 class WanTimeTextEmbedding(nnx.Module):
@@ -160,30 +140,6 @@ class WanAttention(nnx.Module):
 
     def out(self, o: Float[Array, "b l n d"]) -> Float[Array, "b l dim"]:
         return self.to_out[0](o.reshape(o.shape[0], o.shape[1], -1))
-
-
-class GELUProjection(nnx.Module):
-    """``gelu_tanh(proj(x))`` (diffusers ``GELU(approximate="tanh")``)."""
-
-    def __init__(self, dim: int, inner: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.proj = linear(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return jax.nn.gelu(self.proj(x), approximate=True)
-
-
-class FeedForward(nnx.Module):
-    """``net[2](net[0](x))``; ``net[1]`` is diffusers' (inactive) dropout."""
-
-    def __init__(self, dim: int, inner: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.net = nnx.List([
-            GELUProjection(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-            Identity(),
-            linear(inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-        ])
-
-    def __call__(self, x):
-        return self.net[2](self.net[1](self.net[0](x)))
 
 
 class WanTransformerBlock(nnx.Module):
