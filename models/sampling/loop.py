@@ -2,9 +2,14 @@
 
 :class:`Sampler` runs the whole denoising loop in one jitted function: a ``lax.fori_loop``
 over the steps (traced count) carrying one state pytree (:class:`LoopState`: the latents, the
-solver state, the attention state with the mask cache, and per-step records). Classifier-free
-guidance runs as one batch of ``2B`` (cond first, uncond second), each element with its own DFS
-layouts. The DFS plan (per-step ``sparse``, ``refresh``, ``num_blocks``) is an input array padded
+solver state, the attention state with the mask cache, and per-step records). The model's
+conditioning is any pytree its ``forward`` takes (Wan: the text embeddings ``[B, T, E]``;
+HunyuanVideo: a ``HunyuanConditioning`` with the prompt embeddings, their mask, the pooled CLIP
+vector and the embedded guidance scale, so one batch of ``B`` and no CFG pass). Classifier-free
+guidance (a negative conditioning) runs as one batch of ``2B`` (cond first, uncond second), each
+element with its own DFS layouts. A model whose attention is joint over video and text says so
+with ``joint_tokens(grid, cond)`` (:class:`~dfsattn_jax.joint.JointTokens`): the mask cache,
+the plan and the skipped fractions then cover the joint sequence (docs/spec.md §6.1). The DFS plan (per-step ``sparse``, ``refresh``, ``num_blocks``) is an input array padded
 to a static capacity (:mod:`models.sampling.schedule`), so neither the number of steps nor the
 densities change the compiled program; only the cache capacity ``K_max`` is static (set by
 ``max_density`` or ``max_blocks``). The token order is an input too (a permutation array), so
@@ -28,6 +33,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dfsattn_jax.cache import MaskCache
+from dfsattn_jax.joint import JointTokens
 from dfsattn_jax.layout import blocks_for_density, check_density
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
 from models.common.processor import (
@@ -40,7 +46,15 @@ from models.common.processor import (
     skipped_fraction,
     token_permutation,
 )
-from models.sampling.schedule import FlowSchedule, StepPlan, flow_schedule, make_schedule, make_step_plan, step_capacity
+from models.sampling.schedule import (
+    SCHEDULE_NAMES,
+    FlowSchedule,
+    StepPlan,
+    flow_schedule,
+    make_schedule,
+    make_step_plan,
+    step_capacity,
+)
 from models.sampling.solvers import Solver, get_solver
 
 __all__ = ["AUTO", "LoopState", "SampleResult", "Sampler", "check_finite", "sample"]
@@ -53,13 +67,41 @@ AUTO = "auto"
 
 
 def check_finite(**values: Any) -> None:
-    """Raises ``ValueError`` naming the first argument that holds a NaN or an infinity (``None``
-    and traced values are skipped): non-finite inputs would make every latent NaN."""
+    """Raises ``ValueError`` naming the first argument that holds a NaN or an infinity (``None``,
+    traced and non-floating values are skipped; a pytree is checked leaf by leaf and the error
+    names the leaf's path): non-finite inputs would make every latent NaN."""
     for name, value in values.items():
-        if value is None or isinstance(value, jax.core.Tracer):
-            continue
-        if not bool(jnp.all(jnp.isfinite(jnp.asarray(value)))):
-            raise ValueError(f"{name} must be finite, got NaN or infinite values")
+        for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+            if leaf is None or isinstance(leaf, jax.core.Tracer):
+                continue
+            leaf = jnp.asarray(leaf)
+            if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+                continue
+            if not bool(jnp.all(jnp.isfinite(leaf))):
+                where = f"{name}{jax.tree_util.keystr(path)}"
+                raise ValueError(f"{where} must be finite, got NaN or infinite values")
+
+
+def joint_tokens(model: nnx.Module, grid: tuple[int, int, int], cond: Any) -> JointTokens | None:
+    """The spans of a joint text + video attention (``model.joint_tokens(grid, cond)``), or
+    ``None`` for a model whose self-attention covers the video tokens only (Wan)."""
+    method = getattr(model, "joint_tokens", None)
+    return None if method is None else method(grid, cond).check()
+
+
+def attention_tokens(grid: tuple[int, int, int], joint: JointTokens | None) -> int:
+    """Tokens of the model's self-attention: the joint length, or ``prod(grid)``."""
+    return math.prod(grid) if joint is None else joint.length
+
+
+def _cast_conditioning(cond: Any, dtype) -> Any:
+    """An array conditioning (Wan's text embeddings) in the model's dtype; a pytree (e.g.
+    ``HunyuanConditioning``) as given: its model casts each field as diffusers does."""
+    return cond.astype(dtype) if isinstance(cond, jax.Array) else cond
+
+
+def _batch_concat(cond: Any, negative: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), cond, negative)
 
 
 class LoopState(NamedTuple):
@@ -94,7 +136,8 @@ class SampleResult:
       skipped: float32[num_steps], mean skipped block fraction over all self-attention layers
         at each step (dense layers and dense steps count 0), from the layouts in force.
       plan: the DFS plan (``None``: dense).
-      sigmas: float32[num_steps + 1]; timesteps: int64[num_steps].
+      sigmas: float32[num_steps + 1]; timesteps: ``[num_steps]``, int64 (``"unipc"``
+        schedule) or float32 (``"flow-match-euler"``), as the pipeline feeds them.
       probes: the hooks' records, each leaf ``[num_steps, num_layers]`` (``None`` without).
       time_s: wall time of the steps, blocked on the result (with ``progress``, measured from
         the loop's start on the device, so tracing and compilation are excluded; without it,
@@ -132,14 +175,19 @@ class Sampler:
 
     Args:
       model: a transformer with ``config`` (``num_layers``, ``num_heads``), ``dtype``,
-        ``check_inputs(noise, t, text) -> grid`` and ``forward(...)``, e.g.
-        :class:`models.wan.transformer.WanTransformer3DModel` (its current weights are read at
-        every call).
+        ``check_inputs(noise, t, cond) -> grid``, ``forward(noise, t, cond, *, backend, state,
+        order)`` and, when its attention is joint over video and text,
+        ``joint_tokens(grid, cond) -> JointTokens``: :class:`models.wan.transformer.WanTransformer3DModel`
+        or :class:`models.hunyuan_video.transformer.HunyuanVideoTransformer3DModel` (its current
+        weights are read at every call).
       backend: self-attention backend (``"dense"``, ``"dfs"`` or an
         :class:`~models.common.processor.AttentionBackend`, possibly with hooks); the DFS
         schedule comes from ``backend.dfs``.
       solver: solver name or :class:`~models.sampling.solvers.Solver`.
-      shift: flow shift of the schedule (Wan: 3.0 at 480p, 5.0 at 720p).
+      shift: flow shift of the schedule (Wan: 3.0 at 480p, 5.0 at 720p; HunyuanVideo: 7.0).
+      schedule: the sigma/timestep rule (:data:`~models.sampling.schedule.SCHEDULE_NAMES`):
+        ``"unipc"`` (Wan's pipelines) or ``"flow-match-euler"`` (HunyuanVideo's pipeline; Euler
+        solver only).
       num_train_timesteps: 1000.
       max_density: the mask cache holds ``blocks_for_density(max_density)`` key blocks per row
         (at least the plan's ``max_blocks``), so every density up to it runs in the same
@@ -159,6 +207,7 @@ class Sampler:
         *,
         solver: str | Solver = "euler",
         shift: float = 5.0,
+        schedule: str = "unipc",
         num_train_timesteps: int = 1000,
         max_density: float | None = 0.5,
         max_blocks: int | None = None,
@@ -168,6 +217,11 @@ class Sampler:
         self.model = model
         self.backend = make_backend(backend)
         self.solver = get_solver(solver)
+        if schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {schedule!r}")
+        if schedule == "flow-match-euler" and self.solver.name != "euler":
+            raise ValueError(f"the flow-match-euler schedule runs the euler solver, got solver {self.solver.name!r}")
+        self.schedule = schedule
         self.shift = float(shift)
         self.num_train_timesteps = int(num_train_timesteps)
         self.max_density = None if max_density is None else check_density(max_density, "max_density")
@@ -209,17 +263,25 @@ class Sampler:
                 )
         return plan_schedule(dfs, num_steps, num_token_blocks(num_tokens, self.backend.block_size))
 
-    def cache_capacity(self, plan: SchedulePlan | None) -> int:
-        """``K_max`` of the mask cache for ``plan`` (0 for the dense backend)."""
+    def cache_capacity(self, plan: SchedulePlan | None, joint: JointTokens | None = None) -> int:
+        """``K_max`` of the mask cache for ``plan`` (0 for the dense backend); for a joint
+        attention at least one video block plus the text blocks
+        (:meth:`~dfsattn_jax.joint.JointTokens.min_capacity`)."""
         if not self.backend.is_sparse:
             return 0
+        least = 1 if joint is None else joint.min_capacity(self.backend.block_size)
         if self.max_blocks is not None:
             if plan is not None and plan.max_blocks > self.max_blocks:
                 raise ValueError(f"plan keeps up to {plan.max_blocks} blocks, the sampler's max_blocks is {self.max_blocks}")
+            if self.max_blocks < least:
+                raise ValueError(
+                    f"max_blocks must be >= {least} (one video block and the text blocks of {joint}), "
+                    f"got {self.max_blocks}"
+                )
             return self.max_blocks
         if plan is None:
-            return 1
-        capacity = max(1, plan.max_blocks)
+            return least
+        capacity = max(least, plan.max_blocks)
         if self.max_density is not None:
             capacity = max(capacity, blocks_for_density(self.max_density, plan.num_key_blocks))
         return capacity
@@ -251,9 +313,12 @@ class Sampler:
 
         Args:
           noise: initial latents ``[B, C, F, H, W]`` (standard normal).
-          text: prompt embeddings ``[B, T, text_dim]``.
-          negative_text: negative-prompt embeddings for classifier-free guidance (``None``:
-            no guidance, batch ``B``); with it the model runs a batch of ``2B``.
+          text: the model's conditioning: prompt embeddings ``[B, T, text_dim]`` (Wan), or a
+            pytree whose leaves lead with the batch (HunyuanVideo's ``HunyuanConditioning``,
+            which carries its embedded guidance).
+          negative_text: the negative conditioning for classifier-free guidance, the same
+            structure and shapes as ``text`` (``None``: no guidance, batch ``B``); with it the
+            model runs a batch of ``2B``.
           num_steps: denoising steps.
           guidance_scale: ``v = v_uncond + g * (v_cond - v_uncond)`` (traced: changing it does
             not recompile).
@@ -266,21 +331,24 @@ class Sampler:
           hook_inputs: a pytree handed to the backend's hooks at every layer and step.
         """
         noise = jnp.asarray(noise)
-        text = jnp.asarray(text)
+        text = jax.tree.map(jnp.asarray, text)
         grid = self.model.check_inputs(noise, jnp.zeros((noise.shape[0],)), text)
         if negative_text is not None:
-            negative_text = jnp.asarray(negative_text)
-            if negative_text.shape != text.shape:
+            negative_text = jax.tree.map(jnp.asarray, negative_text)
+            shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+            if jax.tree.structure(negative_text) != jax.tree.structure(text) or shapes(negative_text) != shapes(text):
                 raise ValueError(
-                    f"negative_text must have the shape of text {text.shape}, got {negative_text.shape}"
+                    f"negative_text must have the structure and shapes of text {shapes(text)}, got {shapes(negative_text)}"
                 )
         check_finite(noise=noise, text=text, negative_text=negative_text, guidance_scale=guidance_scale)
-        num_tokens = math.prod(grid)
-        sigmas, timesteps = flow_schedule(num_steps, self.shift, self.num_train_timesteps)
+        joint = joint_tokens(self.model, grid, text)
+        num_tokens = attention_tokens(grid, joint)
+        sigmas, timesteps = flow_schedule(num_steps, self.shift, self.num_train_timesteps, kind=self.schedule)
         capacity = step_capacity(num_steps, self.min_capacity)
         schedule = make_schedule(
-            num_steps, capacity=capacity, shift=self.shift, num_train_timesteps=self.num_train_timesteps
-        )
+            num_steps, capacity=capacity, shift=self.shift, num_train_timesteps=self.num_train_timesteps,
+            kind=self.schedule,
+        )  # fmt: skip
         if isinstance(plan, str):
             if plan != AUTO:
                 raise ValueError(f"plan must be a SchedulePlan, None or {AUTO!r}, got {plan!r}")
@@ -296,7 +364,7 @@ class Sampler:
                 )
         steps = make_step_plan(plan, capacity)
         graphdef, state = nnx.split(self.model)
-        kmax = self.cache_capacity(plan) if self._kmax is None else self._kmax
+        kmax = self.cache_capacity(plan, joint) if self._kmax is None else self._kmax
         args = (
             graphdef, kmax, state, noise.astype(jnp.float32), text, negative_text, schedule, steps,
             jnp.asarray(guidance_scale, jnp.float32), self._order(order, grid), hook_inputs,
@@ -343,13 +411,15 @@ class Sampler:
         capacity = step_capacity(num_steps, self.min_capacity)
         fewest = 1 if capacity == step_capacity(1, self.min_capacity) else capacity // 2 + 1
         start = time.perf_counter()
-        grid = self.model.check_inputs(jnp.asarray(noise), jnp.zeros((noise.shape[0],)), jnp.asarray(text))
+        text = jax.tree.map(jnp.asarray, text)
+        grid = self.model.check_inputs(jnp.asarray(noise), jnp.zeros((noise.shape[0],)), text)
+        joint = joint_tokens(self.model, grid, text)
         plan = kwargs.pop("plan", AUTO)
         if isinstance(plan, str):
-            plan = self.plan(num_steps, math.prod(grid), kwargs.get("dfs"))
+            plan = self.plan(num_steps, attention_tokens(grid, joint), kwargs.get("dfs"))
         kwargs.pop("dfs", None)
         # Same cache capacity as the long run, and no bar (the traced program keeps its callback).
-        self._kmax = self.cache_capacity(plan)
+        self._kmax = self.cache_capacity(plan, joint)
         self._quiet = True
         try:
             result = self(noise, text, negative_text, num_steps=fewest, plan=None, **kwargs)
@@ -381,8 +451,8 @@ class Sampler:
         max_blocks: int,
         state,
         noise: Float[Array, "b c f h w"],
-        text: Float[Array, "b t e"],
-        negative_text: Float[Array, "b t e"] | None,
+        text: Any,
+        negative_text: Any,
         schedule: FlowSchedule,
         steps: StepPlan,
         guidance_scale: Float[Array, ""],
@@ -395,9 +465,11 @@ class Sampler:
         backend = self.backend
         batch = noise.shape[0]
         guided = negative_text is not None
-        cond_text = jnp.concatenate([text, negative_text], axis=0) if guided else text
+        cond = _cast_conditioning(_batch_concat(text, negative_text) if guided else text, model.dtype)
         model_batch = 2 * batch if guided else batch
-        num_tokens = math.prod(model.check_inputs(noise, jnp.zeros((batch,)), text))
+        grid = model.check_inputs(noise, jnp.zeros((batch,)), text)
+        joint = joint_tokens(model, grid, text)
+        num_tokens = attention_tokens(grid, joint)
         capacity = steps.sparse.shape[0]
         template = backend.hooks.probe_template()
         probes = None
@@ -415,9 +487,8 @@ class Sampler:
             before = carry.cache.refreshes if carry.cache is not None else None
             attention = AttentionState(control=control, cache=carry.cache, inputs=hook_inputs, step=i)
             out, attention = model.forward(
-                x_in.astype(model.dtype), t, cond_text.astype(model.dtype),
-                backend=backend, state=attention, order=order,
-            )  # fmt: skip
+                x_in.astype(model.dtype), t, cond, backend=backend, state=attention, order=order
+            )
             v = out.astype(jnp.float32)
             if guided:
                 v_cond, v_uncond = v[:batch], v[batch:]
@@ -425,7 +496,8 @@ class Sampler:
             x, solver_state = self.solver.step(carry.solver, v, x, i)
             new = carry._replace(latents=x, solver=solver_state, cache=attention.cache)
             if attention.cache is not None:
-                frac = jnp.where(control.sparse, skipped_fraction(attention.cache, cfg.num_layers), 0.0)
+                skipped = skipped_fraction(attention.cache, cfg.num_layers, joint=joint, block_size=backend.block_size)
+                frac = jnp.where(control.sparse, skipped, 0.0)
                 new = new._replace(
                     refreshed=carry.refreshed.at[i].set(attention.cache.refreshes - before),
                     skipped=carry.skipped.at[i].set(frac),
@@ -461,8 +533,9 @@ def sample(
     num_steps: int = 50,
     guidance_scale: float = 5.0,
     shift: float = 5.0,
+    schedule: str = "unipc",
     progress: bool = True,
 ) -> SampleResult:
     """One-shot convenience wrapper around :class:`Sampler` (compiles on every call)."""
-    sampler = Sampler(model, backend, solver=solver, shift=shift, progress=progress)
+    sampler = Sampler(model, backend, solver=solver, shift=shift, schedule=schedule, progress=progress)
     return sampler(noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale)
