@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -30,6 +31,7 @@ __all__ = [
     "default_dtype",
     "linear",
     "patchify",
+    "sinusoid_frequencies",
     "timestep_embedding",
     "uniform_init",
     "unpatchify",
@@ -172,9 +174,21 @@ def timestep_embedding(timesteps: Float[Array, " b"], dim: int, max_period: floa
     """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` with ``f_i = max_period ** (-i / (dim/2))``
     (diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``), float32."""
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
-    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.asarray(sinusoid_frequencies(dim, max_period))[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sinusoid_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
+    """float32 ``[dim/2]`` frequencies ``exp(-log(max_period) * i / (dim/2))`` of
+    :func:`timestep_embedding`: the exponent rounded to float32 as PyTorch computes it, its
+    exponential correctly rounded to float32 (computed on the host in float64).
+
+    The rounding matters: HunyuanVideo embeds guidance 6000, where one ulp of a frequency near
+    0.4 moves the angle by 2e-4 rad; PyTorch's float32 ``exp`` (and XLA's) may be one ulp off.
+    """
+    half = dim // 2
+    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half)
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
 
 
 class TimestepEmbedding(nnx.Module):
