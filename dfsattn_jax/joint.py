@@ -265,7 +265,9 @@ def joint_attention(
     if start >= q.shape[1]:
         return out
     tail = dense_attention(q[:, start:], k, v, kv_lengths=kv_lengths, implementation=dense_implementation)
-    return jax.lax.dynamic_update_slice_in_dim(out, tail.astype(out.dtype), start, axis=1)
+    # A concatenation, not an in-place update: XLA cannot fuse a dynamic-update-slice into the
+    # output of a Mosaic GPU custom call (it copies L·N·D once, ≈ 0.3 ms at 720p×129).
+    return jnp.concatenate([out[:, :start], tail.astype(out.dtype)], axis=1)
 
 
 def joint_kept_blocks(
