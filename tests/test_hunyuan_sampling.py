@@ -120,7 +120,7 @@ def io_inputs(seed: int = 0):
     io = load_file(TINY / "io.safetensors")
     cond = HunyuanConditioning(
         jnp.asarray(io["encoder_hidden_states"]), jnp.asarray(io["encoder_attention_mask"]).astype(jnp.int32),
-        jnp.asarray(io["pooled_projections"]), jnp.asarray(io["guidance"]) / 1000.0,
+        jnp.asarray(io["pooled_projections"]), jnp.asarray(io["guidance"] / np.float32(1000.0)),
     )  # fmt: skip
     noise = jax.random.normal(jax.random.key(seed), io["hidden_states"].shape, jnp.float32)
     return noise, cond
