@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from models.common.checkpoint import INDEX_NAME, checkpoint_shards, expected_tensors
 from models.hunyuan_video.config import get_config
-from models.hunyuan_video.loading import load_hunyuan_video, read_hunyuan_config
+from models.hunyuan_video.loading import diffusers_config, load_hunyuan_video, read_hunyuan_config
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hunyuan_tiny"
 META = json.loads((FIXTURE / "metadata.json").read_text())
@@ -82,6 +82,10 @@ def test_read_config():
     assert config.name == "tiny" and config == get_config("tiny").replace(text_len=config.text_len)
     assert (config.num_dual_layers, config.num_single_layers, config.num_layers) == (2, 2, 4)
     assert read_hunyuan_config(FIXTURE / "transformer" / "config.json") == config
+    written = diffusers_config(config)
+    assert {k: v for k, v in written.items() if k != "_class_name"} == {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in META["model_config"].items()
+    }
 
 
 def test_read_default_config_is_13b(tmp_path):

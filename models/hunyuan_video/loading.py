@@ -39,7 +39,7 @@ from models.common.checkpoint import (
 from models.common.layers import default_dtype
 from models.hunyuan_video.config import CONFIGS, HunyuanConfig
 
-__all__ = ["read_hunyuan_config", "load_hunyuan_video"]
+__all__ = ["diffusers_config", "read_hunyuan_config", "load_hunyuan_video"]
 
 _CLASS_NAME = "HunyuanVideoTransformer3DModel"
 _FAMILY = "HunyuanVideo"
@@ -125,6 +125,33 @@ def read_hunyuan_config(path: str | os.PathLike) -> HunyuanConfig:
     except (TypeError, ValueError) as err:
         raise ValueError(f"config {str(file)!r} is not a valid HunyuanVideo transformer config: {err}") from None
     return dataclasses.replace(config, name=_config_name(config))
+
+
+def diffusers_config(config: HunyuanConfig) -> dict:
+    """The diffusers ``config.json`` object of ``config`` (what :func:`read_hunyuan_config` reads back)."""
+    pt, ph, pw = config.patch_size
+    if ph != pw:
+        raise ValueError(f"diffusers needs a square spatial patch, got patch_size={config.patch_size}")
+    return {
+        "_class_name": _CLASS_NAME,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_attention_heads": config.num_heads,
+        "attention_head_dim": config.head_dim,
+        "num_layers": config.num_dual_layers,
+        "num_single_layers": config.num_single_layers,
+        "num_refiner_layers": config.num_refiner_layers,
+        "mlp_ratio": config.mlp_ratio,
+        "patch_size": ph,
+        "patch_size_t": pt,
+        "qk_norm": "rms_norm",
+        "guidance_embeds": config.guidance_embeds,
+        "text_embed_dim": config.text_dim,
+        "pooled_projection_dim": config.pooled_dim,
+        "rope_theta": config.rope_theta,
+        "rope_axes_dim": list(config.rope_axes_dim),
+        "image_condition_type": None,
+    }
 
 
 def load_hunyuan_video(
