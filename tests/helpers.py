@@ -6,11 +6,16 @@ keeping a private copy.
 
 from __future__ import annotations
 
+import json
+import pathlib
+import shutil
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["poisoned", "rel_l2"]
+__all__ = ["modified_checkpoint_copy", "poisoned", "rel_l2"]
 
 
 def rel_l2(a, b) -> float:
@@ -24,3 +29,27 @@ def poisoned(like) -> jax.Array:
     """An all-NaN array of the shape and dtype of ``like``: as a kernel's initial output, any
     element the kernel fails to write stays NaN."""
     return jnp.full(like.shape, jnp.nan, like.dtype)
+
+
+def modified_checkpoint_copy(
+    src: pathlib.Path, root: pathlib.Path, edit: Callable[[str, np.ndarray], dict[str, np.ndarray]]
+) -> pathlib.Path:
+    """A copy of the diffusers transformer folder ``src`` at ``root/transformer`` with
+    ``edit(name, array) -> {name: array}`` applied to every tensor (rename, drop, reshape), the
+    shards and the index rewritten consistently; returns ``root``."""
+    from safetensors.numpy import load_file, save_file
+
+    from models.common.checkpoint import INDEX_NAME, checkpoint_shards
+
+    dst = root / "transformer"
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    weight_map = {}
+    for file in checkpoint_shards(src):
+        tensors = {}
+        for name, arr in load_file(file).items():
+            tensors.update(edit(name, arr))
+        save_file(tensors, dst / file.name)
+        weight_map.update({k: file.name for k in tensors})
+    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return root

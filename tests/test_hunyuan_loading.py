@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
-from models.common.checkpoint import INDEX_NAME, checkpoint_shards, expected_tensors
+from helpers import modified_checkpoint_copy
+
+from models.common.checkpoint import checkpoint_shards, expected_tensors
 from models.hunyuan_video.config import get_config
 from models.hunyuan_video.loading import diffusers_config, load_hunyuan_video, read_hunyuan_config
 
@@ -27,20 +28,8 @@ CONFIG = json.loads((FIXTURE / "transformer" / "config.json").read_text())
 
 
 def _modified_copy(tmp_path: pathlib.Path, edit) -> pathlib.Path:
-    """A copy of the fixture checkpoint with ``edit(name, array) -> {name: array}`` applied to
-    every tensor, shards and index rewritten consistently; returns the checkpoint root."""
-    src, dst = FIXTURE / "transformer", tmp_path / "ckpt" / "transformer"
-    dst.mkdir(parents=True)
-    shutil.copy(src / "config.json", dst / "config.json")
-    weight_map = {}
-    for file in checkpoint_shards(src):
-        tensors = {}
-        for name, arr in load_file(file).items():
-            tensors.update(edit(name, arr))
-        save_file(tensors, dst / file.name)
-        weight_map.update({k: file.name for k in tensors})
-    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return dst.parent
+    """The fixture checkpoint copied to ``tmp_path/ckpt`` with ``edit`` applied to its tensors."""
+    return modified_checkpoint_copy(FIXTURE / "transformer", tmp_path / "ckpt", edit)
 
 
 def test_every_parameter_comes_from_the_checkpoint():

@@ -42,6 +42,7 @@ __all__ = [
     "SINGLE_FILE_NAME",
     "TensorSpec",
     "as_int",
+    "builtin_name",
     "checkpoint_shards",
     "config_int",
     "config_name",
@@ -118,6 +119,15 @@ def read_config_json(path: str | os.PathLike, class_name: str, family: str) -> t
 def config_name(file: pathlib.Path) -> str:
     """``"diffusers:<checkpoint folder>"`` for a config read from ``file``."""
     return f"diffusers:{file.parent.parent.name if file.parent.name == 'transformer' else file.parent.name}"
+
+
+def builtin_name(config: Any, configs: dict[str, Any]) -> str:
+    """The name of the built-in config in ``configs`` with ``config``'s hyper-parameters (its
+    ``name`` and ``text_len`` aside), else ``config.name``."""
+    for name, known in configs.items():
+        if dataclasses.replace(known, name=config.name, text_len=config.text_len) == config:
+            return name
+    return config.name
 
 
 def config_int(raw: dict, key: str, file: pathlib.Path, default: Any = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 
-__all__ = ["VAE_TEMPORAL_FACTOR", "VAE_SPATIAL_FACTOR", "video_latent_shape", "patch_token_grid"]
+__all__ = ["VAE_TEMPORAL_FACTOR", "VAE_SPATIAL_FACTOR", "video_latent_shape", "patch_token_grid", "check_latents"]
 
 VAE_TEMPORAL_FACTOR = 4
 VAE_SPATIAL_FACTOR = 8
@@ -60,3 +60,26 @@ def patch_token_grid(patch_size: tuple[int, int, int], latent_grid: tuple[int, i
             )
         out.append(size // patch)
     return tuple(out)
+
+
+def check_latents(
+    shape: tuple[int, ...], channels: int, patch_size: tuple[int, int, int], max_axis: int
+) -> tuple[int, int, int]:
+    """The token grid of latents ``hidden_states`` of ``shape`` ``[B, C, F, H, W]``.
+
+    Raises:
+      ValueError: naming ``hidden_states`` when the rank, the channels (``channels``), the patch
+        divisibility or the grid (no axis longer than ``max_axis``, the RoPE tables' reach) do not fit.
+    """
+    shape = tuple(shape)
+    if len(shape) != 5:
+        raise ValueError(f"hidden_states must have shape [B, C, F, H, W], got shape {shape}")
+    if shape[1] != channels:
+        raise ValueError(f"hidden_states must have {channels} channels (axis 1), got shape {shape}")
+    try:
+        grid = patch_token_grid(patch_size, shape[2:])
+    except ValueError as err:
+        raise ValueError(f"hidden_states latent shape {shape[2:]} does not fit the patch: {err}") from None
+    if any(g > max_axis for g in grid):
+        raise ValueError(f"hidden_states token grid {grid} exceeds rope_max_seq_len={max_axis}")
+    return grid

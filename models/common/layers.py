@@ -31,6 +31,7 @@ __all__ = [
     "default_dtype",
     "linear",
     "patchify",
+    "resolve_dtypes",
     "sinusoid_frequencies",
     "timestep_embedding",
     "uniform_init",
@@ -47,6 +48,11 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 def default_dtype() -> jnp.dtype:
     """bfloat16 on accelerators, float32 on CPU (params and activations)."""
     return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(jnp.bfloat16)
+
+
+def resolve_dtypes(dtype, param_dtype) -> tuple[jnp.dtype, jnp.dtype]:
+    """``(dtype, param_dtype)`` of a model, each :func:`default_dtype` when ``None``."""
+    return tuple(jnp.dtype(d) if d is not None else default_dtype() for d in (dtype, param_dtype))
 
 
 def _activation(name: str) -> Callable[[Array], Array]:

@@ -28,6 +28,7 @@ import jax
 from flax import nnx
 
 from models.common.checkpoint import (
+    builtin_name,
     as_int,
     config_int,
     config_name,
@@ -57,14 +58,6 @@ def _number(raw: dict, key: str, default: float, file) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"config {str(file)!r}: {key} must be a positive number, got {value!r}")
     return float(value)
-
-
-def _config_name(config: HunyuanConfig) -> str:
-    """The name of the built-in config with the same hyper-parameters, if any."""
-    for name, known in CONFIGS.items():
-        if dataclasses.replace(known, name=config.name, text_len=config.text_len) == config:
-            return name
-    return config.name
 
 
 def read_hunyuan_config(path: str | os.PathLike) -> HunyuanConfig:
@@ -124,7 +117,7 @@ def read_hunyuan_config(path: str | os.PathLike) -> HunyuanConfig:
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"config {str(file)!r} is not a valid HunyuanVideo transformer config: {err}") from None
-    return dataclasses.replace(config, name=_config_name(config))
+    return dataclasses.replace(config, name=builtin_name(config, CONFIGS))
 
 
 def diffusers_config(config: HunyuanConfig) -> dict:

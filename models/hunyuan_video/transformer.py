@@ -61,12 +61,13 @@ from models.common.layers import (
     RMSNorm,
     TextProjection,
     TimestepEmbedding,
-    default_dtype,
     linear,
     patchify,
+    resolve_dtypes,
     timestep_embedding,
     unpatchify,
 )
+from models.common.grid import check_latents
 from models.common.processor import (
     AttentionBackend,
     AttentionState,
@@ -77,7 +78,7 @@ from models.common.processor import (
     token_permutation,
 )
 from models.common.rope import apply_rope, rope_tables
-from models.hunyuan_video.config import HunyuanConfig, get_config, token_grid
+from models.hunyuan_video.config import HunyuanConfig, get_config
 
 __all__ = [
     "GUIDANCE_UNITS",
@@ -463,8 +464,7 @@ class HunyuanVideoTransformer3DModel(nnx.Module):
 
     def __init__(self, config: str | HunyuanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=None):
         config = get_config(config)
-        dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
-        param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else default_dtype()
+        dtype, param_dtype = resolve_dtypes(dtype, param_dtype)
         self.config = config
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -489,17 +489,8 @@ class HunyuanVideoTransformer3DModel(nnx.Module):
         token grid. Raises ``ValueError`` naming the argument."""
         cfg = self.config
         shape = tuple(hidden_states.shape)
-        if len(shape) != 5:
-            raise ValueError(f"hidden_states must have shape [B, C, F, H, W], got shape {shape}")
+        grid = check_latents(shape, cfg.in_channels, cfg.patch_size, cfg.rope_max_seq_len)
         batch = shape[0]
-        if shape[1] != cfg.in_channels:
-            raise ValueError(f"hidden_states must have {cfg.in_channels} channels (axis 1), got shape {shape}")
-        try:
-            grid = token_grid(cfg, shape[2:])
-        except ValueError as err:
-            raise ValueError(f"hidden_states latent shape {shape[2:]} does not fit the patch: {err}") from None
-        if any(g > cfg.rope_max_seq_len for g in grid):
-            raise ValueError(f"hidden_states token grid {grid} exceeds rope_max_seq_len={cfg.rope_max_seq_len}")
         t_shape = tuple(jnp.shape(timestep))
         if t_shape not in ((), (batch,)):
             raise ValueError(f"timestep must be a scalar or have shape ({batch},), got shape {t_shape}")

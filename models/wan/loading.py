@@ -34,6 +34,7 @@ import jax
 from flax import nnx
 
 from models.common.checkpoint import (
+    builtin_name,
     CONFIG_NAME,
     INDEX_NAME,
     SINGLE_FILE_NAME,
@@ -68,14 +69,6 @@ _CLASS_NAME = "WanTransformer3DModel"
 _FAMILY = "Wan"
 # diffusers config keys that only exist for features this model does not implement (I2V / FLF2V).
 _UNSUPPORTED_WHEN_SET = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
-
-
-def _config_name(config: WanConfig) -> str:
-    """The name of the built-in config with the same hyper-parameters, if any."""
-    for name, known in CONFIGS.items():
-        if dataclasses.replace(known, name=config.name, text_len=config.text_len) == config:
-            return name
-    return config.name
 
 
 def read_wan_config(path: str | os.PathLike) -> WanConfig:
@@ -140,7 +133,7 @@ def read_wan_config(path: str | os.PathLike) -> WanConfig:
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"config {str(file)!r} is not a valid Wan transformer config: {err}") from None
-    return dataclasses.replace(config, name=_config_name(config))
+    return dataclasses.replace(config, name=builtin_name(config, CONFIGS))
 
 
 def load_wan(

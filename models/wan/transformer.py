@@ -62,7 +62,8 @@ from models.common.processor import (
     self_attention,
     token_permutation,
 )
-from models.wan.config import WanConfig, default_dtype, get_config, token_grid
+from models.common.grid import check_latents
+from models.wan.config import WanConfig, get_config
 from models.common.layers import (
     FeedForward,
     FP32LayerNorm,
@@ -73,6 +74,7 @@ from models.common.layers import (
     TimestepEmbedding,
     linear,
     patchify,
+    resolve_dtypes,
     timestep_embedding,
     unpatchify,
 )
@@ -230,8 +232,7 @@ class WanTransformer3DModel(nnx.Module):
 
     def __init__(self, config: str | WanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=None):
         config = get_config(config)
-        dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
-        param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else default_dtype()
+        dtype, param_dtype = resolve_dtypes(dtype, param_dtype)
         self.config = config
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -254,16 +255,7 @@ class WanTransformer3DModel(nnx.Module):
         """Validates input shapes; returns the token grid. Raises ``ValueError`` naming the argument."""
         cfg = self.config
         shape = tuple(hidden_states.shape)
-        if len(shape) != 5:
-            raise ValueError(f"hidden_states must have shape [B, C, F, H, W], got shape {shape}")
-        if shape[1] != cfg.in_channels:
-            raise ValueError(f"hidden_states must have {cfg.in_channels} channels (axis 1), got shape {shape}")
-        try:
-            grid = token_grid(cfg, shape[2:])
-        except ValueError as err:
-            raise ValueError(f"hidden_states latent shape {shape[2:]} does not fit the patch: {err}") from None
-        if any(g > cfg.rope_max_seq_len for g in grid):
-            raise ValueError(f"hidden_states token grid {grid} exceeds rope_max_seq_len={cfg.rope_max_seq_len}")
+        grid = check_latents(shape, cfg.in_channels, cfg.patch_size, cfg.rope_max_seq_len)
         text = tuple(encoder_hidden_states.shape)
         if len(text) != 3 or text[-1] != cfg.text_dim:
             raise ValueError(f"encoder_hidden_states must have shape [B, T, {cfg.text_dim}], got shape {text}")
