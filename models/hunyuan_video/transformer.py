@@ -108,7 +108,9 @@ class HunyuanConditioning(NamedTuple):
       pooled_prompt_embeds: ``[B, pooled_dim]`` pooled CLIP text embedding.
       guidance: ``[B]`` float32 embedded guidance *scale* as the pipeline takes it (e.g. 6.0);
         the model embeds ``1000 * guidance`` as diffusers' pipeline passes it. ``None`` for a
-        model without guidance embedding.
+        model without guidance embedding. The embedding of ~6000 rad is sensitive to one ulp:
+        make the scale on the host (not by dividing diffusers' value inside a traced function,
+        where XLA may multiply by a rounded reciprocal: 6000 / 1000 -> 6.0000005).
     """
 
     prompt_embeds: Float[Array, "b t e"]
