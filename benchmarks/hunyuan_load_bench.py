@@ -20,9 +20,9 @@ Stages (each in its own process, each with a time limit):
 Writes one JSON (``--out``) and prints a short table last. The folder is deleted at the end
 unless ``--keep``.
 
-GPU (one H200: 64 GB disk, 128 GB RAM; about 3-5 minutes)::
+GPU (one H200: 64 GB disk, 128 GB RAM; about 2-4 minutes, at most 240 + 330 s by the stage limits)::
 
-    python benchmarks/hunyuan_load_bench.py --out $OUT/hunyuan_load.json
+    timeout 590 python benchmarks/hunyuan_load_bench.py --out $OUT/hunyuan_load.json
 
 CPU smoke test (the tiny config, float32)::
 
@@ -62,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tmp-root", default=None, help="where the temporary folder goes (default: $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint folder")
     p.add_argument("--no-forward", dest="forward", action="store_false", help="skip the forward-pass check")
-    p.add_argument("--write-timeout", type=float, default=300.0, help="seconds allowed for the write stage")
-    p.add_argument("--load-timeout", type=float, default=360.0, help="seconds allowed for load + forward")
+    p.add_argument("--write-timeout", type=float, default=240.0, help="seconds allowed for the write stage")
+    p.add_argument("--load-timeout", type=float, default=330.0, help="seconds allowed for load + forward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="hunyuan_load.json", help="JSON result file")
     p.add_argument("--stage", choices=("all", "write", "load"), default="all", help=argparse.SUPPRESS)
