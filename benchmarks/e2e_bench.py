@@ -89,6 +89,20 @@ def peak_memory_bytes() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
 
 
+def compose_schedule(plan, dense_step_s: float, sparse_s: dict, refresh_s: dict) -> list[float]:
+    """Per-step times of ``plan``: a dense step's time, or the sparse (refresh at a refresh step)
+    time at the step's density; ``sparse_s``/``refresh_s`` are keyed by the density rounded to 6
+    digits."""
+    times = []
+    for s in range(plan.num_steps):
+        if not plan.sparse[s]:
+            times.append(dense_step_s)
+        else:
+            d = round(float(plan.density[s]), 6)
+            times.append(refresh_s[d] if plan.refresh[s] else sparse_s[d])
+    return times
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="wan2.1-1.3b")
@@ -218,13 +232,7 @@ def main(argv=None) -> dict:
     per_step_overhead = t_perm + t_cache
 
     # The schedule composed from the per-step times.
-    step_times = []
-    for s in range(args.steps):
-        if not plan.sparse[s]:
-            step_times.append(t_dfs_dense)
-        else:
-            d = round(float(plan.density[s]), 6)
-            step_times.append(t_refresh[d] if plan.refresh[s] else t_sparse[d])
+    step_times = compose_schedule(plan, t_dfs_dense, t_sparse, t_refresh)
     dense_total = args.steps * t_dense
     dfs_total = float(sum(step_times))
     sparse_idx = np.flatnonzero(plan.sparse)

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_bench import _first_call, _median_time, peak_memory_bytes  # noqa: E402
+from e2e_bench import _first_call, _median_time, compose_schedule, peak_memory_bytes  # noqa: E402
 
 from dfsattn_jax.attention import dense_attention, resolve_implementation  # noqa: E402
 from dfsattn_jax.cache import cache_layout, cache_update  # noqa: E402
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     peak_dense = peak_memory_bytes()
     _log(f"dense step (cuDNN, key lengths) {t_dense:9.3f} s   (first call {results['compile_and_first_run_s']['dense']:.1f} s)")
 
-    cache0 = init_cache(backend, layers, 1, cfg.num_heads, joint.length, max_blocks)
+    cache0 = init_cache(backend, layers, 1, cfg.num_heads, joint.length, max_blocks, joint=joint)
     t_sparse, t_refresh, measured_skip = {}, {}, {}
     for i, d in enumerate(densities):
         refresh = sparse_step(blocks[d], refresh=True)
@@ -223,13 +223,7 @@ def main(argv=None) -> dict:
     t_cache = _median_time(cache_only, cache0, warmup=1, iters=3)
     per_step_overhead = t_perm + t_cache
 
-    step_times = []
-    for s in range(args.steps):
-        if not plan.sparse[s]:
-            step_times.append(t_dfs_dense)
-        else:
-            d = round(float(plan.density[s]), 6)
-            step_times.append(t_refresh[d] if plan.refresh[s] else t_sparse[d])
+    step_times = compose_schedule(plan, t_dfs_dense, t_sparse, t_refresh)
     dense_total, dfs_total = args.steps * t_dense, float(sum(step_times))
     sparse_steps = int(plan.sparse.sum())
     overhead_total = sparse_steps * per_step_overhead + len(plan.refresh_steps) * layers * t_score

@@ -114,15 +114,21 @@ def setup(geometry, *, seed=0, heads=2, dim=32, ties=False):
 def test_select_joint_blocks_matches_brute_force(geometry, ties):
     joint, block, scores, kv_lengths, _ = setup(geometry, ties=ties)
     nk, n_text = joint.num_blocks(block), joint.text_blocks(block)
+    kv = jnp.asarray(kv_lengths)
     for max_blocks in sorted({joint.min_capacity(block), (nk + n_text + 1) // 2, nk}):
+
+        @jax.jit
+        def select(num_blocks):  # a traced budget: one program per capacity
+            layout = select_joint_blocks(
+                jnp.asarray(scores), num_blocks, joint=joint, block_size=block, max_blocks=max_blocks, kv_lengths=kv
+            )
+            return layout, joint_block_mask(layout, joint=joint, block_size=block, kv_lengths=kv)
+
         # Budgets below the text blocks (clamped to one video block), in between, and the capacity.
         for num_blocks in sorted({1, n_text, n_text + 1, max_blocks // 2 + 1, max_blocks}):
-            layout = select_joint_blocks(
-                jnp.asarray(scores), num_blocks, joint=joint, block_size=block, max_blocks=max_blocks,
-                kv_lengths=jnp.asarray(kv_lengths),
-            )  # fmt: skip
+            layout, got = select(jnp.asarray(num_blocks, jnp.int32))
             validate_layout(layout)
-            got = np.asarray(joint_block_mask(layout, joint=joint, block_size=block, kv_lengths=jnp.asarray(kv_lengths)))
+            got = np.asarray(got)
             want = brute_block_mask(scores, num_blocks, joint, block, kv_lengths, max_blocks)
             np.testing.assert_array_equal(got, want, err_msg=f"max_blocks={max_blocks} num_blocks={num_blocks}")
             # The dense rows are not in the layout; padded text blocks are not listed.
@@ -195,7 +201,7 @@ def run_processor(q, k, v, joint, block, kv_lengths, num_blocks, max_blocks, *, 
     """One layer of ``self_attention`` with the dfs backend at a sparse step (layer 0 of 1)."""
     backend = make_backend("dfs", dataclasses.replace(dfs_preset("hunyuan-video"), block_size=block, tile_size=tile))
     if cache is None:
-        cache = init_cache(backend, 1, q.shape[0], q.shape[2], joint.length, max_blocks)
+        cache = init_cache(backend, 1, q.shape[0], q.shape[2], joint.length, max_blocks, joint=joint)
     state = AttentionState(control=sparse_step(num_blocks, refresh), cache=cache)
     return self_attention(
         jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend=backend, layer=0, num_layers=1, state=state,
@@ -339,5 +345,8 @@ def test_errors_name_the_argument():
             *(jnp.asarray(x) for x in (q, k, v)), backend=make_backend("dense"), layer=0, num_layers=1,
             state=AttentionState(), joint=JointTokens(420, 63),
         )  # fmt: skip
+    backend = make_backend("dfs", dataclasses.replace(dfs_preset("hunyuan-video"), block_size=block))
+    with pytest.raises(ValueError, match=r"max_blocks must be in \[4, 16\].*every text block"):
+        init_cache(backend, 1, 2, 2, joint.length, 3, joint=joint)
     with pytest.raises(ValueError, match=r"kv_lengths must have shape \[B=2\]"):
         dense_attention(*(jnp.asarray(x) for x in (q, k, v)), kv_lengths=jnp.asarray([3], jnp.int32))

@@ -477,7 +477,9 @@ class Sampler:
             probes = jax.tree.map(lambda z: jnp.zeros((capacity, cfg.num_layers), jnp.asarray(z).dtype), template)
         cache = None
         if backend.is_sparse:
-            cache = init_cache(backend, cfg.num_layers, model_batch, cfg.num_heads, num_tokens, max_blocks)
+            cache = init_cache(
+                backend, cfg.num_layers, model_batch, cfg.num_heads, num_tokens, max_blocks, joint=joint
+            )
 
         def body(i, carry: LoopState) -> LoopState:
             control = steps.control(i) if backend.is_sparse else None
