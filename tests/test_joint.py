@@ -350,3 +350,40 @@ def test_errors_name_the_argument():
         init_cache(backend, 1, 2, 2, joint.length, 3, joint=joint)
     with pytest.raises(ValueError, match=r"kv_lengths must have shape \[B=2\]"):
         dense_attention(*(jnp.asarray(x) for x in (q, k, v)), kv_lengths=jnp.asarray([3], jnp.int32))
+
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="compiled GPU paths (JAX_PLATFORMS=cuda)")
+
+
+@gpu_only
+def test_compiled_dense_attention_kv_lengths_cudnn_equals_xla():
+    """cuDNN and XLA both honour key_value_seq_lengths, and agree (bf16 inputs)."""
+    rng = np.random.default_rng(20)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 2256, 4, 128)), jnp.bfloat16) for _ in range(3))
+    kv_lengths = jnp.asarray([2030, 2200], jnp.int32)
+    cudnn = dense_attention(q, k, v, kv_lengths=kv_lengths, implementation="cudnn")
+    xla = dense_attention(q, k, v, kv_lengths=kv_lengths, implementation="xla")
+    want = brute_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                           np.ones((2, 4, 18, 18), bool), 128, np.asarray(kv_lengths))  # fmt: skip
+    assert rel_l2(cudnn, want) < 1e-2 and rel_l2(xla, want) < 1e-2
+    assert rel_l2(cudnn, xla) < 1e-2
+
+
+@gpu_only
+@pytest.mark.parametrize("implementation", ["triton", "mosaic_gpu"], ids=lambda i: f"compiled-{i}")
+def test_compiled_kernels_run_the_joint_layout(implementation):
+    joint, block = JointTokens(2000, 256), 128
+    rng = np.random.default_rng(21)
+    nk = joint.num_blocks(block)
+    scores = rng.random((2, 4, nk, nk)).astype(np.float32)
+    kv_lengths = jnp.asarray([2030, 2200], jnp.int32)
+    layout = select_joint_blocks(jnp.asarray(scores), 8, joint=joint, block_size=block, max_blocks=10, kv_lengths=kv_lengths)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, joint.length, 4, 128)), jnp.bfloat16) for _ in range(3))
+    kwargs = dict(joint=joint, block_size=block, kv_lengths=kv_lengths)
+    got = jax.jit(lambda q, k, v: joint_attention(q, k, v, layout, implementation=implementation, **kwargs))(q, k, v)
+    mask = brute_block_mask(scores, 8, joint, block, np.asarray(kv_lengths), 10)
+    want = brute_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask, block,
+                           np.asarray(kv_lengths))  # fmt: skip
+    assert np.all(np.isfinite(np.asarray(got, np.float32)))
+    assert rel_l2(got, want) < 1e-2
