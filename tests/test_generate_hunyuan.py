@@ -55,10 +55,9 @@ def run(tmp_path, *extra, suffix=".safetensors", size=SIZE) -> tuple[int, pathli
     return main(args), out
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
-def test_generate_hunyuan_dfs_writes_latents_and_reports_the_plan(tmp_path, capsys, suffix):
+def test_generate_hunyuan_dfs_writes_latents_and_reports_the_plan(tmp_path, capsys):
     rc, out = run(tmp_path, "--dense-steps", "1", "--refresh-interval", "1", "--density", "0.5",
-                  "--density-decrement", "0", suffix=suffix)  # fmt: skip
+                  "--density-decrement", "0", suffix=".npz")  # fmt: skip
     assert rc == 0
     latents, meta = load_latents(out)
     assert latents.shape == (1, 16, 3, 32, 32)
