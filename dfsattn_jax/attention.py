@@ -75,11 +75,11 @@ class Implementation:
     def load(self) -> Callable[..., Array]:
         return getattr(importlib.import_module(self.module), self.function)
 
-    def unsupported(self, q: Array, block_size: int) -> str | None:
+    def unsupported(self, q: Array, block_size: int, **params) -> str | None:
         """Why this implementation cannot run ``q`` (``None`` if it can); asks the kernel module's
-        ``unsupported(q, block_size)`` when it has one."""
+        ``unsupported(q, block_size, **params)`` when it has one."""
         check = getattr(importlib.import_module(self.module), "unsupported", None)
-        return None if check is None else check(q, block_size)
+        return None if check is None else check(q, block_size, **params)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
