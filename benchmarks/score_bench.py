@@ -12,6 +12,9 @@ For each shape (batch 1), in one process:
   difference);
 * ``+select``: the default scorer followed by ``select_blocks`` at density 0.2.
 
+Then, once: the same agreement on the q, k of the shipped small video DiT (every layer of a dense
+``--harness-steps``-step sampling run with guidance, hilbert3d order).
+
 Each is timed as the median of ``--repeats`` batches of back-to-back calls after warm-up,
 blocked on the result; "temp" is the compiled program's temporary memory
 (``memory_analysis().temp_size_in_bytes``). Agreement: the share of top-k (row, key block)
@@ -22,7 +25,8 @@ video-like q/k (``models.evaluation.synthetic``, hilbert3d order, bf16) on the s
 Usage (repository root)::
 
     python benchmarks/score_bench.py --out $OUT/score.json                 # H200: 1.3b and 14b
-    python benchmarks/score_bench.py --shapes tiny --repeats 2 --out /tmp/score.json   # CPU smoke
+    python benchmarks/score_bench.py --shapes tiny --repeats 2 --harness-steps 2 \
+        --harness-clip 8,32,32 --out /tmp/score.json                       # CPU smoke
 
 Off GPU the kernel runs in the Pallas interpreter (correct, not fast) and the dense call is XLA.
 Writes JSON to ``--out`` (default ``benchmarks/results/score_<device>.json``) and prints a
@@ -32,6 +36,7 @@ markdown table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -40,12 +45,17 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dfsattn_jax.layout import blocks_for_density, select_blocks
 from dfsattn_jax.metrics import selection_agreement
 from dfsattn_jax.orders import token_order
 from dfsattn_jax.scoring import block_scores, resolve_scoring_implementation, tile_means
+from models.common.processor import AttentionBackend, AttentionHooks
+from models.evaluation.clips import clip_classes
 from models.evaluation.results import device_name, device_slug, write_json
+from models.evaluation.small_dit import load_clip_conditioner, load_small_video_dit
+from models.sampling.loop import Sampler
 from models.evaluation.synthetic import synthetic_qkv
 from pallas_kernels.block_scores_triton import DEFAULT_PRECISION, PRECISIONS, ScoreBlockSizes, tile_block_scores
 
@@ -134,6 +144,68 @@ def agreement(grid, heads: int, head_dim: int, precisions: Sequence[str], interp
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class AgreementHooks(AttentionHooks):
+    """Probes every layer's q, k (hilbert3d order): top-k agreement of the kernel at each
+    precision with the jnp float32 scorer, per density."""
+
+    precisions: tuple[str, ...]
+    interpret: bool
+
+    def keys(self) -> list[str]:
+        return [f"{p}@{d}" for p in self.precisions for d in DENSITIES]
+
+    def probe(self, q, k, v, out, block_mask, *, layer, inputs, step):
+        reference = block_scores(q, k, implementation="jnp")
+        nk = reference.shape[-1]
+        probes = {}
+        for precision in self.precisions:
+            scores = block_scores(q, k, implementation="triton", precision=precision, interpret=self.interpret)
+            for d in DENSITIES:
+                probes[f"{precision}@{d}"] = selection_agreement(scores, reference, blocks_for_density(d, nk))
+        return probes
+
+    def probe_template(self):
+        return {key: jnp.zeros((), jnp.float32) for key in self.keys()}
+
+
+def harness_agreement(
+    precisions: Sequence[str], num_steps: int, num_samples: int, interpret: bool, clip: Sequence[int] | None = None
+) -> dict:
+    """Top-k agreement on the q, k of the shipped small video DiT (benchmarks/train_small.py):
+    a dense ``num_steps``-step sampling run with guidance, every step and layer probed.
+
+    ``clip`` = (frames, height, width) in pixels overrides the trained clip size (16, 64, 64)
+    (the CPU smoke run uses a small one: XLA's dense attention there is quadratic in memory).
+    Returns per ``"precision@density"`` the mean and the minimum over (step, layer), and the
+    number of decisions behind them.
+    """
+    model, config = load_small_video_dit()
+    if clip is not None:
+        frames, height, width = clip
+        config = dataclasses.replace(
+            config, clip=dataclasses.replace(config.clip, frames=frames, height=height, width=width)
+        )
+    conditioner = load_clip_conditioner()
+    hooks = AgreementHooks(tuple(precisions), interpret)
+    backend = AttentionBackend("dense", order="hilbert3d", hooks=hooks)
+    sampler = Sampler(model, backend, shift=config.sample_shift, min_capacity=num_steps, progress=False)
+    photo, motion = clip_classes(num_samples)
+    noise = jax.random.normal(jax.random.key(0), (num_samples,) + config.latent_shape, jnp.float32)
+    result = sampler(
+        noise, conditioner(jnp.asarray(photo), jnp.asarray(motion)), conditioner.unconditional(num_samples),
+        num_steps=num_steps, guidance_scale=config.guidance_scale, plan=None,
+    )  # fmt: skip
+    nk = -(-int(np.prod(config.token_grid)) // BLOCK)
+    decisions = num_steps * config.wan.num_layers * 2 * num_samples * config.wan.num_heads * nk * nk
+    out = {"grid": list(config.token_grid), "steps": num_steps, "decisions_per_density": decisions}
+    for key in hooks.keys():
+        values = np.asarray(result.probes[key], np.float64)
+        out[key] = {"mean": float(values.mean()), "min": float(values.min())}
+        print(f"[harness] {key}: mean {100 * values.mean():.4f}%, worst (step, layer) {100 * values.min():.4f}%", flush=True)
+    return out
+
+
 def run_shape(name: str, args, on_gpu: bool) -> tuple[list[dict], dict]:
     length, heads, head_dim, grid, agreement_heads = SHAPES[name]
     interpret = not on_gpu
@@ -213,30 +285,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--target-s", type=float, default=0.1, help="seconds of back-to-back calls per repeat")
     parser.add_argument("--no-agreement", action="store_true", help="skip the top-k agreement stage")
+    parser.add_argument("--harness-steps", type=int, default=10,
+                        help="steps of the small-DiT agreement run (0: skip it)")  # fmt: skip
+    parser.add_argument("--harness-samples", type=int, default=2, help="videos of the small-DiT agreement run")
+    parser.add_argument("--harness-precisions", default=DEFAULT_PRECISION,
+                        help="comma list of the precisions probed in the small-DiT run")  # fmt: skip
+    parser.add_argument("--harness-clip", default=None,
+                        help="FRAMES,HEIGHT,WIDTH (pixels) of the small-DiT run instead of the trained 16,64,64")  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.tilings = [t for t in args.tilings.split(",") if t]
+    args.harness_precisions = [p for p in args.harness_precisions.split(",") if p]
     for value, allowed, flag in ((args.shapes, SHAPES, "--shapes"), (args.precisions, PRECISIONS, "--precisions"),
-                                 (args.tilings, TILINGS, "--tilings")):  # fmt: skip
+                                 (args.tilings, TILINGS, "--tilings"),
+                                 (args.harness_precisions, PRECISIONS, "--harness-precisions")):  # fmt: skip
         bad = [x for x in value if x not in allowed]
         if bad:
             parser.error(f"{flag}: unknown {bad}; choose from {tuple(allowed)}")
 
     on_gpu = jax.default_backend() == "gpu"
     print(f"jax {jax.__version__} on {device_name()}", flush=True)
-    records, agreements = [], {}
+    out = args.out or f"benchmarks/results/score_{device_slug()}.json"
+    records, agreements, harness = [], {}, {}
+
+    def save():  # after every stage: a run cut short by its time limit keeps what it measured
+        write_json(out, {
+            "device": device_name(), "jax": jax.__version__, "tile_size": TILE, "block_size": BLOCK,
+            "default_precision": DEFAULT_PRECISION, "records": records, "agreement": agreements,
+            "harness_agreement": harness,
+        })  # fmt: skip
+
     for shape in args.shapes:
         shape_records, agreements[shape] = run_shape(shape, args, on_gpu)
         records += shape_records
-    out = args.out or f"benchmarks/results/score_{device_slug()}.json"
-    write_json(out, {
-        "device": device_name(), "jax": jax.__version__, "tile_size": TILE, "block_size": BLOCK,
-        "default_precision": DEFAULT_PRECISION, "records": records, "agreement": agreements,
-    })  # fmt: skip
+        save()
+    if args.harness_steps > 0:
+        try:
+            clip = None if args.harness_clip is None else tuple(int(x) for x in args.harness_clip.split(","))
+            harness = harness_agreement(
+                args.harness_precisions, args.harness_steps, args.harness_samples, not on_gpu, clip
+            )
+        except Exception as err:  # noqa: BLE001 - record and go on
+            traceback.print_exc()
+            harness = {"error": f"{type(err).__name__}: {err}"[:2000]}
+    save()
     print(f"wrote {out}\n")
     print(table(records, agreements))
+    if "decisions_per_density" in harness:
+        print(f"\nsmall DiT q/k ({harness['steps']} steps, {harness['decisions_per_density']} decisions per density): "
+              + ", ".join(f"{key} {100 * harness[key]['mean']:.3f}% (worst {100 * harness[key]['min']:.3f}%)"
+                          for key in harness if "@" in key))  # fmt: skip
     return 0
 
 

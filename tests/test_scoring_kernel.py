@@ -298,21 +298,3 @@ def test_selection_agreement_counts_decisions():
     assert float(selection_agreement(jnp.asarray(swapped), scores, 1)) == 1.0  # the best is unchanged
     with pytest.raises(ValueError, match="one shape"):
         selection_agreement(scores, scores[:, :1], 2)
-
-
-def test_score_bench_smoke_on_cpu(tmp_path):
-    """benchmarks/score_bench.py at its tiny CPU shape: every stage runs, the JSON says so."""
-    import json
-
-    from benchmarks import score_bench
-
-    out = tmp_path / "score.json"
-    argv = ["--shapes", "tiny", "--precisions", "bf16,tf32", "--tilings", "q128dot", "--warmup", "0",
-            "--repeats", "1", "--target-s", "0.001", "--out", str(out)]  # fmt: skip
-    assert score_bench.main(argv) == 0
-    data = json.loads(out.read_text())
-    variants = {r["variant"]: r for r in data["records"]}
-    assert set(variants) >= {"xla", "jnp", "triton/bf16", "triton/tf32", "triton/bf16/q128dot", "kernel only/bf16"}
-    assert all("error" not in r and r["ms"] > 0 for r in data["records"]), data["records"]
-    for precision in ("bf16", "tf32"):
-        assert min(data["agreement"]["tiny"][precision].values()) >= 0.999
