@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from dfsattn_jax.attention import Implementation, on_gpu
+from dfsattn_jax.attention import Implementation, asked_for, on_gpu
 from dfsattn_jax.reference import check_attention_inputs, check_block_size, check_kv_lengths
 
 __all__ = [
@@ -321,11 +321,7 @@ def resolve_scoring_implementation(
       ValueError: for an unknown name.
     """
     if implementation is not None:
-        if implementation not in SCORING_IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {tuple(SCORING_IMPLEMENTATIONS)} or None, got {implementation!r}"
-            )
-        return implementation, "asked for"
+        return asked_for(implementation, SCORING_IMPLEMENTATIONS)
     name = default_scoring_implementation()
     if name == "jnp":
         return name, "default off GPU"
