@@ -44,10 +44,8 @@ CPU smoke test (tiny config, host devices)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-import os
 import statistics
 import sys
 import time

@@ -75,6 +75,30 @@ def _collectives(hlo: str) -> dict:
     return {"total": total, "shard_map_all_to_all": in_shard_map, "integer": integer}
 
 
+def _per_sample_lengths() -> dict:
+    """``head_parallel`` with a per-sample argument sharded like the batch (HunyuanVideo's valid
+    key lengths ``kv_lengths [B]``), against the same attention on one device."""
+    import jax
+    import jax.numpy as jnp
+
+    from dfsattn_jax.attention import block_sparse_attention
+    from dfsattn_jax.layout import full_layout
+    from models.common.parallel import Parallelism
+    from models.common.processor import AttentionState
+
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((4, 64, 4, 8), np.float32)) for _ in range(3))
+    lengths = jnp.asarray([64, 50, 17, 33], jnp.int32)
+
+    def attend(q, k, v, state, kv_lengths):
+        layout = full_layout(q.shape[0], q.shape[2], 4, 4)
+        return block_sparse_attention(q, k, v, layout, block_size=16, kv_lengths=kv_lengths), state
+
+    single, _ = jax.jit(attend)(q, k, v, AttentionState(), lengths)
+    sharded, _ = jax.jit(lambda *a: Parallelism(2, 4).head_parallel(attend, *a))(q, k, v, AttentionState(), lengths)
+    return {"lengths/single": np.asarray(single), "lengths/sharded": np.asarray(sharded)}
+
+
 def _worker(out: pathlib.Path) -> None:
     import jax
     import jax.numpy as jnp
@@ -130,6 +154,7 @@ def _worker(out: pathlib.Path) -> None:
             if backend_name == "dfs" and mesh in INSPECTED:
                 info["collectives"] = _collectives(run.lower(*calls[0]).compile().as_text())
             meta[key] = info
+    arrays.update(_per_sample_lengths())
     np.savez(out / "runs.npz", **arrays)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -251,6 +276,12 @@ def test_head_parallel_exchanges_activations_not_masks(runs):
     assert guidance["total"] >= 1  # the guidance combine reads the other half
 
 
+def test_head_parallel_shards_per_sample_lengths_like_the_batch(runs):
+    single, sharded = runs.arrays["lengths/single"], runs.arrays["lengths/sharded"]
+    assert np.all(np.isfinite(single)) and float(np.abs(single).max()) > 0.1
+    assert _rel_l2(sharded, single) < F32_TOL
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_progress_and_step_times_on_several_devices(runs, backend):
     info = runs.meta[f"{backend}/2x4"]
@@ -328,7 +359,7 @@ def test_make_parallel_splits_device_counts_and_reads_meshes():
     for spec, mode, fragment in (
         (0, "auto", "devices must be a positive integer, got 0"),
         (True, "auto", "devices must be a positive integer, a Mesh or a Parallelism, got True"),
-        ("2", "auto", "devices must be a positive integer, a Mesh or a Parallelism, got str"),
+        ("2", "auto", "devices must be a positive integer, got '2'"),
         (3, "both", "mode 'both' (2 x N/2 devices) needs an even device count, got 3"),
         (2, "sequence", "mode must be one of ('auto', 'guidance', 'heads', 'both'), got 'sequence'"),
         (Mesh(one.reshape(1, 1), ("data", "heads")), "auto", "mesh axes must be 'guidance' and/or 'heads', got ('data', 'heads')"),

@@ -52,14 +52,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float
+
+from dfsattn_jax.checks import check_positive_int
 
 __all__ = [
     "GUIDANCE_AXIS",
@@ -76,12 +77,12 @@ __all__ = [
 
 GUIDANCE_AXIS = "guidance"
 HEADS_AXIS = "heads"
-#: How :func:`make_parallel` splits a device count: ``auto`` = ``both`` for an even count, else ``heads``.
+#: How :func:`make_parallel` splits a device count (``auto``: ``both`` for an even count with guidance, else ``heads``).
 PARALLEL_MODES: tuple[str, ...] = ("auto", "guidance", "heads", "both")
 
-# q, k, v, out [B, L, N, D] between the attentions (sequence-sharded) and inside (head-sharded).
+# Tokens [B, L, ...] between the attentions: batch over guidance, sequence over heads (inside
+# self-attention, after the all-to-all, the heads are split instead: [B/g, L, N/h, D] per device).
 _SEQUENCE = P(GUIDANCE_AXIS, HEADS_AXIS)
-_HEADS = P(GUIDANCE_AXIS, None, HEADS_AXIS)
 _BATCH = P(GUIDANCE_AXIS)
 # Mask cache kv_indices [S, B, N, nq, K_max] and kv_counts [S, B, N, nq].
 _CACHE = P(None, GUIDANCE_AXIS, HEADS_AXIS)
@@ -90,16 +91,6 @@ _CACHE = P(None, GUIDANCE_AXIS, HEADS_AXIS)
 def divisors(n: int) -> list[int]:
     """The positive divisors of ``n`` (for error messages)."""
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _axis_size(value: int, name: str) -> int:
-    try:
-        size = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if size < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +109,8 @@ class Parallelism:
     devices: tuple[Any, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "guidance", _axis_size(self.guidance, "guidance"))
-        object.__setattr__(self, "heads", _axis_size(self.heads, "heads"))
+        object.__setattr__(self, "guidance", check_positive_int(self.guidance, "guidance"))
+        object.__setattr__(self, "heads", check_positive_int(self.heads, "heads"))
         if self.devices is not None:
             devices = tuple(self.devices)
             if len(devices) != self.size:
@@ -357,14 +348,7 @@ def make_parallel(spec: Parallelism | Mesh | int | None, mode: str = "auto", *, 
         return Parallelism(guidance=g, heads=h, devices=tuple(devices.reshape(-1)))
     if isinstance(spec, bool):
         raise ValueError(f"devices must be a positive integer, a Mesh or a Parallelism, got {spec!r}")
-    try:
-        count = operator.index(spec)
-    except TypeError:
-        raise ValueError(
-            f"devices must be a positive integer, a Mesh or a Parallelism, got {type(spec).__name__}"
-        ) from None
-    if count < 1:
-        raise ValueError(f"devices must be a positive integer, got {count}")
+    count = check_positive_int(spec, "devices")
     if count == 1:
         return None
     if mode == "both" and count % 2:
