@@ -276,6 +276,9 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
         record["programs"] = record.get("programs", 0) + sampler.trace_count - record.get(f"_seen_{name}", 0)
         record[f"_seen_{name}"] = sampler.trace_count
         steps_ms = np.asarray(result.step_s, np.float64) * 1e3
+        # Cross-check of the callback timing: the run's wall time from the loop's start.
+        record.setdefault("runs", []).append({"program": name, "kinds": kinds, "time_s": result.time_s,
+                                              "sum_of_steps_s": float(np.sum(steps_ms)) / 1e3})
         for kind in measured:
             times = [float(t) for t, k in list(zip(steps_ms, kinds))[warm:] if k == kind]
             key = "dense-backend" if name == "dense-backend" else kind
