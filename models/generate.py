@@ -11,7 +11,8 @@ which is cheap, the prompt embeddings against its ``text_dim``, ``--noise`` agai
 shape, the output paths, and for ``--mp4`` the optional extra and the VAE folder). Only then does
 it read the transformer with :func:`models.wan.loading.load_wan`, print the DFS plan (with a
 WARNING when DFS cannot sparsify anything), sample with :class:`models.sampling.loop.Sampler`
-(one jitted loop, classifier-free guidance as one batch of 2), report the compile time and the
+(one jitted loop, classifier-free guidance as one batch of 2; with ``--devices N`` on N devices
+split by ``--parallel``, :mod:`models.common.parallel`), report the compile time and the
 per-step time separately, write the final latents with :func:`models.io.save_latents` and, with
 ``--mp4``, decode them with diffusers' VAE (:func:`models.io.decode_to_mp4`).
 
