@@ -11,7 +11,8 @@ which is cheap, the prompt embeddings against its ``text_dim``, ``--noise`` agai
 shape, the output paths, and for ``--mp4`` the optional extra and the VAE folder). Only then does
 it read the transformer with :func:`models.wan.loading.load_wan`, print the DFS plan (with a
 WARNING when DFS cannot sparsify anything), sample with :class:`models.sampling.loop.Sampler`
-(one jitted loop, classifier-free guidance as one batch of 2), report the compile time and the
+(one jitted loop, classifier-free guidance as one batch of 2; with ``--devices N`` on N devices
+split by ``--parallel``, :mod:`models.common.parallel`), report the compile time and the
 per-step time separately, write the final latents with :func:`models.io.save_latents` and, with
 ``--mp4``, decode them with diffusers' VAE (:func:`models.io.decode_to_mp4`).
 
@@ -37,6 +38,7 @@ import numpy as np
 
 from dfsattn_jax.orders import ORDER_NAMES
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule, reported_sparsity
+from models.common.parallel import PARALLEL_MODES, Parallelism, make_parallel
 from models.common.processor import make_backend, num_token_blocks
 from models.io import check_writable, decode_to_mp4, load_latents, load_prompt_embeds, save_latents
 from models.sampling import SOLVER_NAMES, Sampler
@@ -139,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     dfs.add_argument("--refresh-interval", type=int, metavar="N", default=12, help="steps between mask refreshes, >= 1")
     dfs.add_argument("--order", choices=ORDER_NAMES, default="hilbert3d", help="token order of the blocks")
 
+    dev = p.add_argument_group("devices")
+    dev.add_argument("--devices", type=int, metavar="N", default=1,
+                     help="GPUs (JAX devices) to sample on, >= 1; the weights are replicated on each")
+    dev.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
+                     help="how --devices splits the work: guidance = cond and uncond on different devices (N=2), "
+                          "heads = attention heads and tokens (Ulysses), both = 2 x N/2; auto = both for an "
+                          "even N with guidance, else heads")
+
     misc = p.add_argument_group("other")
     misc.add_argument("--debug", action="store_true", help="show the traceback of an error (default: off)")
     return p
@@ -171,6 +181,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--dense-steps must be >= 0, got {args.dense_steps}")
     if args.refresh_interval < 1:
         raise ValueError(f"--refresh-interval must be >= 1, got {args.refresh_interval}")
+    if args.devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {args.devices}")
 
 
 def _check_writable(path: str, option: str) -> pathlib.Path:
@@ -222,6 +234,19 @@ def _check_sizes(cfg: WanConfig, args: argparse.Namespace) -> tuple[int, ...]:
         return (1,) + latent_shape(cfg, args.frames, args.height, args.width)
     except ValueError as err:
         raise ValueError(f"--frames/--height/--width: {err}") from None
+
+
+def _check_parallel(args: argparse.Namespace, cfg: WanConfig, guided: bool, num_tokens: int) -> Parallelism | None:
+    """The device mesh of ``--devices``/``--parallel``, checked against the model, the batch, the
+    video and the devices present (``None`` for one device)."""
+    try:
+        parallel = make_parallel(args.devices, args.parallel, guided=guided)
+        if parallel is not None:
+            parallel.check(batch=2 if guided else 1, num_heads=cfg.num_heads, num_tokens=num_tokens, guided=guided)
+            parallel.mesh  # noqa: B018 - raises when too few devices exist
+    except ValueError as err:
+        raise ValueError(f"--devices {args.devices} --parallel {args.parallel}: {err}") from None
+    return parallel
 
 
 def _pad_text(x: np.ndarray, length: int) -> np.ndarray:
@@ -318,6 +343,10 @@ def _run(argv: Sequence[str]) -> int:
     how = "given" if args.shift is not None else f"default for height {args.height}: 3.0 below 720, 5.0 from 720"
     print(f"flow shift {float(shift)} ({how})")
     num_tokens = math.prod(token_grid(cfg, shape[2:]))
+    parallel = _check_parallel(args, cfg, guided, num_tokens)
+    if parallel is not None:
+        print(f"devices: {parallel.size} x {parallel.mesh.devices.flat[0].device_kind}, {parallel.guidance} (guidance) "
+              f"x {parallel.heads} (heads)")
     if dfs is not None:
         plan = plan_schedule(dfs, args.steps, num_token_blocks(num_tokens, dfs.block_size))
         lines, warning = describe_plan(plan, dfs, cfg.num_layers, num_tokens)
@@ -332,7 +361,9 @@ def _run(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     model = load_wan(args.checkpoint, dtype=args.dtype, progress=lambda name: print(f"reading {name}", file=sys.stderr))
     print(f"loaded {cfg.name} ({cfg.num_layers} layers, dim {cfg.dim}) in {time.perf_counter() - t0:.1f} s")
-    sampler = Sampler(model, make_backend(args.backend, dfs), solver=args.solver, shift=shift, progress=True)
+    sampler = Sampler(
+        model, make_backend(args.backend, dfs), solver=args.solver, shift=shift, progress=True, parallel=parallel
+    )
     result = sampler(
         noise, jnp.asarray(cond), jnp.asarray(uncond) if guided else None,
         num_steps=args.steps, guidance_scale=args.guidance,
@@ -347,7 +378,7 @@ def _run(argv: Sequence[str]) -> int:
         "config": cfg.name, "frames": args.frames, "height": args.height, "width": args.width,
         "steps": args.steps, "guidance": args.guidance, "shift": shift, "solver": args.solver,
         "backend": args.backend, "seed": args.seed if args.noise is None else f"noise:{args.noise}",
-        "sparsity": f"{result.sparsity:.4f}",
+        "sparsity": f"{result.sparsity:.4f}", "devices": "1" if parallel is None else str(parallel),
     }  # fmt: skip
     if dfs is not None:
         meta |= {"density": dfs.density, "density_decrement": dfs.density_decrement,
