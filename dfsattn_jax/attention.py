@@ -42,6 +42,7 @@ from dfsattn_jax.reference import (
 __all__ = [
     "IMPLEMENTATIONS",
     "Implementation",
+    "asked_for",
     "block_sparse_attention",
     "check_attention_inputs",
     "default_implementation",
@@ -76,11 +77,11 @@ class Implementation:
     def load(self) -> Callable[..., Array]:
         return getattr(importlib.import_module(self.module), self.function)
 
-    def unsupported(self, q: Array, block_size: int) -> str | None:
+    def unsupported(self, q: Array, block_size: int, **params) -> str | None:
         """Why this implementation cannot run ``q`` (``None`` if it can); asks the kernel module's
-        ``unsupported(q, block_size)`` when it has one."""
+        ``unsupported(q, block_size, **params)`` when it has one."""
         check = getattr(importlib.import_module(self.module), "unsupported", None)
-        return None if check is None else check(q, block_size)
+        return None if check is None else check(q, block_size, **params)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
@@ -123,6 +124,17 @@ def default_implementation() -> str:
     return "triton"
 
 
+def asked_for(implementation: str, registry: dict[str, Implementation]) -> tuple[str, str]:
+    """``(implementation, "asked for")``, once the name is found in ``registry``.
+
+    Raises:
+      ValueError: for a name ``registry`` does not hold.
+    """
+    if implementation not in registry:
+        raise ValueError(f"implementation must be one of {tuple(registry)} or None, got {implementation!r}")
+    return implementation, "asked for"
+
+
 def resolve_implementation(
     q: Array, *, block_size: int = 128, implementation: str | None = None
 ) -> tuple[str, str]:
@@ -137,11 +149,7 @@ def resolve_implementation(
       ValueError: for an unknown name.
     """
     if implementation is not None:
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {tuple(IMPLEMENTATIONS)} or None, got {implementation!r}"
-            )
-        return implementation, "asked for"
+        return asked_for(implementation, IMPLEMENTATIONS)
     name = default_implementation()
     if name == "mosaic_gpu":
         why = IMPLEMENTATIONS[name].unsupported(q, block_size)

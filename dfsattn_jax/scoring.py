@@ -13,9 +13,17 @@ With per-sample key lengths ``kv_lengths`` (docs/spec.md §3.6), keys at or past
 ``kv_lengths[b]`` are not keys: key tile means average the valid keys only, key tiles without
 one get probability 0, and a row with no valid key tile is all zeros. Queries are unaffected.
 
-Everything is accumulated in float32. The tile matrix has ``T**2`` entries per (batch, head);
-when that is large, rows are computed in chunks of query blocks with ``lax.map`` so that
-peak memory stays near ``tile_budget`` elements, far below ``L**2``.
+Two implementations, chosen like the attention kernels (:func:`resolve_scoring_implementation`):
+
+``"jnp"``
+  this module in plain JAX, everything in float32 (logits at ``Precision.HIGHEST``): the
+  reference, and the path off GPU. The tile matrix has ``T**2`` entries per (batch, head); when
+  that is large, rows are computed in chunks of query blocks with ``lax.map`` so that peak
+  memory stays near ``tile_budget`` elements, far below ``L**2``.
+``"triton"``
+  the fused Pallas kernel of :mod:`pallas_kernels.block_scores_triton` (NVIDIA GPUs): tile
+  means here (q and k are read once), then softmax and block sums in one kernel that never
+  writes the tile matrix; its logits' precision is the ``precision`` argument.
 """
 
 from __future__ import annotations
@@ -23,14 +31,42 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from dfsattn_jax.attention import Implementation, asked_for, on_gpu
 from dfsattn_jax.reference import check_attention_inputs, check_block_size, check_kv_lengths
 
-__all__ = ["block_scores", "check_tile_size", "tile_means", "tile_probabilities", "valid_key_tiles"]
+__all__ = [
+    "SCORING_IMPLEMENTATIONS",
+    "block_scores",
+    "check_tile_size",
+    "default_scoring_implementation",
+    "resolve_scoring_implementation",
+    "tile_means",
+    "tile_probabilities",
+    "valid_key_tiles",
+]
+
+ScoringImpl = Literal["jnp", "triton"]
+
+#: The scorers: ``function`` of a Pallas one takes the tile means (see :func:`_kernel_scores`).
+SCORING_IMPLEMENTATIONS: dict[str, Implementation] = {
+    impl.name: impl
+    for impl in (
+        Implementation(
+            "jnp", "dfsattn_jax.scoring", "block_scores", False,
+            "float32 jnp scorer (any backend; the reference)",
+        ),
+        Implementation(
+            "triton", "pallas_kernels.block_scores_triton", "tile_block_scores", True,
+            "fused Pallas Triton kernel (NVIDIA GPUs)",
+        ),
+    )
+}
 
 #: Default peak size (elements) of one chunk of tile probabilities (float32: 128 MiB).
 DEFAULT_TILE_BUDGET = 1 << 25
@@ -162,6 +198,9 @@ def block_scores(
     tile_size: int = 16,
     block_size: int = 128,
     kv_lengths: Int[Array, " b"] | None = None,
+    implementation: ScoringImpl | None = None,
+    precision: str | None = None,
+    interpret: bool = False,
     query_blocks_per_chunk: int | None = None,
     tile_budget: int = DEFAULT_TILE_BUDGET,
 ) -> Float[Array, "b n nq nk"]:
@@ -177,9 +216,18 @@ def block_scores(
         a sample with length 0 gets all-zero scores. Queries are unaffected. ``None``: all
         ``L`` keys (the same results, bit for bit, as without the argument). Concrete values
         are range-checked; traced ones are clipped to ``[0, L]``.
-      query_blocks_per_chunk: query blocks whose tile rows are computed together; default:
-        as many as fit ``tile_budget`` elements of tile probabilities (all when they fit).
-      tile_budget: peak elements of one chunk of tile probabilities when
+      implementation: ``"jnp"``, ``"triton"`` or ``None`` for this device's default (the
+        kernel on GPU when it supports the input, else ``"jnp"``; see
+        :func:`resolve_scoring_implementation`).
+      precision: the kernel's logit precision (``pallas_kernels.block_scores_triton.PRECISIONS``,
+        default its ``DEFAULT_PRECISION``); the jnp scorer always computes in float32 and
+        ignores it.
+      interpret: run a Pallas kernel in the Pallas interpreter (any backend; slow, for tests);
+        the jnp scorer ignores it.
+      query_blocks_per_chunk: (jnp) query blocks whose tile rows are computed together;
+        default: as many as fit ``tile_budget`` elements of tile probabilities (all when they
+        fit).
+      tile_budget: (jnp) peak elements of one chunk of tile probabilities when
         ``query_blocks_per_chunk`` is not given.
 
     Returns:
@@ -189,11 +237,25 @@ def block_scores(
 
     Raises:
       ValueError: for mismatched or non-floating ``q``/``k``, a ``tile_size`` that does not
-        divide ``block_size``, or ``kv_lengths`` of the wrong shape, dtype or range.
+        divide ``block_size``, ``kv_lengths`` of the wrong shape, dtype or range, an unknown
+        ``implementation``, or a kernel asked for that cannot score this input.
     """
     batch, length, heads, _ = check_attention_inputs(q=q, k=k)
     tile_size, block_size = check_tile_size(tile_size, block_size)
     check_kv_lengths(kv_lengths, batch=batch, length=length)
+    name, _ = resolve_scoring_implementation(
+        q, tile_size=tile_size, block_size=block_size, implementation=implementation
+    )
+    impl = SCORING_IMPLEMENTATIONS[name]
+    if impl.pallas:
+        why = impl.unsupported(q, block_size, tile_size=tile_size)
+        if why is not None:
+            raise ValueError(f"implementation {name!r} cannot score this input: {why}")
+        lengths = None if kv_lengths is None else _clipped_lengths(kv_lengths, length)
+        return _kernel_scores(
+            q, k, lengths, kernel=impl.load(), tile_size=tile_size,
+            block_size=block_size, precision=precision, interpret=bool(interpret),
+        )
     tiles_per_block = block_size // tile_size
     num_blocks = -(-length // block_size)
     num_tiles = -(-length // tile_size)
@@ -238,3 +300,49 @@ def _block_scores(q, k, lengths, *, tile_size: int, block_size: int, chunk: int)
     scores = jax.lax.map(one_chunk, (q_chunks, w_chunks))  # [chunks, B, N, chunk, nk]
     scores = jnp.moveaxis(scores, 0, 2).reshape(batch, heads, num_chunks * chunk, num_blocks)
     return scores[:, :, :num_blocks]
+
+
+def default_scoring_implementation() -> str:
+    """``"triton"`` (the fused kernel) on a GPU, ``"jnp"`` elsewhere."""
+    return "triton" if on_gpu() else "jnp"
+
+
+def resolve_scoring_implementation(
+    q: Array, *, tile_size: int = 16, block_size: int = 128, implementation: str | None = None
+) -> tuple[str, str]:
+    """The scorer that :func:`block_scores` runs for ``q``, and why.
+
+    Returns:
+      ``(name, reason)``: with ``implementation=None`` the default of this device, falling back
+      from the kernel to ``"jnp"`` when the kernel does not support the input (the reason says
+      why); otherwise the one asked for.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if implementation is not None:
+        return asked_for(implementation, SCORING_IMPLEMENTATIONS)
+    name = default_scoring_implementation()
+    if name == "jnp":
+        return name, "default off GPU"
+    why = SCORING_IMPLEMENTATIONS[name].unsupported(q, block_size, tile_size=tile_size)
+    if why is not None:
+        return "jnp", f"{name} does not support this input ({why})"
+    return name, "default on GPUs"
+
+
+@functools.partial(
+    jax.jit, static_argnames=("kernel", "tile_size", "block_size", "precision", "interpret")
+)
+def _kernel_scores(q, k, lengths, *, kernel, tile_size: int, block_size: int, precision, interpret: bool):
+    """Tile means here (docs/spec.md §3.2, §3.6), softmax and block sums in ``kernel``."""
+    batch, length = q.shape[:2]
+    qbar = tile_means(q, tile_size)
+    kbar = tile_means(k, tile_size, lengths)
+    if lengths is None:
+        lengths = jnp.full((batch,), length, jnp.int32)
+    valid_tiles = (lengths + tile_size - 1) // tile_size
+    return kernel(
+        qbar, kbar, valid_tiles, tiles_per_block=block_size // tile_size, precision=precision,
+        interpret=interpret,
+    )

@@ -19,7 +19,8 @@ latent shape, the output paths, and for ``--mp4`` the optional extra and the VAE
 then does it read the transformer (:func:`models.wan.loading.load_wan` or
 :func:`models.hunyuan_video.loading.load_hunyuan_video`), print the DFS plan (with a WARNING
 when DFS cannot sparsify anything), sample with :class:`models.sampling.loop.Sampler` (one
-jitted loop), report the compile time and the per-step time separately, write the final latents
+jitted loop; with ``--devices N`` on N devices split by ``--parallel``,
+:mod:`models.common.parallel`), report the compile time and the per-step time separately, write the final latents
 with :func:`models.io.save_latents` and, with ``--mp4``, decode them with diffusers' VAE of the
 family (:func:`models.io.decode_to_mp4`).
 
@@ -47,6 +48,7 @@ import numpy as np
 from dfsattn_jax.joint import JointTokens
 from dfsattn_jax.orders import ORDER_NAMES
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, dfs_preset, plan_schedule, reported_sparsity
+from models.common.parallel import PARALLEL_MODES, Parallelism, make_parallel
 from models.common.processor import make_backend, num_token_blocks
 from models.hunyuan_video import config as hunyuan_config
 from models.hunyuan_video.loading import load_hunyuan_video, read_hunyuan_config
@@ -210,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     dfs.add_argument("--refresh-interval", type=int, metavar="N", default=12, help="steps between mask refreshes, >= 1")
     dfs.add_argument("--order", choices=ORDER_NAMES, default="hilbert3d", help="token order of the blocks")
 
+    dev = p.add_argument_group("devices")
+    dev.add_argument("--devices", type=int, metavar="N", default=1,
+                     help="GPUs (JAX devices) to sample on, >= 1; the weights are replicated on each")
+    dev.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
+                     help="how --devices splits the work: guidance = cond and uncond on different devices (N=2), "
+                          "heads = attention heads and tokens (Ulysses), both = 2 x N/2; auto = both for an "
+                          "even N with guidance, else heads")
+
     misc = p.add_argument_group("other")
     misc.add_argument("--debug", action="store_true", help="show the traceback of an error (default: off)")
     return p
@@ -256,6 +266,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--dense-steps must be >= 0, got {args.dense_steps}")
     if args.refresh_interval < 1:
         raise ValueError(f"--refresh-interval must be >= 1, got {args.refresh_interval}")
+    if args.devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {args.devices}")
 
 
 def _check_writable(path: str, option: str) -> pathlib.Path:
@@ -307,6 +319,20 @@ def _check_sizes(cfg, args: argparse.Namespace, latent_shape) -> tuple[int, ...]
         return (1,) + latent_shape(cfg, args.frames, args.height, args.width)
     except ValueError as err:
         raise ValueError(f"--frames/--height/--width: {err}") from None
+
+
+def _check_parallel(args: argparse.Namespace, cfg, guided: bool, num_tokens: int) -> Parallelism | None:
+    """The device mesh of ``--devices``/``--parallel``, checked against the model (``cfg``: a Wan
+    or HunyuanVideo config), the batch, the attended sequence (HunyuanVideo: video + text tokens)
+    and the devices present (``None`` for one device)."""
+    try:
+        parallel = make_parallel(args.devices, args.parallel, guided=guided)
+        if parallel is not None:
+            parallel.check(batch=2 if guided else 1, num_heads=cfg.num_heads, num_tokens=num_tokens, guided=guided)
+            parallel.mesh  # noqa: B018 - raises when too few devices exist
+    except ValueError as err:
+        raise ValueError(f"--devices {args.devices} --parallel {args.parallel}: {err}") from None
+    return parallel
 
 
 def _pad_text(x: np.ndarray, length: int) -> np.ndarray:
@@ -447,6 +473,10 @@ def _run(argv: Sequence[str]) -> int:
     print(f"flow shift {float(shift)} ({how})")
     joint = JointTokens(math.prod(grid), cond.prompt_embeds.shape[1]) if hunyuan else None
     num_tokens = math.prod(grid) if joint is None else joint.length
+    parallel = _check_parallel(args, cfg, negative is not None, num_tokens)
+    if parallel is not None:
+        print(f"devices: {parallel.size} x {parallel.mesh.devices.flat[0].device_kind}, {parallel.guidance} (guidance) "
+              f"x {parallel.heads} (heads)")
     if dfs is not None:
         plan = plan_schedule(dfs, args.steps, num_token_blocks(num_tokens, dfs.block_size))
         lines, warning = describe_plan(plan, dfs, cfg.num_layers, num_tokens, joint)
@@ -463,7 +493,7 @@ def _run(argv: Sequence[str]) -> int:
     print(f"loaded {cfg.name} ({cfg.num_layers} layers, dim {cfg.dim}) in {time.perf_counter() - t0:.1f} s")
     sampler = Sampler(
         model, make_backend(args.backend, dfs), solver=args.solver, shift=shift, schedule=family.schedule,
-        progress=True,
+        progress=True, parallel=parallel,
     )  # fmt: skip
     result = sampler(noise, cond, negative, num_steps=args.steps, guidance_scale=args.guidance)
     compiled = result.compile_s
@@ -476,7 +506,7 @@ def _run(argv: Sequence[str]) -> int:
         "model": args.model, "config": cfg.name, "frames": args.frames, "height": args.height, "width": args.width,
         "steps": args.steps, "guidance": args.guidance, "shift": shift, "solver": args.solver,
         "backend": args.backend, "seed": args.seed if args.noise is None else f"noise:{args.noise}",
-        "sparsity": f"{result.sparsity:.4f}",
+        "sparsity": f"{result.sparsity:.4f}", "devices": "1" if parallel is None else str(parallel),
     }  # fmt: skip
     if dfs is not None:
         meta |= {"density": dfs.density, "density_decrement": dfs.density_decrement,

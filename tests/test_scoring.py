@@ -7,50 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import numpy_block_scores, numpy_tile_probs
+
 from dfsattn_jax.scoring import block_scores, tile_probabilities
 
 
 def random_qk(seed, shape, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     return tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(2))
-
-
-def numpy_tile_probs(q, k, tile, kv_lengths=None):
-    """float64 brute force: A[b, n, i, j] over the valid tiles, token by token, sample by sample.
-
-    With ``kv_lengths``, key tile ``j`` of sample ``b`` averages its keys before
-    ``kv_lengths[b]``; a key tile with none is left out of the softmax (probability 0); a sample
-    with no valid key tile gets zero rows.
-    """
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    batch, length, heads, dim = q.shape
-    lengths = [length] * batch if kv_lengths is None else [int(x) for x in np.asarray(kv_lengths)]
-    num_tiles = math.ceil(length / tile)
-    probs = np.zeros((batch, heads, num_tiles, num_tiles))
-    for b in range(batch):
-        qbar = np.stack([q[b, i * tile : min((i + 1) * tile, length)].mean(axis=0) for i in range(num_tiles)])
-        valid = [j for j in range(num_tiles) if j * tile < lengths[b]]
-        if not valid:
-            continue
-        kbar = np.stack([k[b, j * tile : min((j + 1) * tile, lengths[b])].mean(axis=0) for j in valid])
-        logits = np.einsum("ind,jnd->nij", qbar, kbar) / math.sqrt(dim)
-        logits -= logits.max(axis=-1, keepdims=True)
-        e = np.exp(logits)
-        probs[b][:, :, valid] = e / e.sum(axis=-1, keepdims=True)
-    return probs
-
-
-def numpy_block_scores(q, k, tile, block, kv_lengths=None):
-    probs = numpy_tile_probs(q, k, tile, kv_lengths)
-    batch, heads, num_tiles, _ = probs.shape
-    nb = math.ceil(q.shape[1] / block)
-    per = block // tile
-    out = np.zeros((batch, heads, nb, nb))
-    for u in range(nb):
-        for v in range(nb):
-            out[:, :, u, v] = probs[:, :, u * per : (u + 1) * per, v * per : (v + 1) * per].sum(axis=(2, 3))
-    return out
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ the same cache, kernel and schedule as video-only models.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -64,6 +65,7 @@ from dfsattn_jax.layout import BlockLayout, select_blocks
 from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
 from dfsattn_jax.schedule import DFSConfig
 from dfsattn_jax.scoring import block_scores
+from models.common.parallel import Parallelism
 
 __all__ = [
     "BACKEND_NAMES",
@@ -78,6 +80,7 @@ __all__ = [
     "token_permutation",
     "num_token_blocks",
     "init_cache",
+    "cross_attention",
     "self_attention",
     "skipped_fraction",
 ]
@@ -154,6 +157,9 @@ class AttentionBackend:
         16-bit inputs, XLA elsewhere).
       interpret: run a Pallas sparse kernel in its interpreter (tests).
       hooks: the layout-source and measurement hooks (:class:`AttentionHooks`).
+      parallel: the device mesh (:class:`models.common.parallel.Parallelism`): attention runs
+        per device on its heads (self-attention) or its tokens (cross-attention) inside
+        ``jax.shard_map``; ``None``: one device. Hooks are single-device only.
     """
 
     name: str = "dense"
@@ -163,6 +169,7 @@ class AttentionBackend:
     dense_implementation: str | None = None
     interpret: bool = False
     hooks: AttentionHooks = AttentionHooks()
+    parallel: Parallelism | None = None
 
     def __post_init__(self) -> None:
         if self.name not in BACKEND_NAMES:
@@ -175,6 +182,10 @@ class AttentionBackend:
             raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
         if not isinstance(self.hooks, AttentionHooks):
             raise ValueError(f"hooks must be an AttentionHooks, got {type(self.hooks).__name__}")
+        if self.parallel is not None and not isinstance(self.parallel, Parallelism):
+            raise ValueError(f"parallel must be a Parallelism or None, got {type(self.parallel).__name__}")
+        if self.parallel is not None and type(self.hooks) is not AttentionHooks:
+            raise ValueError("hooks run on one device: give parallel=None to a backend with hooks")
 
     @property
     def is_sparse(self) -> bool:
@@ -386,9 +397,46 @@ def self_attention(
       ``(out [B, L, N, D], state)``: the cache with this layer's slot updated at a refresh, and
       this layer's probe appended when the hooks measure. With ``joint``, the rows of padded
       text queries attend to the valid keys (they never reach a valid output).
+
+    With ``backend.parallel`` the layer runs per device on its heads (Ulysses all-to-alls around
+    it; the cache is sharded like the heads, ``kv_lengths`` like the batch):
+    :meth:`models.common.parallel.Parallelism.head_parallel`. The sequence (for ``joint``: the
+    whole joint sequence ``L_v + T``) must then be divisible by the ``heads`` axis
+    (:meth:`~models.common.parallel.Parallelism.check` raises a ``ValueError`` otherwise).
     """
     if joint is not None:
         joint.check(q.shape[1])
+    attend = functools.partial(_self_attention, backend=backend, layer=layer, num_layers=num_layers, joint=joint)
+    if backend.parallel is None:
+        return attend(q, k, v, state, kv_lengths)
+    return backend.parallel.head_parallel(attend, q, k, v, state, kv_lengths)
+
+
+def cross_attention(
+    q: Float[Array, "b l n d"], k: Float[Array, "b t n d"], v: Float[Array, "b t n d"], *, backend: AttentionBackend
+) -> Float[Array, "b l n d"]:
+    """Dense attention of the video tokens to the text (``backend.dense_implementation``); with
+    ``backend.parallel``, per device on its tokens (no communication)."""
+    attend = functools.partial(dense_attention, implementation=backend.dense_implementation)
+    if backend.parallel is None:
+        return attend(q, k, v)
+    return backend.parallel.sequence_parallel(attend, q, k, v)
+
+
+def _self_attention(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    v: Float[Array, "b l n d"],
+    state: AttentionState,
+    kv_lengths: Int[Array, " b"] | None,
+    *,
+    backend: AttentionBackend,
+    layer: int,
+    num_layers: int,
+    joint: JointTokens | None,
+) -> tuple[Float[Array, "b l n d"], AttentionState]:
+    """:func:`self_attention` on one device (under ``backend.parallel``: its local heads and
+    samples, the whole sequence)."""
     dense = lambda: dense_attention(  # noqa: E731
         q, k, v, kv_lengths=kv_lengths, implementation=backend.dense_implementation
     )

@@ -32,6 +32,14 @@ the RoPE tables built in that order, and restored before unpatchify; the text st
 own order. The text rows of the RoPE tables are the identity rotation (cos 1, sin 0), so RoPE is
 applied to the whole joint q and k and leaves the text exactly as it is.
 
+With ``backend.parallel`` (:mod:`models.common.parallel`), every joint attention runs
+head-parallel (Ulysses) over the whole joint sequence ``L_v + T``, which the ``heads`` axis must
+divide (``Parallelism.check`` names the sizes otherwise), with ``kv_lengths`` split like the
+batch; the joint tokens of the single-stream blocks are split over ``heads`` between the
+attentions. The model has no cross-attention (its text takes part in the joint attention), so
+it takes no ``cross_attend``; the token refiner's small text self-attention runs dense on every
+device.
+
 Parameters are created in ``param_dtype`` and activations run in ``dtype`` (both default to
 bfloat16 on accelerators and float32 on CPU); diffusers keeps no HunyuanVideo module in float32.
 LayerNorms, RMSNorms, RoPE, modulations and residual updates are computed in float32.
@@ -68,6 +76,7 @@ from models.common.layers import (
     unpatchify,
 )
 from models.common.grid import check_latents
+from models.common.parallel import shard_tokens
 from models.common.processor import (
     AttentionBackend,
     AttentionState,
@@ -622,11 +631,14 @@ class HunyuanVideoTransformer3DModel(nnx.Module):
             video, text, state = self.transformer_blocks[i](
                 video, text, prep.temb, prep.rope, attend=self._attend(i, prep, backend), state=state
             )
-        x = jnp.concatenate([video, text], axis=1)
+        # With backend.parallel, the joint tokens are split over the heads axis between the
+        # attentions, as Wan's tokens are (the joint length divides it: Parallelism.check).
+        x = shard_tokens(jnp.concatenate([video, text], axis=1), backend.parallel)
         for i in range(cfg.num_dual_layers, stop):
             x, state = self.single_transformer_blocks[i - cfg.num_dual_layers](
                 x, prep.temb, prep.rope, attend=self._attend(i, prep, backend), state=state
             )
+            x = shard_tokens(x, backend.parallel)
         if num_layers is not None:
             return None, state
         x = self.proj_out(self.output_norm(x[:, : prep.joint.video_len], prep.temb))

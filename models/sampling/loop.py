@@ -36,6 +36,7 @@ from dfsattn_jax.cache import MaskCache
 from dfsattn_jax.joint import JointTokens
 from dfsattn_jax.layout import blocks_for_density, check_density
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
+from models.common.parallel import Parallelism, make_parallel, replicate, shard_batch, shard_cache
 from models.common.processor import (
     AttentionBackend,
     AttentionState,
@@ -144,6 +145,8 @@ class SampleResult:
         from the call, so warm up first: :meth:`Sampler.warmup`).
       compile_s: with ``progress``, the time from the call to the loop's start (tracing and
         compilation when the program is new); NaN without ``progress``.
+      step_s: float64[num_steps], with ``progress``, the wall time of each step (between the
+        loop's per-step callbacks, which run as the device finishes a step); NaN without.
     """
 
     latents: Array
@@ -156,6 +159,7 @@ class SampleResult:
     probes: Any = None
     time_s: float = float("nan")
     compile_s: float = float("nan")
+    step_s: np.ndarray | None = None
 
     @property
     def refresh_steps(self) -> tuple[int, ...]:
@@ -195,6 +199,13 @@ class Sampler:
       max_blocks: a fixed ``K_max`` instead (overrides ``max_density``).
       min_capacity: smallest padded step count.
       progress: show a tqdm progress bar over the steps.
+      parallel: run over several devices (:mod:`models.common.parallel`): a device count (split
+        by ``parallel_mode``), a ``jax.sharding.Mesh`` with axes ``"guidance"``/``"heads"``, or a
+        :class:`~models.common.parallel.Parallelism`; ``None`` or 1: one device. The loop stays
+        one jitted program; the model's weights are replicated onto the mesh (in place) at the
+        first call; the latents come back replicated, the mask cache sharded like the heads.
+      parallel_mode: how a device count is split: ``"auto"`` (2 x N/2 for an even count, else
+        heads), ``"guidance"``, ``"heads"`` or ``"both"``.
 
     Attributes:
       trace_count: how many times the loop has been traced (= compiled programs).
@@ -213,9 +224,15 @@ class Sampler:
         max_blocks: int | None = None,
         min_capacity: int = 64,
         progress: bool = True,
+        parallel: Parallelism | jax.sharding.Mesh | int | None = None,
+        parallel_mode: str = "auto",
     ):
         self.model = model
         self.backend = make_backend(backend)
+        self.parallel = make_parallel(parallel, parallel_mode)
+        if self.parallel is not None:
+            self.parallel.check_heads(model.config.num_heads)
+            self.backend = dataclasses.replace(self.backend, parallel=self.parallel)
         self.solver = get_solver(solver)
         if schedule not in SCHEDULE_NAMES:
             raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {schedule!r}")
@@ -234,6 +251,7 @@ class Sampler:
         self._kmax = None
         self._bar_steps = 0
         self._started = None
+        self._step_ends: dict[int, float] = {}
         self._run = jax.jit(self._loop, static_argnums=(0, 1))
 
     # -- host side -------------------------------------------------------------------
@@ -343,6 +361,10 @@ class Sampler:
         check_finite(noise=noise, text=text, negative_text=negative_text, guidance_scale=guidance_scale)
         joint = joint_tokens(self.model, grid, text)
         num_tokens = attention_tokens(grid, joint)
+        if self.parallel is not None:
+            guided = negative_text is not None
+            batch = noise.shape[0] * (2 if guided else 1)
+            self.parallel.check(batch=batch, num_heads=self.model.config.num_heads, num_tokens=num_tokens, guided=guided)
         sigmas, timesteps = flow_schedule(num_steps, self.shift, self.num_train_timesteps, kind=self.schedule)
         capacity = step_capacity(num_steps, self.min_capacity)
         schedule = make_schedule(
@@ -365,12 +387,17 @@ class Sampler:
         steps = make_step_plan(plan, capacity)
         graphdef, state = nnx.split(self.model)
         kmax = self.cache_capacity(plan, joint) if self._kmax is None else self._kmax
-        args = (
-            graphdef, kmax, state, noise.astype(jnp.float32), text, negative_text, schedule, steps,
+        inputs = (
+            state, noise.astype(jnp.float32), text, negative_text, schedule, steps,
             jnp.asarray(guidance_scale, jnp.float32), self._order(order, grid), hook_inputs,
         )  # fmt: skip
+        if self.parallel is not None:  # everything replicated onto the mesh; the weights once, in place
+            inputs = jax.device_put(inputs, self.parallel.sharding())
+            nnx.update(self.model, inputs[0])
+        args = (graphdef, kmax, *inputs)
         self._bar_steps = num_steps
         self._started = None
+        self._step_ends = {}
         start = time.perf_counter()
         try:
             final = self._run(*args)
@@ -394,6 +421,7 @@ class Sampler:
             probes=jax.tree.map(lambda x: np.asarray(x)[:num_steps], final.probes),
             time_s=end - started,
             compile_s=float("nan") if self._started is None else self._started - start,
+            step_s=self._step_times(num_steps),
         )
 
     def warmup(
@@ -430,13 +458,21 @@ class Sampler:
         return time.perf_counter() - start
 
     def _on_start(self) -> None:
+        if self._started is not None:  # several devices call it once each
+            return
         self._started = time.perf_counter()
         if not self._quiet:
             from tqdm.auto import tqdm
 
             self._pbar = tqdm(total=self._bar_steps, desc=f"sampling ({self.backend.name})", unit="step")
 
+    def _step_times(self, num_steps: int) -> np.ndarray:
+        ends = [self._step_ends.get(i, float("nan")) for i in range(num_steps)]
+        started = float("nan") if self._started is None else self._started
+        return np.diff(np.asarray([started, *ends], np.float64))
+
     def _on_step(self, step) -> None:
+        self._step_ends.setdefault(int(step), time.perf_counter())
         pbar = self._pbar
         if pbar is not None:
             done = int(step) + 1
@@ -480,23 +516,25 @@ class Sampler:
             cache = init_cache(
                 backend, cfg.num_layers, model_batch, cfg.num_heads, num_tokens, max_blocks, joint=joint
             )
+        parallel = backend.parallel
+        cond = shard_batch(cond, parallel)
 
         def body(i, carry: LoopState) -> LoopState:
             control = steps.control(i) if backend.is_sparse else None
             x = carry.latents
-            x_in = jnp.concatenate([x, x], axis=0) if guided else x
-            t = jnp.broadcast_to(schedule.timesteps[i], (model_batch,))
+            x_in = shard_batch(jnp.tile(x, (2,) + (1,) * (x.ndim - 1)) if guided else x, parallel)
+            t = shard_batch(jnp.broadcast_to(schedule.timesteps[i], (model_batch,)), parallel)
             before = carry.cache.refreshes if carry.cache is not None else None
             attention = AttentionState(control=control, cache=carry.cache, inputs=hook_inputs, step=i)
             out, attention = model.forward(
                 x_in.astype(model.dtype), t, cond, backend=backend, state=attention, order=order
             )
-            v = out.astype(jnp.float32)
+            v = replicate(out.astype(jnp.float32), parallel)  # one all-gather; the rest is local
             if guided:
                 v_cond, v_uncond = v[:batch], v[batch:]
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
             x, solver_state = self.solver.step(carry.solver, v, x, i)
-            new = carry._replace(latents=x, solver=solver_state, cache=attention.cache)
+            new = carry._replace(latents=x, solver=solver_state, cache=shard_cache(attention.cache, parallel))
             if attention.cache is not None:
                 skipped = skipped_fraction(attention.cache, cfg.num_layers, joint=joint, block_size=backend.block_size)
                 frac = jnp.where(control.sparse, skipped, 0.0)
@@ -507,20 +545,20 @@ class Sampler:
             if carry.probes is not None:
                 per_layer = jax.tree.map(lambda *xs: jnp.stack(xs), *attention.probes)
                 new = new._replace(probes=jax.tree.map(lambda rec, p: rec.at[i].set(p), carry.probes, per_layer))
-            if self.progress:
-                jax.debug.callback(self._on_step, i, ordered=True)
+            if self.progress:  # ordered effects need one device; unordered ones may repeat per device
+                jax.debug.callback(self._on_step, i, ordered=parallel is None)
             return new
 
         carry = LoopState(
             latents=noise,
             solver=self.solver.init(schedule, noise),
-            cache=cache,
+            cache=shard_cache(cache, parallel),
             refreshed=jnp.zeros((capacity,), jnp.int32),
             skipped=jnp.zeros((capacity,), jnp.float32),
             probes=probes,
         )
         if self.progress:  # runs once the program has started: compilation is not a step
-            jax.debug.callback(self._on_start, ordered=True)
+            jax.debug.callback(self._on_start, ordered=parallel is None)
         return jax.lax.fori_loop(0, schedule.num_steps, body, carry)
 
 

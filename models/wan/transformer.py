@@ -42,6 +42,7 @@ unpatchify (again on the narrow output), so no layer gathers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -59,10 +60,12 @@ from models.common.processor import (
     StepControl,
     make_backend,
     TokenPermutation,
+    cross_attention,
     self_attention,
     token_permutation,
 )
 from models.common.grid import check_latents
+from models.common.parallel import shard_tokens
 from models.wan.config import WanConfig, get_config
 from models.common.layers import (
     FeedForward,
@@ -83,12 +86,15 @@ from models.common.rope import apply_rope, rope_tables
 # A block's self-attention: ``attend(q, k, v, state) -> (out, state)`` with q, k, v, out
 # ``[B, L, N, D]`` in the block's token order and ``state`` whatever it threads (the mask cache).
 SelfAttention = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
+# A block's cross-attention: ``cross_attend(q [B, L, N, D], k, v [B, T, N, D]) -> out [B, L, N, D]``.
+CrossAttention = Callable[[Array, Array, Array], Array]
 
 __all__ = [
     "WanTransformer3DModel",
     "WanTransformerBlock",
     "Prepared",
     "SelfAttention",
+    "CrossAttention",
     "WanAttention",
     "timestep_embedding",
     "patchify",
@@ -169,11 +175,11 @@ class WanTransformerBlock(nnx.Module):
         *,
         attend: SelfAttention,
         state: Any,
-        dense_implementation: str | None = None,
+        cross_attend: CrossAttention = dense_attention,
     ) -> tuple[Float[Array, "b l dim"], Any]:
         """One block; ``attend(q, k, v, state) -> (out, state)`` is its self-attention (dense or
-        DFS, see :meth:`WanTransformer3DModel.run_block`) and ``state`` what it threads (the
-        mask cache)."""
+        DFS, see :meth:`WanTransformer3DModel.run_block`), ``state`` what it threads (the mask
+        cache) and ``cross_attend(q, k, v) -> out`` its attention to the text."""
         dtype = x.dtype
         mod = self.scale_shift_table[...].astype(jnp.float32) + timestep_proj.astype(jnp.float32)
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
@@ -189,7 +195,7 @@ class WanTransformerBlock(nnx.Module):
         # 2. Cross-attention to the text (always dense).
         h = self.norm2(x).astype(dtype)
         q, k, v = self.attn2.qkv(h, text)
-        x = x + self.attn2.out(dense_attention(q, k, v, implementation=dense_implementation))
+        x = x + self.attn2.out(cross_attend(q, k, v))
 
         # 3. Feed-forward.
         h = (self.norm3(x) * (1.0 + c_scale) + c_shift).astype(dtype)
@@ -327,9 +333,10 @@ class WanTransformer3DModel(nnx.Module):
         if state.control is not None and state.cache is None and backend.sparse_layers(cfg.num_layers):
             raise ValueError("the dfs backend needs a mask cache when control is given; see init_cache")
         prep = self.prepare(hidden_states, timestep, encoder_hidden_states, backend=backend, order=order)
-        x = prep.tokens
+        x = shard_tokens(prep.tokens, backend.parallel)
         for i in range(cfg.num_layers if num_layers is None else num_layers):
             x, state = self.run_block(i, x, prep, backend=backend, state=state)
+            x = shard_tokens(x, backend.parallel)
         if num_layers is not None:
             return None, state
         shift, scale = jnp.split(
@@ -380,5 +387,5 @@ class WanTransformer3DModel(nnx.Module):
 
         return self.blocks[layer](
             x, prep.text, prep.timestep_proj, prep.rope,
-            attend=attend, state=state, dense_implementation=backend.dense_implementation,
+            attend=attend, state=state, cross_attend=functools.partial(cross_attention, backend=backend),
         )
