@@ -60,6 +60,7 @@ from models.common.processor import (
 )
 from models.common.rope import rope_tables
 from models.evaluation.results import device_name, device_slug, write_json
+from models.evaluation.speed import compose_schedule
 from models.sampling.loop import Sampler
 from models.wan.config import default_dtype, get_config, latent_shape, token_grid
 from models.wan.transformer import WanTransformer3DModel, patchify
@@ -224,13 +225,7 @@ def main(argv=None) -> dict:
     per_step_overhead = t_perm + t_cache
 
     # The schedule composed from the per-step times.
-    step_times = []
-    for s in range(args.steps):
-        if not plan.sparse[s]:
-            step_times.append(t_dfs_dense)
-        else:
-            d = round(float(plan.density[s]), 6)
-            step_times.append(t_refresh[d] if plan.refresh[s] else t_sparse[d])
+    step_times = compose_schedule(plan, t_dfs_dense, t_sparse, t_refresh)
     dense_total = args.steps * t_dense
     dfs_total = float(sum(step_times))
     sparse_idx = np.flatnonzero(plan.sparse)
@@ -310,7 +305,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     default_size = (cfg.name, args.frames, args.height, args.width) == ("wan2.1-1.3b", 81, 480, 832)
     suffix = "" if default_size else f"_{cfg.name}_{args.frames}x{args.height}x{args.width}"
-    suffix += f"_{args.schedule}" if args.schedule not in (None, "default") else ""
+    suffix += f"_{args.schedule}" if args.schedule not in (None, "wan2.1") else ""
     stem = os.path.join(args.out_dir, f"e2e_{device_slug()}{suffix}")
     write_json(stem + ".json", results)
     table = markdown_table(results)

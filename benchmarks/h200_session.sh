@@ -5,6 +5,7 @@
 #   bash benchmarks/h200_session.sh big      # kernel_bench, Wan-14B and HunyuanVideo shapes
 #   bash benchmarks/h200_session.sh tests    # every compiled kernel test (xdist) + e2e per-step check at 0.2
 #   bash benchmarks/h200_session.sh dfs      # kernel_bench 1.3B: DFS and random layouts, every implementation
+#   bash benchmarks/h200_session.sh scorer   # compiled scorer-kernel tests + score_bench (1.3B, 14B), ~5 min
 # Logs and JSON go to $OUT (default: out/).
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -58,6 +59,19 @@ print('bf16 L=32760 D=128:', resolve_implementation(jnp.zeros((1, 32760, 12, 128
     timeout 330 python3 benchmarks/kernel_bench.py --shapes 1.3b --out "$OUT/kernel_1.3b.json" 2>&1 | tee "$OUT/kernel_1.3b.txt" | tail -45
     timeout 200 python3 benchmarks/kernel_bench.py --shapes 1.3b-d64 --densities 1.0,0.5,0.2 --random-only \
       --out "$OUT/kernel_d64.json" 2>&1 | tee "$OUT/kernel_d64.txt" | tail -12
+    ;;
+  scorer)
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    python3 -c "
+import jax, jax.numpy as jnp
+from dfsattn_jax.scoring import resolve_scoring_implementation
+print('jax', jax.__version__, jax.devices()[0].device_kind)
+print('scorer, L=32760 D=128:', resolve_scoring_implementation(jnp.zeros((1, 32760, 12, 128), jnp.bfloat16)))
+" 2>&1 | tee "$OUT/scorer_impl.txt"
+    JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -n 4 -k compiled tests/test_scoring_kernel.py -p no:cacheprovider \
+      2>&1 | tail -12 | tee "$OUT/pytest_scorer.txt"
+    unset XLA_PYTHON_CLIENT_PREALLOCATE
+    timeout 330 python3 benchmarks/score_bench.py --out "$OUT/score.json" > "$OUT/score.txt" 2>&1; tail -32 "$OUT/score.txt"
     ;;
   big)
     timeout 540 python3 benchmarks/kernel_bench.py --shapes 14b,hunyuan --random-only --repeats 5 \

@@ -378,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runner.warmup(evaluators["choose"].noise, evaluators["choose"].text, evaluators["choose"].negative, num_steps=steps)
     print(f"[search] compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     register(DFSConfig(), "default")
-    presets = [register(p.config, f"preset:{n}") for n, p in SCHEDULE_PRESETS.items() if n != "default"]
+    # "wan2.1" is the baseline registered as "default"; "hunyuan-video" is the other family's schedule.
+    presets = [register(p.config, f"preset:{n}") for n, p in SCHEDULE_PRESETS.items()
+               if n not in ("wan2.1", "hunyuan-video")]  # fmt: skip
     eligible = lambda n: len(state["configs"][n]["dense_layers"]) <= args.max_dense_layers  # noqa: E731
     if args.stage in ("choose", "all"):
         default = evaluate("choose", "default")

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from dfsattn_jax.layout import BlockLayout, check_layout, validate_layout
@@ -41,6 +42,7 @@ from dfsattn_jax.reference import (
 __all__ = [
     "IMPLEMENTATIONS",
     "Implementation",
+    "asked_for",
     "block_sparse_attention",
     "check_attention_inputs",
     "default_implementation",
@@ -75,11 +77,11 @@ class Implementation:
     def load(self) -> Callable[..., Array]:
         return getattr(importlib.import_module(self.module), self.function)
 
-    def unsupported(self, q: Array, block_size: int) -> str | None:
+    def unsupported(self, q: Array, block_size: int, **params) -> str | None:
         """Why this implementation cannot run ``q`` (``None`` if it can); asks the kernel module's
-        ``unsupported(q, block_size)`` when it has one."""
+        ``unsupported(q, block_size, **params)`` when it has one."""
         check = getattr(importlib.import_module(self.module), "unsupported", None)
-        return None if check is None else check(q, block_size)
+        return None if check is None else check(q, block_size, **params)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
@@ -122,6 +124,17 @@ def default_implementation() -> str:
     return "triton"
 
 
+def asked_for(implementation: str, registry: dict[str, Implementation]) -> tuple[str, str]:
+    """``(implementation, "asked for")``, once the name is found in ``registry``.
+
+    Raises:
+      ValueError: for a name ``registry`` does not hold.
+    """
+    if implementation not in registry:
+        raise ValueError(f"implementation must be one of {tuple(registry)} or None, got {implementation!r}")
+    return implementation, "asked for"
+
+
 def resolve_implementation(
     q: Array, *, block_size: int = 128, implementation: str | None = None
 ) -> tuple[str, str]:
@@ -136,11 +149,7 @@ def resolve_implementation(
       ValueError: for an unknown name.
     """
     if implementation is not None:
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {tuple(IMPLEMENTATIONS)} or None, got {implementation!r}"
-            )
-        return implementation, "asked for"
+        return asked_for(implementation, IMPLEMENTATIONS)
     name = default_implementation()
     if name == "mosaic_gpu":
         why = IMPLEMENTATIONS[name].unsupported(q, block_size)
@@ -201,14 +210,22 @@ def dense_attention(
     v: Float[Array, "b s n d"],
     *,
     scale: float | None = None,
+    kv_lengths: Int[Array, " b"] | None = None,
     implementation: DenseImpl | None = None,
 ) -> Float[Array, "b l n d"]:
     """Dense softmax attention; ``implementation=None`` uses cuDNN on GPU (16-bit inputs), XLA elsewhere.
 
-    ``k``/``v`` may have another length than ``q`` (cross-attention).
+    ``k``/``v`` may have another length ``S`` than ``q`` (cross-attention). ``kv_lengths``
+    (optional ``int[B]`` in ``[1, S]``, docs/spec.md §6.1): keys at or past ``kv_lengths[b]`` are
+    never attended (padded text of a joint sequence); both implementations honour it.
     """
     if implementation is None:
         implementation = "cudnn" if on_gpu() and q.dtype.itemsize == 2 else "xla"
     if implementation not in ("cudnn", "xla"):
         raise ValueError(f"implementation must be 'cudnn', 'xla' or None, got {implementation!r}")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    check_kv_lengths(kv_lengths, batch=q.shape[0], length=k.shape[1])
+    if kv_lengths is not None:
+        kv_lengths = kv_lengths.astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, key_value_seq_lengths=kv_lengths, implementation=implementation
+    )

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from jaxtyping import Array, Bool, Float, Int
 
-from dfsattn_jax.layout import BlockLayout, check_layout
+from dfsattn_jax.layout import BlockLayout, check_layout, select_blocks
 from dfsattn_jax.reference import check_attention_inputs, check_block_size
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "distance_classes",
     "layout_recall",
     "sampled_row_stats",
+    "selection_agreement",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -97,6 +98,27 @@ def _recall(q, k, layout: BlockLayout, rows, *, block_size: int, scale: float):
     heads_per_batch = max(1, min(heads, _ROW_BUDGET // (batch * rows.shape[0] * length)))
     recall = jax.lax.map(one_head, (q_rows, k_heads, m_heads), batch_size=heads_per_batch)  # [N, B]
     return jnp.transpose(recall)
+
+
+def selection_agreement(
+    scores: Float[Array, "b n nq nk"], reference: Float[Array, "b n nq nk"], num_blocks: int
+) -> Float[Array, ""]:
+    """Share of the (row, key block) keep/drop decisions of top-``num_blocks`` selection
+    (docs/spec.md §3.5) on which ``scores`` agree with ``reference`` scores.
+
+    Every (batch, head, query block, key block) is one decision; a swapped pair of blocks in
+    one row counts as two disagreements.
+
+    Raises:
+      ValueError: if the shapes differ.
+    """
+    if scores.shape != reference.shape or scores.ndim != 4:
+        raise ValueError(
+            f"scores and reference must have one shape [B, N, nq, nk], got {scores.shape} and {reference.shape}"
+        )
+    kept = select_blocks(scores, num_blocks).to_dense_mask()
+    kept_ref = select_blocks(reference, num_blocks).to_dense_mask()
+    return jnp.mean((kept == kept_ref).astype(jnp.float32))
 
 
 def attention_error(out: Float[Array, "..."], ref: Float[Array, "..."]) -> Float[Array, ""]:

@@ -11,6 +11,11 @@ At diffusion step ``s``:
 
 With the defaults over 50 steps: dense 0–11, refreshes at 12, 24, 36 with densities 0.3,
 0.2, 0.1 (177, 118, 59 of 591 key blocks), and the step-36 mask stays until the end.
+
+Named presets (:data:`SCHEDULE_PRESETS`, :func:`get_schedule_preset`): ``"wan2.1"`` is
+``DFSConfig()`` (layer 0 always dense, as the reference runs Wan2.1); ``"hunyuan-video"`` is the
+reference's HunyuanVideo schedule, the same steps and densities with no always-dense layer
+(docs/spec.md §6.1); ``"fast"`` is provisional until the schedule search has chosen it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import operator
 import numpy as np
 from jaxtyping import Bool, Float64, Int32
 
+from dfsattn_jax.joint import JointTokens, joint_density
 from dfsattn_jax.layout import blocks_for_density, check_density
 from dfsattn_jax.orders import ORDER_NAMES
 from dfsattn_jax.scoring import check_tile_size
@@ -179,14 +185,34 @@ def plan_schedule(config: DFSConfig, num_steps: int, num_key_blocks: int) -> Sch
     )
 
 
-def reported_sparsity(plan: SchedulePlan, num_layers: int, dense_layers: tuple[int, ...] = (0,)) -> float:
+def reported_sparsity(
+    plan: SchedulePlan,
+    num_layers: int,
+    dense_layers: tuple[int, ...] = (0,),
+    *,
+    joint: JointTokens | None = None,
+    block_size: int = 128,
+) -> float:
     """The paper's reported sparsity (docs/spec.md §6): mean skipped block fraction over the sparse
-    steps and all self-attention layers, dense layers counting as 0. 0.0 without sparse steps."""
+    steps and all self-attention layers, dense layers counting as 0. 0.0 without sparse steps.
+
+    With ``joint`` (a joint text + video sequence, docs/spec.md §6.1) a step's kept fraction is
+    :func:`~dfsattn_jax.joint.joint_density` (text blocks always on, text query rows dense), as
+    the reference counts it: HunyuanVideo's default schedule at 720p×129 gives 0.8029.
+    """
     num_layers = _check_int(num_layers, "num_layers", 1)
     dense = {i for i in dense_layers if 0 <= i < num_layers}
     if not plan.sparse.any():
         return 0.0
-    skipped = 1.0 - plan.num_blocks[plan.sparse].astype(np.float64) / plan.num_key_blocks
+    if joint is None:
+        skipped = 1.0 - plan.num_blocks[plan.sparse].astype(np.float64) / plan.num_key_blocks
+    else:
+        if joint.num_blocks(block_size) != plan.num_key_blocks:
+            raise ValueError(
+                f"joint {joint} has {joint.num_blocks(block_size)} blocks of {block_size}, the plan "
+                f"{plan.num_key_blocks}"
+            )
+        skipped = np.array([1.0 - joint_density(k, joint, block_size) for k in plan.num_blocks[plan.sparse]])
     return float(skipped.mean() * (num_layers - len(dense)) / num_layers)
 
 
@@ -235,17 +261,24 @@ class SchedulePreset:
 
 
 SCHEDULE_PRESETS: dict[str, SchedulePreset] = {
-    "default": SchedulePreset(
-        "default", DFSConfig(),
-        "the paper's schedule: dense steps 0-11, refreshes at 12, 24, 36 with densities 0.3, 0.2, 0.1, layer 0 dense",
+    "wan2.1": SchedulePreset(
+        "wan2.1", DFSConfig(),
+        "the default, the reference's Wan2.1 schedule (spec §6): dense steps 0-11, refreshes at 12, 24, 36 with "
+        "densities 0.3, 0.2, 0.1, layer 0 dense",
+    ),
+    # All 60 joint attentions sparse: over 50 steps dense 0-11, refreshes at 12, 24, 36 (budgets
+    # 279, 186, 93 of 931 joint blocks at 720p x 129), the step-36 mask kept to the end.
+    "hunyuan-video": SchedulePreset(
+        "hunyuan-video", DFSConfig(dense_layers=()),
+        "the reference's HunyuanVideo schedule (spec §6.1): the wan2.1 steps and densities, no always-dense layer",
     ),
     # PLACEHOLDER values: benchmarks/schedule_search.py chooses the real ones (the fastest
-    # schedule within 0.2 dB PSNR of "default" on the harness model, speed composed from the
-    # Wan2.1-1.3B per-step times); until it has run, "fast" is a guess (composed 2.05x over
+    # schedule within 0.2 dB PSNR of "wan2.1" on the harness model, speed composed from the
+    # Wan2.1-1.3B per-step times); until it has run, "fast" is a guess (composed 2.03x over
     # dense on Wan2.1-1.3B, fidelity not measured) and says so (provisional=True).
     "fast": SchedulePreset(
         "fast", DFSConfig(density=0.25, density_decrement=0.05, dense_steps=4, refresh_interval=10, dense_layers=(0,)),
-        "PROVISIONAL placeholder for the fastest schedule at the default's fidelity (benchmarks/schedule_search.py)",
+        "PROVISIONAL placeholder for the fastest schedule at the wan2.1 preset's fidelity (benchmarks/schedule_search.py)",
         provisional=True,
     ),
 }  # fmt: skip

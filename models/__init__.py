@@ -2,6 +2,8 @@
 
 - :mod:`models.common`: the DFS attention processor, shared layers, RoPE tables.
 - :mod:`models.wan`: Wan2.1 (config, Flax NNX transformer, diffusers checkpoint loading).
+- :mod:`models.hunyuan_video`: HunyuanVideo (config, Flax NNX transformer with joint text + video
+  attention, diffusers checkpoint loading).
 - :mod:`models.sampling`: the one jitted sampling loop and its solvers (Euler, UniPC).
 - :mod:`models.evaluation`: the small trained video DiT, the quality runner, comparisons, media.
 - :mod:`models.io`, :mod:`models.generate`, :mod:`models.demo`: files and command lines.
@@ -18,6 +20,7 @@ from models.common.processor import (
     sparse_step,
 )
 from models.sampling import SampleResult, Sampler, Solver, flow_schedule, get_solver, sample
+from models.hunyuan_video import HunyuanConditioning, HunyuanVideoTransformer3DModel, load_hunyuan_video
 from models.wan import CONFIGS, WanConfig, WanTransformer3DModel, default_dtype, get_config, latent_shape, load_wan, token_grid
 
 __all__ = [
@@ -43,4 +46,7 @@ __all__ = [
     "sample",
     "WanTransformer3DModel",
     "load_wan",
+    "HunyuanConditioning",
+    "HunyuanVideoTransformer3DModel",
+    "load_hunyuan_video",
 ]

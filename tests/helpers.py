@@ -6,11 +6,17 @@ keeping a private copy.
 
 from __future__ import annotations
 
+import json
+import math
+import pathlib
+import shutil
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["poisoned", "rel_l2"]
+__all__ = ["modified_checkpoint_copy", "numpy_block_scores", "numpy_tile_probs", "poisoned", "rel_l2"]
 
 
 def rel_l2(a, b) -> float:
@@ -24,3 +30,63 @@ def poisoned(like) -> jax.Array:
     """An all-NaN array of the shape and dtype of ``like``: as a kernel's initial output, any
     element the kernel fails to write stays NaN."""
     return jnp.full(like.shape, jnp.nan, like.dtype)
+
+
+def modified_checkpoint_copy(
+    src: pathlib.Path, root: pathlib.Path, edit: Callable[[str, np.ndarray], dict[str, np.ndarray]]
+) -> pathlib.Path:
+    """A copy of the diffusers transformer folder ``src`` at ``root/transformer`` with
+    ``edit(name, array) -> {name: array}`` applied to every tensor (rename, drop, reshape), the
+    shards and the index rewritten consistently; returns ``root``."""
+    from safetensors.numpy import load_file, save_file
+
+    from models.common.checkpoint import INDEX_NAME, checkpoint_shards
+
+    dst = root / "transformer"
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    weight_map = {}
+    for file in checkpoint_shards(src):
+        tensors = {}
+        for name, arr in load_file(file).items():
+            tensors.update(edit(name, arr))
+        save_file(tensors, dst / file.name)
+        weight_map.update({k: file.name for k in tensors})
+    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return root
+def numpy_tile_probs(q, k, tile, kv_lengths=None):
+    """float64 brute force: A[b, n, i, j] over the valid tiles, token by token, sample by sample.
+
+    With ``kv_lengths``, key tile ``j`` of sample ``b`` averages its keys before
+    ``kv_lengths[b]``; a key tile with none is left out of the softmax (probability 0); a sample
+    with no valid key tile gets zero rows.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    batch, length, heads, dim = q.shape
+    lengths = [length] * batch if kv_lengths is None else [int(x) for x in np.asarray(kv_lengths)]
+    num_tiles = math.ceil(length / tile)
+    probs = np.zeros((batch, heads, num_tiles, num_tiles))
+    for b in range(batch):
+        qbar = np.stack([q[b, i * tile : min((i + 1) * tile, length)].mean(axis=0) for i in range(num_tiles)])
+        valid = [j for j in range(num_tiles) if j * tile < lengths[b]]
+        if not valid:
+            continue
+        kbar = np.stack([k[b, j * tile : min((j + 1) * tile, lengths[b])].mean(axis=0) for j in valid])
+        logits = np.einsum("ind,jnd->nij", qbar, kbar) / math.sqrt(dim)
+        logits -= logits.max(axis=-1, keepdims=True)
+        e = np.exp(logits)
+        probs[b][:, :, valid] = e / e.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def numpy_block_scores(q, k, tile, block, kv_lengths=None):
+    probs = numpy_tile_probs(q, k, tile, kv_lengths)
+    batch, heads, num_tiles, _ = probs.shape
+    nb = math.ceil(q.shape[1] / block)
+    per = block // tile
+    out = np.zeros((batch, heads, nb, nb))
+    for u in range(nb):
+        for v in range(nb):
+            out[:, :, u, v] = probs[:, :, u * per : (u + 1) * per, v * per : (v + 1) * per].sum(axis=(2, 3))
+    return out

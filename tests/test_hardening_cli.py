@@ -219,7 +219,8 @@ def test_help_shows_every_default_and_choice(capsys):
         assert "(default: " in body or "(required)" in body, (action.option_strings, body)
         if action.choices:
             assert body.startswith("{" + ",".join(action.choices) + "}"), (action.option_strings, body)
-    for shown in ("(default: 81)", "(default: 480)", "(default: 832)", "(default: 50)", "(default: unipc)",
+    for shown in ("(default: 81 for wan2.1, 129 for hunyuan-video)", "(default: 480 for wan2.1,", "(default: 832 for wan2.1,",
+                  "(default: 50)", "(default: unipc for wan2.1, euler for hunyuan-", "{wan2.1,hunyuan-video}",
                   "(default: dfs)", "(default: hilbert3d)", "(default: 0)", "{euler,unipc}", "{dense,dfs}",
                   "{raster,hilbert3d,morton3d,hilbert2d,block3d}", "{bfloat16,float32}"):  # fmt: skip
         assert shown in text, shown

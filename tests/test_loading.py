@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from helpers import rel_l2
+from helpers import modified_checkpoint_copy, rel_l2
 
 from dfsattn_jax.schedule import DFSConfig
 from models.common.processor import init_cache, make_backend, num_token_blocks, sparse_step
@@ -266,20 +266,9 @@ def test_single_file_checkpoint(tmp_path, model):
 
 
 def _modified_copy(tmp_path: pathlib.Path, edit) -> pathlib.Path:
-    """Copies the fixture checkpoint into tmp_path, applying ``edit(name, array) -> {name: array}``
-    to every tensor, and rewrites the shards and the index consistently."""
-    src, dst = FIXTURE / "transformer", tmp_path / "ckpt" / "transformer"
-    dst.mkdir(parents=True)
-    shutil.copy(src / "config.json", dst / "config.json")
-    weight_map = {}
-    for file in checkpoint_shards(src):
-        tensors = {}
-        for name, arr in load_file(file).items():
-            tensors.update(edit(name, arr))
-        save_file(tensors, dst / file.name)
-        weight_map.update({k: file.name for k in tensors})
-    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return dst.parent
+    """The fixture checkpoint copied to ``tmp_path/ckpt`` with ``edit(name, array) -> {name:
+    array}`` applied to every tensor (shards and index rewritten consistently)."""
+    return modified_checkpoint_copy(FIXTURE / "transformer", tmp_path / "ckpt", edit)
 
 
 def test_error_renamed_tensor(tmp_path):

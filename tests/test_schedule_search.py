@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 import models.generate as generate
 from dfsattn_jax.schedule import SCHEDULE_PRESETS, DFSConfig, SchedulePreset, default_schedule, get_schedule_preset, plan_schedule
-from models.evaluation.speed import DEFAULT_E2E_RESULTS, StepTimes, compose
+from models.evaluation.speed import DEFAULT_E2E_RESULTS, StepTimes, compose, compose_schedule
 from models.sampling import Sampler
 from models.common.processor import make_backend
 from models.wan.config import get_config
@@ -43,14 +43,17 @@ def _script(name: str):
 
 
 def test_presets_registry_and_lookup():
-    assert {"default", "fast"} <= set(SCHEDULE_PRESETS)
-    assert get_schedule_preset("default") == DFSConfig()
+    assert {"wan2.1", "hunyuan-video", "fast"} <= set(SCHEDULE_PRESETS)
+    assert get_schedule_preset("wan2.1") == DFSConfig()  # the default
+    # The reference's HunyuanVideo schedule: Wan2.1's steps and densities, no always-dense layer.
+    assert get_schedule_preset("hunyuan-video") == DFSConfig(dense_layers=())
+    assert not SCHEDULE_PRESETS["wan2.1"].provisional and not SCHEDULE_PRESETS["hunyuan-video"].provisional
     for name, preset in SCHEDULE_PRESETS.items():
         assert isinstance(preset, SchedulePreset) and preset.name == name and preset.description
         assert get_schedule_preset(name) is preset.config
         assert get_schedule_preset(name, 20) == default_schedule(20, preset.config)
     assert SCHEDULE_PRESETS["fast"].provisional  # placeholder until the GPU search has chosen it
-    with pytest.raises(ValueError, match="must be one of"):
+    with pytest.raises(ValueError, match=r"schedule preset must be one of \['fast', 'hunyuan-video', 'wan2.1'\], got 'fastest'"):
         get_schedule_preset("fastest")
 
 
@@ -120,6 +123,13 @@ def test_composition_reproduces_the_e2e_benchmark():
     assert default["speedup"] == pytest.approx(results["schedule"]["composed_speedup"], rel=1e-12)
     assert default["sparsity"] == pytest.approx(results["schedule"]["reported_sparsity"], rel=1e-12)
     per = results["per_step_s"]
+    # The one composition: compose_schedule (e2e_bench's and hunyuan_bench's, times at the plan's
+    # densities) gives the same per-step times as the interpolated model at the measured points.
+    plan = plan_schedule(DFSConfig(), 50, times.num_key_blocks)
+    measured = compose_schedule(plan, times.dfs_dense, {round(float(d), 6): t for d, t in per["sparse"].items()},
+                                {round(float(d), 6): t for d, t in per["refresh"].items()})  # fmt: skip
+    assert measured == pytest.approx(default["steps_s"], rel=1e-12)
+    assert sum(measured) == pytest.approx(results["schedule"]["composed_dfs_s"], rel=1e-12)
     for density, kept in results["kept_blocks"].items():
         assert times.step(kept, refresh=False, dense_layers=1) == pytest.approx(per["sparse"][density], rel=1e-12)
         assert times.step(kept, refresh=True, dense_layers=1) == pytest.approx(per["refresh"][density], rel=1e-12)
@@ -138,6 +148,8 @@ def test_interpolation_extrapolation_and_dense_layers():
     config = DFSConfig(density=0.1, density_decrement=0.0, dense_steps=2, refresh_interval=4)
     composed = compose(config, times, num_steps=6)
     assert composed["steps_s"] == pytest.approx([1.0, 1.0, 0.55, 0.5, 0.5, 0.5])  # refresh at 2, reuse after
+    plan = plan_schedule(config, 6, 100)
+    assert compose_schedule(plan, 2.0, {0.1: 0.3}, {0.1: 0.4}) == [2.0, 2.0, 0.4, 0.3, 0.3, 0.3]
     assert composed["speedup"] == pytest.approx(6.0 / 4.05)
     with pytest.raises(ValueError, match="same kept-block counts"):
         StepTimes(1.0, 1.0, {10: 0.5}, {20: 0.6}, 100, 5, 1)

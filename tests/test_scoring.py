@@ -7,38 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import numpy_block_scores, numpy_tile_probs
+
 from dfsattn_jax.scoring import block_scores, tile_probabilities
 
 
 def random_qk(seed, shape, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     return tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(2))
-
-
-def numpy_tile_probs(q, k, tile):
-    """float64 brute force: A[b, n, i, j] over the valid tiles, token by token."""
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    batch, length, heads, dim = q.shape
-    num_tiles = math.ceil(length / tile)
-    qbar = np.stack([q[:, i * tile : min((i + 1) * tile, length)].mean(axis=1) for i in range(num_tiles)], axis=1)
-    kbar = np.stack([k[:, i * tile : min((i + 1) * tile, length)].mean(axis=1) for i in range(num_tiles)], axis=1)
-    logits = np.einsum("bind,bjnd->bnij", qbar, kbar) / math.sqrt(dim)
-    logits -= logits.max(axis=-1, keepdims=True)
-    probs = np.exp(logits)
-    return probs / probs.sum(axis=-1, keepdims=True)
-
-
-def numpy_block_scores(q, k, tile, block):
-    probs = numpy_tile_probs(q, k, tile)
-    batch, heads, num_tiles, _ = probs.shape
-    nb = math.ceil(q.shape[1] / block)
-    per = block // tile
-    out = np.zeros((batch, heads, nb, nb))
-    for u in range(nb):
-        for v in range(nb):
-            out[:, :, u, v] = probs[:, :, u * per : (u + 1) * per, v * per : (v + 1) * per].sum(axis=(2, 3))
-    return out
 
 
 @pytest.mark.parametrize(
@@ -138,3 +114,75 @@ def test_block_scores_bad_inputs():
         block_scores(q, k.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match="query_blocks_per_chunk"):
         block_scores(q, k, query_blocks_per_chunk=0)
+
+
+@pytest.mark.parametrize(
+    "length,tile,block,chunk,kv_lengths",
+    [
+        (300, 16, 128, None, (300, 137)),  # full, and a partial key tile inside block 1
+        (300, 16, 128, 1, (129, 0)),  # one key of block 1; a sample with no key at all
+        (203, 8, 32, 2, (64, 203)),  # lengths on a block boundary
+        (203, 8, 32, 3, (1, 200)),  # one key; the partial last tile cut further
+        (97, 4, 16, None, (97, 50)),
+    ],
+)
+def test_block_scores_kv_lengths_match_float64_brute_force(length, tile, block, chunk, kv_lengths):
+    q, k = random_qk(length + 7 * tile, (2, length, 3, 16))
+    lengths = jnp.asarray(kv_lengths, jnp.int32)
+    got = block_scores(q, k, tile_size=tile, block_size=block, kv_lengths=lengths, query_blocks_per_chunk=chunk)
+    want = numpy_block_scores(q, k, tile, block, kv_lengths)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-6)
+    # Key blocks wholly past the length score exactly 0; a row sums to its valid query tiles
+    # (0 for a sample without keys).
+    nb = -(-length // block)
+    for b, n_keys in enumerate(kv_lengths):
+        first_empty = -(-n_keys // block)
+        assert (np.asarray(got)[b, :, :, first_empty:] == 0.0).all()
+        tiles = np.minimum(block // tile, -(-(length - np.arange(nb) * block) // tile))
+        want_rows = np.broadcast_to(tiles if n_keys else np.zeros(nb), (3, nb))
+        np.testing.assert_allclose(np.asarray(got)[b].sum(-1), want_rows, rtol=1e-5)
+
+
+def test_tile_probabilities_kv_lengths_match_float64_brute_force():
+    q, k = random_qk(11, (2, 150, 2, 8))
+    lengths = jnp.asarray([70, 0], jnp.int32)
+    got = tile_probabilities(q, k, tile_size=16, block_size=32, kv_lengths=lengths)
+    np.testing.assert_allclose(np.asarray(got), numpy_tile_probs(q, k, 16, [70, 0]), rtol=1e-5, atol=1e-7)
+    assert (np.asarray(got)[1] == 0.0).all()
+
+
+def test_block_scores_full_kv_lengths_match_none():
+    q, k = random_qk(12, (2, 203, 3, 16))
+    plain = block_scores(q, k, tile_size=8, block_size=32)
+    full = block_scores(q, k, tile_size=8, block_size=32, kv_lengths=jnp.asarray([203, 203], jnp.int32))
+    np.testing.assert_allclose(np.asarray(full), np.asarray(plain), rtol=1e-6, atol=1e-7)
+    # None is today's computation: identical bits to a call without the argument.
+    none = block_scores(q, k, tile_size=8, block_size=32, kv_lengths=None)
+    assert np.array_equal(np.asarray(none), np.asarray(plain))
+
+
+def test_block_scores_traced_kv_lengths_are_clipped():
+    q, k = random_qk(13, (2, 100, 2, 8))
+    fn = jax.jit(lambda q, k, n: block_scores(q, k, tile_size=4, block_size=16, kv_lengths=n))
+    got = fn(q, k, jnp.asarray([1000, -5], jnp.int32))  # traced: not range-checked, clipped to [0, L]
+    want = numpy_block_scores(q, k, 4, 16, [100, 0])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "kv_lengths, match",
+    [
+        (jnp.asarray([64], jnp.int32), r"kv_lengths.*\[B=2\]"),
+        (jnp.asarray([[64, 64]], jnp.int32), r"kv_lengths.*\[B=2\]"),
+        (jnp.asarray([64.0, 64.0], jnp.float32), "kv_lengths.*integer"),
+        (jnp.asarray([65, 10], jnp.int32), r"kv_lengths.*\[0, L=64\]"),
+        (jnp.asarray([-1, 10], jnp.int32), r"kv_lengths.*\[0, L=64\]"),
+    ],
+)
+def test_block_scores_bad_kv_lengths(kv_lengths, match):
+    q, k = random_qk(14, (2, 64, 2, 8))
+    with pytest.raises(ValueError, match=match):
+        block_scores(q, k, tile_size=16, block_size=32, kv_lengths=kv_lengths)
+    with pytest.raises(ValueError, match=match):
+        tile_probabilities(q, k, tile_size=16, block_size=32, kv_lengths=kv_lengths)

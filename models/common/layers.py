@@ -2,29 +2,63 @@
 
 PyTorch's default initialisation for linear and convolution weights, the float32 LayerNorm, the
 RMSNorm, an identity stand-in for parameter-free torch modules, a Conv3d patch embedding as a
-matmul, patchify/unpatchify of ``[B, C, F, H, W]`` latents, and the sinusoidal timestep embedding.
+matmul, patchify/unpatchify of ``[B, C, F, H, W]`` latents, the sinusoidal timestep embedding and
+the small MLPs built on it (diffusers' ``TimestepEmbedding``, ``PixArtAlphaTextProjection``,
+``FeedForward``), and the default dtype policy.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
 __all__ = [
+    "ACTIVATIONS",
+    "ActivationProjection",
     "FP32LayerNorm",
+    "FeedForward",
     "Identity",
     "PatchEmbedding",
     "RMSNorm",
+    "TextProjection",
+    "TimestepEmbedding",
+    "default_dtype",
     "linear",
     "patchify",
+    "resolve_dtypes",
+    "sinusoid_frequencies",
     "timestep_embedding",
     "uniform_init",
     "unpatchify",
 ]
+
+# Activations of diffusers' MLPs by name: ``GELU(approximate="tanh")`` and ``SiLU``.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def default_dtype() -> jnp.dtype:
+    """bfloat16 on accelerators, float32 on CPU (params and activations)."""
+    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(jnp.bfloat16)
+
+
+def resolve_dtypes(dtype, param_dtype) -> tuple[jnp.dtype, jnp.dtype]:
+    """``(dtype, param_dtype)`` of a model, each :func:`default_dtype` when ``None``."""
+    return tuple(jnp.dtype(d) if d is not None else default_dtype() for d in (dtype, param_dtype))
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
 
 
 def uniform_init(bound: float):
@@ -60,15 +94,16 @@ class Identity(nnx.Module):
 class FP32LayerNorm(nnx.Module):
     """LayerNorm computed in float32 (diffusers' ``FP32LayerNorm``); returns float32.
 
-    With ``elementwise_affine`` it holds float32 ``weight`` and ``bias`` ``[dim]``.
+    With ``elementwise_affine`` it holds ``weight`` and ``bias`` ``[dim]`` in ``param_dtype``
+    (float32 by default, as diffusers keeps Wan's; the affine step runs in float32).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False, *, param_dtype=jnp.float32):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
-            self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
-            self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+            self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+            self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
         x = x.astype(jnp.float32)
@@ -76,7 +111,7 @@ class FP32LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
         if self.elementwise_affine:
-            y = y * self.weight[...] + self.bias[...]
+            y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y
 
 
@@ -122,13 +157,22 @@ def patchify(x: Float[Array, "b c f h w"], patch_size) -> Float[Array, "b l p"]:
     return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
 
 
-def unpatchify(x: Float[Array, "b l p"], grid, patch_size, channels: int) -> Float[Array, "b c f h w"]:
-    """``[B, L, pt*ph*pw*C] -> [B, C, F*pt, H*ph, W*pw]`` (diffusers' output order)."""
+def unpatchify(
+    x: Float[Array, "b l p"], grid, patch_size, channels: int, *, channels_first: bool = False
+) -> Float[Array, "b c f h w"]:
+    """``[B, L, pt*ph*pw*C] -> [B, C, F*pt, H*ph, W*pw]`` (diffusers' output order), tokens in
+    raster order.
+
+    The features of a token are ordered ``(pt, ph, pw, C)`` (Wan), or ``(C, pt, ph, pw)`` with
+    ``channels_first`` (HunyuanVideo).
+    """
     b = x.shape[0]
     f, h, w = grid
     pt, ph, pw = patch_size
-    x = x.reshape(b, f, h, w, pt, ph, pw, channels)
-    x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+    if channels_first:
+        x = x.reshape(b, f, h, w, channels, pt, ph, pw).transpose(0, 4, 1, 5, 2, 6, 3, 7)
+    else:
+        x = x.reshape(b, f, h, w, pt, ph, pw, channels).transpose(0, 7, 1, 4, 2, 5, 3, 6)
     return x.reshape(b, channels, f * pt, h * ph, w * pw)
 
 
@@ -136,6 +180,71 @@ def timestep_embedding(timesteps: Float[Array, " b"], dim: int, max_period: floa
     """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` with ``f_i = max_period ** (-i / (dim/2))``
     (diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``), float32."""
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
-    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.asarray(sinusoid_frequencies(dim, max_period))[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sinusoid_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
+    """float32 ``[dim/2]`` frequencies ``exp(-log(max_period) * i / (dim/2))`` of
+    :func:`timestep_embedding`: the exponent rounded to float32 as PyTorch computes it, its
+    exponential correctly rounded to float32 (computed on the host in float64).
+
+    The rounding matters: HunyuanVideo embeds guidance 6000, where one ulp of a frequency near
+    0.4 moves the angle by 2e-4 rad; PyTorch's float32 ``exp`` (and XLA's) may be one ulp off.
+    """
+    half = dim // 2
+    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half)
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
+class TimestepEmbedding(nnx.Module):
+    """``linear_2(silu(linear_1(x)))`` (diffusers ``TimestepEmbedding``)."""
+
+    def __init__(self, in_features: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.linear_1 = linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "... i"]) -> Float[Array, "... d"]:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TextProjection(nnx.Module):
+    """``linear_2(act(linear_1(x)))`` (diffusers ``PixArtAlphaTextProjection``; ``act`` is
+    GELU-tanh for Wan's text, SiLU for HunyuanVideo's pooled text)."""
+
+    def __init__(self, in_features: int, dim: int, *, activation: str = "gelu_tanh", dtype, param_dtype, rngs: nnx.Rngs):
+        _activation(activation)
+        self.activation = activation
+        self.linear_1 = linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "... i"]) -> Float[Array, "... d"]:
+        return self.linear_2(ACTIVATIONS[self.activation](self.linear_1(x)))
+
+
+class ActivationProjection(nnx.Module):
+    """``act(proj(x))`` (diffusers ``GELU(approximate="tanh")`` or ``LinearActivation("silu")``)."""
+
+    def __init__(self, dim: int, inner: int, *, activation: str = "gelu_tanh", dtype, param_dtype, rngs: nnx.Rngs):
+        _activation(activation)
+        self.activation = activation
+        self.proj = linear(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... i"]:
+        return ACTIVATIONS[self.activation](self.proj(x))
+
+
+class FeedForward(nnx.Module):
+    """``net[2](net[0](x))`` (diffusers ``FeedForward``); ``net[1]`` is diffusers' (inactive)
+    dropout. ``activation``: ``"gelu_tanh"`` (``"gelu-approximate"``) or ``"silu"``
+    (``"linear-silu"``)."""
+
+    def __init__(self, dim: int, inner: int, *, activation: str = "gelu_tanh", dtype, param_dtype, rngs: nnx.Rngs):
+        self.net = nnx.List([
+            ActivationProjection(dim, inner, activation=activation, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+            Identity(),
+            linear(inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        ])
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        return self.net[2](self.net[1](self.net[0](x)))

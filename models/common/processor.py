@@ -41,6 +41,7 @@ the same cache, kernel and schedule as video-only models.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -52,10 +53,19 @@ from jaxtyping import Array, Bool, Float, Int
 
 from dfsattn_jax.attention import block_sparse_attention, dense_attention
 from dfsattn_jax.cache import MaskCache, cache_layout, cache_update, init_mask_cache
+from dfsattn_jax.joint import (
+    JointTokens,
+    joint_attention,
+    joint_block_mask,
+    joint_kept_blocks,
+    select_joint_blocks,
+    valid_key_blocks,
+)
 from dfsattn_jax.layout import BlockLayout, select_blocks
 from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
 from dfsattn_jax.schedule import DFSConfig
 from dfsattn_jax.scoring import block_scores
+from models.common.parallel import Parallelism
 
 __all__ = [
     "BACKEND_NAMES",
@@ -70,6 +80,7 @@ __all__ = [
     "token_permutation",
     "num_token_blocks",
     "init_cache",
+    "cross_attention",
     "self_attention",
     "skipped_fraction",
 ]
@@ -117,7 +128,8 @@ class AttentionHooks:
 
     def layer_blocks(self, num_blocks: Array, *, layer: int, inputs: Any, step: Array, num_key_blocks: int) -> Array:
         """Key blocks this layer keeps at a refresh (int32[]; default: the step's ``num_blocks``).
-        A value above the cache's ``K_max`` is clipped by the selection."""
+        A value above the cache's ``K_max`` is clipped by the selection; ``num_key_blocks`` (all
+        key blocks, for a joint sequence text included, as its budget counts) keeps the layer whole."""
         return num_blocks
 
     def probe(
@@ -151,6 +163,9 @@ class AttentionBackend:
         16-bit inputs, XLA elsewhere).
       interpret: run a Pallas sparse kernel in its interpreter (tests).
       hooks: the layout-source and measurement hooks (:class:`AttentionHooks`).
+      parallel: the device mesh (:class:`models.common.parallel.Parallelism`): attention runs
+        per device on its heads (self-attention) or its tokens (cross-attention) inside
+        ``jax.shard_map``; ``None``: one device. Hooks are single-device only.
     """
 
     name: str = "dense"
@@ -160,6 +175,7 @@ class AttentionBackend:
     dense_implementation: str | None = None
     interpret: bool = False
     hooks: AttentionHooks = AttentionHooks()
+    parallel: Parallelism | None = None
 
     def __post_init__(self) -> None:
         if self.name not in BACKEND_NAMES:
@@ -172,6 +188,10 @@ class AttentionBackend:
             raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
         if not isinstance(self.hooks, AttentionHooks):
             raise ValueError(f"hooks must be an AttentionHooks, got {type(self.hooks).__name__}")
+        if self.parallel is not None and not isinstance(self.parallel, Parallelism):
+            raise ValueError(f"parallel must be a Parallelism or None, got {type(self.parallel).__name__}")
+        if self.parallel is not None and type(self.hooks) is not AttentionHooks:
+            raise ValueError("hooks run on one device: give parallel=None to a backend with hooks")
 
     @property
     def is_sparse(self) -> bool:
@@ -268,17 +288,29 @@ def init_cache(
     heads: int,
     num_tokens: int,
     max_blocks: int,
+    *,
+    joint: JointTokens | None = None,
 ) -> MaskCache | None:
     """An empty mask cache for the sparse layers of a model (``None`` for ``dense``).
 
     ``max_blocks`` (``K_max``) is static: it fixes the cache's shape, hence the compiled
-    program; any ``num_blocks <= max_blocks`` runs in that program.
+    program; any ``num_blocks <= max_blocks`` runs in that program. ``num_tokens`` is the
+    attention's length: for a joint text + video sequence (``joint``) ``L_v + T``, whose blocks
+    the cache rows cover, and ``max_blocks`` must hold one video block and every text block
+    (:meth:`~dfsattn_jax.joint.JointTokens.min_capacity`).
     """
     if not backend.is_sparse:
         return None
     nk = num_token_blocks(num_tokens, backend.block_size)
-    if not 1 <= int(max_blocks) <= nk:
-        raise ValueError(f"max_blocks must be in [1, {nk}] (key blocks of {num_tokens} tokens), got {max_blocks}")
+    least = 1
+    if joint is not None:
+        joint.check(num_tokens)
+        least = joint.min_capacity(backend.block_size)
+    if not least <= int(max_blocks) <= nk:
+        raise ValueError(
+            f"max_blocks must be in [{least}, {nk}] (key blocks of {num_tokens} tokens"
+            f"{'' if joint is None else ', one video block and every text block'}), got {max_blocks}"
+        )
     return init_mask_cache(len(backend.sparse_layers(num_layers)), batch, heads, nk, int(max_blocks))
 
 
@@ -308,15 +340,25 @@ def _score_layout(
     backend: AttentionBackend,
     layer: int,
     state: AttentionState,
+    joint: JointTokens | None,
+    kv_lengths: Int[Array, " b"] | None,
 ) -> BlockLayout:
     scores = backend.hooks.scores(q, k, layer=layer, inputs=state.inputs, step=state.step)
+    dfs = backend.dfs
     if scores is None:
-        dfs = backend.dfs
-        scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
+        if kv_lengths is None:
+            scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
+        else:
+            scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size, kv_lengths=kv_lengths)
+    # A joint budget counts the text blocks too, so num_key_blocks keeps a joint layer whole as well.
     num_blocks = backend.hooks.layer_blocks(
         num_blocks, layer=layer, inputs=state.inputs, step=state.step, num_key_blocks=scores.shape[-1]
     )
-    return select_blocks(scores, num_blocks, max_blocks=max_blocks)
+    if joint is None:
+        return select_blocks(scores, num_blocks, max_blocks=max_blocks)
+    return select_joint_blocks(
+        scores, num_blocks, joint=joint, block_size=dfs.block_size, max_blocks=max_blocks, kv_lengths=kv_lengths
+    )
 
 
 def _check_cache(cache: MaskCache, q: Array, nk: int, backend: AttentionBackend, layer: int) -> None:
@@ -343,21 +385,71 @@ def self_attention(
     layer: int,
     num_layers: int,
     state: AttentionState,
+    joint: JointTokens | None = None,
+    kv_lengths: Int[Array, " b"] | None = None,
 ) -> tuple[Float[Array, "b l n d"], AttentionState]:
-    """Video self-attention of one layer, dense or DFS (see the module docstring).
+    """Self-attention of one layer, dense or DFS (see the module docstring).
 
     Args:
-      q, k, v: ``[B, L, N, D]`` after QK norm and RoPE, in the backend's token order.
+      q, k, v: ``[B, L, N, D]`` after QK norm and RoPE, in the backend's token order (a joint
+        sequence: ``[video (backend order); text]``).
       backend: the static backend (with its hooks).
       layer: this layer's index (static).
       num_layers: layers of the model (static).
       state: the threaded :class:`AttentionState`.
+      joint: the spans of a joint text + video sequence (``None``: video only, the Wan path).
+        Its sparse steps follow :mod:`dfsattn_jax.joint` (docs/spec.md §6.1).
+      kv_lengths: ``int32[B]`` valid key lengths (``L_v`` + valid text tokens): keys at or past
+        ``kv_lengths[b]`` are never attended, by the dense path, the kernels and the scorer
+        (``None``: all ``L`` keys).
 
     Returns:
       ``(out [B, L, N, D], state)``: the cache with this layer's slot updated at a refresh, and
-      this layer's probe appended when the hooks measure.
+      this layer's probe appended when the hooks measure. With ``joint``, the rows of padded
+      text queries attend to the valid keys (they never reach a valid output).
+
+    With ``backend.parallel`` the layer runs per device on its heads (Ulysses all-to-alls around
+    it; the cache is sharded like the heads, ``kv_lengths`` like the batch):
+    :meth:`models.common.parallel.Parallelism.head_parallel`. The sequence (for ``joint``: the
+    whole joint sequence ``L_v + T``) must then be divisible by the ``heads`` axis
+    (:meth:`~models.common.parallel.Parallelism.check` raises a ``ValueError`` otherwise).
     """
-    dense = lambda: dense_attention(q, k, v, implementation=backend.dense_implementation)  # noqa: E731
+    if joint is not None:
+        joint.check(q.shape[1])
+    attend = functools.partial(_self_attention, backend=backend, layer=layer, num_layers=num_layers, joint=joint)
+    if backend.parallel is None:
+        return attend(q, k, v, state, kv_lengths)
+    return backend.parallel.head_parallel(attend, q, k, v, state, kv_lengths)
+
+
+def cross_attention(
+    q: Float[Array, "b l n d"], k: Float[Array, "b t n d"], v: Float[Array, "b t n d"], *, backend: AttentionBackend
+) -> Float[Array, "b l n d"]:
+    """Dense attention of the video tokens to the text (``backend.dense_implementation``); with
+    ``backend.parallel``, per device on its tokens (no communication)."""
+    attend = functools.partial(dense_attention, implementation=backend.dense_implementation)
+    if backend.parallel is None:
+        return attend(q, k, v)
+    return backend.parallel.sequence_parallel(attend, q, k, v)
+
+
+def _self_attention(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    v: Float[Array, "b l n d"],
+    state: AttentionState,
+    kv_lengths: Int[Array, " b"] | None,
+    *,
+    backend: AttentionBackend,
+    layer: int,
+    num_layers: int,
+    joint: JointTokens | None,
+) -> tuple[Float[Array, "b l n d"], AttentionState]:
+    """:func:`self_attention` on one device (under ``backend.parallel``: its local heads and
+    samples, the whole sequence)."""
+    dense = lambda: dense_attention(  # noqa: E731
+        q, k, v, kv_lengths=kv_lengths, implementation=backend.dense_implementation
+    )
     slot = backend.slot(layer, num_layers)
     control, cache = state.control, state.cache
     nk = num_token_blocks(q.shape[1], backend.block_size)
@@ -371,13 +463,21 @@ def self_attention(
         def sparse_branch(cached_layout: BlockLayout) -> tuple[Array, BlockLayout]:
             layout = jax.lax.cond(
                 control.refresh,
-                lambda: _score_layout(q, k, control.num_blocks, cached.max_blocks, backend, layer, state),
+                lambda: _score_layout(
+                    q, k, control.num_blocks, cached.max_blocks, backend, layer, state, joint, kv_lengths
+                ),
                 lambda: cached_layout,
             )
-            out = block_sparse_attention(
-                q, k, v, layout, block_size=backend.block_size,
+            options = dict(
+                block_size=backend.block_size, kv_lengths=kv_lengths,
                 implementation=backend.sparse_implementation, interpret=backend.interpret,
             )  # fmt: skip
+            if joint is None:
+                out = block_sparse_attention(q, k, v, layout, **options)
+            else:
+                out = joint_attention(
+                    q, k, v, layout, joint=joint, dense_implementation=backend.dense_implementation, **options
+                )
             return out, layout
 
         def dense_branch(layout: BlockLayout) -> tuple[Array, BlockLayout]:
@@ -389,24 +489,62 @@ def self_attention(
         # ``refreshes`` (one per layer per refresh step) counts only those.
         refreshed = jnp.logical_and(control.sparse, control.refresh).astype(cache.refreshes.dtype)
         cache = cache_update(cache, slot, layout)._replace(refreshes=cache.refreshes + refreshed)
-        visited = lambda: jnp.logical_or(layout.to_dense_mask(), jnp.logical_not(control.sparse))  # noqa: E731
+        visited = lambda: _visited(layout, control.sparse, joint, backend.block_size, kv_lengths)  # noqa: E731
     state = state._replace(cache=cache)
     if backend.hooks.probe_template() is None:
         return out, state
     batch, _, heads, _ = q.shape
-    mask = jnp.ones((batch, heads, nk, nk), bool) if visited is None else visited()
+    if visited is not None:
+        mask = visited()
+    elif joint is None:
+        mask = jnp.ones((batch, heads, nk, nk), bool)
+    else:
+        mask = _visited(None, True, joint, backend.block_size, kv_lengths, batch=batch, heads=heads)
     probe = backend.hooks.probe(q, k, v, out, mask, layer=layer, inputs=state.inputs, step=state.step)
     return out, state._replace(probes=state.probes + (probe,))
 
 
-def skipped_fraction(cache: MaskCache | None, num_layers: int) -> Float[Array, ""]:
+def _visited(
+    layout: BlockLayout | None,
+    sparse: Bool[Array, ""] | bool,
+    joint: JointTokens | None,
+    block_size: int,
+    kv_lengths: Int[Array, " b"] | None,
+    *,
+    batch: int = 0,
+    heads: int = 0,
+) -> Bool[Array, "b n nq nk"]:
+    """The key blocks this step's attention visited (``layout=None``: a dense step)."""
+    if joint is None:
+        return jnp.logical_or(layout.to_dense_mask(), jnp.logical_not(sparse))
+    nk = joint.num_blocks(block_size)
+    if layout is None:
+        layout = BlockLayout(
+            jnp.zeros((batch, heads, nk, 1), jnp.int32), jnp.zeros((batch, heads, nk), jnp.int32), nk
+        )
+    sparse_mask = joint_block_mask(layout, joint=joint, block_size=block_size, kv_lengths=kv_lengths)
+    lengths = kv_lengths if kv_lengths is not None else jnp.full((layout.kv_counts.shape[0],), joint.length)
+    dense_mask = valid_key_blocks(lengths, nk, block_size)[:, None, None, :]
+    return jnp.where(sparse, sparse_mask, dense_mask)
+
+
+def skipped_fraction(
+    cache: MaskCache | None, num_layers: int, *, joint: JointTokens | None = None, block_size: int = 128
+) -> Float[Array, ""]:
     """Mean skipped block fraction over all self-attention layers for the layouts in ``cache``.
 
-    Always-dense layers count 0 (docs/spec.md §6): ``sum_slots mean(1 - count / nk) / num_layers``
-    (self-attention: ``nk`` = the number of query blocks).
+    Always-dense layers count 0 (docs/spec.md §6): ``sum_slots mean(1 - kept / nk) / num_layers``
+    (self-attention: ``nk`` = the number of query blocks). ``kept`` is a row's count; with
+    ``joint`` it is counted as the reference counts it (:func:`dfsattn_jax.joint.joint_kept_blocks`:
+    text blocks always count, dense rows count ``nk``).
     """
     if cache is None or cache.kv_counts.shape[0] == 0:
         return jnp.zeros((), jnp.float32)
     nk = cache.kv_counts.shape[-1]
-    per_slot = 1.0 - jnp.mean(cache.kv_counts.astype(jnp.float32), axis=(1, 2, 3)) / nk
-    return jnp.sum(per_slot) / num_layers
+    if joint is None:
+        kept = jnp.mean(cache.kv_counts.astype(jnp.float32), axis=(1, 2, 3))
+    else:
+        kept = jnp.mean(
+            joint_kept_blocks(cache.kv_indices, cache.kv_counts, joint=joint, block_size=block_size), axis=(1, 2)
+        )
+    return jnp.sum(1.0 - kept / nk) / num_layers

@@ -1,8 +1,9 @@
-"""Wan's 3D rotary position embedding (RoPE), in any token order.
+"""3D rotary position embedding (RoPE) of video tokens, in any token order.
 
 The head dimension ``D`` is split into three parts rotated by the frame, row and column index
-of a token: ``d_h = d_w = 2 * (D // 6)`` and ``d_t = D - d_h - d_w`` (for ``D = 128``:
-44 + 42 + 42). Inside each part, adjacent channel pairs ``(2i, 2i+1)`` are rotated by the angle
+of a token. Wan's split is ``d_h = d_w = 2 * (D // 6)`` and ``d_t = D - d_h - d_w`` (for
+``D = 128``: 44 + 42 + 42; :func:`rope_axis_dims`); HunyuanVideo gives its split explicitly
+(``axis_dims=(16, 56, 56)``, base ``theta = 256``). Inside each part, adjacent channel pairs ``(2i, 2i+1)`` are rotated by the angle
 ``pos * theta ** (-2i / d_part)`` (complex multiplication), exactly as diffusers'
 ``WanRotaryPosEmbed`` + ``apply_rotary_emb`` do.
 
@@ -17,7 +18,7 @@ import numpy as np
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["rope_axis_dims", "rope_axis_tables", "rope_tables", "apply_rope"]
+__all__ = ["rope_axis_dims", "check_axis_dims", "rope_axis_tables", "rope_tables", "apply_rope"]
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -28,18 +29,42 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * dh, dh, dh
 
 
+def check_axis_dims(head_dim: int, axis_dims) -> tuple[int, int, int]:
+    """``axis_dims`` (``None``: Wan's :func:`rope_axis_dims`) as three positive even ints summing to
+    ``head_dim``; a ``ValueError`` naming ``axis_dims`` otherwise."""
+    if axis_dims is None:
+        return rope_axis_dims(head_dim)
+    dims = tuple(axis_dims)
+    if (
+        len(dims) != 3
+        or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 2 or d % 2 for d in dims)
+        or sum(dims) != head_dim
+    ):
+        raise ValueError(
+            f"axis_dims must be three positive even integers summing to head_dim={head_dim}, got {axis_dims!r}"
+        )
+    return tuple(int(d) for d in dims)
+
+
 def rope_axis_tables(
-    head_dim: int, grid: tuple[int, int, int], theta: float = 10000.0, max_seq_len: int = 1024
+    head_dim: int,
+    grid: tuple[int, int, int],
+    theta: float = 10000.0,
+    max_seq_len: int = 1024,
+    axis_dims: tuple[int, int, int] | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """Per-axis ``(cos, sin)`` tables, float32 NumPy ``[size_axis, d_axis / 2]``, for F, H, W.
 
+    ``axis_dims``: channels rotated by each axis (``None``: Wan's split, :func:`rope_axis_dims`).
+
     Raises:
-      ValueError: if a grid axis exceeds ``max_seq_len`` (the positions Wan's tables cover).
+      ValueError: if a grid axis exceeds ``max_seq_len`` (the positions Wan's tables cover), or
+        for ``axis_dims`` that are not three even ints summing to ``head_dim``.
     """
     if any(int(s) > max_seq_len for s in grid):
         raise ValueError(f"grid {tuple(grid)} exceeds the RoPE table length rope_max_seq_len={max_seq_len}")
     tables = []
-    for size, dim in zip(grid, rope_axis_dims(head_dim)):
+    for size, dim in zip(grid, check_axis_dims(head_dim, axis_dims)):
         inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64)[: dim // 2] / dim)
         angles = np.outer(np.arange(int(size), dtype=np.float64), inv_freq)
         tables.append((np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
@@ -53,6 +78,7 @@ def rope_tables(
     *,
     theta: float = 10000.0,
     max_seq_len: int = 1024,
+    axis_dims: tuple[int, int, int] | None = None,
 ) -> tuple[Float[Array, "l d2"], Float[Array, "l d2"]]:
     """RoPE ``(cos, sin)`` of shape ``[L, D/2]`` (float32) for tokens in the order ``perm``.
 
@@ -60,6 +86,9 @@ def rope_tables(
       head_dim: ``D``.
       grid: token grid ``(F, H, W)``.
       perm: the token order (``x_ordered = x[perm]``); ``None`` is raster order.
+      theta: the RoPE base.
+      max_seq_len: the longest grid axis allowed.
+      axis_dims: channels rotated by F, H and W (``None``: Wan's split).
 
     Token ``i`` of the ordered sequence is the raster token ``perm[i]`` with coordinates
     ``f = perm // (H*W)``, ``h = perm // W % H``, ``w = perm % W``.
@@ -71,7 +100,7 @@ def rope_tables(
         idx = jnp.asarray(perm, dtype=jnp.int32)
     coords = (idx // (h_n * w_n), (idx // w_n) % h_n, idx % w_n)
     cos_parts, sin_parts = [], []
-    for (cos_t, sin_t), c in zip(rope_axis_tables(head_dim, grid, theta, max_seq_len), coords):
+    for (cos_t, sin_t), c in zip(rope_axis_tables(head_dim, grid, theta, max_seq_len, axis_dims), coords):
         cos_parts.append(jnp.take(jnp.asarray(cos_t), c, axis=0))
         sin_parts.append(jnp.take(jnp.asarray(sin_t), c, axis=0))
     return jnp.concatenate(cos_parts, axis=-1), jnp.concatenate(sin_parts, axis=-1)

@@ -20,7 +20,7 @@ over a schedule's plan:
 
 The composition is a model of the measurements, not a measurement: ``benchmarks/e2e_bench.py
 --measure-full --schedule NAME`` times the whole run (NOTES: the default schedule composed to
-1.58× and measured 1.58×).
+1.67× and measured 1.678× with the fused-scorer build; 1.58× and 1.58× before it).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule, reported_sparsity
 
-__all__ = ["StepTimes", "compose", "DEFAULT_E2E_RESULTS"]
+__all__ = ["StepTimes", "compose", "compose_schedule", "plan_step_times", "DEFAULT_E2E_RESULTS"]
 
 #: The measured Wan2.1-1.3B per-step times on the H200 (written by ``benchmarks/e2e_bench.py``).
 DEFAULT_E2E_RESULTS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "e2e_nvidia_h200.json"
@@ -118,6 +118,27 @@ class StepTimes:
         return self.dfs_dense - (self.num_layers - dense_layers) * per_layer
 
 
+def plan_step_times(plan: SchedulePlan, dense_step_s: float, sparse_step_s: Callable[[int], float]) -> list[float]:
+    """Per-step times of ``plan``: ``dense_step_s`` at a dense step, ``sparse_step_s(s)`` at a
+    sparse (or refresh) step ``s``. The one composition of a run from step times: :func:`compose`
+    (interpolated times) and :func:`compose_schedule` (times measured at the plan's densities)."""
+    return [float(sparse_step_s(s)) if plan.sparse[s] else dense_step_s for s in range(plan.num_steps)]
+
+
+def compose_schedule(
+    plan: SchedulePlan, dense_step_s: float, sparse_s: Mapping[float, float], refresh_s: Mapping[float, float]
+) -> list[float]:
+    """Per-step times of ``plan`` from times measured at its densities (``benchmarks/e2e_bench.py``,
+    ``benchmarks/hunyuan_bench.py``): the sparse (at a refresh step, the refresh) time at the step's
+    density; ``sparse_s``/``refresh_s`` are keyed by the density rounded to 6 digits."""
+
+    def measured(s: int) -> float:
+        d = round(float(plan.density[s]), 6)
+        return refresh_s[d] if plan.refresh[s] else sparse_s[d]
+
+    return plan_step_times(plan, dense_step_s, measured)
+
+
 def compose(config: DFSConfig, times: StepTimes, num_steps: int = 50) -> dict[str, Any]:
     """The composed time of ``num_steps`` steps under ``config`` and of the dense run.
 
@@ -127,12 +148,11 @@ def compose(config: DFSConfig, times: StepTimes, num_steps: int = 50) -> dict[st
     """
     plan: SchedulePlan = plan_schedule(config, num_steps, times.num_key_blocks)
     dense_layers = sum(1 for i in config.dense_layers if 0 <= i < times.num_layers)
-    steps = []
-    for s in range(num_steps):
-        if not plan.sparse[s]:
-            steps.append(times.dfs_dense)
-        else:
-            steps.append(times.step(int(plan.num_blocks[s]), refresh=bool(plan.refresh[s]), dense_layers=dense_layers))
+    steps = plan_step_times(
+        plan,
+        times.dfs_dense,
+        lambda s: times.step(int(plan.num_blocks[s]), refresh=bool(plan.refresh[s]), dense_layers=dense_layers),
+    )
     dense_s = num_steps * times.dense
     dfs_s = float(sum(steps))
     return {

@@ -3,18 +3,29 @@
 :mod:`~models.sampling.unipc`)."""
 
 from models.sampling.loop import AUTO, LoopState, SampleResult, Sampler, sample
-from models.sampling.schedule import FlowSchedule, StepPlan, flow_schedule, make_schedule, make_step_plan, step_capacity
+from models.sampling.schedule import (
+    SCHEDULE_NAMES,
+    FlowSchedule,
+    StepPlan,
+    flow_match_euler_schedule,
+    flow_schedule,
+    make_schedule,
+    make_step_plan,
+    step_capacity,
+)
 from models.sampling.solvers import SOLVER_NAMES, Solver, get_solver
 
 __all__ = [
     "AUTO",
     "FlowSchedule",
     "LoopState",
+    "SCHEDULE_NAMES",
     "SOLVER_NAMES",
     "SampleResult",
     "Sampler",
     "Solver",
     "StepPlan",
+    "flow_match_euler_schedule",
     "flow_schedule",
     "get_solver",
     "make_schedule",

@@ -2,9 +2,14 @@
 
 :class:`Sampler` runs the whole denoising loop in one jitted function: a ``lax.fori_loop``
 over the steps (traced count) carrying one state pytree (:class:`LoopState`: the latents, the
-solver state, the attention state with the mask cache, and per-step records). Classifier-free
-guidance runs as one batch of ``2B`` (cond first, uncond second), each element with its own DFS
-layouts. The DFS plan (per-step ``sparse``, ``refresh``, ``num_blocks``) is an input array padded
+solver state, the attention state with the mask cache, and per-step records). The model's
+conditioning is any pytree its ``forward`` takes (Wan: the text embeddings ``[B, T, E]``;
+HunyuanVideo: a ``HunyuanConditioning`` with the prompt embeddings, their mask, the pooled CLIP
+vector and the embedded guidance scale, so one batch of ``B`` and no CFG pass). Classifier-free
+guidance (a negative conditioning) runs as one batch of ``2B`` (cond first, uncond second), each
+element with its own DFS layouts. A model whose attention is joint over video and text says so
+with ``joint_tokens(grid, cond)`` (:class:`~dfsattn_jax.joint.JointTokens`): the mask cache,
+the plan and the skipped fractions then cover the joint sequence (docs/spec.md §6.1). The DFS plan (per-step ``sparse``, ``refresh``, ``num_blocks``) is an input array padded
 to a static capacity (:mod:`models.sampling.schedule`), so neither the number of steps nor the
 densities change the compiled program; only the cache capacity ``K_max`` is static (set by
 ``max_density`` or ``max_blocks``). The token order is an input too (a permutation array), so
@@ -28,8 +33,10 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dfsattn_jax.cache import MaskCache
+from dfsattn_jax.joint import JointTokens
 from dfsattn_jax.layout import blocks_for_density, check_density
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
+from models.common.parallel import Parallelism, make_parallel, replicate, shard_batch, shard_cache
 from models.common.processor import (
     AttentionBackend,
     AttentionState,
@@ -40,7 +47,15 @@ from models.common.processor import (
     skipped_fraction,
     token_permutation,
 )
-from models.sampling.schedule import FlowSchedule, StepPlan, flow_schedule, make_schedule, make_step_plan, step_capacity
+from models.sampling.schedule import (
+    SCHEDULE_NAMES,
+    FlowSchedule,
+    StepPlan,
+    flow_schedule,
+    make_schedule,
+    make_step_plan,
+    step_capacity,
+)
 from models.sampling.solvers import Solver, get_solver
 
 __all__ = ["AUTO", "LoopState", "SampleResult", "Sampler", "check_finite", "sample"]
@@ -53,13 +68,41 @@ AUTO = "auto"
 
 
 def check_finite(**values: Any) -> None:
-    """Raises ``ValueError`` naming the first argument that holds a NaN or an infinity (``None``
-    and traced values are skipped): non-finite inputs would make every latent NaN."""
+    """Raises ``ValueError`` naming the first argument that holds a NaN or an infinity (``None``,
+    traced and non-floating values are skipped; a pytree is checked leaf by leaf and the error
+    names the leaf's path): non-finite inputs would make every latent NaN."""
     for name, value in values.items():
-        if value is None or isinstance(value, jax.core.Tracer):
-            continue
-        if not bool(jnp.all(jnp.isfinite(jnp.asarray(value)))):
-            raise ValueError(f"{name} must be finite, got NaN or infinite values")
+        for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+            if leaf is None or isinstance(leaf, jax.core.Tracer):
+                continue
+            leaf = jnp.asarray(leaf)
+            if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+                continue
+            if not bool(jnp.all(jnp.isfinite(leaf))):
+                where = f"{name}{jax.tree_util.keystr(path)}"
+                raise ValueError(f"{where} must be finite, got NaN or infinite values")
+
+
+def joint_tokens(model: nnx.Module, grid: tuple[int, int, int], cond: Any) -> JointTokens | None:
+    """The spans of a joint text + video attention (``model.joint_tokens(grid, cond)``), or
+    ``None`` for a model whose self-attention covers the video tokens only (Wan)."""
+    method = getattr(model, "joint_tokens", None)
+    return None if method is None else method(grid, cond).check()
+
+
+def attention_tokens(grid: tuple[int, int, int], joint: JointTokens | None) -> int:
+    """Tokens of the model's self-attention: the joint length, or ``prod(grid)``."""
+    return math.prod(grid) if joint is None else joint.length
+
+
+def _cast_conditioning(cond: Any, dtype) -> Any:
+    """An array conditioning (Wan's text embeddings) in the model's dtype; a pytree (e.g.
+    ``HunyuanConditioning``) as given: its model casts each field as diffusers does."""
+    return cond.astype(dtype) if isinstance(cond, jax.Array) else cond
+
+
+def _batch_concat(cond: Any, negative: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), cond, negative)
 
 
 class LoopState(NamedTuple):
@@ -95,13 +138,16 @@ class SampleResult:
       skipped: float32[num_steps], mean skipped block fraction over all self-attention layers
         at each step (dense layers and dense steps count 0), from the layouts in force.
       plan: the DFS plan (``None``: dense).
-      sigmas: float32[num_steps + 1]; timesteps: int64[num_steps].
+      sigmas: float32[num_steps + 1]; timesteps: ``[num_steps]``, int64 (``"unipc"``
+        schedule) or float32 (``"flow-match-euler"``), as the pipeline feeds them.
       probes: the hooks' records, each leaf ``[num_steps, num_layers, *shape]`` (``None`` without).
       time_s: wall time of the steps, blocked on the result (with ``progress``, measured from
         the loop's start on the device, so tracing and compilation are excluded; without it,
         from the call, so warm up first: :meth:`Sampler.warmup`).
       compile_s: with ``progress``, the time from the call to the loop's start (tracing and
         compilation when the program is new); NaN without ``progress``.
+      step_s: float64[num_steps], with ``progress``, the wall time of each step (between the
+        loop's per-step callbacks, which run as the device finishes a step); NaN without.
     """
 
     latents: Array
@@ -114,6 +160,7 @@ class SampleResult:
     probes: Any = None
     time_s: float = float("nan")
     compile_s: float = float("nan")
+    step_s: np.ndarray | None = None
 
     @property
     def refresh_steps(self) -> tuple[int, ...]:
@@ -133,14 +180,19 @@ class Sampler:
 
     Args:
       model: a transformer with ``config`` (``num_layers``, ``num_heads``), ``dtype``,
-        ``check_inputs(noise, t, text) -> grid`` and ``forward(...)``, e.g.
-        :class:`models.wan.transformer.WanTransformer3DModel` (its current weights are read at
-        every call).
+        ``check_inputs(noise, t, cond) -> grid``, ``forward(noise, t, cond, *, backend, state,
+        order)`` and, when its attention is joint over video and text,
+        ``joint_tokens(grid, cond) -> JointTokens``: :class:`models.wan.transformer.WanTransformer3DModel`
+        or :class:`models.hunyuan_video.transformer.HunyuanVideoTransformer3DModel` (its current
+        weights are read at every call).
       backend: self-attention backend (``"dense"``, ``"dfs"`` or an
         :class:`~models.common.processor.AttentionBackend`, possibly with hooks); the DFS
         schedule comes from ``backend.dfs``.
       solver: solver name or :class:`~models.sampling.solvers.Solver`.
-      shift: flow shift of the schedule (Wan: 3.0 at 480p, 5.0 at 720p).
+      shift: flow shift of the schedule (Wan: 3.0 at 480p, 5.0 at 720p; HunyuanVideo: 7.0).
+      schedule: the sigma/timestep rule (:data:`~models.sampling.schedule.SCHEDULE_NAMES`):
+        ``"unipc"`` (Wan's pipelines) or ``"flow-match-euler"`` (HunyuanVideo's pipeline; Euler
+        solver only).
       num_train_timesteps: 1000.
       max_density: the mask cache holds ``blocks_for_density(max_density)`` key blocks per row
         (at least the plan's ``max_blocks``), so every density up to it runs in the same
@@ -148,6 +200,13 @@ class Sampler:
       max_blocks: a fixed ``K_max`` instead (overrides ``max_density``).
       min_capacity: smallest padded step count.
       progress: show a tqdm progress bar over the steps.
+      parallel: run over several devices (:mod:`models.common.parallel`): a device count (split
+        by ``parallel_mode``), a ``jax.sharding.Mesh`` with axes ``"guidance"``/``"heads"``, or a
+        :class:`~models.common.parallel.Parallelism`; ``None`` or 1: one device. The loop stays
+        one jitted program; the model's weights are replicated onto the mesh (in place) at the
+        first call; the latents come back replicated, the mask cache sharded like the heads.
+      parallel_mode: how a device count is split: ``"auto"`` (2 x N/2 for an even count, else
+        heads), ``"guidance"``, ``"heads"`` or ``"both"``.
 
     Attributes:
       trace_count: how many times the loop has been traced (= compiled programs).
@@ -160,15 +219,27 @@ class Sampler:
         *,
         solver: str | Solver = "euler",
         shift: float = 5.0,
+        schedule: str = "unipc",
         num_train_timesteps: int = 1000,
         max_density: float | None = 0.5,
         max_blocks: int | None = None,
         min_capacity: int = 64,
         progress: bool = True,
+        parallel: Parallelism | jax.sharding.Mesh | int | None = None,
+        parallel_mode: str = "auto",
     ):
         self.model = model
         self.backend = make_backend(backend)
+        self.parallel = make_parallel(parallel, parallel_mode)
+        if self.parallel is not None:
+            self.parallel.check_heads(model.config.num_heads)
+            self.backend = dataclasses.replace(self.backend, parallel=self.parallel)
         self.solver = get_solver(solver)
+        if schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {schedule!r}")
+        if schedule == "flow-match-euler" and self.solver.name != "euler":
+            raise ValueError(f"the flow-match-euler schedule runs the euler solver, got solver {self.solver.name!r}")
+        self.schedule = schedule
         self.shift = float(shift)
         self.num_train_timesteps = int(num_train_timesteps)
         self.max_density = None if max_density is None else check_density(max_density, "max_density")
@@ -181,6 +252,7 @@ class Sampler:
         self._kmax = None
         self._bar_steps = 0
         self._started = None
+        self._step_ends: dict[int, float] = {}
         self._run = jax.jit(self._loop, static_argnums=(0, 1))
 
     # -- host side -------------------------------------------------------------------
@@ -210,17 +282,25 @@ class Sampler:
                 )
         return plan_schedule(dfs, num_steps, num_token_blocks(num_tokens, self.backend.block_size))
 
-    def cache_capacity(self, plan: SchedulePlan | None) -> int:
-        """``K_max`` of the mask cache for ``plan`` (0 for the dense backend)."""
+    def cache_capacity(self, plan: SchedulePlan | None, joint: JointTokens | None = None) -> int:
+        """``K_max`` of the mask cache for ``plan`` (0 for the dense backend); for a joint
+        attention at least one video block plus the text blocks
+        (:meth:`~dfsattn_jax.joint.JointTokens.min_capacity`)."""
         if not self.backend.is_sparse:
             return 0
+        least = 1 if joint is None else joint.min_capacity(self.backend.block_size)
         if self.max_blocks is not None:
             if plan is not None and plan.max_blocks > self.max_blocks:
                 raise ValueError(f"plan keeps up to {plan.max_blocks} blocks, the sampler's max_blocks is {self.max_blocks}")
+            if self.max_blocks < least:
+                raise ValueError(
+                    f"max_blocks must be >= {least} (one video block and the text blocks of {joint}), "
+                    f"got {self.max_blocks}"
+                )
             return self.max_blocks
         if plan is None:
-            return 1
-        capacity = max(1, plan.max_blocks)
+            return least
+        capacity = max(least, plan.max_blocks)
         if self.max_density is not None:
             capacity = max(capacity, blocks_for_density(self.max_density, plan.num_key_blocks))
         return capacity
@@ -252,9 +332,12 @@ class Sampler:
 
         Args:
           noise: initial latents ``[B, C, F, H, W]`` (standard normal).
-          text: prompt embeddings ``[B, T, text_dim]``.
-          negative_text: negative-prompt embeddings for classifier-free guidance (``None``:
-            no guidance, batch ``B``); with it the model runs a batch of ``2B``.
+          text: the model's conditioning: prompt embeddings ``[B, T, text_dim]`` (Wan), or a
+            pytree whose leaves lead with the batch (HunyuanVideo's ``HunyuanConditioning``,
+            which carries its embedded guidance).
+          negative_text: the negative conditioning for classifier-free guidance, the same
+            structure and shapes as ``text`` (``None``: no guidance, batch ``B``); with it the
+            model runs a batch of ``2B``.
           num_steps: denoising steps.
           guidance_scale: ``v = v_uncond + g * (v_cond - v_uncond)`` (traced: changing it does
             not recompile).
@@ -267,21 +350,28 @@ class Sampler:
           hook_inputs: a pytree handed to the backend's hooks at every layer and step.
         """
         noise = jnp.asarray(noise)
-        text = jnp.asarray(text)
+        text = jax.tree.map(jnp.asarray, text)
         grid = self.model.check_inputs(noise, jnp.zeros((noise.shape[0],)), text)
         if negative_text is not None:
-            negative_text = jnp.asarray(negative_text)
-            if negative_text.shape != text.shape:
+            negative_text = jax.tree.map(jnp.asarray, negative_text)
+            shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+            if jax.tree.structure(negative_text) != jax.tree.structure(text) or shapes(negative_text) != shapes(text):
                 raise ValueError(
-                    f"negative_text must have the shape of text {text.shape}, got {negative_text.shape}"
+                    f"negative_text must have the structure and shapes of text {shapes(text)}, got {shapes(negative_text)}"
                 )
         check_finite(noise=noise, text=text, negative_text=negative_text, guidance_scale=guidance_scale)
-        num_tokens = math.prod(grid)
-        sigmas, timesteps = flow_schedule(num_steps, self.shift, self.num_train_timesteps)
+        joint = joint_tokens(self.model, grid, text)
+        num_tokens = attention_tokens(grid, joint)
+        if self.parallel is not None:
+            guided = negative_text is not None
+            batch = noise.shape[0] * (2 if guided else 1)
+            self.parallel.check(batch=batch, num_heads=self.model.config.num_heads, num_tokens=num_tokens, guided=guided)
+        sigmas, timesteps = flow_schedule(num_steps, self.shift, self.num_train_timesteps, kind=self.schedule)
         capacity = step_capacity(num_steps, self.min_capacity)
         schedule = make_schedule(
-            num_steps, capacity=capacity, shift=self.shift, num_train_timesteps=self.num_train_timesteps
-        )
+            num_steps, capacity=capacity, shift=self.shift, num_train_timesteps=self.num_train_timesteps,
+            kind=self.schedule,
+        )  # fmt: skip
         if isinstance(plan, str):
             if plan != AUTO:
                 raise ValueError(f"plan must be a SchedulePlan, None or {AUTO!r}, got {plan!r}")
@@ -297,13 +387,18 @@ class Sampler:
                 )
         steps = make_step_plan(plan, capacity)
         graphdef, state = nnx.split(self.model)
-        kmax = self.cache_capacity(plan) if self._kmax is None else self._kmax
-        args = (
-            graphdef, kmax, state, noise.astype(jnp.float32), text, negative_text, schedule, steps,
+        kmax = self.cache_capacity(plan, joint) if self._kmax is None else self._kmax
+        inputs = (
+            state, noise.astype(jnp.float32), text, negative_text, schedule, steps,
             jnp.asarray(guidance_scale, jnp.float32), self._order(order, grid), hook_inputs,
         )  # fmt: skip
+        if self.parallel is not None:  # everything replicated onto the mesh; the weights once, in place
+            inputs = jax.device_put(inputs, self.parallel.sharding())
+            nnx.update(self.model, inputs[0])
+        args = (graphdef, kmax, *inputs)
         self._bar_steps = num_steps
         self._started = None
+        self._step_ends = {}
         start = time.perf_counter()
         try:
             final = self._run(*args)
@@ -327,6 +422,7 @@ class Sampler:
             probes=jax.tree.map(lambda x: np.asarray(x)[:num_steps], final.probes),
             time_s=end - started,
             compile_s=float("nan") if self._started is None else self._started - start,
+            step_s=self._step_times(num_steps),
         )
 
     def warmup(
@@ -344,13 +440,15 @@ class Sampler:
         capacity = step_capacity(num_steps, self.min_capacity)
         fewest = 1 if capacity == step_capacity(1, self.min_capacity) else capacity // 2 + 1
         start = time.perf_counter()
-        grid = self.model.check_inputs(jnp.asarray(noise), jnp.zeros((noise.shape[0],)), jnp.asarray(text))
+        text = jax.tree.map(jnp.asarray, text)
+        grid = self.model.check_inputs(jnp.asarray(noise), jnp.zeros((noise.shape[0],)), text)
+        joint = joint_tokens(self.model, grid, text)
         plan = kwargs.pop("plan", AUTO)
         if isinstance(plan, str):
-            plan = self.plan(num_steps, math.prod(grid), kwargs.get("dfs"))
+            plan = self.plan(num_steps, attention_tokens(grid, joint), kwargs.get("dfs"))
         kwargs.pop("dfs", None)
         # Same cache capacity as the long run, and no bar (the traced program keeps its callback).
-        self._kmax = self.cache_capacity(plan)
+        self._kmax = self.cache_capacity(plan, joint)
         self._quiet = True
         try:
             result = self(noise, text, negative_text, num_steps=fewest, plan=None, **kwargs)
@@ -361,13 +459,21 @@ class Sampler:
         return time.perf_counter() - start
 
     def _on_start(self) -> None:
+        if self._started is not None:  # several devices call it once each
+            return
         self._started = time.perf_counter()
         if not self._quiet:
             from tqdm.auto import tqdm
 
             self._pbar = tqdm(total=self._bar_steps, desc=f"sampling ({self.backend.name})", unit="step")
 
+    def _step_times(self, num_steps: int) -> np.ndarray:
+        ends = [self._step_ends.get(i, float("nan")) for i in range(num_steps)]
+        started = float("nan") if self._started is None else self._started
+        return np.diff(np.asarray([started, *ends], np.float64))
+
     def _on_step(self, step) -> None:
+        self._step_ends.setdefault(int(step), time.perf_counter())
         pbar = self._pbar
         if pbar is not None:
             done = int(step) + 1
@@ -382,8 +488,8 @@ class Sampler:
         max_blocks: int,
         state,
         noise: Float[Array, "b c f h w"],
-        text: Float[Array, "b t e"],
-        negative_text: Float[Array, "b t e"] | None,
+        text: Any,
+        negative_text: Any,
         schedule: FlowSchedule,
         steps: StepPlan,
         guidance_scale: Float[Array, ""],
@@ -396,9 +502,11 @@ class Sampler:
         backend = self.backend
         batch = noise.shape[0]
         guided = negative_text is not None
-        cond_text = jnp.concatenate([text, negative_text], axis=0) if guided else text
+        cond = _cast_conditioning(_batch_concat(text, negative_text) if guided else text, model.dtype)
         model_batch = 2 * batch if guided else batch
-        num_tokens = math.prod(model.check_inputs(noise, jnp.zeros((batch,)), text))
+        grid = model.check_inputs(noise, jnp.zeros((batch,)), text)
+        joint = joint_tokens(model, grid, text)
+        num_tokens = attention_tokens(grid, joint)
         capacity = steps.sparse.shape[0]
         template = backend.hooks.probe_template()
         probes = None
@@ -408,27 +516,31 @@ class Sampler:
             )
         cache = None
         if backend.is_sparse:
-            cache = init_cache(backend, cfg.num_layers, model_batch, cfg.num_heads, num_tokens, max_blocks)
+            cache = init_cache(
+                backend, cfg.num_layers, model_batch, cfg.num_heads, num_tokens, max_blocks, joint=joint
+            )
+        parallel = backend.parallel
+        cond = shard_batch(cond, parallel)
 
         def body(i, carry: LoopState) -> LoopState:
             control = steps.control(i) if backend.is_sparse else None
             x = carry.latents
-            x_in = jnp.concatenate([x, x], axis=0) if guided else x
-            t = jnp.broadcast_to(schedule.timesteps[i], (model_batch,))
+            x_in = shard_batch(jnp.tile(x, (2,) + (1,) * (x.ndim - 1)) if guided else x, parallel)
+            t = shard_batch(jnp.broadcast_to(schedule.timesteps[i], (model_batch,)), parallel)
             before = carry.cache.refreshes if carry.cache is not None else None
             attention = AttentionState(control=control, cache=carry.cache, inputs=hook_inputs, step=i)
             out, attention = model.forward(
-                x_in.astype(model.dtype), t, cond_text.astype(model.dtype),
-                backend=backend, state=attention, order=order,
-            )  # fmt: skip
-            v = out.astype(jnp.float32)
+                x_in.astype(model.dtype), t, cond, backend=backend, state=attention, order=order
+            )
+            v = replicate(out.astype(jnp.float32), parallel)  # one all-gather; the rest is local
             if guided:
                 v_cond, v_uncond = v[:batch], v[batch:]
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
             x, solver_state = self.solver.step(carry.solver, v, x, i)
-            new = carry._replace(latents=x, solver=solver_state, cache=attention.cache)
+            new = carry._replace(latents=x, solver=solver_state, cache=shard_cache(attention.cache, parallel))
             if attention.cache is not None:
-                frac = jnp.where(control.sparse, skipped_fraction(attention.cache, cfg.num_layers), 0.0)
+                skipped = skipped_fraction(attention.cache, cfg.num_layers, joint=joint, block_size=backend.block_size)
+                frac = jnp.where(control.sparse, skipped, 0.0)
                 new = new._replace(
                     refreshed=carry.refreshed.at[i].set(attention.cache.refreshes - before),
                     skipped=carry.skipped.at[i].set(frac),
@@ -436,20 +548,20 @@ class Sampler:
             if carry.probes is not None:
                 per_layer = jax.tree.map(lambda *xs: jnp.stack(xs), *attention.probes)
                 new = new._replace(probes=jax.tree.map(lambda rec, p: rec.at[i].set(p), carry.probes, per_layer))
-            if self.progress:
-                jax.debug.callback(self._on_step, i, ordered=True)
+            if self.progress:  # ordered effects need one device; unordered ones may repeat per device
+                jax.debug.callback(self._on_step, i, ordered=parallel is None)
             return new
 
         carry = LoopState(
             latents=noise,
             solver=self.solver.init(schedule, noise),
-            cache=cache,
+            cache=shard_cache(cache, parallel),
             refreshed=jnp.zeros((capacity,), jnp.int32),
             skipped=jnp.zeros((capacity,), jnp.float32),
             probes=probes,
         )
         if self.progress:  # runs once the program has started: compilation is not a step
-            jax.debug.callback(self._on_start, ordered=True)
+            jax.debug.callback(self._on_start, ordered=parallel is None)
         return jax.lax.fori_loop(0, schedule.num_steps, body, carry)
 
 
@@ -464,8 +576,9 @@ def sample(
     num_steps: int = 50,
     guidance_scale: float = 5.0,
     shift: float = 5.0,
+    schedule: str = "unipc",
     progress: bool = True,
 ) -> SampleResult:
     """One-shot convenience wrapper around :class:`Sampler` (compiles on every call)."""
-    sampler = Sampler(model, backend, solver=solver, shift=shift, progress=progress)
+    sampler = Sampler(model, backend, solver=solver, shift=shift, schedule=schedule, progress=progress)
     return sampler(noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale)

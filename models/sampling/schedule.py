@@ -1,6 +1,9 @@
 """Flow-matching schedules and per-step DFS plans, padded to a static step capacity.
 
-Wan's pipelines configure diffusers' ``UniPCMultistepScheduler`` with ``use_flow_sigmas=True``,
+Two schedules (:data:`SCHEDULE_NAMES`), each the one a diffusers pipeline configures:
+
+``"unipc"`` (Wan2.1)
+  Wan's pipelines configure diffusers' ``UniPCMultistepScheduler`` with ``use_flow_sigmas=True``,
 ``prediction_type="flow_prediction"`` and ``flow_shift``. Its ``set_timesteps(n)`` computes::
 
     s = linspace(1, 1/1000, n + 1)[:-1]                      # n values, descending
@@ -8,39 +11,97 @@ Wan's pipelines configure diffusers' ``UniPCMultistepScheduler`` with ``use_flow
     timesteps = int64(s * 1000)                               # truncation, as torch's cast
     sigmas = float32(concat([s, [0]]))                        # final_sigmas_type="zero"
 
-:func:`flow_schedule` returns :mod:`models.sampling.unipc`'s implementation of this rule, so
-Euler and UniPC share sigmas and timesteps. Every per-step array is padded to a static capacity
+  :mod:`models.sampling.unipc` implements this rule, so Euler and UniPC share it.
+``"flow-match-euler"`` (HunyuanVideo)
+  The HunyuanVideo pipeline passes ``sigmas = linspace(1, 0, n + 1)[:-1]`` to diffusers'
+  ``FlowMatchEulerDiscreteScheduler(shift=7.0)`` (no dynamic shifting, no terminal stretch, no
+  Karras/exponential/beta sigmas), whose ``set_timesteps`` computes, in float32::
+
+    s = float32(linspace(1, 0, n + 1)[:-1])                  # n values, the first exactly 1
+    s = shift * s / (1 + (shift - 1) * s)
+    timesteps = s * 1000                                      # float32, not truncated
+    sigmas = concat([s, [0]])
+
+  and whose ``step`` is Euler, ``x + (sigma[i+1] - sigma[i]) * v`` (:data:`~models.sampling.solvers.EULER`).
+  At 50 steps and shift 7 the timesteps run 1000.0, 997.093, …, 225.81, 125.0.
+
+Every per-step array is padded to a static capacity
 (``>= 64`` steps, a power of two), so neither the number of steps nor the densities change the
 compiled sampling program.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.schedule import SchedulePlan
 from models.common.processor import StepControl
 from models.sampling.unipc import flow_sigmas, flow_timesteps
 
-__all__ = ["FlowSchedule", "StepPlan", "flow_schedule", "make_schedule", "make_step_plan", "step_capacity"]
+__all__ = [
+    "SCHEDULE_NAMES",
+    "FlowSchedule",
+    "StepPlan",
+    "flow_match_euler_schedule",
+    "flow_schedule",
+    "make_schedule",
+    "make_step_plan",
+    "step_capacity",
+]
+
+#: The sigma/timestep rules :func:`flow_schedule` knows (module docstring).
+SCHEDULE_NAMES: tuple[str, ...] = ("unipc", "flow-match-euler")
 
 
 def flow_schedule(
-    num_steps: int, shift: float = 5.0, num_train_timesteps: int = 1000
+    num_steps: int, shift: float = 5.0, num_train_timesteps: int = 1000, *, kind: str = "unipc"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Wan's shifted flow-matching schedule, as diffusers' UniPC ``set_timesteps`` with flow sigmas.
+    """A shifted flow-matching schedule: ``kind="unipc"`` is Wan's (diffusers' UniPC
+    ``set_timesteps`` with flow sigmas), ``"flow-match-euler"`` HunyuanVideo's
+    (:func:`flow_match_euler_schedule`).
 
     Returns:
-      ``(sigmas float32[num_steps + 1], timesteps int64[num_steps])``; ``sigmas[-1] == 0``.
+      ``(sigmas float32[num_steps + 1], timesteps[num_steps])``, ``sigmas[-1] == 0``; timesteps
+      int64 for ``"unipc"`` (truncated, as the Wan pipeline feeds them), float32 for
+      ``"flow-match-euler"``.
     """
+    if kind == "flow-match-euler":
+        return flow_match_euler_schedule(num_steps, shift, num_train_timesteps)
+    if kind != "unipc":
+        raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {kind!r}")
     return (
         flow_sigmas(num_steps, shift, num_train_timesteps),
         flow_timesteps(num_steps, shift, num_train_timesteps),
     )
+
+
+def flow_match_euler_schedule(
+    num_steps: int, shift: float = 7.0, num_train_timesteps: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """HunyuanVideo's schedule: diffusers' ``FlowMatchEulerDiscreteScheduler(shift)`` given the
+    pipeline's ``sigmas = linspace(1, 0, n + 1)[:-1]`` (module docstring), in float32 as diffusers
+    computes it.
+
+    Returns:
+      ``(sigmas float32[num_steps + 1], timesteps float32[num_steps])``: ``sigmas[0] == 1``,
+      ``sigmas[-1] == 0``, ``timesteps = 1000 * sigmas[:-1]``.
+
+    Raises:
+      ValueError: if ``num_steps < 1`` or ``shift`` is not a positive finite number.
+    """
+    num_steps = check_positive_int(num_steps, "num_steps")
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift must be a positive finite number, got {shift!r}")
+    s = np.linspace(1.0, 0.0, num_steps + 1)[:-1].astype(np.float32)
+    s = np.float32(shift) * s / (np.float32(1.0) + np.float32(shift - 1.0) * s)
+    timesteps = (s * np.float32(num_train_timesteps)).astype(np.float32)
+    return np.concatenate([s, np.zeros(1, np.float32)]).astype(np.float32), timesteps
 
 
 def step_capacity(num_steps: int, minimum: int = 64) -> int:
@@ -53,7 +114,7 @@ class FlowSchedule(NamedTuple):
 
     Attributes:
       sigmas: float32[P + 1]; ``sigmas[:n + 1]`` is the schedule, zeros after.
-      timesteps: float32[P]; integer-valued model timesteps, zeros after ``n``.
+      timesteps: float32[P]; the model's timesteps (integer-valued for ``"unipc"``), zeros after ``n``.
       num_steps: int32[], ``n``.
     """
 
@@ -63,10 +124,15 @@ class FlowSchedule(NamedTuple):
 
 
 def make_schedule(
-    num_steps: int, *, capacity: int | None = None, shift: float = 5.0, num_train_timesteps: int = 1000
+    num_steps: int,
+    *,
+    capacity: int | None = None,
+    shift: float = 5.0,
+    num_train_timesteps: int = 1000,
+    kind: str = "unipc",
 ) -> FlowSchedule:
-    """The :func:`flow_schedule` padded to ``capacity`` (default :func:`step_capacity`)."""
-    sigmas, timesteps = flow_schedule(num_steps, shift, num_train_timesteps)
+    """The :func:`flow_schedule` of ``kind`` padded to ``capacity`` (default :func:`step_capacity`)."""
+    sigmas, timesteps = flow_schedule(num_steps, shift, num_train_timesteps, kind=kind)
     capacity = step_capacity(num_steps) if capacity is None else int(capacity)
     if capacity < num_steps:
         raise ValueError(f"capacity must be >= num_steps={num_steps}, got {capacity}")

@@ -18,10 +18,9 @@ the transformer then patches the latent grid by ``(1, 2, 2)``.
 from __future__ import annotations
 
 import dataclasses
-import operator
 
-import jax
-import jax.numpy as jnp
+from models.common.grid import VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR, patch_token_grid, video_latent_shape
+from models.common.layers import default_dtype
 
 __all__ = [
     "WanConfig",
@@ -126,38 +125,17 @@ def get_config(name: str | WanConfig) -> WanConfig:
     return CONFIGS[name]
 
 
-def default_dtype() -> jnp.dtype:
-    """bfloat16 on accelerators, float32 on CPU (params and activations)."""
-    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(jnp.bfloat16)
-
-
 def latent_shape(
     config: str | WanConfig, frames: int, height: int, width: int
 ) -> tuple[int, int, int, int]:
-    """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels.
-
-    ``F = (frames - 1) / 4 + 1``, ``H = height / 8``, ``W = width / 8``; the latent grid must
-    also be divisible by the patch size.
+    """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels
+    (:func:`models.common.grid.video_latent_shape`).
 
     Raises:
       ValueError: naming the argument that does not fit.
     """
     config = get_config(config)
-    try:
-        frames, height, width = (operator.index(v) for v in (frames, height, width))
-    except TypeError:
-        raise ValueError(f"frames, height and width must be integers, got {(frames, height, width)!r}") from None
-    if frames < 1 or (frames - 1) % VAE_TEMPORAL_FACTOR:
-        raise ValueError(f"frames must be 4*k + 1 (k >= 0), got {frames}")
-    pt, ph, pw = config.patch_size
-    for name, value, patch in (("height", height, ph), ("width", width, pw)):
-        unit = VAE_SPATIAL_FACTOR * patch
-        if value < unit or value % unit:
-            raise ValueError(f"{name} must be a positive multiple of {unit} (VAE 8 x patch {patch}), got {value}")
-    lat_f = (frames - 1) // VAE_TEMPORAL_FACTOR + 1
-    if lat_f % pt:
-        raise ValueError(f"latent frames ({lat_f}) must be divisible by the temporal patch {pt}")
-    return (config.in_channels, lat_f, height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR)
+    return video_latent_shape(config.in_channels, config.patch_size, frames, height, width)
 
 
 def token_grid(config: str | WanConfig, latent_grid: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -166,15 +144,4 @@ def token_grid(config: str | WanConfig, latent_grid: tuple[int, int, int]) -> tu
     Raises:
       ValueError: when the latent grid is not divisible by the patch.
     """
-    config = get_config(config)
-    if len(latent_grid) != 3:
-        raise ValueError(f"latent grid must be (F, H, W), got {latent_grid!r}")
-    out = []
-    for axis, size, patch in zip("FHW", latent_grid, config.patch_size):
-        if size < 1 or size % patch:
-            raise ValueError(
-                f"latent {axis} ({size}) must be a positive multiple of the patch size {patch} "
-                f"(patch_size={config.patch_size})"
-            )
-        out.append(size // patch)
-    return tuple(out)
+    return patch_token_grid(get_config(config).patch_size, latent_grid)

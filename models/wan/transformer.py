@@ -42,6 +42,7 @@ unpatchify (again on the narrow output), so no layer gathers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -59,19 +60,25 @@ from models.common.processor import (
     StepControl,
     make_backend,
     TokenPermutation,
+    cross_attention,
     self_attention,
     token_permutation,
 )
-from models.wan.config import WanConfig, default_dtype, get_config, token_grid
+from models.common.grid import check_latents
+from models.common.parallel import shard_tokens
+from models.wan.config import WanConfig, get_config
 from models.common.layers import (
+    FeedForward,
     FP32LayerNorm,
     Identity,
     PatchEmbedding,
     RMSNorm,
+    TextProjection,
+    TimestepEmbedding,
     linear,
     patchify,
+    resolve_dtypes,
     timestep_embedding,
-    uniform_init,
     unpatchify,
 )
 from models.common.rope import apply_rope, rope_tables
@@ -79,39 +86,20 @@ from models.common.rope import apply_rope, rope_tables
 # A block's self-attention: ``attend(q, k, v, state) -> (out, state)`` with q, k, v, out
 # ``[B, L, N, D]`` in the block's token order and ``state`` whatever it threads (the mask cache).
 SelfAttention = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
+# A block's cross-attention: ``cross_attend(q [B, L, N, D], k, v [B, T, N, D]) -> out [B, L, N, D]``.
+CrossAttention = Callable[[Array, Array, Array], Array]
 
 __all__ = [
     "WanTransformer3DModel",
     "WanTransformerBlock",
     "Prepared",
     "SelfAttention",
+    "CrossAttention",
     "WanAttention",
     "timestep_embedding",
     "patchify",
     "unpatchify",
 ]
-
-
-class TimestepEmbedding(nnx.Module):
-    """``linear_2(silu(linear_1(x)))``."""
-
-    def __init__(self, in_features: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_1 = linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
-class TextProjection(nnx.Module):
-    """``linear_2(gelu_tanh(linear_1(x)))`` (diffusers ``PixArtAlphaTextProjection``)."""
-
-    def __init__(self, in_features: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_1 = linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=True))
 
 
 class WanTimeTextEmbedding(nnx.Module):
@@ -162,30 +150,6 @@ class WanAttention(nnx.Module):
         return self.to_out[0](o.reshape(o.shape[0], o.shape[1], -1))
 
 
-class GELUProjection(nnx.Module):
-    """``gelu_tanh(proj(x))`` (diffusers ``GELU(approximate="tanh")``)."""
-
-    def __init__(self, dim: int, inner: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.proj = linear(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return jax.nn.gelu(self.proj(x), approximate=True)
-
-
-class FeedForward(nnx.Module):
-    """``net[2](net[0](x))``; ``net[1]`` is diffusers' (inactive) dropout."""
-
-    def __init__(self, dim: int, inner: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.net = nnx.List([
-            GELUProjection(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-            Identity(),
-            linear(inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-        ])
-
-    def __call__(self, x):
-        return self.net[2](self.net[1](self.net[0](x)))
-
-
 class WanTransformerBlock(nnx.Module):
     """Self-attention (modulated), cross-attention to text, modulated GELU-tanh FFN."""
 
@@ -211,11 +175,11 @@ class WanTransformerBlock(nnx.Module):
         *,
         attend: SelfAttention,
         state: Any,
-        dense_implementation: str | None = None,
+        cross_attend: CrossAttention = dense_attention,
     ) -> tuple[Float[Array, "b l dim"], Any]:
         """One block; ``attend(q, k, v, state) -> (out, state)`` is its self-attention (dense or
-        DFS, see :meth:`WanTransformer3DModel.run_block`) and ``state`` what it threads (the
-        mask cache)."""
+        DFS, see :meth:`WanTransformer3DModel.run_block`), ``state`` what it threads (the mask
+        cache) and ``cross_attend(q, k, v) -> out`` its attention to the text."""
         dtype = x.dtype
         mod = self.scale_shift_table[...].astype(jnp.float32) + timestep_proj.astype(jnp.float32)
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
@@ -231,7 +195,7 @@ class WanTransformerBlock(nnx.Module):
         # 2. Cross-attention to the text (always dense).
         h = self.norm2(x).astype(dtype)
         q, k, v = self.attn2.qkv(h, text)
-        x = x + self.attn2.out(dense_attention(q, k, v, implementation=dense_implementation))
+        x = x + self.attn2.out(cross_attend(q, k, v))
 
         # 3. Feed-forward.
         h = (self.norm3(x) * (1.0 + c_scale) + c_shift).astype(dtype)
@@ -274,8 +238,7 @@ class WanTransformer3DModel(nnx.Module):
 
     def __init__(self, config: str | WanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=None):
         config = get_config(config)
-        dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
-        param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else default_dtype()
+        dtype, param_dtype = resolve_dtypes(dtype, param_dtype)
         self.config = config
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -298,16 +261,7 @@ class WanTransformer3DModel(nnx.Module):
         """Validates input shapes; returns the token grid. Raises ``ValueError`` naming the argument."""
         cfg = self.config
         shape = tuple(hidden_states.shape)
-        if len(shape) != 5:
-            raise ValueError(f"hidden_states must have shape [B, C, F, H, W], got shape {shape}")
-        if shape[1] != cfg.in_channels:
-            raise ValueError(f"hidden_states must have {cfg.in_channels} channels (axis 1), got shape {shape}")
-        try:
-            grid = token_grid(cfg, shape[2:])
-        except ValueError as err:
-            raise ValueError(f"hidden_states latent shape {shape[2:]} does not fit the patch: {err}") from None
-        if any(g > cfg.rope_max_seq_len for g in grid):
-            raise ValueError(f"hidden_states token grid {grid} exceeds rope_max_seq_len={cfg.rope_max_seq_len}")
+        grid = check_latents(shape, cfg.in_channels, cfg.patch_size, cfg.rope_max_seq_len)
         text = tuple(encoder_hidden_states.shape)
         if len(text) != 3 or text[-1] != cfg.text_dim:
             raise ValueError(f"encoder_hidden_states must have shape [B, T, {cfg.text_dim}], got shape {text}")
@@ -379,9 +333,10 @@ class WanTransformer3DModel(nnx.Module):
         if state.control is not None and state.cache is None and backend.sparse_layers(cfg.num_layers):
             raise ValueError("the dfs backend needs a mask cache when control is given; see init_cache")
         prep = self.prepare(hidden_states, timestep, encoder_hidden_states, backend=backend, order=order)
-        x = prep.tokens
+        x = shard_tokens(prep.tokens, backend.parallel)
         for i in range(cfg.num_layers if num_layers is None else num_layers):
             x, state = self.run_block(i, x, prep, backend=backend, state=state)
+            x = shard_tokens(x, backend.parallel)
         if num_layers is not None:
             return None, state
         shift, scale = jnp.split(
@@ -432,5 +387,5 @@ class WanTransformer3DModel(nnx.Module):
 
         return self.blocks[layer](
             x, prep.text, prep.timestep_proj, prep.rope,
-            attend=attend, state=state, dense_implementation=backend.dense_implementation,
+            attend=attend, state=state, cross_attend=functools.partial(cross_attention, backend=backend),
         )
