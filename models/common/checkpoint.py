@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.common.layers import default_dtype
+
 __all__ = [
     "CONFIG_NAME",
     "INDEX_NAME",
@@ -49,6 +51,7 @@ __all__ = [
     "diffusers_name",
     "expected_tensors",
     "float_dtype",
+    "load_dtypes",
     "load_checkpoint",
     "read_config_json",
     "transformer_dir",
@@ -385,6 +388,16 @@ def load_checkpoint(
     for path, var in nnx.to_flat_state(abstract_state):
         flat.append((path, var.replace(loaded.pop(by_path[tuple(path)]))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_dtypes(dtype: Any, param_dtype: Any) -> tuple[jnp.dtype, jnp.dtype]:
+    """The ``(dtype, param_dtype)`` a loader builds its model with: each checked with
+    :func:`float_dtype`; ``dtype`` defaults to the backend's default
+    (:func:`models.common.layers.default_dtype`), ``param_dtype`` to ``dtype``."""
+    dtype = float_dtype("dtype", dtype)
+    param_dtype = float_dtype("param_dtype", param_dtype)
+    dtype = dtype if dtype is not None else default_dtype()
+    return dtype, param_dtype if param_dtype is not None else dtype
 
 
 def float_dtype(name: str, value: Any) -> jnp.dtype | None:

@@ -32,12 +32,11 @@ from models.common.checkpoint import (
     as_int,
     config_int,
     config_name,
-    float_dtype,
+    load_dtypes,
     load_checkpoint,
     read_config_json,
     transformer_dir,
 )
-from models.common.layers import default_dtype
 from models.hunyuan_video.config import CONFIGS, HunyuanConfig
 
 __all__ = ["diffusers_config", "read_hunyuan_config", "load_hunyuan_video"]
@@ -181,14 +180,11 @@ def load_hunyuan_video(
     """
     from models.hunyuan_video.transformer import HunyuanVideoTransformer3DModel
 
-    dtype = float_dtype("dtype", dtype)
-    param_dtype = float_dtype("param_dtype", param_dtype)
+    dtype, param_dtype = load_dtypes(dtype, param_dtype)
     folder = transformer_dir(path, _FAMILY)
     config = read_hunyuan_config(folder) if config is None else config
     if not isinstance(config, HunyuanConfig):
         raise ValueError(f"config must be a HunyuanConfig, got {type(config).__name__}")
-    dtype = dtype if dtype is not None else default_dtype()
-    param_dtype = param_dtype if param_dtype is not None else dtype
     return load_checkpoint(
         folder,
         lambda: HunyuanVideoTransformer3DModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),

@@ -45,7 +45,7 @@ from models.common.checkpoint import (
     config_name,
     diffusers_name,
     expected_tensors,
-    float_dtype,
+    load_dtypes,
     load_checkpoint,
     read_config_json,
     transformer_dir,
@@ -169,17 +169,13 @@ def load_wan(
         any tensor is read), or a truncated or corrupt shard (naming the file and, when known,
         the tensor).
     """
-    from models.wan.config import default_dtype
     from models.wan.transformer import WanTransformer3DModel
 
-    dtype = float_dtype("dtype", dtype)
-    param_dtype = float_dtype("param_dtype", param_dtype)
+    dtype, param_dtype = load_dtypes(dtype, param_dtype)
     folder = transformer_dir(path, _FAMILY)
     config = read_wan_config(folder) if config is None else config
     if not isinstance(config, WanConfig):
         raise ValueError(f"config must be a WanConfig, got {type(config).__name__}")
-    dtype = dtype if dtype is not None else default_dtype()
-    param_dtype = param_dtype if param_dtype is not None else dtype
 
     return load_checkpoint(
         folder,
