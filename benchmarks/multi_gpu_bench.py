@@ -271,14 +271,28 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
         warm = 0 if record["compile_s"] else args.warmup
         kinds = [kinds[0]] * warm + kinds
         plan = step_plan(kinds, nk, num_blocks) if sampler.backend.is_sparse else None
+        traces_before, called = sampler.trace_count, time.perf_counter()
         result = sampler(noise, text, negative, num_steps=len(kinds), plan=plan, guidance_scale=5.0)
+        call_s = time.perf_counter() - called  # host wall time of the call, compile included
         record["compile_s"].setdefault(name, result.compile_s)  # the first call of a program compiles it
         record["programs"] = record.get("programs", 0) + sampler.trace_count - record.get(f"_seen_{name}", 0)
         record[f"_seen_{name}"] = sampler.trace_count
         steps_ms = np.asarray(result.step_s, np.float64) * 1e3
-        # Cross-check of the callback timing: the run's wall time from the loop's start.
-        record.setdefault("runs", []).append({"program": name, "kinds": kinds, "time_s": result.time_s,
-                                              "sum_of_steps_s": float(np.sum(steps_ms)) / 1e3})
+        # Cross-checks of the callback timing: the run's wall time from the loop's start and, for a
+        # run of an already compiled program, the host time from the call to the blocked result.
+        recompiled = sampler.trace_count != traces_before
+        latents = np.asarray(jax.device_get(result.latents), np.float32)
+        run = {"program": name, "kinds": kinds, "time_s": result.time_s, "call_s": call_s,
+               "sum_of_steps_s": float(np.sum(steps_ms)) / 1e3, "compiled_in_call": bool(recompiled),
+               "latents_finite": bool(np.isfinite(latents).all()),
+               "latents_abs_max": float(np.nanmax(np.abs(latents))) if np.isfinite(latents).any() else None,
+               "skipped": [float(v) for v in np.asarray(result.skipped)]}
+        print(f"[{label}] {name} run {kinds}: latents finite {run['latents_finite']}, |max| "
+              f"{run['latents_abs_max']}, skipped fraction per step {np.round(run['skipped'], 3).tolist()}", flush=True)
+        record.setdefault("runs", []).append(run)
+        if not recompiled:
+            print(f"[{label}] host wall time of the {len(kinds)}-step run {call_s:.2f} s, sum of its step times "
+                  f"{run['sum_of_steps_s']:.2f} s", flush=True)
         for kind in measured:
             times = [float(t) for t, k in list(zip(steps_ms, kinds))[warm:] if k == kind]
             key = "dense-backend" if name == "dense-backend" else kind

@@ -458,7 +458,7 @@ class Sampler:
         jax.block_until_ready(result.latents)
         return time.perf_counter() - start
 
-    def _on_start(self) -> None:
+    def _on_start(self, _ready=None) -> None:
         if self._started is not None:  # several devices call it once each
             return
         self._started = time.perf_counter()
@@ -472,7 +472,7 @@ class Sampler:
         started = float("nan") if self._started is None else self._started
         return np.diff(np.asarray([started, *ends], np.float64))
 
-    def _on_step(self, step) -> None:
+    def _on_step(self, step, _ready=None) -> None:
         self._step_ends.setdefault(int(step), time.perf_counter())
         pbar = self._pbar
         if pbar is not None:
@@ -549,7 +549,10 @@ class Sampler:
                 per_layer = jax.tree.map(lambda *xs: jnp.stack(xs), *attention.probes)
                 new = new._replace(probes=jax.tree.map(lambda rec, p: rec.at[i].set(p), carry.probes, per_layer))
             if self.progress:  # ordered effects need one device; unordered ones may repeat per device
-                jax.debug.callback(self._on_step, i, ordered=parallel is None)
+                # The callback takes one element of the step's result, so it cannot run before the
+                # step has finished: with only ``i`` as operand, XLA may schedule it at the start of
+                # the iteration (seen over two GPUs, where step times came out ~2x too short).
+                jax.debug.callback(self._on_step, i, _done_marker(x), ordered=parallel is None)
             return new
 
         carry = LoopState(
@@ -561,8 +564,13 @@ class Sampler:
             probes=probes,
         )
         if self.progress:  # runs once the program has started: compilation is not a step
-            jax.debug.callback(self._on_start, ordered=parallel is None)
+            jax.debug.callback(self._on_start, _done_marker(noise), ordered=parallel is None)
         return jax.lax.fori_loop(0, schedule.num_steps, body, carry)
+
+
+def _done_marker(x: Array) -> Array:
+    """One element of ``x``: a callback operand that exists only once ``x`` has been computed."""
+    return x.reshape(-1)[0]
 
 
 def sample(
