@@ -551,7 +551,7 @@ class Sampler:
             if self.progress:  # ordered effects need one device; unordered ones may repeat per device
                 # The callback takes one element of the step's result, so it cannot run before the
                 # step has finished: with only ``i`` as operand, XLA may schedule it at the start of
-                # the iteration (seen over two GPUs, where step times came out ~2x too short).
+                # the iteration (seen on CPU host devices: a run's first step timed at ~0 ms).
                 jax.debug.callback(self._on_step, i, _done_marker(x), ordered=parallel is None)
             return new
 
