@@ -105,13 +105,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default=None, choices=sorted(SCHEDULE_PRESETS),
                    help="a named schedule preset instead of the default (results get a _<name> suffix)")
     p.add_argument("--max-density", type=float, default=0.5, help="mask-cache capacity, as the sampler's")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed calls before each timing (>= 1: the isolated pieces compile in their first call)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--measure-full", action="store_true", help="also time the full jitted sampler runs")
     p.add_argument("--dtype", default=None, help="bfloat16 / float32 (default: bf16 on GPU, f32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.iters < 1:
+        p.error(f"--warmup and --iters must be >= 1, got {args.warmup} and {args.iters}")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -168,7 +172,7 @@ def main(argv=None) -> dict:
     t_sparse, t_refresh = {}, {}
     for d in densities:
         refresh = sparse_step(blocks[d], refresh=True)
-        _, cache_d = dfs_fwd(state, x, t, text, refresh, cache0)
+        _, cache_d = jax.block_until_ready(dfs_fwd(state, x, t, text, refresh, cache0))
         t_refresh[d] = _median_time(dfs_fwd, state, x, t, text, refresh, cache0, **timing)
         t_sparse[d] = _median_time(dfs_fwd, state, x, t, text, sparse_step(blocks[d], refresh=False), cache_d,
                                    **timing)

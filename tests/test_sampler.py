@@ -7,6 +7,8 @@ batch-1 evaluations with their own mask caches.
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -189,6 +191,22 @@ def test_solver_is_a_pair_of_pure_functions(model, inputs):
     )
     result = Sampler(model, "dense", solver=probe, progress=False)(noise, text, num_steps=3)
     np.testing.assert_array_equal(np.asarray(result.latents), np.full((1, *LATENT), 2 + 30.0, np.float32))
+
+
+def test_non_finite_final_latents_warn(model, inputs):
+    noise, text, _ = inputs
+    # A solver that returns the model-free latents with one NaN written at the last step.
+    def step(state, v, x, i):
+        return jnp.where(i == 2, x.at[0, 0, 0, 0, 0].set(jnp.nan), x), state
+
+    sampler = Sampler(model, "dense", solver=Solver("nan", init=lambda s, x: jnp.zeros(()), step=step), progress=False)
+    with pytest.warns(RuntimeWarning, match=r"1 non-finite values among the .* final latents"):
+        result = sampler(noise, text, num_steps=3)
+    assert np.isnan(np.asarray(result.latents)).sum() == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        finite = Sampler(model, "dense", progress=False)(noise, text, num_steps=2)
+    assert np.isfinite(np.asarray(finite.latents)).all()
 
 
 def test_bad_sampler_inputs_raise(model, inputs, dfs_sampler):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -410,6 +411,7 @@ class Sampler:
                 self._pbar.close()
                 self._pbar = None
         end = time.perf_counter()
+        _warn_if_not_finite(latents)
         started = start if self._started is None else self._started
         return SampleResult(
             latents=latents,
@@ -566,6 +568,18 @@ class Sampler:
         if self.progress:  # runs once the program has started: compilation is not a step
             jax.debug.callback(self._on_start, _done_marker(noise), ordered=parallel is None)
         return jax.lax.fori_loop(0, schedule.num_steps, body, carry)
+
+
+def _warn_if_not_finite(latents: Array) -> None:
+    """A ``RuntimeWarning`` when a run's final latents hold NaN or infinite values (never silent)."""
+    bad = int(latents.size - jnp.sum(jnp.isfinite(latents)))
+    if bad:
+        warnings.warn(
+            f"sampling produced {bad} non-finite values among the {latents.size} final latents "
+            f"(shape {tuple(latents.shape)}); the result is not usable",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _done_marker(x: Array) -> Array:
