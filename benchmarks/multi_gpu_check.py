@@ -78,7 +78,7 @@ def evaluate(checks: list[dict]) -> bool:
                                     + f" ({DFS_OVER_DENSE:g}x dense)")
             agree = check.get("mask_counts_agree")
             if agree is None or not agree >= MIN_MASK_AGREEMENT:
-                failures.append(f"mask rows agree {agree} < {MIN_MASK_AGREEMENT}")
+                failures.append(f"mask rows agree {_share(agree)} < {MIN_MASK_AGREEMENT}")
         check["failures"] = failures
         check["passed"] = not failures
         if notes:
@@ -92,7 +92,11 @@ def verdict_line(check: dict) -> str:
     errors = " / ".join(f"{e:.2e}" for e in check["rel_l2"])
     why = f": {'; '.join(check['failures'])}" if check["failures"] else ""
     return (f"{head} {check['dtype']:9s} {check['backend']:5s} {check['parallel']:14s} rel L2 {errors}  mask rows "
-            f"agree {check.get('mask_counts_agree')}  latents finite {check['latents_finite']}{why}")
+            f"agree {_share(check.get('mask_counts_agree'))}  latents finite {check['latents_finite']}{why}")
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def finite(x) -> bool:

@@ -34,7 +34,11 @@ Per run: the finite fraction of the output (forward) or latents (sampler), the m
 per mask-cache slot and the first layer whose count falls short of ``num_blocks`` (NaN q/k make
 NaN block scores, which :func:`~dfsattn_jax.layout.select_blocks` never selects: that layer is
 the first whose q/k went non-finite), the skipped fraction (per step for the sampler), and the
-relative L2 distance and mask-row agreement vs the one-device run of the same variant and stage.
+relative L2 distance and mask-row agreement vs the one-device run of the same variant and stage
+(bf16 rounding alone gives ~1e-2 there; NaN, or a large distance with few agreeing rows, is the
+finding), and the wall time of the call (a program's first call includes its compile).
+``--max-density 0.2`` sizes the mask cache to the kept blocks (no padded index columns), to tell
+a kernel reading past a row's count from the rest.
 
 Each variant runs in its own worker process (this script with ``--worker``), under a hard time
 limit (``--stage-timeout``, and the whole run within ``--budget-s``), so a crash or a hang of one
@@ -43,9 +47,10 @@ variant costs only that variant; a worker's log is ``OUT.<variant>.log`` and its
 Exit status: 3 when a run is not finite, 4 when a worker failed or timed out (none non-finite),
 else 0.
 
-GPU (2 devices; ~4-5 min)::
+GPU (2 devices; ~4-6 min; ``bash benchmarks/multi_gpu_session.sh diag`` runs this with NVLink
+multicast off and keeps the log under ``$OUT``)::
 
-    python benchmarks/multi_gpu_diag.py --out $OUT/multi_diag.json
+    NCCL_NVLS_ENABLE=0 python benchmarks/multi_gpu_diag.py --out $OUT/multi_diag.json
 
 narrowing down, e.g.::
 
@@ -131,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--order", default="hilbert3d")
     p.add_argument("--dtype", default=None, help="bfloat16 / float32 (default: bf16 on GPU, f32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stage-timeout", type=float, default=150.0, help="seconds one variant's worker may run")
+    p.add_argument("--stage-timeout", type=float, default=180.0, help="seconds one variant's worker may run")
     p.add_argument("--budget-s", type=float, default=330.0, help="seconds for all workers together")
     p.add_argument("--out", default=None, help="JSON of all records (workers' files and logs beside it)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

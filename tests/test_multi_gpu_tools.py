@@ -195,8 +195,8 @@ def test_check_fails_non_finite_far_or_disagreeing_runs():
     ]
     assert not check.evaluate(checks)
     far, nonfinite, unbounded = checks[1], checks[2], checks[3]
-    assert far["failures"] == ["rel L2 1.90e-01 > 2.31e-02 (3x dense)", "mask rows agree 0.928 < 0.99"]
+    assert far["failures"] == ["rel L2 1.90e-01 > 2.31e-02 (3x dense)", "mask rows agree 0.9280 < 0.99"]
     assert nonfinite["failures"] == ["non-finite latents", "non-finite rel L2"]
     assert unbounded["passed"] and unbounded["notes"] == ["no dense check of this dtype and mode: rel L2 not bounded"]
     assert check.verdict_line(far).startswith("FAIL bfloat16  dfs   2x1 (guidance)")
-    assert "mask rows agree 0.928 < 0.99" in check.verdict_line(far)
+    assert "mask rows agree 0.9280 < 0.99" in check.verdict_line(far)
