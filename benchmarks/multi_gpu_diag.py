@@ -14,7 +14,13 @@ attention backend:
   :attr:`~models.common.processor.AttentionBackend.sparse_implementation` (``mosaic_gpu``,
   ``triton``, ``xla``), ``scoring_implementation`` (``triton``, ``jnp``) or
   ``dense_implementation`` (``cudnn``, ``xla``: the always-dense layers and dense steps), joined
-  with ``+`` (``sparse=triton+scoring=jnp``). The ``xla`` attentions hold ``L x L`` logits per
+  with ``+`` (``sparse=triton+scoring=jnp``);
+``env=NAME``
+  the same program launched differently (:data:`ENV_SETS`): ``no-command-buffer`` (no CUDA
+  graphs), ``sync-collectives``, ``no-latency-hiding`` (XLA flags of the GPU runtime and
+  scheduler) or ``launch-blocking`` (``CUDA_LAUNCH_BLOCKING=1``); combinable with the others.
+
+The ``xla`` attentions hold ``L x L`` logits per
   (sample, head): at 75,600 tokens they cannot run, and the script skips them (with the reason)
   above :data:`MAX_QUADRATIC_ELEMENTS`; use them at a smaller video (``--frames 9 --height 256
   --width 256``).
@@ -47,7 +53,9 @@ variant costs only that variant; a worker's log is ``OUT.<variant>.log`` and its
 Exit status: 3 when a run is not finite, 4 when a worker failed or timed out (none non-finite),
 else 0.
 
-GPU (2 devices; ~4-6 min; ``bash benchmarks/multi_gpu_session.sh diag`` runs this with NVLink
+The default variants run in the order of :data:`DEFAULT_VARIANTS` while ``--budget-s`` lasts.
+
+GPU (2 devices; ~5-7 min; ``bash benchmarks/multi_gpu_session.sh diag`` runs this with NVLink
 multicast off and keeps the log under ``$OUT``)::
 
     NCCL_NVLS_ENABLE=0 python benchmarks/multi_gpu_diag.py --out $OUT/multi_diag.json
@@ -75,6 +83,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path, for `benchmarks.*`
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -109,8 +118,16 @@ VARIANT_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "scoring": ("scoring_implementation", tuple(SCORING_IMPLEMENTATIONS)),
     "dense": ("dense_implementation", ("cudnn", "xla")),
 }
-#: The default variants, most informative first.
-DEFAULT_VARIANTS = "default,scoring=jnp,sparse=triton"
+#: Environments a variant may give its worker (``env=NAME``): switches of the XLA GPU runtime that
+#: change how the program is launched and ordered, not what it computes (XLA_FLAGS are appended).
+ENV_SETS: dict[str, dict[str, str]] = {
+    "no-command-buffer": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="},  # no CUDA graphs
+    "sync-collectives": {"XLA_FLAGS": "--xla_gpu_disable_async_collectives=ALLCOLLECTIVES"},
+    "no-latency-hiding": {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false"},
+    "launch-blocking": {"CUDA_LAUNCH_BLOCKING": "1"},  # every kernel launch waits for the kernel
+}
+#: The default variants, most informative first (the last ones run while --budget-s lasts).
+DEFAULT_VARIANTS = "default,scoring=jnp,sparse=triton,env=no-command-buffer"
 MODES: tuple[str, ...] = ("none", "guidance", "heads")
 STAGES: tuple[str, ...] = ("forward", "sampler")
 SAMPLER_KINDS = ["refresh", "sparse", "sparse"]
@@ -137,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="bfloat16 / float32 (default: bf16 on GPU, f32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage-timeout", type=float, default=180.0, help="seconds one variant's worker may run")
-    p.add_argument("--budget-s", type=float, default=330.0, help="seconds for all workers together")
+    p.add_argument("--budget-s", type=float, default=400.0, help="seconds for all workers together")
     p.add_argument("--out", default=None, help="JSON of all records (workers' files and logs beside it)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -160,25 +177,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def parse_variant(spec: str) -> dict[str, str]:
-    """The backend fields of a variant: ``"default"`` -> ``{}``, ``"sparse=xla+scoring=jnp"`` ->
-    ``{"sparse_implementation": "xla", "scoring_implementation": "jnp"}``.
+class Variant(NamedTuple):
+    """A variant: the backend fields it sets and the environment its worker gets."""
+
+    fields: dict[str, str]
+    env: dict[str, str]
+
+
+def parse_variant(spec: str) -> Variant:
+    """A variant from its spec: ``"default"`` -> no field, no environment;
+    ``"sparse=xla+scoring=jnp+env=no-command-buffer"`` -> ``sparse_implementation="xla"``,
+    ``scoring_implementation="jnp"`` and ``XLA_FLAGS`` with ``--xla_gpu_enable_command_buffer=``
+    (several ``env=`` parts add up).
 
     Raises:
-      ValueError: naming the unknown key or implementation and the choices.
+      ValueError: naming the unknown key or name and the choices.
     """
+    fields: dict[str, str] = {}
+    env: dict[str, str] = {}
     if spec == "default":
-        return {}
-    fields = {}
+        return Variant(fields, env)
     for part in spec.split("+"):
         key, _, name = part.partition("=")
+        if key == "env":
+            if name not in ENV_SETS:
+                raise ValueError(f"variant {spec!r}: env must be one of {tuple(ENV_SETS)}, got {name!r}")
+            for var, value in ENV_SETS[name].items():
+                env[var] = f"{env[var]} {value}" if var in env else value
+            continue
         if key not in VARIANT_KEYS:
-            raise ValueError(f"variant {spec!r}: key must be one of {tuple(VARIANT_KEYS)} (KEY=NAME), got {key!r}")
+            keys = (*VARIANT_KEYS, "env")
+            raise ValueError(f"variant {spec!r}: key must be one of {keys} (KEY=NAME), got {key!r}")
         field, names = VARIANT_KEYS[key]
         if name not in names:
             raise ValueError(f"variant {spec!r}: {key} must be one of {names}, got {name!r}")
         fields[field] = name
-    return fields
+    return Variant(fields, env)
+
+
+def worker_env(variant: Variant, base: dict[str, str]) -> dict[str, str]:
+    """``base`` (the driver's environment) with the variant's additions (``XLA_FLAGS`` appended)."""
+    env = dict(base)
+    for var, value in variant.env.items():
+        env[var] = f"{env[var]} {value}".strip() if var == "XLA_FLAGS" and env.get(var) else value
+    return env
 
 
 def variant_slug(spec: str) -> str:
@@ -250,14 +292,15 @@ class Worker:
         self.dtype = jnp.dtype(args.dtype) if args.dtype else default_dtype()
         self.sizes = problem_sizes(self.cfg, args.frames, args.height, args.width, args.block_size, args.density)
         dfs = DFSConfig(tile_size=args.tile_size, block_size=args.block_size, order=args.order)
-        self.backend = AttentionBackend("dfs", dfs, **parse_variant(spec))
+        self.backend = AttentionBackend("dfs", dfs, **parse_variant(spec).fields)
         self.layers = self.backend.sparse_layers(self.cfg.num_layers)
         start = time.perf_counter()
         self.model = random_model(self.cfg, self.dtype, args.seed)
         self.noise, self.text, self.negative = random_inputs(self.cfg, self.sizes["shape"], self.dtype, args.seed)
         self.say(f"{self.cfg.name} cut to {args.layers} layers, {self.sizes['tokens']} tokens, keep "
                  f"{self.sizes['num_blocks']} of {self.sizes['nk']} key blocks, {self.dtype.name}, "
-                 f"{jax.device_count()} x {jax.devices()[0].device_kind}; weights in {time.perf_counter() - start:.1f} s")
+                 f"{jax.device_count()} x {jax.devices()[0].device_kind}; weights in {time.perf_counter() - start:.1f} s; "
+                 f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
         self.records: list[dict] = []
         self.reference: dict[str, tuple] = {}  # stage -> (output, cache) of the one-device run
 
@@ -360,7 +403,8 @@ def launch(args, argv: list[str], spec: str, timeout: float) -> dict:
     start = time.perf_counter()
     with open(log, "w") as f:
         try:
-            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            env = worker_env(parse_variant(spec), dict(os.environ))
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env)
             error = None if done.returncode == 0 else f"worker exited with status {done.returncode}"
         except subprocess.TimeoutExpired:
             error = f"worker killed after {timeout:g} s (--stage-timeout / --budget-s)"
@@ -412,7 +456,7 @@ def driver_main(args, argv: list[str]) -> int:
     deadline = time.perf_counter() + args.budget_s
     results = []
     for spec in args.variant_list:
-        quad = quadratic_elements(parse_variant(spec), 2, cfg.num_heads, sizes["tokens"])
+        quad = quadratic_elements(parse_variant(spec).fields, 2, cfg.num_heads, sizes["tokens"])
         left = deadline - time.perf_counter()
         if quad > MAX_QUADRATIC_ELEMENTS:
             skip = f"skipped: an XLA attention would hold {quad:.2e} > {MAX_QUADRATIC_ELEMENTS:.2e} logits per device"

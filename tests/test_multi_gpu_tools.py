@@ -36,8 +36,8 @@ def diag_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("diag") / "diag.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
-    cmd = [sys.executable, "benchmarks/multi_gpu_diag.py", *TINY, "--variants", "default,sparse=xla+scoring=jnp",
-           "--out", str(out)]  # fmt: skip
+    variants = "default,sparse=xla+scoring=jnp+env=no-command-buffer"
+    cmd = [sys.executable, "benchmarks/multi_gpu_diag.py", *TINY, "--variants", variants, "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return done, out
 
@@ -51,7 +51,7 @@ def test_diag_smoke_on_two_host_devices(diag_run):
     header = next(i for i, line in enumerate(lines) if line.startswith("| variant | parallel | stage |"))
     assert len(lines) - header == 2 + 2 * 12 and all(line.startswith("| ") for line in lines[header + 2:])  # last
     data = json.loads(out.read_text())
-    assert [v["variant"] for v in data["variants"]] == ["default", "sparse=xla+scoring=jnp"]
+    assert [v["variant"] for v in data["variants"]] == ["default", "sparse=xla+scoring=jnp+env=no-command-buffer"]
     for var in data["variants"]:
         assert var["error"] is None
         records = var["records"]
@@ -74,6 +74,8 @@ def test_diag_smoke_on_two_host_devices(diag_run):
                 if r["stage"] != "forward-dense":
                     assert r["mask_rows_agree_vs_1"] == 1.0, r
     assert (out.parent / data["variants"][0]["log"]).exists()  # the worker's log, beside the JSON
+    log = (out.parent / data["variants"][1]["log"]).read_text()
+    assert "XLA_FLAGS='--xla_force_host_platform_device_count=2 --xla_gpu_enable_command_buffer='" in log
 
 
 def test_diag_reports_a_killed_worker(tmp_path, capsys):
@@ -108,17 +110,34 @@ def test_diag_status_flags_non_finite_runs_first(capsys):
 
 
 def test_diag_variants_parse_and_reject_unknown_names():
-    assert diag.parse_variant("default") == {}
-    assert diag.parse_variant("sparse=triton+scoring=jnp+dense=xla") == {
-        "sparse_implementation": "triton", "scoring_implementation": "jnp", "dense_implementation": "xla",
+    assert diag.parse_variant("default") == ({}, {})
+    fields, env = diag.parse_variant("sparse=triton+scoring=jnp+dense=xla+env=no-command-buffer+env=sync-collectives")
+    assert fields == {"sparse_implementation": "triton", "scoring_implementation": "jnp", "dense_implementation": "xla"}
+    assert env == {"XLA_FLAGS": "--xla_gpu_enable_command_buffer= --xla_gpu_disable_async_collectives=ALLCOLLECTIVES"}
+    assert diag.worker_env(diag.Variant({}, env), {"XLA_FLAGS": "--a=1", "PATH": "/bin"}) == {
+        "XLA_FLAGS": f"--a=1 {env['XLA_FLAGS']}", "PATH": "/bin",
     }  # fmt: skip
+    blocking = diag.parse_variant("env=launch-blocking")
+    assert diag.worker_env(blocking, {}) == {"CUDA_LAUNCH_BLOCKING": "1"}
     assert diag.variant_slug("sparse=xla+scoring=jnp") == "sparse-xla_scoring-jnp"
-    with pytest.raises(ValueError, match=r"key must be one of \('sparse', 'scoring', 'dense'\).*got 'kernel'"):
+    with pytest.raises(ValueError, match=r"key must be one of \('sparse', 'scoring', 'dense', 'env'\).*got 'kernel'"):
         diag.parse_variant("kernel=xla")
     with pytest.raises(ValueError, match=r"scoring must be one of \('jnp', 'triton'\), got 'cuda'"):
         diag.parse_variant("scoring=cuda")
+    with pytest.raises(ValueError, match=r"env must be one of \('no-command-buffer', .*got 'fast'"):
+        diag.parse_variant("env=fast")
     with pytest.raises(SystemExit):
         diag.parse_args(["--stages", "backward"])
+
+
+@pytest.mark.parametrize("name", [n for n, env in diag.ENV_SETS.items() if "XLA_FLAGS" in env])
+def test_diag_xla_flag_sets_are_known_to_this_jaxlib(name):
+    """XLA aborts on an unknown or malformed flag; this jaxlib (the GPU image's version on the
+    Python 3.12 env) parses the GPU flags too, so a renamed flag shows here and not on the GPU."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=diag.ENV_SETS[name]["XLA_FLAGS"])
+    done = subprocess.run([sys.executable, "-c", "import jax; print(float(jax.numpy.ones(2).sum()))"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- multi_gpu_bench
