@@ -33,7 +33,7 @@ case "${1:-one}" in
     ;;
   diag)
     timeout 480 python3 benchmarks/multi_gpu_diag.py ${DIAG_ARGS:-} --out "$OUT/multi_diag.json" > "$OUT/multi_diag.txt" 2>&1
-    echo "--- diag (exit $?)"; grep -vE "^\[" "$OUT/multi_diag.txt" | tail -45
+    echo "--- diag (exit $?)"; grep -vE "^\[" "$OUT/multi_diag.txt" | tail -60
     ;;
   check)
     timeout 200 python3 benchmarks/multi_gpu_check.py --out "$OUT/multi_check.json" 2>&1 | grep -v "sampling ("
