@@ -422,6 +422,9 @@ def table(variants: list[dict]) -> str:
     def num(v, fmt):
         return "" if v is None else format(v, fmt)
 
+    def dist(r, key):  # a distance that was measured but is not finite reads NaN
+        return "" if key not in r else "NaN" if r[key] is None else format(r[key], ".2e")
+
     lines = ["| variant | parallel | stage | finite | kept per slot | first short layer | skipped | rel L2 vs 1 "
              "| mask rows agree | sparse vs refresh | s |", "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|"]
     for var in variants:
@@ -431,8 +434,8 @@ def table(variants: list[dict]) -> str:
             kept = ", ".join(f"{c:.1f}" for c in r.get("kept_mean_per_slot", []))
             lines.append(
                 f"| {r['variant']} | {r['parallel']} | {r['stage']} | {r['finite_fraction']:.4f} | {kept} | "
-                f"{num(r.get('first_short_layer'), 'd')} | {r.get('skipped', '')} | {num(r.get('rel_l2_vs_1'), '.2e')} | "
-                f"{num(r.get('mask_rows_agree_vs_1'), '.4f')} | {num(r.get('rel_l2_vs_refresh'), '.2e')} | "
+                f"{num(r.get('first_short_layer'), 'd')} | {r.get('skipped', '')} | {dist(r, 'rel_l2_vs_1')} | "
+                f"{num(r.get('mask_rows_agree_vs_1'), '.4f')} | {dist(r, 'rel_l2_vs_refresh')} | "
                 f"{r['time_s']:.1f} |"
             )
     return "\n".join(lines)

@@ -109,6 +109,18 @@ def test_diag_status_flags_non_finite_runs_first(capsys):
     assert "!!! NON-FINITE: default 1x2 (heads) sampler (finite 0.2500, first short layer 2)" in capsys.readouterr().out
 
 
+def test_diag_table_reads_nan_for_non_finite_distances():
+    base = {"variant": "default", "parallel": "1x2 (heads)", "stage": "forward-sparse", "finite_fraction": 0.5,
+            "time_s": 1.25, "kept_mean_per_slot": [118.0, 90.5], "first_short_layer": 2, "skipped": 0.8}
+    rows = diag.table([{"variant": "default", "records": [dict(base, rel_l2_vs_1=None, rel_l2_vs_refresh=3e-3), base]},
+                       {"variant": "sparse=xla", "skipped_reason": "skipped: too big", "records": []}]).splitlines()
+    assert rows[2] == ("| default | 1x2 (heads) | forward-sparse | 0.5000 | 118.0, 90.5 | 2 | 0.8 | NaN |  | 3.00e-03 "
+                       "| 1.2 |")
+    assert rows[3].split(" | ")[7:9] == ["", ""]  # not measured: empty
+    assert rows[4] == "| sparse=xla | | | skipped: too big |" + " |" * 7
+    assert all(row.count("|") == rows[0].count("|") for row in rows)
+
+
 def test_diag_variants_parse_and_reject_unknown_names():
     assert diag.parse_variant("default") == ({}, {})
     fields, env = diag.parse_variant("sparse=triton+scoring=jnp+dense=xla+env=no-command-buffer+env=sync-collectives")
