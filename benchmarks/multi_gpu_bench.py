@@ -27,6 +27,12 @@ one variant per process for clean peaks). Results are printed as soon as measure
 JSON (a list of records) is rewritten after every measurement, so a run killed at its limit
 keeps what it measured.
 
+No silent wrong results: a record any of whose runs ends with non-finite latents gets
+``"valid": false`` and its ``invalid_reason`` (NaN block scores are never selected, so such a
+run's sparse steps visit fewer blocks and look fast); its table row says ``INVALID``, it gets no
+scaling and no composed schedule, is no one-device baseline, a line starting ``!!!`` is printed,
+and the script exits with status 3 once the JSON is written (``--table`` too).
+
 GPU (what the lead runs: ``bash benchmarks/multi_gpu_session.sh``)::
 
     python benchmarks/multi_gpu_bench.py --devices 1 --out $OUT/multi_1.json
@@ -179,15 +185,70 @@ def compose(per_step: dict, plan: SchedulePlan, density: float) -> dict | None:
             "mean_sparse_density": float(np.mean(plan.density[plan.sparse])) if plan.sparse.any() else 1.0}
 
 
+def problem_sizes(cfg, frames: int, height: int, width: int, block_size: int, density: float) -> dict:
+    """The latent shape ``[C, F, H, W]``, token grid, tokens, key blocks ``nk`` and the blocks kept
+    at ``density`` of a video of ``frames x height x width`` pixels."""
+    shape = latent_shape(cfg, frames, height, width)
+    grid = token_grid(cfg, shape[1:])
+    num_tokens = math.prod(grid)
+    nk = num_token_blocks(num_tokens, block_size)
+    return {"shape": shape, "grid": grid, "tokens": num_tokens, "nk": nk, "num_blocks": blocks_for_density(density, nk)}
+
+
+def random_model(cfg, dtype, seed: int) -> WanTransformer3DModel:
+    """The architecture ``cfg`` with random weights in ``dtype`` (parameters too)."""
+    model = WanTransformer3DModel(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype)
+    jax.block_until_ready(nnx.state(model))
+    return model
+
+
+def random_inputs(cfg, shape: tuple[int, ...], dtype, seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Seeded ``(noise [1, C, F, H, W] float32, text, negative text [1, text_len, text_dim] dtype)``."""
+    rng = np.random.default_rng(seed)
+    noise = jnp.asarray(rng.standard_normal((1, *shape), np.float32))
+    text = jnp.asarray(rng.standard_normal((1, cfg.text_len, cfg.text_dim), np.float32), dtype)
+    negative = jnp.asarray(rng.standard_normal((1, cfg.text_len, cfg.text_dim), np.float32), dtype)
+    return noise, text, negative
+
+
+def check_validity(record: dict) -> bool:
+    """Marks ``record`` invalid when one of its sampler runs ended with non-finite latents.
+
+    Sets ``record["valid"]`` and, for an invalid record, ``record["invalid_reason"]`` (which runs);
+    returns ``valid``. Times of such a run are not DFS's times: NaN block scores are never
+    selected, so its steps visit fewer blocks and come out fast. A record without runs (an older
+    file) stays valid.
+    """
+    bad = [run for run in record.get("runs", []) if run.get("latents_finite") is False]
+    record["valid"] = not bad
+    record.pop("invalid_reason", None)
+    if bad:
+        record["invalid_reason"] = "non-finite latents after " + "; ".join(
+            f"the {run['program']} run {run['kinds']}" for run in bad
+        )
+    return record["valid"]
+
+
+def exit_status(records: list[dict]) -> int:
+    """0 when every record is valid, 3 when one is not (:func:`check_validity`), 1 without records."""
+    if not records:
+        return 1
+    return 0 if all(check_validity(r) for r in records) else 3
+
+
 def problem_key(record: dict) -> tuple:
     return (record["config"], record["tokens"], record["dtype"], record["density"])
 
 
 def add_scaling(records: list[dict]) -> None:
-    """Per-step scaling of every record vs the one-device record of the same problem."""
-    ones = {problem_key(r): r for r in records if r["devices"] == 1}
+    """Per-step scaling of every valid record vs the valid one-device record of the same problem
+    (an invalid record, :func:`check_validity`, gets no scaling and is no baseline)."""
+    ones = {problem_key(r): r for r in records if r["devices"] == 1 and check_validity(r)}
     for r in records:
         base = ones.get(problem_key(r))
+        if not check_validity(r):
+            r.pop("scaling_vs_1", None)
+            continue
         if base is None:
             continue
         r["scaling_vs_1"] = {k: base["per_step_ms"][k] / t for k, t in r["per_step_ms"].items()
@@ -226,6 +287,10 @@ def table(records: list[dict]) -> str:
     for r in sorted(records, key=lambda r: (r["devices"], r["mode"])):
         sched = r.get("schedule") or {}
         peaks = ", ".join(f"{m['peak_gib']:.1f}" for m in r["memory"] if m.get("peak_gib")) or "n/a"
+        if not check_validity(r):
+            lines.append(f"| {r['devices']} | {r['mode']} | INVALID (non-finite latents) |" + " |" * 7
+                         + f" {r['all_to_all_bytes_per_step'] / 1e9:.1f} | {peaks} |")
+            continue
         lines.append(
             f"| {r['devices']} | {r['mode']} | {ms(r, 'dense')} | {scale(r, 'dense')} | {ms(r, 'refresh')} | "
             f"{scale(r, 'refresh')} | {ms(r, 'sparse')} | {scale(r, 'sparse')} | "
@@ -290,6 +355,10 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
         print(f"[{label}] {name} run {kinds}: latents finite {run['latents_finite']}, |max| "
               f"{run['latents_abs_max']}, skipped fraction per step {np.round(run['skipped'], 3).tolist()}", flush=True)
         record.setdefault("runs", []).append(run)
+        if not check_validity(record):
+            print(f"!!! [{label}] INVALID: non-finite latents after the {name} run {kinds}; the step times of this "
+                  "variant are not DFS's (NaN block scores are never selected, so steps visit fewer blocks)",
+                  flush=True)
         if not recompiled:
             print(f"[{label}] host wall time of the {len(kinds)}-step run {call_s:.2f} s, sum of its step times "
                   f"{run['sum_of_steps_s']:.2f} s", flush=True)
@@ -323,7 +392,7 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
     for key in [k for k in record if k.startswith("_seen_")]:
         del record[key]
     schedule = plan_schedule(dfs, args.steps, nk)
-    record["schedule"] = compose(record["per_step_ms"], schedule, args.density)
+    record["schedule"] = compose(record["per_step_ms"], schedule, args.density) if check_validity(record) else None
     if record["schedule"]:
         s = record["schedule"]
         print(f"[{label}] composed {s['steps']}-step schedule: dense {s['dense_s']:.1f} s, DFS {s['dfs_s']:.1f} s "
@@ -343,6 +412,7 @@ def main(argv=None) -> list[dict]:
         records = load_records(args.table)
         add_scaling(records)
         print(table(records))
+        report_invalid(records)
         return records
     cfg = get_config(args.config)
     dtype = jnp.dtype(args.dtype) if args.dtype else default_dtype()
@@ -351,30 +421,31 @@ def main(argv=None) -> list[dict]:
         if parallel is not None:
             parallel.check_heads(cfg.num_heads)
             _ = parallel.mesh
-    shape = latent_shape(cfg, args.frames, args.height, args.width)
-    grid = token_grid(cfg, shape[1:])
-    num_tokens = math.prod(grid)
-    nk = num_token_blocks(num_tokens, args.block_size)
-    num_blocks = blocks_for_density(args.density, nk)
+    sizes = problem_sizes(cfg, args.frames, args.height, args.width, args.block_size, args.density)
+    shape, grid, num_tokens, nk, num_blocks = (sizes[k] for k in ("shape", "grid", "tokens", "nk", "num_blocks"))
     print(f"{cfg.name} {args.frames}x{args.height}x{args.width}: {num_tokens} tokens, {nk} key blocks, keep "
           f"{num_blocks} at density {args.density}; {dtype.name}; {len(jax.devices())} x {jax.devices()[0].device_kind}; "
           f"variants: {', '.join('1' if p is None else str(p) for p in parallels)}", flush=True)
     start = time.perf_counter()
-    model = WanTransformer3DModel(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype, param_dtype=dtype)
-    jax.block_until_ready(nnx.state(model))
+    model = random_model(cfg, dtype, args.seed)
     print(f"random weights in {time.perf_counter() - start:.1f} s", flush=True)
-    rng = np.random.default_rng(args.seed)
-    noise = jnp.asarray(rng.standard_normal((1, *shape), np.float32))
-    text = jnp.asarray(rng.standard_normal((1, cfg.text_len, cfg.text_dim), np.float32), dtype)
-    negative = jnp.asarray(rng.standard_normal((1, cfg.text_len, cfg.text_dim), np.float32), dtype)
+    inputs = random_inputs(cfg, shape, dtype, args.seed)
     records: list[dict] = []
     for parallel in parallels:
-        run_variant(args, model, cfg, parallel, (noise, text, negative), nk, num_blocks, grid, records)
+        run_variant(args, model, cfg, parallel, inputs, nk, num_blocks, grid, records)
     add_scaling(records + load_baseline(args))
     save(args.out, records)
     print(table(records))
+    report_invalid(records)
     return records
 
 
+def report_invalid(records: list[dict]) -> None:
+    """One loud line per invalid record (after the table, so it is the last thing printed)."""
+    for r in records:
+        if not check_validity(r):
+            print(f"!!! INVALID: {r['devices']} device(s), {r['mode']}: {r['invalid_reason']}", flush=True)
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(exit_status(main()))

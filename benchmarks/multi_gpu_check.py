@@ -8,6 +8,13 @@ steps; for every parallel mode that fits the devices, the relative L2 distance o
 latents to the single-device run, the share of mask-cache entries that agree, and the number
 of compiled programs after two runs of different schedules (must be 1).
 
+Each sharded run is checked (:func:`evaluate`) and printed ``PASS`` or ``FAIL``: it fails when
+its latents or the single-device run's are not finite, when DFS's relative L2 exceeds
+:data:`DFS_OVER_DENSE` times the dense backend's of the same mode and dtype (the sharded dense
+run's distance is the rounding noise of the partitioning; DFS may add mask flips but no more),
+or when fewer than :data:`MIN_MASK_AGREEMENT` of the mask rows agree. Any failure: exit status 3
+(after the JSON is written).
+
     python benchmarks/multi_gpu_check.py --out $OUT/multi_check.json
 """
 
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +37,70 @@ from models.evaluation.results import run_metadata, write_json
 from models.sampling.loop import Sampler
 from models.wan.config import get_config, latent_shape, token_grid
 from models.wan.transformer import WanTransformer3DModel
+
+
+#: A sharded DFS run may be at most this many times farther from one device than dense is.
+DFS_OVER_DENSE = 3.0
+#: Smallest allowed dense distance in that bound: a dense distance of 0 (bit-identical
+#: partitions) would otherwise fail any rounding; 1e-5 is the float32 tolerance of the CPU tests.
+REL_L2_FLOOR = 1e-5
+#: Smallest share of mask rows that must agree with one device.
+MIN_MASK_AGREEMENT = 0.99
+
+
+def evaluate(checks: list[dict]) -> bool:
+    """Sets ``passed`` and ``failures`` (reasons) on every check; returns whether all passed.
+
+    A check (one sharded run against one device) has ``dtype``, ``backend``, ``parallel``,
+    ``rel_l2`` (one per run), ``latents_finite`` (the sharded runs and the single-device ones)
+    and, for DFS, ``mask_counts_agree``. DFS's ``rel_l2[i]`` is bounded by
+    ``DFS_OVER_DENSE * max(dense rel_l2[i], REL_L2_FLOOR)`` of the dense check with the same
+    dtype and parallel mode; without that dense check the bound is not applied (said in
+    ``notes``).
+    """
+    dense = {(c["dtype"], c["parallel"]): c for c in checks if c["backend"] == "dense"}
+    for check in checks:
+        failures, notes = [], []
+        if not all(check["latents_finite"]):
+            failures.append("non-finite latents")
+        errors = check["rel_l2"]
+        if any(not math.isfinite(e) for e in errors):
+            failures.append("non-finite rel L2")
+        if check["backend"] == "dfs":
+            ref = dense.get((check["dtype"], check["parallel"]))
+            if ref is None:
+                notes.append("no dense check of this dtype and mode: rel L2 not bounded")
+            else:
+                bounds = [DFS_OVER_DENSE * max(e, REL_L2_FLOOR) for e in ref["rel_l2"]]
+                over = [(e, b) for e, b in zip(errors, bounds) if not e <= b]
+                if over:
+                    failures.append("rel L2 " + ", ".join(f"{e:.2e} > {b:.2e}" for e, b in over)
+                                    + f" ({DFS_OVER_DENSE:g}x dense)")
+            agree = check.get("mask_counts_agree")
+            if agree is None or not agree >= MIN_MASK_AGREEMENT:
+                failures.append(f"mask rows agree {_share(agree)} < {MIN_MASK_AGREEMENT}")
+        check["failures"] = failures
+        check["passed"] = not failures
+        if notes:
+            check["notes"] = notes
+    return all(c["passed"] for c in checks)
+
+
+def verdict_line(check: dict) -> str:
+    """``PASS``/``FAIL`` and what was compared, for one evaluated check."""
+    head = "PASS" if check["passed"] else "FAIL"
+    errors = " / ".join(f"{e:.2e}" for e in check["rel_l2"])
+    why = f": {'; '.join(check['failures'])}" if check["failures"] else ""
+    return (f"{head} {check['dtype']:9s} {check['backend']:5s} {check['parallel']:14s} rel L2 {errors}  mask rows "
+            f"agree {_share(check.get('mask_counts_agree'))}  latents finite {check['latents_finite']}{why}")
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def finite(x) -> bool:
+    return bool(np.isfinite(np.asarray(x)).all())
 
 
 def same_rows(a, b) -> float:
@@ -95,15 +167,21 @@ def main(argv=None) -> dict:
                 agree = None if first.cache is None else same_rows(first.cache, ref[0].cache)
                 check = {"dtype": dtype, "backend": backend, "parallel": name, "sparse_implementation": impl[0],
                          "rel_l2": errors, "mask_counts_agree": agree, "programs": traces,
-                         "refreshes_equal": bool(np.array_equal(first.refreshed, ref[0].refreshed))}
+                         "refreshes_equal": bool(np.array_equal(first.refreshed, ref[0].refreshed)),
+                         "latents_finite": [finite(r.latents) for r in (first, second, ref[0], ref[1])]}
                 results["checks"].append(check)
                 print(f"{dtype:9s} {backend:5s} {name:14s} rel L2 {errors[0]:.2e} / {errors[1]:.2e}  mask rows agree "
                       f"{agree}  programs {traces}  (sparse kernel {impl[0]})", flush=True)
         del model
+    results["passed"] = evaluate(results["checks"])
     if args.out:
         write_json(args.out, results)
+    print()
+    for check in results["checks"]:
+        print(verdict_line(check), flush=True)
+    print("all checks passed" if results["passed"] else "!!! SOME CHECKS FAILED", flush=True)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["passed"] else 3)

@@ -217,8 +217,9 @@ def reference_forward(model, x, t, text, attend=None):
 class DFSReference:
     """Reference DFS self-attention: permute, score, select (refresh) or reuse, mask, restore."""
 
-    def __init__(self, dfs: DFSConfig, grid, num_blocks: int, refresh: bool, layouts=None):
+    def __init__(self, dfs: DFSConfig, grid, num_blocks: int, refresh: bool, layouts=None, scoring=None):
         self.dfs = dfs
+        self.scoring = scoring  # block_scores' implementation (a Pallas one runs interpreted)
         self.perm = np.asarray(token_order(dfs.order, grid))
         self.num_blocks = num_blocks
         self.refresh = refresh
@@ -230,7 +231,8 @@ class DFSReference:
         qp, kp, vp = (a[:, self.perm] for a in (q, k, v))
         if self.refresh:
             scores = block_scores(jnp.asarray(qp, jnp.float32), jnp.asarray(kp, jnp.float32),
-                                  tile_size=self.dfs.tile_size, block_size=self.dfs.block_size)
+                                  tile_size=self.dfs.tile_size, block_size=self.dfs.block_size,
+                                  implementation=self.scoring, interpret=True)
             self.layouts[layer] = np.asarray(select_blocks(scores, self.num_blocks).to_dense_mask())
         blocks = self.layouts[layer]  # [B, N, nq, nk]
         tok = np.arange(q.shape[1]) // self.dfs.block_size
@@ -355,6 +357,42 @@ def test_dfs_refresh_then_reuse_matches_reference(model, dfs_fwd):
     reuse = DFSReference(DFS, GRID, num_blocks, refresh=False, layouts=ref_attn.layouts)
     assert _rel(out2, reference_forward(model, x2, t2, text2, attend=reuse)) < F32_TOL
     chex.assert_trees_all_equal(cache2, cache)
+
+
+@pytest.mark.parametrize("scoring", ["jnp", "triton"])
+def test_backend_scoring_implementation_scores_the_refresh(model, scoring, monkeypatch):
+    """``scoring_implementation`` reaches ``block_scores`` at a refresh: the forward asks for that
+    scorer, and its output and cached layouts match the reference scoring with the same scorer
+    (the Triton kernel in the Pallas interpreter, as the backend's ``interpret`` asks)."""
+    from models.common import processor
+
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append((kwargs.get("implementation"), kwargs.get("interpret")))
+        return block_scores(*args, **kwargs)
+
+    monkeypatch.setattr(processor, "block_scores", spy)
+    backend = make_backend("dfs", DFS, scoring_implementation=scoring, interpret=True)
+    assert backend.scoring_implementation == scoring
+    num_blocks = 2
+    cache = init_cache(backend, CFG.num_layers, 2, CFG.num_heads, L, 3)
+    x, t, text = _inputs(11)
+    out, cache = _jit(model, backend)(x, t, text, sparse_step(num_blocks), cache)
+    assert asked == [(scoring, True)] * len(backend.sparse_layers(CFG.num_layers))
+    ref_attn = DFSReference(DFS, GRID, num_blocks, refresh=True, scoring=scoring)
+    assert _rel(out, reference_forward(model, x, t, text, attend=ref_attn)) < F32_TOL
+    for layer, blocks in ref_attn.layouts.items():
+        slot = backend.slot(layer, CFG.num_layers)
+        np.testing.assert_array_equal(np.asarray(cache_layout(cache, slot, NK).to_dense_mask()), blocks)
+
+
+def test_backend_rejects_unknown_scoring_implementation():
+    message = r"scoring_implementation must be one of \('jnp', 'triton'\) or None, got 'cuda'"
+    with pytest.raises(ValueError, match=message):
+        AttentionBackend("dfs", DFS, scoring_implementation="cuda")
+    with pytest.raises(ValueError, match=message):
+        make_backend("dfs", DFS, scoring_implementation="cuda")
 
 
 def test_bfloat16_model_runs_and_keeps_float32_modules(model):

@@ -64,7 +64,7 @@ from dfsattn_jax.joint import (
 from dfsattn_jax.layout import BlockLayout, select_blocks
 from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
 from dfsattn_jax.schedule import DFSConfig
-from dfsattn_jax.scoring import block_scores
+from dfsattn_jax.scoring import SCORING_IMPLEMENTATIONS, block_scores
 from models.common.parallel import Parallelism
 
 __all__ = [
@@ -161,7 +161,12 @@ class AttentionBackend:
         GPU, the XLA reference elsewhere).
       dense_implementation: passed to :func:`dense_attention` (``None``: cuDNN on GPU for
         16-bit inputs, XLA elsewhere).
-      interpret: run a Pallas sparse kernel in its interpreter (tests).
+      scoring_implementation: the block scorer of a refresh, passed to
+        :func:`~dfsattn_jax.scoring.block_scores` (a key of
+        :data:`~dfsattn_jax.scoring.SCORING_IMPLEMENTATIONS`; ``None``: the Triton kernel on
+        GPU when it supports the input, the jnp scorer elsewhere). Hooks' scores replace it.
+      interpret: run the Pallas kernels (sparse attention, block scoring) in the Pallas
+        interpreter (tests).
       hooks: the layout-source and measurement hooks (:class:`AttentionHooks`).
       parallel: the device mesh (:class:`models.common.parallel.Parallelism`): attention runs
         per device on its heads (self-attention) or its tokens (cross-attention) inside
@@ -173,6 +178,7 @@ class AttentionBackend:
     order: str | None = None
     sparse_implementation: str | None = None
     dense_implementation: str | None = None
+    scoring_implementation: str | None = None
     interpret: bool = False
     hooks: AttentionHooks = AttentionHooks()
     parallel: Parallelism | None = None
@@ -186,6 +192,11 @@ class AttentionBackend:
             raise ValueError(f"dfs must be a DFSConfig, got {type(self.dfs).__name__}")
         if self.order is not None and self.order not in ORDER_NAMES:
             raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
+        if self.scoring_implementation is not None and self.scoring_implementation not in SCORING_IMPLEMENTATIONS:
+            raise ValueError(
+                f"scoring_implementation must be one of {tuple(SCORING_IMPLEMENTATIONS)} or None, "
+                f"got {self.scoring_implementation!r}"
+            )
         if not isinstance(self.hooks, AttentionHooks):
             raise ValueError(f"hooks must be an AttentionHooks, got {type(self.hooks).__name__}")
         if self.parallel is not None and not isinstance(self.parallel, Parallelism):
@@ -235,6 +246,7 @@ def make_backend(
     order: str | None = None,
     sparse_implementation: str | None = None,
     dense_implementation: str | None = None,
+    scoring_implementation: str | None = None,
     interpret: bool = False,
     hooks: AttentionHooks | None = None,
 ) -> AttentionBackend:
@@ -247,6 +259,7 @@ def make_backend(
         order=order,
         sparse_implementation=sparse_implementation,
         dense_implementation=dense_implementation,
+        scoring_implementation=scoring_implementation,
         interpret=interpret,
         hooks=AttentionHooks() if hooks is None else hooks,
     )
@@ -346,10 +359,10 @@ def _score_layout(
     scores = backend.hooks.scores(q, k, layer=layer, inputs=state.inputs, step=state.step)
     dfs = backend.dfs
     if scores is None:
-        if kv_lengths is None:
-            scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
-        else:
-            scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size, kv_lengths=kv_lengths)
+        scores = block_scores(
+            q, k, tile_size=dfs.tile_size, block_size=dfs.block_size, kv_lengths=kv_lengths,
+            implementation=backend.scoring_implementation, interpret=backend.interpret,
+        )  # fmt: skip
     # A joint budget counts the text blocks too, so num_key_blocks keeps a joint layer whole as well.
     num_blocks = backend.hooks.layer_blocks(
         num_blocks, layer=layer, inputs=state.inputs, step=state.step, num_key_blocks=scores.shape[-1]
