@@ -167,6 +167,13 @@ def test_default_schedule_sparsity_and_padded_text(model):
     assert sampler.trace_count == 1  # one program for both runs
 
 
+def test_auto_parallel_gives_an_embedded_guidance_model_its_heads(model):
+    # No cond/uncond batch to split: "auto" picks heads (tiny has 2 heads), "guidance" stays available.
+    assert Sampler(model, "dense", schedule="flow-match-euler", parallel=2, progress=False).parallel.mode == "heads"
+    explicit = Sampler(model, "dense", schedule="flow-match-euler", parallel=2, parallel_mode="guidance", progress=False)
+    assert explicit.parallel.mode == "guidance"
+
+
 def test_sampler_rejects_bad_hunyuan_inputs(model):
     noise, cond = io_inputs()
     with pytest.raises(ValueError, match="flow-match-euler schedule runs the euler solver"):

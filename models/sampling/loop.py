@@ -207,7 +207,8 @@ class Sampler:
         one jitted program; the model's weights are replicated onto the mesh (in place) at the
         first call; the latents come back replicated, the mask cache sharded like the heads.
       parallel_mode: how a device count is split: ``"auto"`` (2 x N/2 for an even count, else
-        heads), ``"guidance"``, ``"heads"`` or ``"both"``.
+        heads; heads only for a model that embeds its guidance, ``config.guidance_embeds``),
+        ``"guidance"``, ``"heads"`` or ``"both"``.
 
     Attributes:
       trace_count: how many times the loop has been traced (= compiled programs).
@@ -231,7 +232,10 @@ class Sampler:
     ):
         self.model = model
         self.backend = make_backend(backend)
-        self.parallel = make_parallel(parallel, parallel_mode)
+        # A model that embeds its guidance scale (HunyuanVideo) samples without a cond/uncond
+        # batch, so "auto" gives its devices to the heads.
+        guided = not getattr(model.config, "guidance_embeds", False)
+        self.parallel = make_parallel(parallel, parallel_mode, guided=guided)
         if self.parallel is not None:
             self.parallel.check_heads(model.config.num_heads)
             self.backend = dataclasses.replace(self.backend, parallel=self.parallel)
