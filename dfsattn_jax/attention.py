@@ -124,14 +124,17 @@ def default_implementation() -> str:
     return "triton"
 
 
-def asked_for(implementation: str, registry: dict[str, Implementation]) -> tuple[str, str]:
-    """``(implementation, "asked for")``, once the name is found in ``registry``.
+def asked_for(
+    implementation: str, registry: dict[str, Implementation], what: str = "implementation"
+) -> tuple[str, str]:
+    """``(implementation, "asked for")``, once the name is found in ``registry`` (``what``: the
+    argument's name in the error).
 
     Raises:
       ValueError: for a name ``registry`` does not hold.
     """
     if implementation not in registry:
-        raise ValueError(f"implementation must be one of {tuple(registry)} or None, got {implementation!r}")
+        raise ValueError(f"{what} must be one of {tuple(registry)} or None, got {implementation!r}")
     return implementation, "asked for"
 
 

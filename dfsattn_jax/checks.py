@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
+from typing import TypeVar
 
-__all__ = ["check_positive_int"]
+__all__ = ["check_positive_int", "lookup"]
+
+T = TypeVar("T")
 
 
 def check_positive_int(value: int, name: str) -> int:
@@ -16,3 +20,10 @@ def check_positive_int(value: int, name: str) -> int:
     if number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return number
+
+
+def lookup(registry: Mapping[str, T], name: str, what: str) -> T:
+    """``registry[name]``, or a ``ValueError`` naming ``what`` and listing the known names (sorted)."""
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"{what} must be one of {sorted(registry)}, got {name!r}")
+    return registry[name]

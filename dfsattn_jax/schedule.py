@@ -27,6 +27,7 @@ import operator
 import numpy as np
 from jaxtyping import Bool, Float64, Int32
 
+from dfsattn_jax.checks import lookup
 from dfsattn_jax.joint import JointTokens, joint_density
 from dfsattn_jax.layout import blocks_for_density, check_density
 from dfsattn_jax.orders import ORDER_NAMES
@@ -295,7 +296,5 @@ def get_schedule_preset(name: str, num_steps: int | None = None) -> DFSConfig:
     Raises:
       ValueError: for an unknown name (listing the known ones).
     """
-    if not isinstance(name, str) or name not in SCHEDULE_PRESETS:
-        raise ValueError(f"schedule preset must be one of {sorted(SCHEDULE_PRESETS)}, got {name!r}")
-    config = SCHEDULE_PRESETS[name].config
+    config = lookup(SCHEDULE_PRESETS, name, "schedule preset").config
     return config if num_steps is None else default_schedule(num_steps, config)

@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from dfsattn_jax.checks import lookup
+
 __all__ = [
     "ACTIVATIONS",
     "ActivationProjection",
@@ -56,9 +58,7 @@ def resolve_dtypes(dtype, param_dtype) -> tuple[jnp.dtype, jnp.dtype]:
 
 
 def _activation(name: str) -> Callable[[Array], Array]:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
-    return ACTIVATIONS[name]
+    return lookup(ACTIVATIONS, name, "activation")
 
 
 def uniform_init(bound: float):

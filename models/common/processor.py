@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from dfsattn_jax.attention import block_sparse_attention, dense_attention
+from dfsattn_jax.attention import asked_for, block_sparse_attention, dense_attention
 from dfsattn_jax.cache import MaskCache, cache_layout, cache_update, init_mask_cache
 from dfsattn_jax.joint import (
     JointTokens,
@@ -192,11 +192,8 @@ class AttentionBackend:
             raise ValueError(f"dfs must be a DFSConfig, got {type(self.dfs).__name__}")
         if self.order is not None and self.order not in ORDER_NAMES:
             raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
-        if self.scoring_implementation is not None and self.scoring_implementation not in SCORING_IMPLEMENTATIONS:
-            raise ValueError(
-                f"scoring_implementation must be one of {tuple(SCORING_IMPLEMENTATIONS)} or None, "
-                f"got {self.scoring_implementation!r}"
-            )
+        if self.scoring_implementation is not None:
+            asked_for(self.scoring_implementation, SCORING_IMPLEMENTATIONS, "scoring_implementation")
         if not isinstance(self.hooks, AttentionHooks):
             raise ValueError(f"hooks must be an AttentionHooks, got {type(self.hooks).__name__}")
         if self.parallel is not None and not isinstance(self.parallel, Parallelism):

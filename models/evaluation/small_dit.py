@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from dfsattn_jax.checks import lookup
 from models.evaluation.clips import NUM_MOTIONS, NUM_PHOTOS, ClipConfig
 from models.evaluation.codec import LatentCodec, token_grid as clip_token_grid
 from models.wan.config import WanConfig, default_dtype
@@ -223,9 +224,7 @@ SMALL_DIT_MODELS: dict[str, SmallDiTModel] = {
 
 def get_small_dit(name: str) -> SmallDiTModel:
     """The registered model ``name`` (``ValueError`` listing the names otherwise)."""
-    if name not in SMALL_DIT_MODELS:
-        raise ValueError(f"model must be one of {sorted(SMALL_DIT_MODELS)}, got {name!r}")
-    return SMALL_DIT_MODELS[name]
+    return lookup(SMALL_DIT_MODELS, name, "model")
 
 
 class ClipConditioner(nnx.Module):

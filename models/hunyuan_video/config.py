@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from dfsattn_jax.checks import lookup
 from models.common.grid import patch_token_grid, video_latent_shape
 from models.common.layers import default_dtype
 from models.common.rope import check_axis_dims
@@ -147,11 +148,7 @@ def get_config(name: str | HunyuanConfig) -> HunyuanConfig:
     Raises:
       ValueError: for an unknown name, listing the known ones.
     """
-    if isinstance(name, HunyuanConfig):
-        return name
-    if not isinstance(name, str) or name not in CONFIGS:
-        raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {name!r}")
-    return CONFIGS[name]
+    return name if isinstance(name, HunyuanConfig) else lookup(CONFIGS, name, "config")
 
 
 def latent_shape(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dfsattn_jax.checks import lookup
 from models.common.grid import VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR, patch_token_grid, video_latent_shape
 from models.common.layers import default_dtype
 
@@ -118,11 +119,7 @@ def get_config(name: str | WanConfig) -> WanConfig:
     Raises:
       ValueError: for an unknown name, listing the known ones.
     """
-    if isinstance(name, WanConfig):
-        return name
-    if not isinstance(name, str) or name not in CONFIGS:
-        raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {name!r}")
-    return CONFIGS[name]
+    return name if isinstance(name, WanConfig) else lookup(CONFIGS, name, "config")
 
 
 def latent_shape(
