@@ -317,9 +317,7 @@ def _read_arrays(p: pathlib.Path, keys: tuple[str, ...], what: str) -> dict[str,
                 present = sorted(f.keys())
                 for key in keys:
                     if key in present:
-                        tensor = f.get_tensor(key)
-                        floating = "float" in str(tensor.dtype)
-                        out[key] = np.asarray(tensor.astype("float32") if floating else tensor)
+                        out[key] = np.asarray(f.get_tensor(key))
         except Exception as err:  # safetensors raises its own error types for a corrupt file
             raise ValueError(f"{what} file {str(p)!r} is not a readable safetensors file: {err}") from None
     else:
@@ -327,7 +325,8 @@ def _read_arrays(p: pathlib.Path, keys: tuple[str, ...], what: str) -> dict[str,
     missing = [key for key in keys if key not in out]
     if missing:
         raise ValueError(f"{what} file {str(p)!r} has no {missing[0]!r} tensor (keys: {present})")
-    return out
+    floating = lambda a: np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"  # noqa: E731
+    return {key: a.astype(np.float32) if floating(a) else a for key, a in out.items()}
 
 
 def _drop_batch1(arr: np.ndarray, rank: int) -> np.ndarray:

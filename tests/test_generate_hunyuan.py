@@ -138,6 +138,19 @@ def test_prompt_file_round_trip(tmp_path):
         assert got.prompt_attention_mask.dtype == np.int32
 
 
+def test_prompt_file_of_any_float_dtype_reads_as_float32(tmp_path):
+    # A hand-made .npz keeps NumPy's float64 (and a safetensors file may hold float16): both read as float32.
+    rng = np.random.default_rng(3)
+    embeds, pooled = rng.standard_normal((6, 40)), rng.standard_normal(24)
+    mask = (np.arange(6) < 2).astype(np.int64)
+    np.savez(tmp_path / "p64.npz", prompt_embeds=embeds, prompt_attention_mask=mask, pooled_prompt_embeds=pooled)
+    got = load_hunyuan_prompt_embeds(tmp_path / "p64.npz", text_dim=40, pooled_dim=24)
+    assert got.prompt_embeds.dtype == np.float32 and got.pooled_prompt_embeds.dtype == np.float32
+    np.testing.assert_array_equal(got.prompt_embeds, embeds.astype(np.float32))
+    np.testing.assert_array_equal(got.pooled_prompt_embeds, pooled.astype(np.float32))
+    np.testing.assert_array_equal(got.prompt_attention_mask, mask.astype(np.int32))
+
+
 MASK = IO["encoder_attention_mask"][0].astype(np.int32)
 
 
