@@ -434,9 +434,9 @@ def main(argv=None) -> dict | None:
     finally:
         if created and not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from models.io import atomic_write_text  # the project's one writer (this driver imports no jax before)
+
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(summary(result))
     return result
 

@@ -66,6 +66,7 @@ from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
 from models.common.parallel import Parallelism, make_parallel
 from models.common.processor import AttentionBackend, num_token_blocks
 from models.evaluation.results import run_metadata, write_json
+from models.evaluation.speed import plan_step_times
 from models.sampling.loop import Sampler
 from models.wan.config import default_dtype, get_config, latent_shape, token_grid
 from models.wan.transformer import WanTransformer3DModel
@@ -173,12 +174,10 @@ def compose(per_step: dict, plan: SchedulePlan, density: float) -> dict | None:
     def sparse_at(d: float) -> float:
         return t_sparse + (d - density) / (1.0 - density) * (t_dense - t_sparse)
 
-    total = 0.0
-    for s in range(plan.num_steps):
-        if not plan.sparse[s]:
-            total += t_dense
-        else:
-            total += sparse_at(float(plan.density[s])) + (t_refresh - t_sparse) * bool(plan.refresh[s])
+    total = float(sum(plan_step_times(
+        plan, t_dense,
+        lambda s: sparse_at(float(plan.density[s])) + (t_refresh - t_sparse) * bool(plan.refresh[s]),
+    )))  # fmt: skip
     dense_total = plan.num_steps * per_step.get("dense-backend", t_dense)
     return {"steps": plan.num_steps, "dense_s": dense_total / 1e3, "dfs_s": total / 1e3,
             "speedup": dense_total / total, "refresh_steps": list(plan.refresh_steps),
@@ -369,7 +368,7 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
             record["per_step_ms"][key] = statistics.median(times)
             print(f"[{label}] {key:13s} step {record['per_step_ms'][key]:10.1f} ms (steps: "
                   f"{', '.join(f'{t:.0f}' for t in times)}; call to first step {result.compile_s:.1f} s)", flush=True)
-        add_scaling(records + load_baseline(args))
+        add_scaling(records + args.baseline_records)
         for kind in measured:
             key = "dense-backend" if name == "dense-backend" else kind
             if key in record.get("scaling_vs_1", {}) and record["devices"] > 1:
@@ -397,13 +396,9 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
         s = record["schedule"]
         print(f"[{label}] composed {s['steps']}-step schedule: dense {s['dense_s']:.1f} s, DFS {s['dfs_s']:.1f} s "
               f"({s['speedup']:.2f}x)", flush=True)
-    add_scaling(records + load_baseline(args))
+    add_scaling(records + args.baseline_records)
     save(args.out, records)
     return record
-
-
-def load_baseline(args) -> list[dict]:
-    return load_records([args.baseline]) if args.baseline else []
 
 
 def main(argv=None) -> list[dict]:
@@ -414,6 +409,7 @@ def main(argv=None) -> list[dict]:
         print(table(records))
         report_invalid(records)
         return records
+    args.baseline_records = load_records([args.baseline]) if args.baseline else []  # read once
     cfg = get_config(args.config)
     dtype = jnp.dtype(args.dtype) if args.dtype else default_dtype()
     parallels = variants(args.devices, args.mode)
@@ -433,7 +429,7 @@ def main(argv=None) -> list[dict]:
     records: list[dict] = []
     for parallel in parallels:
         run_variant(args, model, cfg, parallel, inputs, nk, num_blocks, grid, records)
-    add_scaling(records + load_baseline(args))
+    add_scaling(records + args.baseline_records)
     save(args.out, records)
     print(table(records))
     report_invalid(records)
