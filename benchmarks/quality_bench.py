@@ -79,6 +79,7 @@ from dfsattn_jax.layout import BlockLayout
 from dfsattn_jax.metrics import DISTANCE_CLASS_NAMES
 from dfsattn_jax.orders import ORDER_NAMES
 from dfsattn_jax.schedule import DFSConfig, default_schedule, reported_sparsity
+from models.common.processor import num_token_blocks
 from models.evaluation import quality as Q
 from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS, ClipConfig, clip_classes
 from models.evaluation.codec import latents_to_video
@@ -758,9 +759,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num_samples = args.samples or (2 if args.quick else 16)
     model, conditioner, config, source = load_setup(args)
     cfg = config.wan
-    small_grid = math.prod(config.token_grid) < 4096  # CPU sizes: 32-token blocks of 8-token tiles
-    block = 32 if small_grid else 128
-    tile = 8 if small_grid else 16
+    block, tile = Q.harness_blocks(math.prod(config.token_grid))
+    small_grid = block < 128  # CPU sizes
     other_tiles = args.tiles if args.tiles is not None else ((4, 16) if small_grid else (8, 32))
     tile_schedules = args.tile_densities or ((None,) if args.quick else (None, 0.1))
     refresh_schedules = args.refresh_densities or ((None,) if args.quick else (None, 0.2))
@@ -776,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     selected = select_variants(variants, args.variants)
     latent_shape, grid = config.latent_shape, config.token_grid
     tokens = math.prod(grid)
-    nk = -(-tokens // block)
+    nk = num_token_blocks(tokens, block)
     plans = {v.name: Q.variant_plan(v, steps, nk, base) for v in variants}
     max_blocks = max([p.max_blocks for p in plans.values() if p is not None] + [1])
     tiles = tuple(dict.fromkeys((tile, *other_tiles, block)))

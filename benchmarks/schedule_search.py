@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfsattn_jax.schedule import SCHEDULE_PRESETS, DFSConfig, default_schedule, plan_schedule
+from models.common.processor import num_token_blocks
 from models.evaluation import quality as Q
 from models.evaluation.clips import clip_classes
 from models.evaluation.codec import latents_to_video
@@ -320,9 +321,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     steps = args.steps or (8 if args.quick else 50)
     samples = args.samples or (2 if args.quick else 16)
     tokens = math.prod(config.token_grid)
-    block = 32 if tokens < 4096 else 128
-    tile = 8 if tokens < 4096 else 16
-    nk = -(-tokens // block)
+    block, tile = Q.harness_blocks(tokens)
+    nk = num_token_blocks(tokens, block)
     layer_options = args.dense_layers_options or ((0,), ())
     times = StepTimes.from_e2e(args.e2e)
     tag = args.tag or f"{key}_{device_slug()}"

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from jaxtyping import Array, Bool, Float, Int
 
-from dfsattn_jax.layout import BlockLayout, check_layout, select_blocks
+from dfsattn_jax.layout import BlockLayout, blocks_for_density, check_layout, select_blocks
 from dfsattn_jax.reference import check_attention_inputs, check_block_size
 
 __all__ = [
@@ -208,7 +208,7 @@ def sampled_row_stats(
       heads (equals :func:`dfsattn_jax.metrics.attention_error` against dense attention when
       every row is sampled);
     * top_mass: the mass of the row's ``top_blocks`` heaviest key blocks (default
-      ``max(1, int(0.2 * nk))``, the blocks density 0.2 keeps), per head;
+      ``blocks_for_density(0.2, nk)``, the blocks density 0.2 keeps), per head;
     * with ``coords`` (``int[L, 3]``: frame, row, column of each token in attention order): the
       mass and the missed mass (``p_ij (1 - M)``) per distance class (:func:`distance_classes`).
 
@@ -219,7 +219,7 @@ def sampled_row_stats(
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     num_rows = rows.shape[0]
     groups = batch * heads
-    top = max(1, int(0.2 * nk)) if top_blocks is None else int(top_blocks)
+    top = blocks_for_density(0.2, nk) if top_blocks is None else int(top_blocks)
     if not 1 <= top <= nk:
         raise ValueError(f"top_blocks must be in [1, {nk}], got {top_blocks!r}")
     if coords is not None and tuple(coords.shape) != (length, 3):

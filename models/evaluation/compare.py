@@ -35,7 +35,7 @@ from models.common.processor import AttentionBackend, AttentionState, init_cache
 from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS, clip_classes
 from models.evaluation.codec import latents_to_video, token_grid as clip_token_grid
 from models.evaluation.media import MP4_ENCODER_HINT, plot_block_masks, write_side_by_side_gif, write_side_by_side_mp4
-from models.evaluation.quality import video_scores
+from models.evaluation.quality import harness_blocks, video_scores
 from models.evaluation.results import device_name, write_json
 from models.sampling import Sampler
 from models.wan.config import get_config, latent_shape, token_grid
@@ -353,7 +353,8 @@ def run_clip_comparison(
     grid = clip_token_grid(clip, dit_config.codec, cfg.patch_size)
     num_tokens = math.prod(grid)
     if dfs_config is None:
-        dfs_config = DFSConfig() if num_tokens >= 4096 else DFSConfig(block_size=32, tile_size=8)
+        block_size, tile_size = harness_blocks(num_tokens)
+        dfs_config = DFSConfig(block_size=block_size, tile_size=tile_size)
     dfs_config = default_schedule(steps, dfs_config)
     guidance_scale = dit_config.guidance_scale if guidance_scale is None else float(guidance_scale)
     photo, motion = clip_classes(num_samples)

@@ -69,6 +69,8 @@ from models.evaluation.fidelity import psnr, ssim
 from models.sampling import Sampler, step_capacity
 
 __all__ = [
+    "SMALL_GRID_TOKENS",
+    "harness_blocks",
     "SCORING_RANDOM",
     "SCORING_WINDOW",
     "QualityHooks",
@@ -93,6 +95,16 @@ SCORING_RANDOM = "random"
 
 # ----------------------------------------------------------------------------------------------
 # Plans and variants
+
+
+#: Below this many tokens (the CPU-sized clips) the harness runs DFS on 32-token blocks of 8-token tiles.
+SMALL_GRID_TOKENS = 4096
+
+
+def harness_blocks(num_tokens: int) -> tuple[int, int]:
+    """``(block_size, tile_size)`` the harness runs DFS at for ``num_tokens``: 128 / 16, or 32 / 8
+    below :data:`SMALL_GRID_TOKENS` (CPU sizes)."""
+    return (32, 8) if num_tokens < SMALL_GRID_TOKENS else (128, 16)
 
 
 def fixed_density(config: DFSConfig, density: float) -> DFSConfig:

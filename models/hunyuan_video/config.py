@@ -23,14 +23,12 @@ import math
 
 from dfsattn_jax.checks import lookup
 from models.common.grid import patch_token_grid, video_latent_shape
-from models.common.layers import default_dtype
 from models.common.rope import check_axis_dims
 
 __all__ = [
     "HunyuanConfig",
     "CONFIGS",
     "get_config",
-    "default_dtype",
     "latent_shape",
     "token_grid",
 ]
