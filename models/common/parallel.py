@@ -234,9 +234,7 @@ class Parallelism:
           ``(out [B, L, N, D], state)`` with the cache still sharded like the heads.
         """
         self.check(batch=q.shape[0], num_heads=q.shape[2], num_tokens=q.shape[1])
-        cache_spec = None
-        if state.cache is not None:
-            cache_spec = jax.tree.map(lambda _: P(), state.cache)._replace(kv_indices=_CACHE, kv_counts=_CACHE)
+        cache_spec = None if state.cache is None else _cache_specs(state.cache)
         state_spec = jax.tree.map(lambda _: P(), state._replace(cache=None))._replace(cache=cache_spec)
 
         def local(q, k, v, state, *batched):
@@ -300,12 +298,14 @@ def shard_cache(cache: Any, parallel: Parallelism | None) -> Any:
     heads over ``heads`` (identity without ``parallel`` or without a cache)."""
     if parallel is None or cache is None:
         return cache
-    sharding = parallel.sharding(_CACHE)
-    return cache._replace(
-        kv_indices=jax.lax.with_sharding_constraint(cache.kv_indices, sharding),
-        kv_counts=jax.lax.with_sharding_constraint(cache.kv_counts, sharding),
-        refreshes=replicate(cache.refreshes, parallel),
+    return jax.tree.map(
+        lambda x, spec: jax.lax.with_sharding_constraint(x, parallel.sharding(spec)), cache, _cache_specs(cache)
     )
+
+
+def _cache_specs(cache: Any) -> Any:
+    """The partition spec of each ``MaskCache`` field: the layouts like the heads, the rest replicated."""
+    return jax.tree.map(lambda _: P(), cache)._replace(kv_indices=_CACHE, kv_counts=_CACHE)
 
 
 # --------------------------------------------------------------------------- construction
