@@ -59,7 +59,7 @@ from models.common.processor import (
     token_permutation,
 )
 from models.common.rope import rope_tables
-from models.evaluation.results import device_name, device_slug, write_json
+from models.evaluation.results import device_name, device_slug, memory_stats, write_json
 from models.evaluation.speed import compose_schedule
 from models.sampling.loop import Sampler
 from models.wan.config import default_dtype, get_config, latent_shape, token_grid
@@ -84,11 +84,7 @@ def _first_call(fn, *args) -> tuple[object, float]:
 
 
 def peak_memory_bytes() -> int | None:
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory stats
-        return None
-    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+    return int(memory_stats().get("peak_bytes_in_use", 0)) or None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

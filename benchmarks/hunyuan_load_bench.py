@@ -118,12 +118,9 @@ class MemorySampler:
 
 def gpu_memory() -> dict[str, int] | None:
     """``bytes_in_use`` and ``peak_bytes_in_use`` of the default device (``None`` without stats)."""
-    import jax
+    from models.evaluation.results import memory_stats
 
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory stats (CPU)
-        return None
+    stats = memory_stats()
     if not stats:
         return None
     return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}

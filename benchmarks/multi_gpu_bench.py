@@ -65,7 +65,7 @@ from dfsattn_jax.layout import blocks_for_density
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
 from models.common.parallel import Parallelism, make_parallel
 from models.common.processor import AttentionBackend, num_token_blocks
-from models.evaluation.results import run_metadata, write_json
+from models.evaluation.results import memory_stats, run_metadata, write_json
 from models.evaluation.speed import plan_step_times
 from models.sampling.loop import Sampler
 from models.wan.config import default_dtype, get_config, latent_shape, token_grid
@@ -140,10 +140,7 @@ def memory_per_device(parallel: Parallelism | None) -> list[dict]:
     devices = list(parallel.mesh.devices.flat) if parallel is not None else [jax.devices()[0]]
     out = []
     for dev in devices:
-        try:
-            stats = dev.memory_stats() or {}
-        except Exception:  # noqa: BLE001 - backends without memory stats
-            stats = {}
+        stats = memory_stats(dev)
         out.append({
             "device": dev.id,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
@@ -413,11 +410,11 @@ def main(argv=None) -> list[dict]:
     cfg = get_config(args.config)
     dtype = jnp.dtype(args.dtype) if args.dtype else default_dtype()
     parallels = variants(args.devices, args.mode)
+    sizes = problem_sizes(cfg, args.frames, args.height, args.width, args.block_size, args.density)
     for parallel in parallels:  # fail before building the model
         if parallel is not None:
-            parallel.check_heads(cfg.num_heads)
+            parallel.check(batch=2, num_heads=cfg.num_heads, num_tokens=sizes["tokens"], guided=True)
             _ = parallel.mesh
-    sizes = problem_sizes(cfg, args.frames, args.height, args.width, args.block_size, args.density)
     shape, grid, num_tokens, nk, num_blocks = (sizes[k] for k in ("shape", "grid", "tokens", "nk", "num_blocks"))
     print(f"{cfg.name} {args.frames}x{args.height}x{args.width}: {num_tokens} tokens, {nk} key blocks, keep "
           f"{num_blocks} at density {args.density}; {dtype.name}; {len(jax.devices())} x {jax.devices()[0].device_kind}; "

@@ -16,10 +16,19 @@ from typing import Any
 
 import jax
 
-__all__ = ["REPO_ROOT", "device_name", "device_slug", "portable", "run_metadata", "write_json"]
+__all__ = ["REPO_ROOT", "device_name", "device_slug", "memory_stats", "portable", "run_metadata", "write_json"]
 
 #: The repository root (the folder holding ``models/``), for repository-relative paths.
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def memory_stats(device: Any = None) -> dict[str, Any]:
+    """The allocator statistics of ``device`` (default: the first device): ``peak_bytes_in_use``,
+    ``bytes_in_use``, ... ; ``{}`` on a backend that keeps none (CPU)."""
+    try:
+        return dict((device if device is not None else jax.devices()[0]).memory_stats() or {})
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return {}
 
 
 def device_name() -> str:
