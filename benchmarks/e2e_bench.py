@@ -83,6 +83,27 @@ def _first_call(fn, *args) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
+def measured_blocks(densities, plan, nk: int) -> dict[float, int]:
+    """Kept blocks per distinct density (rounded to 6 digits) of ``densities`` and of ``plan``'s
+    sparse steps: one measurement per kept-block count the kernel sees, labelled by density."""
+    blocks: dict[float, int] = {}
+    for d in [*densities, *(float(v) for v in plan.density[plan.sparse])]:
+        blocks.setdefault(round(d, 6), blocks_for_density(d, nk))
+    return blocks
+
+
+def cache_round_trip(nk: int):
+    """A jitted read and write back of every slot of a mask cache (a step's cache traffic)."""
+
+    @jax.jit
+    def cache_only(cache):
+        for slot in range(cache.kv_indices.shape[0]):
+            cache = cache_update(cache, slot, cache_layout(cache, slot, nk))
+        return cache
+
+    return cache_only
+
+
 def peak_memory_bytes() -> int | None:
     return int(memory_stats().get("peak_bytes_in_use", 0)) or None
 
@@ -127,10 +148,7 @@ def main(argv=None) -> dict:
     num_tokens = math.prod(grid)
     nk = num_token_blocks(num_tokens, dfs.block_size)
     plan = plan_schedule(dfs, args.steps, nk)
-    # Measure per distinct kept-block count (what the kernel sees), labelled by density.
-    blocks = {}
-    for d in [*args.densities, *(float(v) for v in plan.density[plan.sparse])]:
-        blocks.setdefault(round(d, 6), blocks_for_density(d, nk))
+    blocks = measured_blocks(args.densities, plan, nk)
     densities = sorted(blocks, reverse=True)
     max_blocks = max([*blocks.values(), blocks_for_density(args.max_density, nk)])
     backend = AttentionBackend("dfs", dfs)
@@ -185,12 +203,7 @@ def main(argv=None) -> dict:
                                max_seq_len=cfg.rope_max_seq_len)
         return order.restore(order.apply(p)), cos, sin
 
-    @jax.jit
-    def cache_only(cache):
-        for slot in range(cache.kv_indices.shape[0]):
-            cache = cache_update(cache, slot, cache_layout(cache, slot, nk))
-        return cache
-
+    cache_only = cache_round_trip(nk)
     q = jnp.asarray(rng.standard_normal((batch, num_tokens, cfg.num_heads, cfg.head_dim), np.float32), dtype)
     k = jnp.asarray(rng.standard_normal((batch, num_tokens, cfg.num_heads, cfg.head_dim), np.float32), dtype)
 

@@ -47,10 +47,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_bench import _first_call, _median_time, peak_memory_bytes  # noqa: E402
+from e2e_bench import _first_call, _median_time, cache_round_trip, measured_blocks, peak_memory_bytes  # noqa: E402
 
 from dfsattn_jax.attention import dense_attention, resolve_implementation  # noqa: E402
-from dfsattn_jax.cache import cache_layout, cache_update  # noqa: E402
 from dfsattn_jax.joint import JointTokens, joint_attention, joint_density, select_joint_blocks  # noqa: E402
 from dfsattn_jax.layout import blocks_for_density  # noqa: E402
 from dfsattn_jax.schedule import get_schedule_preset, plan_schedule, reported_sparsity  # noqa: E402
@@ -111,9 +110,7 @@ def main(argv=None) -> dict:
     joint = JointTokens(math.prod(grid), args.text_len)
     nk, vs, bs = joint.num_blocks(dfs.block_size), joint.video_blocks(dfs.block_size), dfs.block_size
     plan = plan_schedule(dfs, args.steps, nk)
-    blocks = {}
-    for d in [*args.densities, *(float(v) for v in plan.density[plan.sparse])]:
-        blocks.setdefault(round(d, 6), blocks_for_density(d, nk))
+    blocks = measured_blocks(args.densities, plan, nk)
     densities = sorted(blocks, reverse=True)
     max_blocks = min(nk, max([*blocks.values(), blocks_for_density(args.max_density, nk), joint.min_capacity(bs)]))
     backend = AttentionBackend("dfs", dfs)
@@ -214,12 +211,7 @@ def main(argv=None) -> dict:
         cos, sin = joint_rope_tables(cfg, grid, order.perm, joint.text_len)
         return order.restore(order.apply(p)), cos, sin
 
-    @jax.jit
-    def cache_only(cache):
-        for slot in range(cache.kv_indices.shape[0]):
-            cache = cache_update(cache, slot, cache_layout(cache, slot, nk))
-        return cache
-
+    cache_only = cache_round_trip(nk)
     t_perm = _median_time(permute_only, patches, warmup=1, iters=3)
     t_cache = _median_time(cache_only, cache0, warmup=1, iters=3)
     per_step_overhead = t_perm + t_cache
