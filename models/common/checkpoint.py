@@ -46,8 +46,11 @@ __all__ = [
     "as_int",
     "builtin_name",
     "checkpoint_shards",
+    "config_bool",
     "config_int",
     "config_name",
+    "config_number",
+    "config_three_ints",
     "diffusers_name",
     "expected_tensors",
     "float_dtype",
@@ -138,6 +141,30 @@ def config_int(raw: dict, key: str, file: pathlib.Path, default: Any = None) -> 
     anything else that is not a whole number raises instead of being truncated."""
     value = raw.get(key, default)
     return as_int(value, key, file)
+
+
+def config_number(raw: dict, key: str, file: pathlib.Path, default: Any = None) -> float:
+    """``raw[key]`` (or ``default`` when absent) as a positive, finite float; a ValueError otherwise."""
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"config {str(file)!r}: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def config_bool(raw: dict, key: str, file: pathlib.Path, default: Any = None) -> bool:
+    """``raw[key]`` (or ``default`` when absent), which must be a JSON boolean."""
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"config {str(file)!r}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def config_three_ints(raw: dict, key: str, file: pathlib.Path, default: Any = None) -> tuple[int, int, int]:
+    """``raw[key]`` (or ``default`` when absent), a list of three whole numbers, as a tuple of ints."""
+    value = raw.get(key, default)
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"config {str(file)!r}: {key} must be a list of three integers, got {value!r}")
+    return tuple(as_int(v, key, file) for v in value)
 
 
 def as_int(value: Any, key: str, file: pathlib.Path) -> int:

@@ -20,7 +20,6 @@ diffusers name (``kernel`` for ``weight``); linear weights are transposed; the
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Callable
 
@@ -29,9 +28,11 @@ from flax import nnx
 
 from models.common.checkpoint import (
     builtin_name,
-    as_int,
+    config_bool,
     config_int,
     config_name,
+    config_number,
+    config_three_ints,
     load_dtypes,
     load_checkpoint,
     read_config_json,
@@ -50,13 +51,6 @@ _KNOWN_KEYS = (
     "guidance_embeds", "text_embed_dim", "pooled_projection_dim", "rope_theta", "rope_axes_dim",
     "image_condition_type",
 )
-
-
-def _number(raw: dict, key: str, default: float, file) -> float:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"config {str(file)!r}: {key} must be a positive number, got {value!r}")
-    return float(value)
 
 
 def read_hunyuan_config(path: str | os.PathLike) -> HunyuanConfig:
@@ -88,12 +82,8 @@ def read_hunyuan_config(path: str | os.PathLike) -> HunyuanConfig:
     unknown = sorted(k for k in raw if not k.startswith("_") and k not in _KNOWN_KEYS)
     if unknown:
         raise ValueError(f"config {str(file)!r} has keys this model does not implement: {unknown}")
-    guidance = raw.get("guidance_embeds", True)
-    if not isinstance(guidance, bool):
-        raise ValueError(f"config {str(file)!r}: guidance_embeds must be true or false, got {guidance!r}")
-    rope_axes = raw.get("rope_axes_dim", (16, 56, 56))
-    if not isinstance(rope_axes, (list, tuple)) or len(rope_axes) != 3:
-        raise ValueError(f"config {str(file)!r}: rope_axes_dim must be a list of three integers, got {rope_axes!r}")
+    guidance = config_bool(raw, "guidance_embeds", file, True)
+    rope_axes = config_three_ints(raw, "rope_axes_dim", file, (16, 56, 56))
     patch, patch_t = config_int(raw, "patch_size", file, 2), config_int(raw, "patch_size_t", file, 1)
     in_channels = config_int(raw, "in_channels", file, 16)
     try:
@@ -104,15 +94,15 @@ def read_hunyuan_config(path: str | os.PathLike) -> HunyuanConfig:
             num_dual_layers=config_int(raw, "num_layers", file, 20),
             num_single_layers=config_int(raw, "num_single_layers", file, 40),
             num_refiner_layers=config_int(raw, "num_refiner_layers", file, 2),
-            mlp_ratio=_number(raw, "mlp_ratio", 4.0, file),
+            mlp_ratio=config_number(raw, "mlp_ratio", file, 4.0),
             in_channels=in_channels,
             out_channels=in_channels if raw.get("out_channels") is None else config_int(raw, "out_channels", file),
             patch_size=(patch_t, patch, patch),
             text_dim=config_int(raw, "text_embed_dim", file, 4096),
             pooled_dim=config_int(raw, "pooled_projection_dim", file, 768),
             guidance_embeds=guidance,
-            rope_theta=_number(raw, "rope_theta", 256.0, file),
-            rope_axes_dim=tuple(as_int(v, "rope_axes_dim", file) for v in rope_axes),
+            rope_theta=config_number(raw, "rope_theta", file, 256.0),
+            rope_axes_dim=rope_axes,
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"config {str(file)!r} is not a valid HunyuanVideo transformer config: {err}") from None

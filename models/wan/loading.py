@@ -26,7 +26,6 @@ name, with ``kernel`` for ``weight``. ``nn.Linear`` weights ``[out, in]`` are tr
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Callable
 
@@ -39,10 +38,12 @@ from models.common.checkpoint import (
     INDEX_NAME,
     SINGLE_FILE_NAME,
     TensorSpec,
-    as_int,
     checkpoint_shards,
+    config_bool,
     config_int,
     config_name,
+    config_number,
+    config_three_ints,
     diffusers_name,
     expected_tensors,
     load_dtypes,
@@ -105,16 +106,9 @@ def read_wan_config(path: str | os.PathLike) -> WanConfig:
     head_dim = config_int(raw, "attention_head_dim", file)
     in_channels = config_int(raw, "in_channels", file, 16)
     out_channels = in_channels if raw.get("out_channels") is None else config_int(raw, "out_channels", file)
-    patch_size = raw.get("patch_size", (1, 2, 2))
-    if not isinstance(patch_size, (list, tuple)) or len(patch_size) != 3:
-        raise ValueError(f"config {str(file)!r}: patch_size must be a list of three integers, got {patch_size!r}")
-    patch_size = tuple(as_int(v, "patch_size", file) for v in patch_size)
-    eps = raw.get("eps", 1e-6)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"config {str(file)!r}: eps must be a positive number, got {eps!r}")
-    cross_attn_norm = raw.get("cross_attn_norm", True)
-    if not isinstance(cross_attn_norm, bool):
-        raise ValueError(f"config {str(file)!r}: cross_attn_norm must be true or false, got {cross_attn_norm!r}")
+    patch_size = config_three_ints(raw, "patch_size", file, (1, 2, 2))
+    eps = config_number(raw, "eps", file, 1e-6)
+    cross_attn_norm = config_bool(raw, "cross_attn_norm", file, True)
     try:
         config = WanConfig(
             name=config_name(file),
@@ -127,7 +121,7 @@ def read_wan_config(path: str | os.PathLike) -> WanConfig:
             out_channels=out_channels,
             freq_dim=config_int(raw, "freq_dim", file, 256),
             patch_size=patch_size,
-            eps=float(eps),
+            eps=eps,
             cross_attn_norm=cross_attn_norm,
             rope_max_seq_len=config_int(raw, "rope_max_seq_len", file, 1024),
         )
