@@ -60,6 +60,7 @@ from models.io import (
     load_latents,
     load_prompt_embeds,
     save_latents,
+    VAE_RECIPES,
 )
 from models.sampling import SOLVER_NAMES, Sampler
 from models.wan import config as wan_config
@@ -118,7 +119,8 @@ class ModelDefaults:
       dfs_preset: the family's schedule preset (:data:`dfsattn_jax.schedule.SCHEDULE_PRESETS`): its
         always-dense layers, with the schedule options (whose defaults are its values), unless
         ``--schedule`` names another preset.
-      vae: the VAE class ``--mp4`` decodes with.
+
+    The VAE that ``--mp4`` decodes with is the family's :data:`models.io.VAE_RECIPES` entry.
     """
 
     frames: int
@@ -130,15 +132,13 @@ class ModelDefaults:
     shift: float | None
     schedule: str
     dfs_preset: str
-    vae: str
 
 
 #: The families ``--model`` knows, with their pipelines' defaults.
 MODEL_DEFAULTS: dict[str, ModelDefaults] = {
-    "wan2.1": ModelDefaults(81, 480, 832, 5.0, "unipc", SOLVER_NAMES, None, "unipc", "wan2.1",
-                            "AutoencoderKLWan"),
+    "wan2.1": ModelDefaults(81, 480, 832, 5.0, "unipc", SOLVER_NAMES, None, "unipc", "wan2.1"),
     "hunyuan-video": ModelDefaults(129, 720, 1280, 6.0, "euler", ("euler",), 7.0, "flow-match-euler",
-                                   "hunyuan-video", "AutoencoderKLHunyuanVideo"),
+                                   "hunyuan-video"),
 }  # fmt: skip
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_DEFAULTS)
 
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--out", default="out/latents.safetensors", metavar="FILE",
                     help="where to write the final latents")
     io.add_argument("--mp4", default=None, metavar="FILE",
-                    help=f"also decode to this MP4 with diffusers' VAE ({_per_model('vae')}); needs the "
+                    help=f"also decode to this MP4 with diffusers' VAE ({', '.join(f'{VAE_RECIPES[m].vae_class} for {m}' for m in MODEL_NAMES)}); needs the "
                          f"optional extra: {VAE_EXTRA_INSTALL} (default: none)")
     io.add_argument("--vae", default=None, metavar="DIR",
                     help="VAE folder for --mp4 (default: the checkpoint's vae/)")
