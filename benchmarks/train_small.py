@@ -577,9 +577,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          batch=2 if args.smoke else 8, seed=cfg.seed)  # fmt: skip
     carry_dtype = jnp.dtype(args.carry_dtype)
 
+    heldout_results: dict[int, dict] = {}  # step -> held-out result measured in this process
+
     def evaluate(step: int) -> None:
         bundle = nnx.merge(graphdef, params)
-        loss = heldout(bundle.transformer, bundle.conditioner)["loss"]
+        heldout_results[step] = heldout(bundle.transformer, bundle.conditioner)
+        loss = heldout_results[step]["loss"]
         history["heldout"] = [h for h in history["heldout"] if h[0] != step] + [(step, loss)]
         print(f"step {step}: held-out loss {loss:.4f}", flush=True)
 
@@ -598,6 +601,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stopped_early = False
     stage_stats: dict[int, dict[str, float]] = {}
     current, train_step, t_steady, stage_start = None, None, None, start
+
+    def drain() -> None:  # the device losses of the steps since the last drain, into the history
+        history["losses"].extend((s, float(v)) for s, v in pending)
+        pending.clear()
+
     while step < cfg.steps:
         index = cfg.stage_index(step)
         stage = cfg.stages[index]
@@ -620,26 +628,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"step {step}: loss {float(loss):.4f} (first step of stage {index} incl. compile {first:.1f} s)", flush=True)
         flush = step % args.log_every == 0 or step == cfg.steps or step == stage.end
         if flush:
-            history["losses"].extend((s, float(v)) for s, v in pending)
-            pending.clear()
+            drain()
             stats = stage_stats[index]
             stats["steps"], stats["seconds"] = step - stage_start - 1, time.perf_counter() - t_steady
             rate = stats["steps"] / max(stats["seconds"], 1e-9)
             recent = np.mean([v for _, v in history["losses"][-args.log_every :]])
             print(f"step {step}: loss {recent:.4f} ({rate:.2f} steps/s, lr {float(lr):.2e})", flush=True)
         if eval_every and step % eval_every == 0 and step < cfg.steps:
-            history["losses"].extend((s, float(v)) for s, v in pending)
-            pending.clear()
+            drain()
             evaluate(step)
         if step % args.checkpoint_every == 0 and step < cfg.steps:
-            history["losses"].extend((s, float(v)) for s, v in pending)
-            pending.clear()
+            drain()
             checkpoint(step)
         if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit and step < cfg.steps:
             print(f"time limit reached at step {step}", flush=True)
             stopped_early = True
             break
-    history["losses"].extend((s, float(v)) for s, v in pending)
+    drain()
     if current is not None and t_steady is not None:
         stats = stage_stats[current]
         stats["steps"], stats["seconds"] = step - stage_start - 1, time.perf_counter() - t_steady
@@ -690,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             num_steps=args.sample_steps or (2 if args.smoke else 50),
             num_candidates=args.eval_candidates or (4 if args.smoke else 256),
             photo_candidates=2 if args.smoke else 32,
-            seed=cfg.seed, heldout=heldout,
+            seed=cfg.seed, heldout=heldout, heldout_result=heldout_results.get(step),
         )  # fmt: skip
         shown = min(args.show_samples, num)
         captions = [f"{BACKGROUND_PHOTOS[p]} / {MOTIONS[m]}" for p, m in report["classes"][:shown]]

@@ -371,6 +371,7 @@ def learning_report(
     seed: int = 0,
     videos: np.ndarray | None = None,
     heldout: HeldoutSet | None = None,
+    heldout_result: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Everything :mod:`benchmarks.learning_bench` reports about one model, and the videos.
 
@@ -383,6 +384,8 @@ def learning_report(
       videos: already generated samples of those classes (skips sampling), ``[B, T, H, W, 3]``.
       heldout: the held-out set to use (default: a new :class:`HeldoutSet` of ``heldout_clips``
         clips at ``heldout_sigma_count`` noise levels).
+      heldout_result: that set's result for these weights when the caller has measured it
+        already (what ``heldout(model, conditioner)`` returned): it is reported as is.
 
     Returns:
       ``(report, {"samples": videos, "real": held-out real clips})``; the report holds per-sample
@@ -416,7 +419,9 @@ def learning_report(
         }
     out["sharpness_ratio"] = out["samples"]["sharpness_summary"]["mean"] / out["real"]["sharpness_summary"]["mean"]
     out["classes"] = [[int(p), int(m)] for p, m in zip(photo, motion)]
-    if heldout is None:
-        heldout = HeldoutSet(config, bank=bank, num_clips=heldout_clips, num_sigmas=heldout_sigma_count, seed=seed)
-    out["heldout"] = heldout(model, conditioner)
+    if heldout_result is None:
+        if heldout is None:
+            heldout = HeldoutSet(config, bank=bank, num_clips=heldout_clips, num_sigmas=heldout_sigma_count, seed=seed)
+        heldout_result = heldout(model, conditioner)
+    out["heldout"] = heldout_result
     return out, {"samples": np.asarray(videos), "real": real}
