@@ -459,7 +459,7 @@ def _attention_tables(report: dict, by: dict) -> list[str]:
                 lines.append(f"| {o} (dense steps) | " + " | ".join(_fmt(x, ".3f") for x in r["top_mass_dense_steps_per_layer"]) + " |")
         lines += ["", "Where the dense mass lies, by distance class of the key (dense run, mean over layers):", "",
                   "| " + " | ".join(DISTANCE_CLASS_NAMES) + " |", "|---" * len(DISTANCE_CLASS_NAMES) + "|"]  # fmt: skip
-        mass = np.array([[np.nan if x is None else x for x in row] for row in dense["mass_by_class_per_layer"]], float)
+        mass = _matrix(dense["mass_by_class_per_layer"])
         lines += ["| " + " | ".join(_fmt(x, ".3f") for x in _nanmean(mass, axis=0)) + " |", ""]
     density = next((f"d={d:g}" for d in meta["densities"] if abs(d - 0.2) < 1e-9), None) or "default"
     rows = [(o, by.get(f"{o}/{density}")) for o in meta["orders"]] + [(f"random ({o})", by.get(f"random-{o}/{density}"))
@@ -473,7 +473,7 @@ def _attention_tables(report: dict, by: dict) -> list[str]:
                   "columns sum to 1 − recall):", "", "| order | " + " | ".join(DISTANCE_CLASS_NAMES) + " |",
                   "|---" * (len(DISTANCE_CLASS_NAMES) + 1) + "|"]  # fmt: skip
         for o, r in rows:
-            missed = np.array([[np.nan if x is None else x for x in row] for row in r["missed_by_class_per_layer"]], float)
+            missed = _matrix(r["missed_by_class_per_layer"])
             lines.append(f"| {o} | " + " | ".join(_fmt(x, ".4f") for x in _nanmean(missed[sparse_layers], axis=0)) + " |")
         lines.append("")
     r = by.get("hilbert3d/default")
@@ -586,6 +586,11 @@ def _num(x) -> float:
     return float("nan") if x is None or isinstance(x, str) else float(x)
 
 
+def _matrix(rows) -> np.ndarray:
+    """A stored per-layer table (lists of numbers; ``None`` or a string for a missing value) as floats, NaN where missing."""
+    return np.array([[_num(x) for x in row] for row in rows], float)
+
+
 def plot_density(report: dict, path: str) -> str:
     """PSNR (with its 95 % interval) and recall vs density per order, window, random, block pooling."""
     plt = _plt()
@@ -663,7 +668,7 @@ def plot_layers(report: dict, path: str) -> str:
             if not r or not r.get("missed_by_class_per_layer"):
                 values.append(0.0)
                 continue
-            missed = np.array([[_num(x) for x in row] for row in r["missed_by_class_per_layer"]])
+            missed = _matrix(r["missed_by_class_per_layer"])
             values.append(float(_nanmean(missed[meta["sparse_layers"], c])))
         axes[2].bar(np.arange(len(names)), values, bottom=bottoms, color=colours[c], label=DISTANCE_CLASS_NAMES[c])
         bottoms += np.asarray(values)
@@ -693,14 +698,14 @@ def plot_recall_steps(report: dict, path: str, names: Sequence[str]) -> str:
         r = by.get(name)
         if r is None:
             continue
-        rec = np.array([[_num(v) for v in row] for row in r["recall_per_step_layer"]], float)
+        rec = _matrix(r["recall_per_step_layer"])
         steps = np.arange(rec.shape[0])
         ok = ~np.isnan(rec[:, sparse_layers]).all(axis=1)
         axes[0].plot(steps[ok], _nanmean(rec[ok][:, sparse_layers], axis=1), label=name, lw=1.2)
     axes[0].set_title("mean over sparse layers", fontsize=9)
     r = by.get("hilbert3d/default")
     if r is not None:
-        rec = np.array([[_num(v) for v in row] for row in r["recall_per_step_layer"]], float)
+        rec = _matrix(r["recall_per_step_layer"])
         steps = np.arange(rec.shape[0])
         for layer in range(rec.shape[1]):
             ok = ~np.isnan(rec[:, layer])
