@@ -124,20 +124,23 @@ def video_like_qk(grid, heads: int, head_dim: int) -> tuple[jax.Array, jax.Array
     return q[:, perm].astype(jnp.bfloat16), k[:, perm].astype(jnp.bfloat16)
 
 
+def agreement_by_density(scores, reference) -> dict[str, jax.Array]:
+    """``{density: share of (row, block) top-k decisions of scores that match reference's}``, per :data:`DENSITIES`."""
+    nk = reference.shape[-1]
+    return {str(d): selection_agreement(scores, reference, blocks_for_density(d, nk)) for d in DENSITIES}
+
+
 def agreement(grid, heads: int, head_dim: int, precisions: Sequence[str], interpret: bool) -> dict:
     """Top-k agreement of each precision with the jnp float32 scorer, per density."""
     q, k = video_like_qk(grid, heads, head_dim)
     reference = jax.jit(functools.partial(block_scores, implementation="jnp"))(q, k)
-    nk = reference.shape[-1]
     out = {}
     for precision in precisions:
         try:
             scores = jax.jit(
                 functools.partial(block_scores, implementation="triton", precision=precision, interpret=interpret)
             )(q, k)
-            out[precision] = {
-                str(d): float(selection_agreement(scores, reference, blocks_for_density(d, nk))) for d in DENSITIES
-            }
+            out[precision] = {d: float(v) for d, v in agreement_by_density(scores, reference).items()}
         except Exception as err:  # noqa: BLE001
             out[precision] = {"error": f"{type(err).__name__}: {err}"[:2000]}
         print(f"[agreement] {precision}: {out[precision]}", flush=True)
@@ -157,12 +160,10 @@ class AgreementHooks(AttentionHooks):
 
     def probe(self, q, k, v, out, block_mask, *, layer, inputs, step):
         reference = block_scores(q, k, implementation="jnp")
-        nk = reference.shape[-1]
         probes = {}
         for precision in self.precisions:
             scores = block_scores(q, k, implementation="triton", precision=precision, interpret=self.interpret)
-            for d in DENSITIES:
-                probes[f"{precision}@{d}"] = selection_agreement(scores, reference, blocks_for_density(d, nk))
+            probes.update({f"{precision}@{d}": v for d, v in agreement_by_density(scores, reference).items()})
         return probes
 
     def probe_template(self):
