@@ -336,8 +336,7 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
         result = sampler(noise, text, negative, num_steps=len(kinds), plan=plan, guidance_scale=5.0)
         call_s = time.perf_counter() - called  # host wall time of the call, compile included
         record["compile_s"].setdefault(name, result.compile_s)  # the first call of a program compiles it
-        record["programs"] = record.get("programs", 0) + sampler.trace_count - record.get(f"_seen_{name}", 0)
-        record[f"_seen_{name}"] = sampler.trace_count
+        record["programs"] = record.get("programs", 0) + sampler.trace_count - traces_before
         steps_ms = np.asarray(result.step_s, np.float64) * 1e3
         # Cross-checks of the callback timing: the run's wall time from the loop's start and, for a
         # run of an already compiled program, the host time from the call to the blocked result.
@@ -385,8 +384,6 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
             measure(sampler, "dfs", lead + [k for k in sparse_kinds for _ in range(args.iters)], tuple(sparse_kinds))
     if "dense-backend" in args.kinds:
         measure(Sampler(model, "dense", parallel=parallel), "dense-backend", ["dense"] * args.iters, ("dense",))
-    for key in [k for k in record if k.startswith("_seen_")]:
-        del record[key]
     schedule = plan_schedule(dfs, args.steps, nk)
     record["schedule"] = compose(record["per_step_ms"], schedule, args.density) if check_validity(record) else None
     if record["schedule"]:
