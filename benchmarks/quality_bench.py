@@ -83,7 +83,7 @@ from models.common.processor import num_token_blocks
 from models.evaluation import quality as Q
 from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS, ClipConfig, clip_classes
 from models.evaluation.codec import latents_to_video
-from models.evaluation.fidelity import spread
+from models.evaluation.fidelity import paired_spread, spread
 from models.evaluation.results import device_name, device_slug, portable, write_json
 from models.evaluation.small_dit import (
     SMOKE_DIT_CONFIG,
@@ -493,12 +493,7 @@ def _attention_tables(report: dict, by: dict) -> list[str]:
 def _paired(by: dict, a: str, b: str) -> dict | None:
     """Per-sample PSNR difference ``a - b`` (dB): its spread, or ``None`` when either is missing or infinite."""
     ra, rb = by.get(a), by.get(b)
-    if ra is None or rb is None:
-        return None
-    x, y = np.asarray(ra["psnr"], object), np.asarray(rb["psnr"], object)
-    if any(isinstance(v, str) or v is None for v in (*x, *y)) or len(x) != len(y):
-        return None
-    return spread(np.asarray(x, float) - np.asarray(y, float))
+    return None if ra is None or rb is None else paired_spread(ra["psnr"], rb["psnr"])
 
 
 def _diff_text(d: dict) -> str:

@@ -62,7 +62,7 @@ from models.common.processor import num_token_blocks
 from models.evaluation import quality as Q
 from models.evaluation.clips import clip_classes
 from models.evaluation.codec import latents_to_video
-from models.evaluation.fidelity import spread
+from models.evaluation.fidelity import paired_spread, spread
 from models.evaluation.results import device_name, device_slug, write_json
 from models.evaluation.speed import DEFAULT_E2E_RESULTS, StepTimes, compose
 
@@ -192,17 +192,14 @@ class Evaluator:
                 "harness_sparsity": out.sparsity, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
-def _paired(a: dict, b: dict) -> dict:
-    return spread(np.asarray(a["psnr"]) - np.asarray(b["psnr"]))
-
-
 # ----------------------------------------------------------------------------------------------
 # Report
 
 
 def _row(name: str, r: dict, base: dict | None, speed: dict, tolerance: float) -> str:
     s = spread(r["psnr"])
-    diff = "–" if base is None else f"{_paired(r, base)['mean']:+.2f} ± {_paired(r, base)['ci95'] or 0:.2f}"
+    d = None if base is None else paired_spread(r["psnr"], base["psnr"])
+    diff = "–" if d is None else f"{d['mean']:+.2f} ± {d['ci95'] or 0:.2f}"
     ok = "–" if base is None else ("yes" if r["psnr_mean"] >= base["psnr_mean"] - tolerance else "no")
     return (f"| {name} | {speed['speedup']:.3f}× | {speed['dfs_s']:.2f} | {s['mean']:.2f} ± {s['ci95'] or 0:.2f} | "
             f"{diff} | {r['ssim_mean']:.4f} | {ok} |")  # fmt: skip
@@ -241,7 +238,7 @@ def markdown(state: dict) -> str:
                   f"dense_layers={tuple(cfg['dense_layers'])})", "```", ""]  # fmt: skip
         rep = state.get("report", {})
         if winner in rep and "default" in rep:
-            d = _paired(rep[winner], rep["default"])
+            d = paired_spread(rep[winner]["psnr"], rep["default"]["psnr"])
             ok = rep[winner]["psnr_mean"] >= rep["default"]["psnr_mean"] - meta["tolerance"]
             lines += [f"On the report set: {d['mean']:+.2f} ± {d['ci95'] or 0:.2f} dB vs the default "
                       f"({'within' if ok else 'NOT within'} {meta['tolerance']} dB).", ""]  # fmt: skip

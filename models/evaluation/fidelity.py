@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-__all__ = ["psnr", "psnr_per_frame", "ssim", "ssim_per_frame", "gaussian_window", "video_fidelity", "spread"]
+__all__ = ["psnr", "psnr_per_frame", "ssim", "ssim_per_frame", "gaussian_window", "video_fidelity", "spread", "paired_spread"]
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -191,3 +191,12 @@ def spread(values) -> dict[str, float | int | None]:
     if x.size > 1 and np.isfinite(x).all():
         half = float(student_t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
     return {"mean": float(x.mean()), "min": float(x.min()), "max": float(x.max()), "ci95": half, "n": int(x.size)}
+
+
+def paired_spread(a, b) -> dict[str, float | int | None] | None:
+    """:func:`spread` of the per-sample differences ``a - b`` (two runs on the same samples, e.g.
+    PSNRs in dB); ``None`` when the lengths differ or a value is missing (``None``) or stored as a
+    string (``"inf"``: identical videos)."""
+    if len(a) != len(b) or any(isinstance(v, str) or v is None for v in (*a, *b)):
+        return None
+    return spread(np.asarray(a, np.float64) - np.asarray(b, np.float64))
