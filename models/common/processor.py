@@ -79,6 +79,7 @@ __all__ = [
     "make_backend",
     "token_permutation",
     "num_token_blocks",
+    "check_state",
     "init_cache",
     "cross_attention",
     "self_attention",
@@ -340,6 +341,13 @@ class AttentionState(NamedTuple):
     inputs: Any = None
     step: Array | None = None
     probes: tuple = ()
+
+
+def check_state(backend: AttentionBackend, state: AttentionState, num_layers: int) -> None:
+    """What a model's forward checks before any work: a step control on a backend with sparse
+    layers needs a mask cache (:func:`init_cache`)."""
+    if state.control is not None and state.cache is None and backend.sparse_layers(num_layers):
+        raise ValueError("the dfs backend needs a mask cache when control is given; see init_cache")
 
 
 def _score_layout(

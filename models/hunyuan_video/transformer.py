@@ -81,6 +81,7 @@ from models.common.processor import (
     AttentionBackend,
     AttentionState,
     StepControl,
+    check_state,
     TokenPermutation,
     make_backend,
     self_attention,
@@ -620,8 +621,7 @@ class HunyuanVideoTransformer3DModel(nnx.Module):
         backend = make_backend(backend)
         if num_layers is not None and not (isinstance(num_layers, int) and 0 <= num_layers <= cfg.num_layers):
             raise ValueError(f"num_layers must be an int in [0, {cfg.num_layers}] or None, got {num_layers!r}")
-        if state.control is not None and state.cache is None and backend.sparse_layers(cfg.num_layers):
-            raise ValueError("the dfs backend needs a mask cache when control is given; see init_cache")
+        check_state(backend, state, cfg.num_layers)
         prep = self.prepare(
             hidden_states, timestep, cond, backend=backend, order=order, embedded_guidance=embedded_guidance
         )

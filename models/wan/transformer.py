@@ -58,6 +58,7 @@ from models.common.processor import (
     AttentionBackend,
     AttentionState,
     StepControl,
+    check_state,
     make_backend,
     TokenPermutation,
     cross_attention,
@@ -330,8 +331,7 @@ class WanTransformer3DModel(nnx.Module):
         """
         cfg = self.config
         backend = make_backend(backend)
-        if state.control is not None and state.cache is None and backend.sparse_layers(cfg.num_layers):
-            raise ValueError("the dfs backend needs a mask cache when control is given; see init_cache")
+        check_state(backend, state, cfg.num_layers)
         prep = self.prepare(hidden_states, timestep, encoder_hidden_states, backend=backend, order=order)
         x = shard_tokens(prep.tokens, backend.parallel)
         for i in range(cfg.num_layers if num_layers is None else num_layers):
