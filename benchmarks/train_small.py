@@ -523,11 +523,12 @@ def _resume(args, out: pathlib.Path, params, opt_state, config, cfg) -> tuple[An
     if args.fresh:
         return params, opt_state, 0, history, None, None
     ckpt = out / CHECKPOINT
-    full = int(checkpoint_info(ckpt)["step"]) if ckpt.exists() else None
+    info = checkpoint_info(ckpt) if ckpt.exists() else None
+    full = None if info is None else int(info["step"])
     compact = compact_step(args.carry_in)
     if full is not None and (compact is None or full >= compact):
         params, opt_state, step = load_checkpoint(ckpt, params, opt_state, config)
-        rewarm = checkpoint_info(ckpt).get("rewarm_from") or None
+        rewarm = info.get("rewarm_from") or None
         for key in history:
             file = out / f"{key}.json"
             if file.exists():
