@@ -64,6 +64,13 @@ _ROWS_PER_WG = 64  # query rows per compute warpgroup
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SUPPORTED_HEAD_DIMS = (64, 128)
 _MIN_JAX = (0, 11, 1)
+# Names of the kernel's grid axes and of its warpgroup axis. Inside ``jax.shard_map`` the mesh axis
+# names are in scope too, and ``lax.axis_index(name)`` in the kernel body resolves a grid axis that
+# shares a mesh axis's name to the device's mesh coordinate: with a grid axis called "heads" under
+# a mesh axis "heads" (models/common/parallel.py), every CTA read the device index as its head, and
+# most heads' outputs were never written (issue 15). Hence names no mesh is likely to use.
+GRID_NAMES: tuple[str, str, str] = ("dfs_mosaic_batch", "dfs_mosaic_head", "dfs_mosaic_q_block")
+THREAD_NAME = "dfs_mosaic_warpgroup"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +174,8 @@ def _make_kernel(
 
     def body(q_ref, k_ref, v_ref, idx_ref, cnt_ref, len_ref, o_ref, scratch):
         (qo_smem2, k_smem, v_smem, p_smem2), (k_full, v_full, q_full), (k_free, v_free), sched = scratch
-        b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
-        qi = lax.axis_index("q_seq")
-        wg = lax.axis_index("wg")
+        b, h, qi = (lax.axis_index(name) for name in GRID_NAMES)
+        wg = lax.axis_index(THREAD_NAME)
         count = cnt_ref[b, h, qi]
 
         def schedule_barrier():
@@ -327,7 +332,7 @@ def _make_kernel(
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             ),
             plgpu.Barrier(num_arrivals=2),
-            collective_axes="wg",
+            collective_axes=THREAD_NAME,
         )
 
     padded_len = seq_len + (-seq_len) % 8
@@ -335,9 +340,9 @@ def _make_kernel(
         entry,
         out_type=jax.ShapeDtypeStruct((batch, padded_len, heads, head_dim), dtype),
         grid=(batch, heads, num_q_blocks),
-        grid_names=("batch", "heads", "q_seq"),
+        grid_names=GRID_NAMES,
         num_threads=3,
-        thread_name="wg",
+        thread_name=THREAD_NAME,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
         kernel_name="dfs_block_sparse_attention_mosaic",

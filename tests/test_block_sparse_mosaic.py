@@ -49,6 +49,8 @@ if not hasattr(plgpu, "InterpretGPUParams"):
 
 from helpers import rel_l2  # noqa: E402
 from pallas_kernels.block_sparse_mosaic import (  # noqa: E402
+    GRID_NAMES,
+    THREAD_NAME,
     MosaicBlockSizes,
     block_sparse_attention_mosaic,
     unsupported,
@@ -299,6 +301,33 @@ def test_tuning_knobs_lower_for_cuda():
     config = MosaicBlockSizes(fold_scale=False, schedule_barrier=False, compute_registers=240, producer_registers=24)
     text = _lower_for_cuda(1, 1000, 2, 64, jnp.bfloat16, 3, fast=True, config=config)
     assert "mosaic_gpu" in text.lower()
+
+
+def test_kernel_stays_device_local_inside_shard_map():
+    """Issue 15: inside ``shard_map`` over the multi-GPU mesh, the kernel's grid axis once shared
+    the name "heads" with the mesh axis, so ``lax.axis_index("heads")`` lowered to the device's mesh
+    coordinate (read from the device id: an NVSHMEM / collective-metadata kernel launched behind a
+    cross-device barrier) and most heads' outputs were never written on 2 H200s. Lowered for CUDA
+    under the model's mesh axes, the kernel must read no device id and carry no replica ids."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from models.common.parallel import GUIDANCE_AXIS, HEADS_AXIS
+
+    assert not {*GRID_NAMES, THREAD_NAME} & {GUIDANCE_AXIS, HEADS_AXIS}
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), (GUIDANCE_AXIS, HEADS_AXIS))
+    tokens, layout = P(GUIDANCE_AXIS, None, HEADS_AXIS), P(GUIDANCE_AXIS, HEADS_AXIS)
+    nq = 8
+
+    def attend(q, k, v, idx, cnt):
+        return block_sparse_attention_mosaic(q, k, v, idx, cnt, num_key_blocks=nq)
+
+    f = jax.shard_map(attend, mesh=mesh, in_specs=(tokens,) * 3 + (layout,) * 2, out_specs=tokens, check_vma=False)
+    x = jax.ShapeDtypeStruct((2, nq * BLOCK, 4, 64), jnp.bfloat16)
+    args = (x, x, x, jax.ShapeDtypeStruct((2, 4, nq, 3), jnp.int32), jax.ShapeDtypeStruct((2, 4, nq), jnp.int32))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text.lower()
+    assert "nvshmem" not in text
+    assert "xla_replica_ids" not in text
 
 
 # ---------------------------------------------------------------------------------------------
