@@ -1,10 +1,12 @@
-"""Where sharded DFS goes non-finite on the GPUs (issue #15): one model, every parallelism, kernel swaps.
+"""Where sharded DFS goes wrong on the GPUs (issue #15): one model, every parallelism, kernel swaps.
 
-On 2 H200s a DFS sampler run of Wan2.1-14B at 720x1280x81 (75,600 tokens, bf16) ends with
-non-finite latents in the guidance- and head-parallel modes, while one GPU stays finite and the
-kernels alone (scorer, selection, Mosaic attention; on either GPU and under ``shard_map``) are
-bit-identical. This script narrows it down on the Wan2.1-14B architecture cut to ``--layers``
-blocks (random bf16 weights, batch 2 = classifier-free guidance), for each parallelism
+On 2 H200s a DFS sampler run of Wan2.1-14B at 720x1280x81 (75,600 tokens, bf16) ended with
+non-finite latents in the guidance- and head-parallel modes, while one GPU stayed finite. This
+script found the cause in one run: only the ``sparse=triton`` variant was clean, and the Mosaic
+kernel's grid axis "heads" was shadowed by the mesh axis of the same name inside ``shard_map``
+(benchmarks/NOTES.md, "Several GPUs"; fixed since). It stays as the tool for the next such hunt.
+
+It narrows a fault down on the Wan2.1-14B architecture cut to ``--layers`` blocks (random bf16 weights, batch 2 = classifier-free guidance), for each parallelism
 (``none``: one device, the reference; ``guidance``: 2x1; ``heads``: 1x2) and each variant of the
 attention backend:
 

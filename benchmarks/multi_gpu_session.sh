@@ -4,7 +4,8 @@
 # the JSON is rewritten after every measurement):
 #   bash benchmarks/multi_gpu_session.sh one   # GPU check (sharded == single, 4-layer 1.3B) + 14B on 1 GPU
 #   bash benchmarks/multi_gpu_session.sh two   # 14B on 2 GPUs: guidance, then heads; table of this call
-#   bash benchmarks/multi_gpu_session.sh diag  # issue #15: where sharded DFS goes non-finite (~5-7 min; DIAG_ARGS narrow it)
+#   bash benchmarks/multi_gpu_session.sh diag  # where a sharded run goes wrong (~5-7 min; DIAG_ARGS narrow it)
+#   bash benchmarks/multi_gpu_session.sh a2a   # the heads mode's all-to-alls alone at one 14B layer (~30 s)
 # then, anywhere: python benchmarks/multi_gpu_bench.py --table <call 1>/multi_1.json <call 2>/multi_2*.json
 # (or copy call 1's multi_1.json into the tree and give it as BASELINE=path to call 2: scaling and
 # the table then come in call 2's output already).
@@ -34,6 +35,9 @@ case "${1:-one}" in
   diag)
     timeout 480 python3 benchmarks/multi_gpu_diag.py ${DIAG_ARGS:-} --out "$OUT/multi_diag.json" > "$OUT/multi_diag.txt" 2>&1
     echo "--- diag (exit $?)"; grep -vE "^\[" "$OUT/multi_diag.txt" | tail -60
+    ;;
+  a2a)
+    timeout 200 python3 benchmarks/all_to_all_bench.py --devices "${DEVICES:-2}" --out "$OUT/all_to_all.json" 2>&1 | tail -12
     ;;
   check)
     timeout 200 python3 benchmarks/multi_gpu_check.py --out "$OUT/multi_check.json" 2>&1 | grep -v "sampling ("

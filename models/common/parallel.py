@@ -39,9 +39,13 @@ and is not needed at these sizes.
 Pallas kernels (and cuDNN attention, whose partitioning rule refuses a sharded query sequence)
 are custom calls that XLA cannot partition, so both attention cores run inside ``jax.shard_map``
 (:meth:`Parallelism.head_parallel`, :meth:`Parallelism.sequence_parallel`), where every array is
-the device's local block. The rest of the model is partitioned by XLA from sharding constraints
-(:func:`shard_tokens`, :func:`shard_batch`, :func:`replicate`, :func:`shard_cache`; each is the
-identity without a :class:`Parallelism`, so single-device code paths stay as they are).
+the device's local block. A kernel called there must not name a grid axis like a mesh axis
+(``guidance``, ``heads``): inside ``shard_map`` the Mosaic GPU lowering resolves
+``lax.axis_index`` of such a name to the device's mesh coordinate (issue #15).
+
+The rest of the model is partitioned by XLA from sharding constraints (:func:`shard_tokens`,
+:func:`shard_batch`, :func:`replicate`, :func:`shard_cache`; each is the identity without a
+:class:`Parallelism`, so single-device code paths stay as they are).
 
 Requirements (each checked with a ``ValueError`` naming the argument, :meth:`Parallelism.check`):
 ``g`` divides the model batch, ``h`` divides the number of heads and the (attended) sequence
