@@ -31,10 +31,9 @@ CPU smoke run (host devices stand in; times mean nothing there)::
 from __future__ import annotations
 
 import argparse
+import pathlib
 import re
 import sys
-import time
-import pathlib
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from benchmarks.e2e_bench import _median_time
 from models.common.parallel import GUIDANCE_AXIS, HEADS_AXIS, make_parallel
 from models.evaluation.results import run_metadata, write_json
 
@@ -72,18 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def hlo_op_counts(compiled_text: str) -> dict[str, int]:
     """How many of each of :data:`HLO_OPS` an optimized HLO text holds."""
     return {op: len(re.findall(rf" {re.escape(op)}\(", compiled_text)) for op in HLO_OPS}
-
-
-def median_ms(fn, *args, iters: int) -> float:
-    """Median wall time of ``fn(*args)`` (blocked on), after two warm-up calls."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def seeded_tokens(batch: int, tokens: int, heads: int, head_dim: int, dtype, seed: int = 0) -> np.ndarray:
@@ -137,7 +125,7 @@ def run(args) -> dict:
            ("major (1 tensor)", major, (flat,), 1), ("transpose (1 tensor, local)", transpose, (x,), 0)]
     rows = []
     for name, fn, fn_args, tensors in ops:
-        ms = median_ms(fn, *fn_args, iters=args.iters)
+        ms = 1e3 * _median_time(fn, *fn_args, warmup=2, iters=args.iters)
         rows.append({"op": name, "ms": ms, "tensors_sent": tensors,
                      "gb_per_s_sent": tensors * sent_bytes / ms / 1e6 if tensors else None,
                      "hlo": hlo_op_counts(fn.lower(*fn_args).compile().as_text())})
