@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from dfsattn_jax.layout import BlockLayout, check_layout, validate_layout
+from dfsattn_jax.layout import BlockLayout
 from dfsattn_jax.reference import (
     check_attention_inputs,
     check_block_size,
@@ -191,11 +191,10 @@ def block_sparse_attention(
     Returns:
       ``[B, L, N, D]`` in the input dtype.
     """
-    batch, length, heads, _ = check_attention_inputs(q=q, k=k, v=v)
+    # What resolving the implementation reads; each implementation then checks the layout (shape
+    # and, when concrete, the rows' contract of docs/spec.md §4) and the key lengths, once.
+    check_attention_inputs(q=q, k=k, v=v)
     block_size = check_block_size(block_size)
-    check_layout(layout, batch=batch, heads=heads, num_blocks=-(-length // block_size))
-    validate_layout(layout)
-    check_kv_lengths(kv_lengths, batch=batch, length=length)
     name, _ = resolve_implementation(q, block_size=block_size, implementation=implementation)
     impl = IMPLEMENTATIONS[name]
     if not impl.pallas:

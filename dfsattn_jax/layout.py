@@ -214,27 +214,29 @@ def check_layout(
     Raises:
       ValueError: naming ``name`` if the layout is not a :class:`BlockLayout` of shape
         ``[batch, heads, num_blocks, K_max]`` with ``num_key_blocks == num_blocks`` and
-        ``K_max <= num_blocks``.
+        ``K_max <= num_blocks``; ``name=""`` names the fields alone (``kv_indices``: a kernel
+        whose arguments are the layout's arrays).
     """
+    prefix = f"{name}." if name else ""
     if not isinstance(layout, BlockLayout):
         raise ValueError(f"{name} must be a BlockLayout, got {type(layout).__name__}")
     shape = tuple(layout.kv_indices.shape)
     if len(shape) != 4 or shape[:3] != (batch, heads, num_blocks):
         raise ValueError(
-            f"{name}.kv_indices must have shape [B={batch}, N={heads}, nq={num_blocks}, K_max], got {shape}"
+            f"{prefix}kv_indices must have shape [B={batch}, N={heads}, nq={num_blocks}, K_max], got {shape}"
         )
     if tuple(layout.kv_counts.shape) != (batch, heads, num_blocks):
         raise ValueError(
-            f"{name}.kv_counts must have shape {(batch, heads, num_blocks)}, got {tuple(layout.kv_counts.shape)}"
+            f"{prefix}kv_counts must have shape {(batch, heads, num_blocks)}, got {tuple(layout.kv_counts.shape)}"
         )
     if layout.num_key_blocks != num_blocks:
-        raise ValueError(f"{name}.num_key_blocks must be {num_blocks}, got {layout.num_key_blocks}")
+        raise ValueError(f"{prefix}num_key_blocks must be {num_blocks}, got {layout.num_key_blocks}")
     if shape[3] > num_blocks:
-        raise ValueError(f"{name}.max_blocks must be <= {num_blocks}, got {shape[3]}")
+        raise ValueError(f"{prefix}max_blocks must be <= {num_blocks}, got {shape[3]}")
     for field in ("kv_indices", "kv_counts"):
         dtype = getattr(layout, field).dtype
         if not jnp.issubdtype(dtype, jnp.integer):
-            raise ValueError(f"{name}.{field} must have an integer dtype, got {dtype}")
+            raise ValueError(f"{prefix}{field} must have an integer dtype, got {dtype}")
 
 
 def layout_is_valid(layout: BlockLayout) -> Bool[Array, ""]:

@@ -50,6 +50,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from dfsattn_jax.layout import BlockLayout, check_layout, partial_block_last, validate_layout, visible_counts
+from dfsattn_jax.reference import check_attention_inputs, check_kv_lengths
 
 __all__ = [
     "MosaicBlockSizes",
@@ -350,37 +351,19 @@ def _make_kernel(
 
 
 def _check_inputs(q, k, v, kv_indices, kv_counts, num_key_blocks, block_size, kv_lengths) -> None:
-    if getattr(q, "ndim", None) != 4:
-        raise ValueError(f"q must have shape [B, L, N, D], got shape {getattr(q, 'shape', None)}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k and v must have the same shape [B, L, N, D]; got q {q.shape}, k {k.shape}, v {v.shape}"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    """The checks every implementation makes (q, k, v shapes and dtype, the layout's shape, the key
+    lengths: :mod:`dfsattn_jax.reference`), then this kernel's limits (:func:`unsupported`, K_max >= 1).
+    Row contents are not checked here: this entry point accepts rows in any order (see
+    :func:`block_sparse_attention_mosaic`)."""
+    batch, seq_len, heads, _ = check_attention_inputs(q=q, k=k, v=v)
     reason = unsupported(q, block_size)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU kernel does not support this input: {reason}")
-    b, seq_len, n, _ = q.shape
-    nq = -(-seq_len // block_size)
-    if num_key_blocks != nq:
-        raise ValueError(
-            f"num_key_blocks must be ceil(L / block_size) = {nq} for L={seq_len}, "
-            f"block_size={block_size}; got {num_key_blocks}"
-        )
-    if kv_indices.ndim != 4 or kv_indices.shape[:3] != (b, n, nq) or kv_counts.shape != (b, n, nq):
-        raise ValueError(
-            f"kv_indices must be [B, N, nq, K_max] and kv_counts [B, N, nq] with (B, N, nq) = "
-            f"{(b, n, nq)}; got {kv_indices.shape} and {kv_counts.shape}"
-        )
+    layout = BlockLayout(kv_indices, kv_counts, num_key_blocks)
+    check_layout(layout, batch=batch, heads=heads, num_blocks=-(-seq_len // block_size), name="")
     if kv_indices.shape[-1] < 1:
         raise ValueError("kv_indices must have K_max >= 1")
-    for name, x in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be an integer array, got {x.dtype}")
-    if kv_lengths is not None:
-        if kv_lengths.shape != (b,) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
-            raise ValueError(f"kv_lengths must be int[B={b}], got {kv_lengths.dtype}{list(kv_lengths.shape)}")
+    check_kv_lengths(kv_lengths, batch=batch, length=seq_len)
 
 
 def block_sparse_attention_mosaic(
@@ -426,6 +409,12 @@ def block_sparse_attention_mosaic(
       ``[B, L, N, D]`` in the input dtype; accumulation is float32.
     """
     _check_inputs(q, k, v, kv_indices, kv_counts, num_key_blocks, block_size, kv_lengths)
+    return _run_checked(q, k, v, kv_indices, kv_counts, scale=scale, kv_lengths=kv_lengths, interpret=interpret,
+                        fast=fast, config=config)
+
+
+def _run_checked(q, k, v, kv_indices, kv_counts, *, scale, kv_lengths, interpret, fast, config):
+    """:func:`block_sparse_attention_mosaic` after its input checks: defaults, interpreter set-up, the jitted call."""
     config = MosaicBlockSizes() if config is None else config
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -499,13 +488,10 @@ def block_sparse_attention(
       ValueError: for a layout that does not fit ``q`` or breaks the contract, or an input this
         kernel does not support (:func:`unsupported` says why).
     """
-    why = unsupported(q, block_size)
-    if why is not None:
-        raise ValueError(f"the Mosaic GPU kernel cannot run this input: {why}")
-    batch, length, heads, _ = q.shape
-    check_layout(layout, batch=batch, heads=heads, num_blocks=-(-length // block_size))
+    if not isinstance(layout, BlockLayout):
+        raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    # The shapes first (block_sparse_attention_mosaic's checks), then the rows' contract (once).
+    _check_inputs(q, k, v, layout.kv_indices, layout.kv_counts, layout.num_key_blocks, block_size, kv_lengths)
     validate_layout(layout)
-    return block_sparse_attention_mosaic(
-        q, k, v, layout.kv_indices, layout.kv_counts, num_key_blocks=layout.num_key_blocks,
-        block_size=block_size, scale=scale, kv_lengths=kv_lengths, interpret=interpret, config=config,
-    )
+    return _run_checked(q, k, v, layout.kv_indices, layout.kv_counts, scale=scale, kv_lengths=kv_lengths,
+                        interpret=interpret, fast=True, config=config)

@@ -33,7 +33,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from dfsattn_jax.layout import partial_block_last, validate_layout, visible_counts
+from dfsattn_jax.layout import check_layout, partial_block_last, validate_layout, visible_counts
+from dfsattn_jax.reference import check_attention_inputs, check_kv_lengths
 
 __all__ = ["BlockSizes", "block_sparse_attention", "block_sparse_attention_kernel"]
 
@@ -178,43 +179,17 @@ def block_sparse_attention_kernel(
 
 
 def _check_inputs(q, k, v, layout, block_size: int, kv_lengths) -> None:
-    if q.ndim != 4:
-        raise ValueError(f"q must have shape [B, L, N, D], got shape {q.shape}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k and v must have the same shape [B, L, N, D]; got q {q.shape}, k {k.shape}, v {v.shape}"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    """The checks every implementation makes (q, k, v shapes and dtype, the layout's shape, the key
+    lengths: :mod:`dfsattn_jax.reference`), then this kernel's limits (dtype, head dim, block size)."""
+    _, seq_len, _, head_dim = check_attention_inputs(q=q, k=k, v=v)
     if q.dtype not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
         raise ValueError(f"q, k, v dtype must be bfloat16, float16 or float32, got {q.dtype}")
-    head_dim = q.shape[-1]
     if not (_is_pow2(head_dim) and 16 <= head_dim <= 256):
         raise ValueError(f"head_dim (q.shape[-1]) must be a power of two in [16, 256], got {head_dim}")
     if not (_is_pow2(block_size) and block_size >= 16):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    b, seq_len, n, _ = q.shape
-    nq = -(-seq_len // block_size)
-    if layout.num_key_blocks != nq:
-        raise ValueError(
-            f"layout.num_key_blocks must be ceil(L / block_size) = {nq} for L={seq_len}, "
-            f"block_size={block_size}; got {layout.num_key_blocks}"
-        )
-    if layout.kv_indices.shape[:3] != (b, n, nq) or layout.kv_counts.shape != (b, n, nq):
-        raise ValueError(
-            f"layout must have kv_indices [B, N, nq, K_max] and kv_counts [B, N, nq] with "
-            f"(B, N, nq) = {(b, n, nq)}; got {layout.kv_indices.shape} and {layout.kv_counts.shape}"
-        )
-    if kv_lengths is not None:
-        shape = tuple(getattr(kv_lengths, "shape", ()))
-        dtype = getattr(kv_lengths, "dtype", None)
-        if shape != (b,) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-            raise ValueError(f"kv_lengths must be an integer array of shape [B={b}], got {dtype}{list(shape)}")
-        if not isinstance(kv_lengths, jax.core.Tracer):
-            values = [int(x) for x in jax.device_get(kv_lengths)]
-            bad = [x for x in values if not 0 <= x <= seq_len]
-            if bad:
-                raise ValueError(f"kv_lengths must lie in [0, L={seq_len}], got {values}")
+    check_layout(layout, batch=q.shape[0], heads=q.shape[2], num_blocks=-(-seq_len // block_size))
+    check_kv_lengths(kv_lengths, batch=q.shape[0], length=seq_len)
 
 
 def block_sparse_attention(

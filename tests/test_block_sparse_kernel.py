@@ -220,7 +220,7 @@ def test_traced_counts_share_one_compilation(interpret):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(k_shape=(1, 256, 2, 32)), "same shape"),
+        (dict(k_shape=(1, 256, 2, 32)), "shape of q"),
         (dict(dtype=jnp.int32), "dtype"),
         (dict(head_dim=48), "head_dim"),
         (dict(num_key_blocks=3), "num_key_blocks"),

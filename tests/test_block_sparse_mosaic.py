@@ -358,6 +358,28 @@ def test_rejects_bad_inputs():
         MosaicBlockSizes(num_stages=4)
 
 
+def test_rejects_what_every_implementation_rejects():
+    """The shared checks (dfsattn_jax.reference): key lengths out of [0, L] and a K_max above nq
+    once passed the Mosaic entry point silently (the kernel clipped them); through the registry a
+    layout breaking docs/spec.md §4 is rejected by the kernel's wrapper, naming the row."""
+    from dfsattn_jax.attention import block_sparse_attention
+    from dfsattn_jax.layout import BlockLayout
+
+    rng = np.random.default_rng(7)
+    q, k, v = random_qkv(rng, 2, 256, 1, 64, jnp.bfloat16)
+    idx, cnt = random_sorted_layout(rng, 2, 1, 2)
+    with pytest.raises(ValueError, match=r"kv_lengths must lie in \[0, L=256\]"):
+        block_sparse_attention_mosaic(q, k, v, jnp.asarray(idx), jnp.asarray(cnt), num_key_blocks=2,
+                                      kv_lengths=jnp.asarray([257, 3], jnp.int32))
+    with pytest.raises(ValueError, match=r"^max_blocks must be <= 2, got 3"):
+        wide = np.concatenate([idx, idx[..., :1]], axis=-1)
+        block_sparse_attention_mosaic(q, k, v, jnp.asarray(wide), jnp.asarray(cnt), num_key_blocks=2)
+    descending = np.tile(np.asarray([1, 0], np.int32), (2, 1, 2, 1))
+    bad = BlockLayout(jnp.asarray(descending), jnp.full((2, 1, 2), 2, jnp.int32), 2)
+    with pytest.raises(ValueError, match=r"layout.kv_indices\[0, 0, 0\] lists \[1, 0\].*sorted ascending"):
+        block_sparse_attention(q, k, v, bad, implementation="mosaic_gpu", interpret=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the compiled fast path
 
