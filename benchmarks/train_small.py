@@ -29,9 +29,10 @@ Checkpoints, two kinds (a run resumes from the newer one):
   every ``--checkpoint-every`` steps and at the end; it stays on the machine (v2: 178 MB);
 * **compact** (``--carry-out DIR``, read back with ``--carry-in DIR``): the params only, in
   ``--carry-dtype`` (bfloat16: 29.7 MB for v2, in shards of at most 16 MiB via
-  :func:`models.evaluation.small_dit.write_sharded`) with the step, the configs and the loss and
-  held-out histories in the safetensors metadata (every shard's header). This is what travels between GPU calls: the GPU machine returns files
-  of at most 16 MiB and receives a working tree of at most 64 MiB. Trade-off: resuming from it
+  :func:`models.evaluation.small_dit.write_sharded`), with the step, the configs and the loss
+  and held-out histories in the safetensors metadata (every shard's header). This is what
+  travels between GPU calls: the GPU machine returns files of at most 16 MiB and receives a
+  working tree of at most 64 MiB. Trade-off: resuming from it
   rounds the weights to bfloat16 once (a relative change of at most 2⁻⁹, the rounding the
   shipped weights get anyway) and restarts the AdamW moments: bias-corrected Adam then takes
   sign-like steps, so the learning rate ramps back up linearly over ``--rewarm`` steps (100),

@@ -68,7 +68,8 @@ def test_prompt_embeds_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_prompt_embeds(tmp_path / "junk.safetensors")
-    with pytest.raises(ValueError, match=r"no 'uncond' tensor \(needed for classifier-free guidance; keys: \['cond'\]\)"):
+    needed = r"no 'uncond' tensor \(needed for classifier-free guidance; keys: \['cond'\]\)"
+    with pytest.raises(ValueError, match=needed):
         load_prompt_embeds(save_prompt_embeds(tmp_path / "c.safetensors", rng.standard_normal((3, 4))))
     np.savez(tmp_path / "p.npz", cond=rng.standard_normal((3, 4)), uncond=rng.standard_normal((3, 4)))
     with pytest.raises(ValueError, match=r"p\.npz' must be a safetensors file, got a \.npz file"):

@@ -29,6 +29,11 @@ def _random_like(rng: np.random.Generator, tree):
     return jax.tree.map(fill, tree)
 
 
+def _bf16_rounded(params):
+    """The params as a compact checkpoint restores them: rounded to bfloat16 once, float32."""
+    return jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), nnx.to_pure_dict(params))
+
+
 def _templates(cfg):
     abstract = nnx.eval_shape(lambda: train_small.SmallDiT(pretrained.SMOKE_DIT_CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float32))
     _, params_shape = nnx.split(abstract, nnx.Param)
@@ -68,7 +73,7 @@ def test_compact_checkpoint_travels_in_small_shards_and_resumes(tmp_path):
     assert train_small.compact_info(tmp_path)["step"] == "2" and train_small.compact_info(tmp_path / "absent") is None
     restored, step, hist = train_small.load_compact(tmp_path, _random_like(np.random.default_rng(6), params_shape), config)
     assert step == 2 and hist == history
-    rounded = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), nnx.to_pure_dict(params))
+    rounded = _bf16_rounded(params)
     jax.tree.map(np.testing.assert_array_equal, rounded, nnx.to_pure_dict(restored))
     # The run resumes from it (moments restarted, learning rate re-warmed) when --out holds nothing newer.
     args = argparse.Namespace(fresh=False, carry_in=tmp_path)
@@ -91,7 +96,8 @@ def test_compact_checkpoint_metadata_is_the_one_record_of_step_config_and_histor
     rng = np.random.default_rng(8)
     params_shape, opt_shape = _templates(cfg)
     params = _random_like(rng, params_shape)
-    history = {"losses": [(s, float(v)) for s, v in enumerate(rng.uniform(0.5, 3.0, 37))], "heldout": [(20, 1.75), (37, 1.5)]}
+    losses = [(s, float(v)) for s, v in enumerate(rng.uniform(0.5, 3.0, 37))]
+    history = {"losses": losses, "heldout": [(20, 1.75), (37, 1.5)]}
     carry, out = tmp_path / "carry", tmp_path / "run"
     digests = train_small.save_compact(carry, params, 37, config, cfg, history, max_shard_bytes=150_000)
     assert sorted(p.name for p in carry.iterdir()) == sorted([*digests, "compact.safetensors.sha256"])
@@ -100,14 +106,15 @@ def test_compact_checkpoint_metadata_is_the_one_record_of_step_config_and_histor
     _, meta = pretrained.read_sharded(carry / train_small.COMPACT)  # every shard carries the same header
     assert json.loads(meta["losses"]) == [list(h) for h in history["losses"]]
     out.mkdir()
-    train_small.save_checkpoint(out / train_small.CHECKPOINT, _random_like(rng, params_shape), _random_like(rng, opt_shape), 30, config, cfg)
+    older = (_random_like(rng, params_shape), _random_like(rng, opt_shape))
+    train_small.save_checkpoint(out / train_small.CHECKPOINT, *older, 30, config, cfg)
     args = argparse.Namespace(fresh=False, carry_in=carry)
     fresh_opt = train_small.make_optimizer(cfg).init(params)
     restored, _, step, hist, rewarm_from, source = train_small._resume(
         args, out, _random_like(np.random.default_rng(9), params_shape), fresh_opt, config, cfg
     )
     assert (step, rewarm_from, source, hist) == (37, 37, "compact", history)
-    rounded = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), nnx.to_pure_dict(params))
+    rounded = _bf16_rounded(params)
     jax.tree.map(np.testing.assert_array_equal, rounded, nnx.to_pure_dict(restored))
     train_small.save_checkpoint(out / train_small.CHECKPOINT, params, _random_like(rng, opt_shape), 38, config, cfg)
     got = train_small._resume(args, out, params_shape, opt_shape, config, cfg)
