@@ -29,9 +29,10 @@ Checkpoints, two kinds (a run resumes from the newer one):
   every ``--checkpoint-every`` steps and at the end; it stays on the machine (v2: 178 MB);
 * **compact** (``--carry-out DIR``, read back with ``--carry-in DIR``): the params only, in
   ``--carry-dtype`` (bfloat16: 29.7 MB for v2, in shards of at most 16 MiB via
-  :func:`models.evaluation.small_dit.write_sharded`) plus ``compact.json`` (step, configs, loss
-  and held-out histories). This is what travels between GPU calls: the GPU machine returns files
-  of at most 16 MiB and receives a working tree of at most 64 MiB. Trade-off: resuming from it
+  :func:`models.evaluation.small_dit.write_sharded`), with the step, the configs and the loss
+  and held-out histories in the safetensors metadata (every shard's header). This is what
+  travels between GPU calls: the GPU machine returns files of at most 16 MiB and receives a
+  working tree of at most 64 MiB. Trade-off: resuming from it
   rounds the weights to bfloat16 once (a relative change of at most 2⁻⁹, the rounding the
   shipped weights get anyway) and restarts the AdamW moments: bias-corrected Adam then takes
   sign-like steps, so the learning rate ramps back up linearly over ``--rewarm`` steps (100),
@@ -118,7 +119,7 @@ from models.wan.transformer import WanTransformer3DModel
 
 CHECKPOINT = "checkpoint.safetensors"
 COMPACT = "compact.safetensors"
-COMPACT_META = "compact.json"
+HISTORIES = ("losses", "heldout")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +333,8 @@ def save_checkpoint(
 
 
 def checkpoint_info(path: pathlib.Path) -> dict[str, str]:
-    """The full checkpoint's metadata (step, configs, ``rewarm_from``) without reading its tensors."""
+    """A checkpoint file's metadata without reading its tensors: the full checkpoint's (step,
+    configs, ``rewarm_from``) or a compact one's (:func:`compact_info`)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
@@ -366,38 +368,37 @@ def save_compact(
     *, dtype=jnp.bfloat16, max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> dict[str, str]:  # fmt: skip
     """The compact checkpoint in ``folder``: params in ``dtype`` (``compact.safetensors`` or its
-    shards, with ``compact.safetensors.sha256``) and ``compact.json`` (step, configs, histories).
-    Returns ``{file name: SHA-256}``."""
+    shards, with ``compact.safetensors.sha256``); the step, the configs and the histories
+    (``losses``, ``heldout``: JSON lists of ``[step, loss]``) in the safetensors metadata, the one
+    record of them. Returns ``{file name: SHA-256}``."""
     tensors = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in flatten_state(nnx.to_pure_dict(params), "params.").items()}
-    meta = {"config": config.to_json(), "train": cfg.to_json(), "step": str(step)}
-    digests = write_sharded(folder / COMPACT, tensors, meta, max_shard_bytes=max_shard_bytes)
-    info = {"step": step, "config": config.to_json(), "train": cfg.to_json(), "dtype": jnp.dtype(dtype).name,
-            "files": digests, **history}  # fmt: skip
-    atomic_write_text(folder / COMPACT_META, json.dumps(info))
-    return digests
+    meta = {"config": config.to_json(), "train": cfg.to_json(), "step": str(step),
+            **{key: json.dumps(history[key]) for key in HISTORIES}}  # fmt: skip
+    return write_sharded(folder / COMPACT, tensors, meta, max_shard_bytes=max_shard_bytes)
 
 
-def compact_step(folder: pathlib.Path | None) -> int | None:
-    """The step of the compact checkpoint in ``folder`` (``None`` when there is none)."""
-    if folder is None or not (folder / COMPACT_META).is_file():
+def compact_info(folder: pathlib.Path | None) -> dict[str, str] | None:
+    """The metadata of the compact checkpoint in ``folder`` (step, configs, histories), read from
+    its first file's header without the tensors; ``None`` when ``folder`` holds none."""
+    if folder is None or not any(folder.glob(f"{pathlib.Path(COMPACT).stem}*{pathlib.Path(COMPACT).suffix}")):
         return None
-    return int(json.loads((folder / COMPACT_META).read_text())["step"])
+    return checkpoint_info(weights_files(folder / COMPACT)[0])
 
 
 def load_compact(folder: pathlib.Path, params, config: SmallDiTConfig) -> tuple[Any, int, dict[str, list]]:
     """Restores the params (cast to the template's dtypes) of the compact checkpoint in
     ``folder``: ``(params, step, histories)``. Checks the files' SHA-256 and the model config."""
-    info = json.loads((folder / COMPACT_META).read_text())
-    if info.get("config") != config.to_json():
-        raise ValueError(f"compact checkpoint in {str(folder)!r} was trained with another model config")
     tensors, meta = read_sharded(folder / COMPACT, verify=True)
-    if meta.get("step") != str(info["step"]):
-        raise ValueError(f"compact checkpoint in {str(folder)!r}: {COMPACT_META} says step {info['step']}, "
-                         f"the tensors step {meta.get('step')}")  # fmt: skip
+    if meta.get("config") != config.to_json():
+        raise ValueError(f"compact checkpoint in {str(folder)!r} was trained with another model config")
+    missing = [key for key in ("step", *HISTORIES) if key not in meta]
+    if missing:
+        raise ValueError(f"compact checkpoint in {str(folder)!r} has no {missing[0]!r} in its metadata "
+                         "(written by an older train_small; resume with --fresh)")  # fmt: skip
     pure = unflatten_into(nnx.to_pure_dict(params), tensors, "params.")
     nnx.replace_by_pure_dict(params, pure)
-    history = {k: [tuple(x) for x in info.get(k, [])] for k in ("losses", "heldout")}
-    return params, int(info["step"]), history
+    history = {key: [tuple(x) for x in json.loads(meta[key])] for key in HISTORIES}
+    return params, int(meta["step"]), history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +526,8 @@ def _resume(args, out: pathlib.Path, params, opt_state, config, cfg) -> tuple[An
     ckpt = out / CHECKPOINT
     info = checkpoint_info(ckpt) if ckpt.exists() else None
     full = None if info is None else int(info["step"])
-    compact = compact_step(args.carry_in)
+    carried = compact_info(args.carry_in)
+    compact = None if carried is None else int(carried["step"])
     if full is not None and (compact is None or full >= compact):
         params, opt_state, step = load_checkpoint(ckpt, params, opt_state, config)
         rewarm = info.get("rewarm_from") or None

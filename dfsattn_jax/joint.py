@@ -117,6 +117,25 @@ class JointTokens(NamedTuple):
         block: ``min(nk, n_text + 1)``."""
         return min(self.num_blocks(block_size), self.text_blocks(block_size) + 1)
 
+    def check_capacity(self, max_blocks: int, block_size: int) -> int:
+        """Returns ``max_blocks`` (an int) after checking it is a row capacity ``K_max`` of this
+        joint layout: an int in ``[min_capacity, nk]`` (:meth:`min_capacity`, :meth:`num_blocks`).
+        The one check of the mask cache (:func:`models.common.processor.init_cache`), the layout
+        (:func:`select_joint_blocks`) and the sampler's capacity.
+
+        Raises:
+          ValueError: naming ``max_blocks`` and the expected range.
+        """
+        if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)):
+            raise ValueError(f"max_blocks must be a Python int, got {max_blocks!r}")
+        least, nk = self.min_capacity(block_size), self.num_blocks(block_size)
+        if not least <= max_blocks <= nk:
+            raise ValueError(
+                f"max_blocks must be in [{least}, {nk}] (one video block and every text block of {self}, "
+                f"at most nk={nk} at block_size={block_size}), got {max_blocks}"
+            )
+        return int(max_blocks)
+
 
 def _full_lengths(kv_lengths, batch: int, length: int) -> Int[Array, " b"]:
     if kv_lengths is None:
@@ -158,7 +177,7 @@ def select_joint_blocks(
       joint: the spans of the sequence.
       block_size: tokens per block.
       max_blocks: static row capacity ``K_max``, in ``[min_capacity, nk]``
-        (:meth:`JointTokens.min_capacity`).
+        (:meth:`JointTokens.check_capacity`).
       kv_lengths: ``int[B]`` valid key lengths (``None``: every key is valid).
 
     Returns:
@@ -177,13 +196,7 @@ def select_joint_blocks(
             f"got {scores.shape}"
         )
     batch, heads = scores.shape[:2]
-    if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)):
-        raise ValueError(f"max_blocks must be a Python int, got {max_blocks!r}")
-    if not joint.min_capacity(block_size) <= max_blocks <= nk:
-        raise ValueError(
-            f"max_blocks must be in [{joint.min_capacity(block_size)}, {nk}] (one video block plus the "
-            f"{n_text} text blocks, at most nk), got {max_blocks}"
-        )
+    max_blocks = joint.check_capacity(max_blocks, block_size)
     count = _concrete_count(num_blocks)
     if count is not None and count < 1:
         raise ValueError(f"num_blocks must be a positive integer, got {count}")

@@ -199,6 +199,62 @@ def check_writable(path: str | os.PathLike) -> None:
         os.unlink(probe)
 
 
+def _read_arrays(
+    p: pathlib.Path,
+    keys: tuple[str, ...],
+    what: str,
+    *,
+    optional: tuple[str, ...] = (),
+    npz: bool = True,
+    needed_for: Mapping[str, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """The tensors ``keys`` that a ``.safetensors`` or ``.npz`` file holds (floating ones as float32,
+    bfloat16 and float64 included; others as stored); the ``optional`` keys only when present.
+
+    The suffix picks the format: ``.npz`` a NumPy archive, ``.safetensors`` safetensors. With
+    ``npz=False`` (Wan's prompt files, safetensors whatever their name) a ``.npz`` is refused and
+    any other suffix is read as safetensors; with ``npz=True`` any other suffix is refused.
+
+    Raises:
+      ValueError: naming the file (``what`` says which): missing, unreadable, a refused suffix, or
+        a missing key (with the file's keys, and why the key is needed when ``needed_for`` says).
+    """
+    if not p.is_file():
+        raise ValueError(f"{what} file {str(p)!r} does not exist")
+    out: dict[str, np.ndarray] = {}
+    if p.suffix == ".npz":
+        if not npz:
+            raise ValueError(f"{what} file {str(p)!r} must be a safetensors file, got a .npz file")
+        try:
+            with np.load(p, allow_pickle=False) as data:
+                out = {key: np.asarray(data[key]) for key in keys if key in data.files}
+                present = sorted(data.files)
+        except Exception as err:  # a corrupt archive raises several error types
+            raise ValueError(f"{what} file {str(p)!r} is not a readable .npz file: {err}") from None
+    elif p.suffix == ".safetensors" or not npz:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="flax") as f:
+                present = sorted(f.keys())
+                for key in keys:
+                    if key in present:
+                        out[key] = np.asarray(f.get_tensor(key))
+        except Exception as err:  # safetensors raises its own error types for a corrupt file
+            raise ValueError(f"{what} file {str(p)!r} is not a readable safetensors file: {err}") from None
+    else:
+        raise ValueError(f"{what} file {str(p)!r} must be a .safetensors or .npz file")
+    missing = [key for key in keys if key not in out and key not in optional]
+    if missing:
+        why = (needed_for or {}).get(missing[0])
+        raise ValueError(
+            f"{what} file {str(p)!r} has no {missing[0]!r} tensor ({'' if why is None else f'needed for {why}; '}"
+            f"keys: {present})"
+        )
+    floating = lambda a: np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"  # noqa: E731
+    return {key: a.astype(np.float32) if floating(a) else a for key, a in out.items()}
+
+
 def _as_batch1(name: str, arr: np.ndarray, path: str) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]
@@ -221,8 +277,8 @@ def load_prompt_embeds(
     """Reads prompt embeddings: ``(cond [1, T, E], uncond [1, T', E] or None)``, float32.
 
     Args:
-      path: a safetensors file with the keys ``cond`` and ``uncond`` (any float dtype,
-        bfloat16 included; shapes ``[T, E]`` or ``[1, T, E]``).
+      path: a safetensors file (any suffix but ``.npz``) with the keys ``cond`` and ``uncond``
+        (any float dtype, bfloat16 included; shapes ``[T, E]`` or ``[1, T, E]``).
       text_dim: the model's ``text_dim`` (4096 for Wan2.1); checked when given.
       require_uncond: raise if ``uncond`` is absent (guidance needs it); otherwise return
         ``None`` for it.
@@ -230,27 +286,11 @@ def load_prompt_embeds(
     Raises:
       ValueError: for a missing file or key, a bad shape or dtype, or a ``text_dim`` mismatch.
     """
-    from safetensors import safe_open
-
     p = pathlib.Path(path)
-    if not p.is_file():
-        raise ValueError(f"prompt embeddings file {str(p)!r} does not exist")
-    out: dict[str, np.ndarray] = {}
-    try:
-        with safe_open(str(p), framework="flax") as f:
-            keys = set(f.keys())
-            for key in PROMPT_KEYS:
-                if key in keys:
-                    out[key] = np.asarray(f.get_tensor(key).astype("float32"))
-    except Exception as err:  # safetensors raises its own error types for a corrupt file
-        raise ValueError(f"prompt embeddings file {str(p)!r} is not a readable safetensors file: {err}") from None
-    if "cond" not in out:
-        raise ValueError(f"prompt embeddings file {str(p)!r} has no 'cond' tensor (keys: {sorted(keys)})")
-    if require_uncond and "uncond" not in out:
-        raise ValueError(
-            f"prompt embeddings file {str(p)!r} has no 'uncond' tensor (needed for classifier-free guidance; "
-            f"keys: {sorted(keys)})"
-        )
+    out = _read_arrays(
+        p, PROMPT_KEYS, "prompt embeddings", npz=False,
+        optional=() if require_uncond else ("uncond",), needed_for={"uncond": "classifier-free guidance"},
+    )  # fmt: skip
     cond = _as_batch1("cond", out["cond"], str(p))
     uncond = _as_batch1("uncond", out["uncond"], str(p)) if "uncond" in out else None
     for name, arr in (("cond", cond), ("uncond", uncond)):
@@ -294,39 +334,6 @@ class HunyuanPromptEmbeds(NamedTuple):
     prompt_embeds: Float[np.ndarray, "t e"]
     prompt_attention_mask: Int[np.ndarray, " t"]
     pooled_prompt_embeds: Float[np.ndarray, " p"]
-
-
-def _read_arrays(p: pathlib.Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
-    """The tensors ``keys`` that a ``.safetensors`` or ``.npz`` file holds (floating ones as float32,
-    bfloat16 included); raises ``ValueError`` naming the file when it cannot be read."""
-    if not p.is_file():
-        raise ValueError(f"{what} file {str(p)!r} does not exist")
-    out: dict[str, np.ndarray] = {}
-    if p.suffix == ".npz":
-        try:
-            with np.load(p, allow_pickle=False) as data:
-                out = {key: np.asarray(data[key]) for key in keys if key in data.files}
-                present = sorted(data.files)
-        except Exception as err:  # a corrupt archive raises several error types
-            raise ValueError(f"{what} file {str(p)!r} is not a readable .npz file: {err}") from None
-    elif p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), framework="flax") as f:
-                present = sorted(f.keys())
-                for key in keys:
-                    if key in present:
-                        out[key] = np.asarray(f.get_tensor(key))
-        except Exception as err:  # safetensors raises its own error types for a corrupt file
-            raise ValueError(f"{what} file {str(p)!r} is not a readable safetensors file: {err}") from None
-    else:
-        raise ValueError(f"{what} file {str(p)!r} must be a .safetensors or .npz file")
-    missing = [key for key in keys if key not in out]
-    if missing:
-        raise ValueError(f"{what} file {str(p)!r} has no {missing[0]!r} tensor (keys: {present})")
-    floating = lambda a: np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"  # noqa: E731
-    return {key: a.astype(np.float32) if floating(a) else a for key, a in out.items()}
 
 
 def _drop_batch1(arr: np.ndarray, rank: int) -> np.ndarray:

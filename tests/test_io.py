@@ -68,6 +68,27 @@ def test_prompt_embeds_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_prompt_embeds(tmp_path / "junk.safetensors")
+    needed = r"no 'uncond' tensor \(needed for classifier-free guidance; keys: \['cond'\]\)"
+    with pytest.raises(ValueError, match=needed):
+        load_prompt_embeds(save_prompt_embeds(tmp_path / "c.safetensors", rng.standard_normal((3, 4))))
+    np.savez(tmp_path / "p.npz", cond=rng.standard_normal((3, 4)), uncond=rng.standard_normal((3, 4)))
+    with pytest.raises(ValueError, match=r"p\.npz' must be a safetensors file, got a \.npz file"):
+        load_prompt_embeds(tmp_path / "p.npz")
+    save_file({"cond": rng.integers(0, 9, (3, 4)).astype(np.int32)}, tmp_path / "i.safetensors")
+    with pytest.raises(ValueError, match="'cond' must be floating point, got int32"):
+        load_prompt_embeds(tmp_path / "i.safetensors", require_uncond=False)
+
+
+def test_prompt_embeds_float64_and_any_suffix(tmp_path):
+    """A float64 file loads as float32 (rounded once); a safetensors file of any other name than
+    ``.npz`` reads as safetensors."""
+    rng = np.random.default_rng(4)
+    cond, uncond = rng.standard_normal((5, 8)), rng.standard_normal((1, 5, 8))
+    save_file({"cond": cond, "uncond": uncond}, tmp_path / "p.bin")
+    c, u = load_prompt_embeds(tmp_path / "p.bin", text_dim=8)
+    assert c.dtype == u.dtype == np.float32
+    np.testing.assert_array_equal(c, cond[None].astype(np.float32))
+    np.testing.assert_array_equal(u, uncond.astype(np.float32))
 
 
 def test_latents_roundtrip(tmp_path):

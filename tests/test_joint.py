@@ -377,6 +377,21 @@ def test_errors_name_the_argument():
         dense_attention(*(jnp.asarray(x) for x in (q, k, v)), kv_lengths=jnp.asarray([3], jnp.int32))
 
 
+def test_check_capacity_bounds():
+    # 420 video + 64 text tokens at block 32: nk = 16, vs = 13, n_text = 3, so K_max in [4, 16].
+    joint = JointTokens(420, 64)
+    assert (joint.min_capacity(32), joint.num_blocks(32)) == (4, 16)
+    for ok in (4, np.int32(9), 16):
+        got = joint.check_capacity(ok, 32)
+        assert type(got) is int and got == int(ok)
+    for bad in (3, 17):
+        with pytest.raises(ValueError, match=rf"max_blocks must be in \[4, 16\].*every text block.*got {bad}"):
+            joint.check_capacity(bad, 32)
+    for bad in (4.0, True):
+        with pytest.raises(ValueError, match="max_blocks must be a Python int"):
+            joint.check_capacity(bad, 32)
+
+
 ON_GPU = jax.default_backend() == "gpu"
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="compiled GPU paths (JAX_PLATFORMS=cuda)")
 

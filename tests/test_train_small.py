@@ -29,6 +29,11 @@ def _random_like(rng: np.random.Generator, tree):
     return jax.tree.map(fill, tree)
 
 
+def _bf16_rounded(params):
+    """The params as a compact checkpoint restores them: rounded to bfloat16 once, float32."""
+    return jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), nnx.to_pure_dict(params))
+
+
 def _templates(cfg):
     abstract = nnx.eval_shape(lambda: train_small.SmallDiT(pretrained.SMOKE_DIT_CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float32))
     _, params_shape = nnx.split(abstract, nnx.Param)
@@ -65,10 +70,10 @@ def test_compact_checkpoint_travels_in_small_shards_and_resumes(tmp_path):
     history = {"losses": [(0, 2.5), (1, 2.25)], "heldout": [(1, 2.0)]}
     digests = train_small.save_compact(tmp_path, params, 2, config, cfg, history, max_shard_bytes=150_000)
     assert len(digests) >= 2 and all((tmp_path / name).stat().st_size <= 150_000 for name in digests)
-    assert train_small.compact_step(tmp_path) == 2 and train_small.compact_step(tmp_path / "absent") is None
+    assert train_small.compact_info(tmp_path)["step"] == "2" and train_small.compact_info(tmp_path / "absent") is None
     restored, step, hist = train_small.load_compact(tmp_path, _random_like(np.random.default_rng(6), params_shape), config)
     assert step == 2 and hist == history
-    rounded = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), nnx.to_pure_dict(params))
+    rounded = _bf16_rounded(params)
     jax.tree.map(np.testing.assert_array_equal, rounded, nnx.to_pure_dict(restored))
     # The run resumes from it (moments restarted, learning rate re-warmed) when --out holds nothing newer.
     args = argparse.Namespace(fresh=False, carry_in=tmp_path)
@@ -81,6 +86,42 @@ def test_compact_checkpoint_travels_in_small_shards_and_resumes(tmp_path):
     other = pretrained.SmallDiTConfig(wan=config.wan, clip=config.clip, guidance_scale=config.guidance_scale + 1)
     with pytest.raises(ValueError, match="another model config"):
         train_small.load_compact(tmp_path, params_shape, other)
+
+
+def test_compact_checkpoint_metadata_is_the_one_record_of_step_config_and_histories(tmp_path):
+    """A compact checkpoint written now (no compact.json) resumes at its step, under its config,
+    with its histories, when --out's full checkpoint is older; the newer full one wins otherwise."""
+    config = pretrained.SMOKE_DIT_CONFIG
+    cfg = train_small.TrainConfig(stages=SMOKE_STAGES, lr=3e-4, seed=11)
+    rng = np.random.default_rng(8)
+    params_shape, opt_shape = _templates(cfg)
+    params = _random_like(rng, params_shape)
+    losses = [(s, float(v)) for s, v in enumerate(rng.uniform(0.5, 3.0, 37))]
+    history = {"losses": losses, "heldout": [(20, 1.75), (37, 1.5)]}
+    carry, out = tmp_path / "carry", tmp_path / "run"
+    digests = train_small.save_compact(carry, params, 37, config, cfg, history, max_shard_bytes=150_000)
+    assert sorted(p.name for p in carry.iterdir()) == sorted([*digests, "compact.safetensors.sha256"])
+    info = train_small.compact_info(carry)
+    assert (info["step"], info["config"], info["train"]) == ("37", config.to_json(), cfg.to_json())
+    _, meta = pretrained.read_sharded(carry / train_small.COMPACT)  # every shard carries the same header
+    assert json.loads(meta["losses"]) == [list(h) for h in history["losses"]]
+    out.mkdir()
+    older = (_random_like(rng, params_shape), _random_like(rng, opt_shape))
+    train_small.save_checkpoint(out / train_small.CHECKPOINT, *older, 30, config, cfg)
+    args = argparse.Namespace(fresh=False, carry_in=carry)
+    fresh_opt = train_small.make_optimizer(cfg).init(params)
+    restored, _, step, hist, rewarm_from, source = train_small._resume(
+        args, out, _random_like(np.random.default_rng(9), params_shape), fresh_opt, config, cfg
+    )
+    assert (step, rewarm_from, source, hist) == (37, 37, "compact", history)
+    rounded = _bf16_rounded(params)
+    jax.tree.map(np.testing.assert_array_equal, rounded, nnx.to_pure_dict(restored))
+    train_small.save_checkpoint(out / train_small.CHECKPOINT, params, _random_like(rng, opt_shape), 38, config, cfg)
+    got = train_small._resume(args, out, params_shape, opt_shape, config, cfg)
+    assert (got[2], got[5]) == (38, "full")
+    other = pretrained.SmallDiTConfig(wan=config.wan, clip=config.clip, guidance_scale=config.guidance_scale + 1)
+    with pytest.raises(ValueError, match="another model config"):
+        train_small._resume(args, tmp_path / "empty", params_shape, fresh_opt, other, cfg)
 
 
 def test_learning_rate_warms_up_decays_and_rewarms():
@@ -127,7 +168,7 @@ def test_smoke_run_trains_across_stages_resumes_evaluates_and_exports(tmp_path, 
                               "--out", str(out), "--carry-out", str(carry)])  # fmt: skip
     assert first["steps"] == 1 and not first["complete"] and np.isfinite(first["final_loss"])
     assert (out / "checkpoint.safetensors").is_file() and (out / "loss.png").is_file()
-    assert train_small.compact_step(carry) == 1 and "learning" not in first
+    assert train_small.compact_info(carry)["step"] == "1" and "learning" not in first
     export = tmp_path / "w.safetensors"
     second = train_small.main([
         "--smoke", "--stages", stages, "--eval-every", "0", "--sample-steps", "1", "--eval-samples", "2",
@@ -141,7 +182,7 @@ def test_smoke_run_trains_across_stages_resumes_evaluates_and_exports(tmp_path, 
     assert second["heldout_history"][-1][0] == 3 and np.isfinite(second["heldout"])
     learning = second["learning"]
     assert len(learning["samples"]["nearest_psnr"]) == 2 and 0.0 <= learning["real"]["photo_accuracy"] <= 1.0
-    assert train_small.compact_step(carry) == 1  # a finished, exported run writes no compact checkpoint
+    assert train_small.compact_info(carry)["step"] == "1"  # a finished, exported run writes no compact checkpoint
     for name in ("samples.png", "samples.gif", "train_summary.json"):
         assert (out / name).is_file()
         assert (tmp_path / "results" / name).read_bytes() == (out / name).read_bytes()

@@ -308,20 +308,15 @@ def init_cache(
     program; any ``num_blocks <= max_blocks`` runs in that program. ``num_tokens`` is the
     attention's length: for a joint text + video sequence (``joint``) ``L_v + T``, whose blocks
     the cache rows cover, and ``max_blocks`` must hold one video block and every text block
-    (:meth:`~dfsattn_jax.joint.JointTokens.min_capacity`).
+    (:meth:`~dfsattn_jax.joint.JointTokens.check_capacity`).
     """
     if not backend.is_sparse:
         return None
     nk = num_token_blocks(num_tokens, backend.block_size)
-    least = 1
     if joint is not None:
-        joint.check(num_tokens)
-        least = joint.min_capacity(backend.block_size)
-    if not least <= int(max_blocks) <= nk:
-        raise ValueError(
-            f"max_blocks must be in [{least}, {nk}] (key blocks of {num_tokens} tokens"
-            f"{'' if joint is None else ', one video block and every text block'}), got {max_blocks}"
-        )
+        max_blocks = joint.check(num_tokens).check_capacity(max_blocks, backend.block_size)
+    elif not 1 <= int(max_blocks) <= nk:
+        raise ValueError(f"max_blocks must be in [1, {nk}] (key blocks of {num_tokens} tokens), got {max_blocks}")
     return init_mask_cache(len(backend.sparse_layers(num_layers)), batch, heads, nk, int(max_blocks))
 
 

@@ -290,18 +290,16 @@ class Sampler:
     def cache_capacity(self, plan: SchedulePlan | None, joint: JointTokens | None = None) -> int:
         """``K_max`` of the mask cache for ``plan`` (0 for the dense backend); for a joint
         attention at least one video block plus the text blocks
-        (:meth:`~dfsattn_jax.joint.JointTokens.min_capacity`)."""
+        (:meth:`~dfsattn_jax.joint.JointTokens.min_capacity`); a fixed ``max_blocks`` must pass
+        :meth:`~dfsattn_jax.joint.JointTokens.check_capacity`."""
         if not self.backend.is_sparse:
             return 0
         least = 1 if joint is None else joint.min_capacity(self.backend.block_size)
         if self.max_blocks is not None:
             if plan is not None and plan.max_blocks > self.max_blocks:
                 raise ValueError(f"plan keeps up to {plan.max_blocks} blocks, the sampler's max_blocks is {self.max_blocks}")
-            if self.max_blocks < least:
-                raise ValueError(
-                    f"max_blocks must be >= {least} (one video block and the text blocks of {joint}), "
-                    f"got {self.max_blocks}"
-                )
+            if joint is not None:
+                joint.check_capacity(self.max_blocks, self.backend.block_size)
             return self.max_blocks
         if plan is None:
             return least
