@@ -3,6 +3,8 @@ nearest-real-clip measures, on the smoke-sized model and clips (CPU)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,29 @@ def test_learning_report_scores_given_videos_and_real_clips(bank):
 # The computations as they were before one pass per batch / per candidate pool: the references.
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _old_heldout_batch(graphdef, config, state, images, clip_params, sigma, key):
+    """One batch at one σ: re-rendered and re-encoded for every σ (the former ``_heldout_batch``)."""
+    model, conditioner = nnx.merge(graphdef, state)
+    latents = L.clips_to_latents(images, clip_params, config.clip, config.codec)
+    eps = jax.random.normal(key, latents.shape, jnp.float32)
+    text = conditioner(clip_params.photo, clip_params.motion)
+    return L.velocity_loss(model, text, latents, eps, jnp.full((latents.shape[0],), sigma, jnp.float32))
+
+
+def _old_heldout_losses(held: L.HeldoutSet, model, conditioner) -> np.ndarray:
+    """``[num_clips, num_sigmas]`` per-clip losses by the former per-σ loop (a host sync per σ)."""
+    graphdef, state = nnx.split((model, conditioner))
+    losses = np.zeros((held.num_clips, len(held.sigmas)))
+    for start in range(0, held.num_clips, held.batch):
+        part = jax.tree.map(lambda x: x[start : start + held.batch], held.params)
+        for j, sigma in enumerate(held.sigmas):
+            key = jax.random.fold_in(jax.random.key(held.seed), start * len(held.sigmas) + j)
+            loss = _old_heldout_batch(graphdef, held.config, state, held.images, part, jnp.float32(sigma), key)
+            losses[start : start + part.photo.shape[0], j] = np.asarray(loss)
+    return losses
+
+
 _OLD_RENDER = jax.jit(render_clips, static_argnums=2)
 
 
@@ -146,6 +171,26 @@ def _noisy_real_clips(bank, photo, motion, seed):
     video = np.stack([make_clips((seed, i), 1, CONFIG.clip, bank=bank, photo=int(p), motion=int(m)).video[0]
                       for i, (p, m) in enumerate(zip(photo, motion))])  # fmt: skip
     return np.clip(video + rng.normal(0, 0.05, video.shape), -1, 1).astype(np.float32)
+
+
+def test_heldout_batch_equals_the_per_sigma_loop(bank):
+    model, conditioner = _modules(5)
+    # 3 clips in batches of 2: a full and a partial batch; 3 noise levels
+    held = L.HeldoutSet(CONFIG, bank=bank, num_clips=3, num_sigmas=3, batch=2, seed=9)
+    expected = _old_heldout_losses(held, model, conditioner)
+    graphdef, state = nnx.split((model, conditioner))
+    sigmas, key = jnp.asarray(held.sigmas, jnp.float32), jax.random.key(held.seed)
+    got = np.full_like(expected, np.nan)  # poisoned: every entry must be written
+    for start in (0, 2):
+        part = jax.tree.map(lambda x: x[start : start + 2], held.params)
+        loss = L._heldout_batch(graphdef, CONFIG, state, held.images, part, sigmas, key, jnp.int32(start * 3))
+        assert loss.shape == (3, part.photo.shape[0])
+        got[start : start + part.photo.shape[0]] = np.asarray(loss).T
+    assert np.all(expected > 0.05)  # a real loss (random weights: far from zero)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)  # float32 forward, same inputs and noise
+    result = held(model, conditioner)
+    np.testing.assert_allclose(result["per_sigma"], expected.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(result["loss"], expected.mean(), rtol=1e-5)
 
 
 def test_pool_scores_equal_the_video_by_video_pools_and_render_each_class_once(bank, monkeypatch):
