@@ -53,24 +53,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _models(args) -> list[tuple[str, Any, Any, Any, dict]]:
     """``(key, model, conditioner, config, source)`` per asked model."""
+    from models.evaluation.small_dit import SMOKE_DIT_CONFIG, load_small_dit, random_small_dit
+
     if args.quick:
-        from flax import nnx
-
-        from models.evaluation.small_dit import SMOKE_DIT_CONFIG, ClipConditioner
-        from models.wan.transformer import WanTransformer3DModel
-
-        config = SMOKE_DIT_CONFIG
-        model = WanTransformer3DModel(config.wan, rngs=nnx.Rngs(1))
-        conditioner = ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(2))
-        return [("smoke", model, conditioner, config, {"weights": None, "sha256": None})]
-    from models.evaluation.small_dit import get_small_dit, load_clip_conditioner, load_small_video_dit, read_weights_checksums
-
+        return [("smoke", *random_small_dit(SMOKE_DIT_CONFIG, seed=1), SMOKE_DIT_CONFIG, {"weights": None, "sha256": None})]
     out = []
     for key in [k.strip() for k in args.models.split(",") if k.strip()]:
-        path = get_small_dit(key).weights_path
-        model, config = load_small_video_dit(path)
-        out.append((key, model, load_clip_conditioner(path, verify=False), config,
-                    {"weights": path, "sha256": read_weights_checksums(path)}))  # fmt: skip
+        model, conditioner, config, meta = load_small_dit(key)  # one read, checksums verified
+        out.append((key, model, conditioner, config, {"weights": meta["weights"], "sha256": meta["sha256"]}))
     return out
 
 

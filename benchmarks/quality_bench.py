@@ -73,7 +73,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dfsattn_jax.layout import BlockLayout
 from dfsattn_jax.metrics import DISTANCE_CLASS_NAMES
@@ -90,9 +89,8 @@ from models.evaluation.small_dit import (
     ClipConditioner,
     SmallDiTConfig,
     get_small_dit,
-    load_clip_conditioner,
-    load_small_video_dit,
-    read_weights_checksums,
+    load_small_dit,
+    random_small_dit,
 )
 from models.wan.transformer import WanTransformer3DModel
 
@@ -191,22 +189,17 @@ def _portable_path(path: str | os.PathLike | None) -> str | None:
 def load_setup(args) -> tuple[WanTransformer3DModel, ClipConditioner, SmallDiTConfig, dict[str, Any]]:
     """The model, its conditioner, its config (clip size as asked) and where they came from."""
     if args.quick:
-        config = SMOKE_SETUP
-        model = WanTransformer3DModel(config.wan, rngs=nnx.Rngs(1234))
-        conditioner = ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(1235))
-        return model, conditioner, _resize_clip(config, args), {"key": "smoke", "weights": None, "sha256": None, "random": True}
+        model, conditioner = random_small_dit(SMOKE_SETUP)
+        return model, conditioner, _resize_clip(SMOKE_SETUP, args), {"key": "smoke", "weights": None, "sha256": None, "random": True}
     entry = get_small_dit(args.model)
     if args.random:
-        config = entry.config
-        model = WanTransformer3DModel(config.wan, rngs=nnx.Rngs(1234))
-        conditioner = ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(1235))
+        model, conditioner = random_small_dit(entry.config)
         source = {"key": args.model, "weights": None, "sha256": None, "random": True,
                   "note": "random weights of the architecture"}  # fmt: skip
-        return model, conditioner, _resize_clip(config, args), source
-    weights = pathlib.Path(args.weights) if args.weights else entry.weights_path
-    model, config = load_small_video_dit(weights)  # verifies every file's checksum
-    conditioner = load_clip_conditioner(weights, verify=False)
-    source = {"key": args.model, "weights": _portable_path(weights), "sha256": read_weights_checksums(weights),
+        return model, conditioner, _resize_clip(entry.config, args), source
+    # one read of the weights, every file's checksum verified
+    model, conditioner, config, meta = load_small_dit(pathlib.Path(args.weights) if args.weights else args.model)
+    source = {"key": args.model, "weights": _portable_path(meta["weights"]), "sha256": meta["sha256"],
               "random": False, "trained_clip": dataclasses.asdict(config.clip)}  # fmt: skip
     return model, conditioner, _resize_clip(config, args), source
 

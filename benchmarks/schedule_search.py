@@ -292,23 +292,15 @@ def plot(state: dict, path: str) -> str:
 
 
 def _setup(args):
-    """``(model, conditioner, config, key)``: the harness model (or the smoke model for ``--quick``)."""
-    from flax import nnx
-
+    """``(model, conditioner, config, key, checksums)``: the harness model (or the smoke model for ``--quick``)."""
     from models.evaluation.clips import ClipConfig
-    from models.evaluation.small_dit import SMOKE_DIT_CONFIG, ClipConditioner, get_small_dit, load_clip_conditioner, load_small_video_dit
-    from models.wan.transformer import WanTransformer3DModel
+    from models.evaluation.small_dit import SMOKE_DIT_CONFIG, load_small_dit, random_small_dit
 
     if args.quick:
         config = dataclasses.replace(SMOKE_DIT_CONFIG, clip=ClipConfig(frames=4, height=32, width=32))
-        model = WanTransformer3DModel(config.wan, rngs=nnx.Rngs(1234))
-        conditioner = ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(1235))
-        return model, conditioner, config, "smoke", None
-    weights = get_small_dit(args.model).weights_path
-    model, config = load_small_video_dit(weights)
-    from models.evaluation.small_dit import read_weights_checksums
-
-    return model, load_clip_conditioner(weights, verify=False), config, args.model, read_weights_checksums(weights)
+        return *random_small_dit(config), config, "smoke", None
+    model, conditioner, config, meta = load_small_dit(args.model)  # one read, checksums verified
+    return model, conditioner, config, args.model, meta["sha256"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

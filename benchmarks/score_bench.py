@@ -54,7 +54,7 @@ from dfsattn_jax.scoring import block_scores, resolve_scoring_implementation, ti
 from models.common.processor import AttentionBackend, AttentionHooks
 from models.evaluation.clips import clip_classes
 from models.evaluation.results import device_name, device_slug, write_json
-from models.evaluation.small_dit import load_clip_conditioner, load_small_video_dit
+from models.evaluation.small_dit import load_small_dit
 from models.sampling.loop import Sampler
 from models.evaluation.synthetic import synthetic_qkv
 from pallas_kernels.block_scores_triton import DEFAULT_PRECISION, PRECISIONS, ScoreBlockSizes, tile_block_scores
@@ -181,13 +181,12 @@ def harness_agreement(
     Returns per ``"precision@density"`` the mean and the minimum over (step, layer), and the
     number of decisions behind them.
     """
-    model, config = load_small_video_dit()
+    model, conditioner, config, _ = load_small_dit()
     if clip is not None:
         frames, height, width = clip
         config = dataclasses.replace(
             config, clip=dataclasses.replace(config.clip, frames=frames, height=height, width=width)
         )
-    conditioner = load_clip_conditioner()
     hooks = AgreementHooks(tuple(precisions), interpret)
     backend = AttentionBackend("dense", order="hilbert3d", hooks=hooks)
     sampler = Sampler(model, backend, shift=config.sample_shift, min_capacity=num_steps, progress=False)

@@ -175,13 +175,12 @@ def _run_small_model(args: argparse.Namespace) -> None:
     """Dense vs DFSAttn on the shipped small video DiT: GIF (+ MP4), PSNR/SSIM, masks, JSON."""
     import dataclasses
 
-    from models.evaluation.small_dit import default_weights_path, load_clip_conditioner, load_small_video_dit
+    from models.evaluation.small_dit import default_weights_path, load_small_dit
     from models.evaluation.compare import run_clip_comparison
     from models.evaluation.reports import format_clip_report
 
     weights = args.weights or str(default_weights_path())
-    model, config = load_small_video_dit(weights)  # verifies the checksum
-    conditioner = load_clip_conditioner(weights)
+    model, conditioner, config, _ = load_small_dit(weights)  # one read, checksums verified
     on_cpu = jax.default_backend() == "cpu"
     clip = config.clip
     if on_cpu:  # dense attention over the trained 16,384 tokens does not fit a CPU demo

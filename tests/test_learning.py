@@ -3,6 +3,8 @@ nearest-real-clip measures, on the smoke-sized model and clips (CPU)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,8 @@ import pytest
 from flax import nnx
 
 from models.evaluation import learning as L
-from models.evaluation.clips import NUM_PHOTOS, load_photo_bank, make_clips, sample_clip_params
-from models.evaluation.fidelity import psnr, spread
+from models.evaluation.clips import NUM_PHOTOS, load_photo_bank, make_clips, render_clips, sample_clip_params
+from models.evaluation.fidelity import psnr, spread, ssim
 from models.evaluation.small_dit import SMOKE_DIT_CONFIG, ClipConditioner
 from models.wan.transformer import WanTransformer3DModel
 
@@ -106,6 +108,133 @@ def test_learning_report_scores_given_videos_and_real_clips(bank):
     assert np.isfinite(report["heldout"]["loss"]) and report["heldout"]["num_clips"] == 2
     ratio = report["samples"]["sharpness_summary"]["mean"] / report["real"]["sharpness_summary"]["mean"]
     assert report["sharpness_ratio"] == pytest.approx(ratio) and all(0 < x <= 1 for x in report["real"]["nearest_ssim"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The computations as they were before one pass per batch / per candidate pool: the references.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _old_heldout_batch(graphdef, config, state, images, clip_params, sigma, key):
+    """One batch at one σ: re-rendered and re-encoded for every σ (the former ``_heldout_batch``)."""
+    model, conditioner = nnx.merge(graphdef, state)
+    latents = L.clips_to_latents(images, clip_params, config.clip, config.codec)
+    eps = jax.random.normal(key, latents.shape, jnp.float32)
+    text = conditioner(clip_params.photo, clip_params.motion)
+    return L.velocity_loss(model, text, latents, eps, jnp.full((latents.shape[0],), sigma, jnp.float32))
+
+
+def _old_heldout_losses(held: L.HeldoutSet, model, conditioner) -> np.ndarray:
+    """``[num_clips, num_sigmas]`` per-clip losses by the former per-σ loop (a host sync per σ)."""
+    graphdef, state = nnx.split((model, conditioner))
+    losses = np.zeros((held.num_clips, len(held.sigmas)))
+    for start in range(0, held.num_clips, held.batch):
+        part = jax.tree.map(lambda x: x[start : start + held.batch], held.params)
+        for j, sigma in enumerate(held.sigmas):
+            key = jax.random.fold_in(jax.random.key(held.seed), start * len(held.sigmas) + j)
+            loss = _old_heldout_batch(graphdef, held.config, state, held.images, part, jnp.float32(sigma), key)
+            losses[start : start + part.photo.shape[0], j] = np.asarray(loss)
+    return losses
+
+
+_OLD_RENDER = jax.jit(render_clips, static_argnums=2)
+
+
+def _old_best(bank, clip, video, photo: int, motion: int, num: int, seed: int = 0, chunk: int = 16):
+    """``(PSNR, index, SSIM)`` of the nearest of one class's candidates to one video, the pool
+    rendered for this video alone (the former ``_CandidatePools.best``)."""
+    params = sample_clip_params((seed, L.CANDIDATE_TAG, photo, motion), num, clip, photo=photo, motion=motion)
+    target = jnp.asarray(video, jnp.float32)[None]
+    scores, best_clip = [], None
+    for start in range(0, num, chunk):
+        rendered = _OLD_RENDER(jnp.asarray(bank.images), jax.tree.map(lambda x: x[start : start + chunk], params), clip)
+        scores.append(np.asarray(psnr(rendered, jnp.broadcast_to(target, rendered.shape), data_range=2.0)))
+        if best_clip is None or scores[-1].max() > best_clip[0]:
+            best_clip = (float(scores[-1].max()), rendered[int(np.argmax(scores[-1]))])
+    scores = np.concatenate(scores)
+    index = int(np.argmax(scores))
+    return float(scores[index]), index, float(ssim(best_clip[1], target[0], data_range=2.0))
+
+
+def _old_scores(bank, clip, videos, photo, motion, num_candidates, photo_candidates, chunk=16):
+    """The former nearest_clip_psnr (psnr, index, ssim) and photo_match table, video by video."""
+    near = np.array([_old_best(bank, clip, v, int(p), int(m), num_candidates, chunk=chunk)
+                     for v, p, m in zip(videos, photo, motion)])  # fmt: skip
+    table = np.array([[_old_best(bank, clip, v, p, int(m), photo_candidates, chunk=chunk)[0] for p in range(NUM_PHOTOS)]
+                      for v, m in zip(videos, motion)])  # fmt: skip
+    return near[:, 0], near[:, 1].astype(np.int64), near[:, 2], table
+
+
+def _noisy_real_clips(bank, photo, motion, seed):
+    """Real clips of the given classes (not candidates) with seeded noise: videos near, not on, candidates."""
+    rng = np.random.default_rng(seed)
+    video = np.stack([make_clips((seed, i), 1, CONFIG.clip, bank=bank, photo=int(p), motion=int(m)).video[0]
+                      for i, (p, m) in enumerate(zip(photo, motion))])  # fmt: skip
+    return np.clip(video + rng.normal(0, 0.05, video.shape), -1, 1).astype(np.float32)
+
+
+def test_heldout_batch_equals_the_per_sigma_loop(bank):
+    model, conditioner = _modules(5)
+    # 4 clips in batches of 2 (the second batch's noise keys start at 2 x 3); 3 noise levels
+    held = L.HeldoutSet(CONFIG, bank=bank, num_clips=4, num_sigmas=3, batch=2, seed=9)
+    expected = _old_heldout_losses(held, model, conditioner)
+    graphdef, state = nnx.split((model, conditioner))
+    sigmas, key = jnp.asarray(held.sigmas, jnp.float32), jax.random.key(held.seed)
+    got = np.full_like(expected, np.nan)  # poisoned: every entry must be written
+    for start in (0, 2):
+        part = jax.tree.map(lambda x: x[start : start + 2], held.params)
+        loss = L._heldout_batch(graphdef, CONFIG, state, held.images, part, sigmas, key, jnp.int32(start * 3))
+        assert loss.shape == (3, 2)
+        got[start : start + 2] = np.asarray(loss).T
+    assert np.all(expected > 0.05)  # a real loss (random weights: far from zero)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)  # float32 forward, same inputs and noise
+    result = held(model, conditioner)
+    np.testing.assert_allclose(result["per_sigma"], expected.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(result["loss"], expected.mean(), rtol=1e-5)
+
+
+def test_pool_scores_equal_the_video_by_video_pools_and_render_each_class_once(bank, monkeypatch):
+    # two videos of one class, three of motion 1 with other photos, one of motion 4
+    photo, motion = np.array([2, 6, 2, 0, 3, 5]), np.array([1, 1, 1, 4, 1, 3])
+    videos = _noisy_real_clips(bank, photo, motion, seed=17)
+    # chunk 2 with 3 nearest / 5 per-photo candidates: pools larger than either use, a partial last chunk
+    near_old, index_old, ssim_old, table_old = _old_scores(bank, CONFIG.clip, videos, photo, motion, 3, 5, chunk=2)
+    renders = []
+    real_render = L._render
+    monkeypatch.setattr(L, "_render", lambda images, params, clip: renders.append(params.photo.shape[0]) or real_render(images, params, clip))
+    near, table = L._pool_scores(videos, photo, motion, CONFIG.clip, bank, nearest=3, per_photo=5, seed=0, chunk=2)
+    # 3 motions x 8 photos, each pool of 5 rendered once (3 chunks: 2 + 2 + 1)
+    assert len(renders) == 3 * NUM_PHOTOS * 3 and sum(renders) == 3 * NUM_PHOTOS * 5
+    np.testing.assert_allclose(near["psnr"], near_old, rtol=1e-6)  # float32 MSEs, same renders
+    np.testing.assert_array_equal(near["index"], index_old)
+    np.testing.assert_allclose(near["ssim"], ssim_old, atol=1e-6)
+    np.testing.assert_allclose(table, table_old, rtol=1e-6)
+    assert np.all(np.isfinite(table)) and np.all((near["psnr"] > 5) & (near["psnr"] < 60))
+    # the public functions are the same pass with one use each
+    monkeypatch.setattr(L, "_render", real_render)
+    public = L.nearest_clip_psnr(videos, photo, motion, CONFIG.clip, bank=bank, num_candidates=3, chunk=2)
+    np.testing.assert_array_equal(public["index"], index_old)
+    np.testing.assert_allclose(public["psnr"], near_old, rtol=1e-6)
+    match = L.photo_match(videos, photo, motion, CONFIG.clip, bank=bank, num_candidates=5, chunk=2)
+    np.testing.assert_allclose(match["psnr"], table_old, rtol=1e-6)
+    np.testing.assert_array_equal(match["predicted"], np.argmax(table_old, axis=1))
+
+
+def test_learning_report_equals_scoring_samples_and_real_clips_apart(bank):
+    model, conditioner = _modules(6)
+    photo, motion = np.arange(5) % NUM_PHOTOS, np.arange(5) % 5
+    samples = _noisy_real_clips(bank, photo, motion, seed=23)
+    report, videos = L.learning_report(model, conditioner, CONFIG, num_samples=5, num_candidates=3, photo_candidates=2,
+                                       videos=samples, heldout_result={"loss": 1.0})  # fmt: skip
+    for name in ("samples", "real"):
+        near, index, ssim_old, table = _old_scores(bank, CONFIG.clip, videos[name], photo, motion, 3, 2)
+        np.testing.assert_allclose(report[name]["nearest_psnr"], near, rtol=1e-6)
+        np.testing.assert_allclose(report[name]["nearest_ssim"], ssim_old, atol=1e-6)
+        assert report[name]["nearest_psnr_summary"] == spread(report[name]["nearest_psnr"])
+        assert report[name]["photo_predicted"] == [int(x) for x in np.argmax(table, axis=1)]
+        assert report[name]["photo_accuracy"] == float(np.mean(np.argmax(table, axis=1) == photo))
+    with pytest.raises(ValueError, match="photo_candidates"):
+        L.learning_report(model, conditioner, CONFIG, num_samples=5, photo_candidates=0, videos=samples)
 
 
 def test_sharpness_falls_with_blur_and_matches_a_hand_value():

@@ -215,3 +215,60 @@ def test_sharded_weights_refuse_damage(tmp_path):
         pretrained.weights_files(path)
     with pytest.raises(ValueError, match="alone exceeds max_shard_bytes"):
         pretrained.write_sharded(tmp_path / "big.safetensors", {"x": np.ones(1000, np.float32)}, {}, max_shard_bytes=2000)
+
+
+# ---------------------------------------------------------------------------------------------
+# One loader for the transformer, the conditioner and where they came from
+
+
+def test_load_small_dit_reads_once_and_equals_the_two_loaders(tmp_path, monkeypatch):
+    model, conditioner = _random_modules(23)
+    path = tmp_path / "w.safetensors"
+    digests = pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
+                                              max_shard_bytes=200_000)  # fmt: skip
+    assert len(pretrained.weights_files(path)) >= 2
+    # the old path: the transformer loader, then the conditioner loader (each reads every shard)
+    old_model, old_config = pretrained.load_small_video_dit(path, dtype=jnp.float32, param_dtype=jnp.float32)
+    old_conditioner = pretrained.load_clip_conditioner(path, verify=False)
+    reads, hashes = [], []
+    real_read, real_hash = pretrained.read_sharded, pretrained.file_sha256
+    monkeypatch.setattr(pretrained, "read_sharded", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    monkeypatch.setattr(pretrained, "file_sha256", lambda f: hashes.append(f) or real_hash(f))
+    new_model, new_conditioner, config, meta = pretrained.load_small_dit(path, dtype=jnp.float32, param_dtype=jnp.float32)
+    assert reads == [path] and sorted(hashes) == pretrained.weights_files(path)  # each file hashed once, read once
+    assert config == old_config == pretrained.SMOKE_DIT_CONFIG
+    assert meta["weights"] == path and meta["sha256"] == digests == pretrained.read_weights_checksums(path)
+    assert meta["metadata"]["format"] == "dfsattn-jax small video DiT v1" and "shard" not in meta["metadata"]
+    expected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(old_model, nnx.Param)), expected)
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(new_model, nnx.Param)), expected)
+    photo, motion = jnp.array([5, clips.NUM_PHOTOS]), jnp.array([2, 1])
+    chex.assert_trees_all_equal(new_conditioner(photo, motion), old_conditioner(photo, motion), conditioner(photo, motion))
+    _, _, _, unverified = pretrained.load_small_dit(path, verify=False)
+    assert unverified["sha256"] is None and len(hashes) == len(pretrained.weights_files(path))  # no hashing
+    data = bytearray(pretrained.weights_files(path)[0].read_bytes())
+    data[-1] ^= 0x01
+    pretrained.weights_files(path)[0].write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        pretrained.load_small_dit(path)
+
+
+def test_load_small_dit_takes_a_registered_name():
+    _require_shipped()
+    model, conditioner, config, meta = pretrained.load_small_dit("v1", dtype=jnp.float32, param_dtype=jnp.float32)
+    assert config == pretrained.SMALL_DIT_CONFIG and meta["weights"] == SHIPPED
+    assert meta["sha256"] == {SHIPPED.name: pretrained.read_checksum(SHIPPED)}
+    old = pretrained.load_clip_conditioner(SHIPPED, verify=False)
+    photo, motion = jnp.array([0, 7]), jnp.array([4, 0])
+    chex.assert_trees_all_equal(conditioner(photo, motion), old(photo, motion))
+
+
+def test_random_small_dit_is_the_benches_random_model():
+    config = pretrained.SMOKE_DIT_CONFIG
+    model, conditioner = pretrained.random_small_dit(config, seed=41)
+    old_model = WanTransformer3DModel(config.wan, rngs=nnx.Rngs(41))
+    old_conditioner = pretrained.ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(42))
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(nnx.state(old_model, nnx.Param)))
+    photo, motion = jnp.array([1, 3]), jnp.array([2, 4])
+    chex.assert_trees_all_equal(conditioner(photo, motion), old_conditioner(photo, motion))
+    assert float(jnp.std(conditioner(photo, motion))) > 0.1  # drawn, not zeros

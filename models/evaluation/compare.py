@@ -324,8 +324,7 @@ def run_clip_comparison(
     first refresh step, :func:`models.evaluation.compare.block_masks`) and ``compare_<model>.json``.
 
     Args:
-      model, dit_config, conditioner: from :func:`models.evaluation.small_dit.load_small_video_dit` and
-        :func:`~models.evaluation.small_dit.load_clip_conditioner`.
+      model, dit_config, conditioner: from :func:`models.evaluation.small_dit.load_small_dit`.
       num_samples: classes sampled (:func:`clip_classes`).
       steps: denoising steps; the DFS schedule is :func:`default_schedule` for that count.
       seed: noise seed.

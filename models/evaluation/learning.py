@@ -136,15 +136,29 @@ def velocity_loss(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _heldout_batch(graphdef, config, state, images, clip_params, sigma, key) -> Float[Array, " b"]:
-    """Per-clip velocity loss of one batch of held-out clips at one σ (compiled once per model and shapes)."""
+def _heldout_batch(
+    graphdef, config, state, images, clip_params, sigmas: Float[Array, " s"], key: jax.Array, first: Int[Array, ""]
+) -> Float[Array, "s b"]:
+    """Per-clip velocity loss of one batch of held-out clips at every σ: ``[S, B]`` (compiled once
+    per model and shapes).
+
+    The clips are rendered, encoded and conditioned once; the σ values run one after another
+    (``lax.map``: the memory of one forward pass of the batch, as a vmap over σ would multiply
+    it by ``S``: 8 × 8 clips of the v2 model's 25,920 tokens). The noise at ``sigmas[j]`` is
+    drawn from ``fold_in(key, first + j)``.
+    """
     from flax import nnx
 
     model, conditioner = nnx.merge(graphdef, state)
     latents = clips_to_latents(images, clip_params, config.clip, config.codec)
-    eps = jax.random.normal(key, latents.shape, jnp.float32)
     text = conditioner(clip_params.photo, clip_params.motion)
-    return velocity_loss(model, text, latents, eps, jnp.full((latents.shape[0],), sigma, jnp.float32))
+
+    def one(j_sigma):
+        j, sigma = j_sigma
+        eps = jax.random.normal(jax.random.fold_in(key, first + j), latents.shape, jnp.float32)
+        return velocity_loss(model, text, latents, eps, jnp.full((latents.shape[0],), sigma, jnp.float32))
+
+    return jax.lax.map(one, (jnp.arange(sigmas.shape[0]), sigmas))
 
 
 class HeldoutSet:
@@ -181,13 +195,13 @@ class HeldoutSet:
         from flax import nnx
 
         graphdef, state = nnx.split((model, conditioner))
+        sigmas, key = jnp.asarray(self.sigmas, jnp.float32), jax.random.key(self.seed)
         losses = np.zeros((self.num_clips, len(self.sigmas)))
         for start in range(0, self.num_clips, self.batch):
             part = jax.tree.map(lambda x: x[start : start + self.batch], self.params)
-            for j, sigma in enumerate(self.sigmas):
-                key = jax.random.fold_in(jax.random.key(self.seed), start * len(self.sigmas) + j)
-                loss = _heldout_batch(graphdef, self.config, state, self.images, part, jnp.float32(sigma), key)
-                losses[start : start + part.photo.shape[0], j] = np.asarray(loss)
+            first = jnp.int32(start * len(self.sigmas))  # noise of (batch, σ index j): fold_in(key, first + j)
+            loss = _heldout_batch(graphdef, self.config, state, self.images, part, sigmas, key, first)
+            losses[start : start + part.photo.shape[0]] = np.asarray(loss).T  # one transfer per batch
         return {
             "loss": float(losses.mean()),
             "per_sigma": [float(x) for x in losses.mean(axis=0)],
@@ -271,39 +285,85 @@ def _check_videos(videos: np.ndarray, photo: np.ndarray, motion: np.ndarray, cli
         raise ValueError(f"photo must be in [0, {NUM_PHOTOS}) and motion in [0, {NUM_MOTIONS}), got {photo} and {motion}")
 
 
-def _prepare(videos, photo, motion, clip: ClipConfig, bank, num_candidates, seed, chunk):
-    """Checked ``(videos, photo, motion)`` as NumPy arrays and the candidate pools to score them against."""
+def _check_count(name: str, value: int) -> int:
+    if isinstance(value, bool) or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_inputs(videos, photo, motion, clip: ClipConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked ``(videos, photo, motion)`` as NumPy arrays."""
     videos, photo, motion = np.asarray(videos), np.asarray(photo, np.int64), np.asarray(motion, np.int64)
     _check_videos(videos, photo, motion, clip)
-    if isinstance(num_candidates, bool) or int(num_candidates) < 1:
-        raise ValueError(f"num_candidates must be a positive integer, got {num_candidates!r}")
+    return videos, photo, motion
+
+
+_render = jax.jit(render_clips, static_argnums=2)
+
+
+@jax.jit
+def _psnr_table(rendered: Float[Array, "c t h w 3"], targets: Float[Array, "v t h w 3"]) -> Float[Array, "v c"]:
+    """PSNR (data range 2) of every target against every rendered clip."""
+    shape = (targets.shape[0],) + rendered.shape
+    return psnr(jnp.broadcast_to(rendered[None], shape), jnp.broadcast_to(targets[:, None], shape), data_range=2.0)
+
+
+def _pool_scores(
+    videos: np.ndarray, photo: np.ndarray, motion: np.ndarray, clip: ClipConfig, bank: PhotoBank | None, *,
+    nearest: int, per_photo: int, seed: int, chunk: int,
+) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None]:  # fmt: skip
+    """The nearest-clip measures (``nearest`` candidates of each video's class) and the photo-match
+    table (``per_photo`` candidates of every photo with each video's motion) of checked videos,
+    every candidate pool rendered once.
+
+    The candidates of class ``(p, m)`` are those of ``sample_clip_params((seed, CANDIDATE_TAG, p,
+    m), count)``, which draws clip by clip: the first ``k`` of a larger pool are the pool of ``k``.
+    So each class needed is rendered once (in chunks of ``chunk``), with as many candidates as its
+    larger use asks, and scored against every video of its motion in one pass.
+
+    Returns:
+      ``({"psnr", "index", "ssim"}: [B] each, or None when ``nearest`` is 0; the PSNR table
+      float64[B, NUM_PHOTOS], or None when ``per_photo`` is 0)``.
+    """
     bank = load_photo_bank(clip.bank_size) if bank is None else bank
-    return videos, photo, motion, _CandidatePools(clip, bank, num_candidates, seed, chunk)
+    images, chunk, count_of = jnp.asarray(bank.images), max(1, int(chunk)), len(videos)
+    targets = jnp.asarray(videos, jnp.float32)
+    near = {"psnr": np.zeros(count_of), "index": np.zeros(count_of, np.int64), "ssim": np.zeros(count_of)}
+    table = np.zeros((count_of, NUM_PHOTOS))
+    for m in np.unique(motion):
+        same_motion = np.flatnonzero(motion == m)
+        for p in range(NUM_PHOTOS):
+            own = same_motion[photo[same_motion] == p]  # the videos of class (p, m)
+            limit = nearest if own.size else 0
+            count = max(limit, per_photo)
+            if count == 0:
+                continue
+            rows = same_motion if per_photo else own
+            params = sample_clip_params((seed, CANDIDATE_TAG, p, int(m)), count, clip, photo=p, motion=int(m))
+            scores, best, best_score = [], None, None
+            for start in range(0, count, chunk):
+                rendered = _render(images, jax.tree.map(lambda x: x[start : start + chunk], params), clip)
+                scores.append(np.asarray(_psnr_table(rendered, targets[rows]), np.float64))
+                if start < limit:  # the nearest candidate so far among the first `limit` (first on ties)
+                    part = scores[-1][:, : limit - start]
+                    improved = np.ones(len(rows), bool) if best is None else part.max(axis=1) > best_score
+                    best_score = np.where(improved, part.max(axis=1), best_score)
+                    chosen = rendered[jnp.asarray(np.argmax(part, axis=1))]
+                    best = chosen if best is None else jnp.where(jnp.asarray(improved)[:, None, None, None, None], chosen, best)
+            scores = np.concatenate(scores, axis=1)
+            if per_photo:
+                table[rows, p] = scores[:, :per_photo].max(axis=1)
+            if limit:
+                at = np.searchsorted(rows, own)  # where the class's videos stand in `rows`
+                near["index"][own] = np.argmax(scores[at, :limit], axis=1)
+                near["psnr"][own] = scores[at, near["index"][own]]
+                near["ssim"][own] = np.asarray(ssim(best[at], targets[own], data_range=2.0), np.float64)
+    return (near if nearest else None), (table if per_photo else None)
 
 
-class _CandidatePools:
-    """The candidate clips of each class, rendered once per ``(photo, motion)`` in chunks."""
-
-    def __init__(self, clip: ClipConfig, bank: PhotoBank, num_candidates: int, seed: int, chunk: int):
-        self.clip, self.images = clip, jnp.asarray(bank.images)
-        self.num, self.seed, self.chunk = int(num_candidates), int(seed), max(1, int(chunk))
-        self._render = jax.jit(render_clips, static_argnums=2)
-
-    def best(self, video: np.ndarray, photo: int, motion: int) -> tuple[float, int, float]:
-        """``(PSNR, index, SSIM)`` of the candidate of class ``(photo, motion)`` nearest to ``video``
-        (nearest by PSNR; the SSIM of that pair)."""
-        params = sample_clip_params((self.seed, CANDIDATE_TAG, photo, motion), self.num, self.clip, photo=photo, motion=motion)
-        target = jnp.asarray(video, jnp.float32)[None]
-        scores, best_clip = [], None
-        for start in range(0, self.num, self.chunk):
-            part = jax.tree.map(lambda x: x[start : start + self.chunk], params)
-            rendered = self._render(self.images, part, self.clip)
-            scores.append(np.asarray(psnr(rendered, jnp.broadcast_to(target, rendered.shape), data_range=2.0)))
-            if best_clip is None or scores[-1].max() > best_clip[0]:
-                best_clip = (float(scores[-1].max()), rendered[int(np.argmax(scores[-1]))])
-        scores = np.concatenate(scores)
-        index = int(np.argmax(scores))
-        return float(scores[index]), index, float(ssim(best_clip[1], target[0], data_range=2.0))
+def _photo_result(table: np.ndarray, photo: np.ndarray) -> dict[str, Any]:
+    predicted = np.argmax(table, axis=1)
+    return {"psnr": table, "predicted": predicted, "accuracy": float(np.mean(predicted == photo))}
 
 
 def nearest_clip_psnr(
@@ -320,16 +380,17 @@ def nearest_clip_psnr(
     """Each video's PSNR (dB, data range 2) to the nearest of ``num_candidates`` real clips of its class.
 
     The candidates of class ``(photo, motion)`` come from the seed ``(seed, CANDIDATE_TAG, photo,
-    motion)``: the same pool for every video of the class and every model with clips of ``clip``.
+    motion)``: the same pool for every video of the class and every model with clips of ``clip``
+    (rendered once per class, ``chunk`` clips at a time).
 
     Returns:
       ``{"psnr": float64[B], "index": int64[B], "ssim": float64[B]}``: the best PSNR, which
-      candidate gave it, and the SSIM to that candidate.
+      candidate gave it (the first one on ties), and the SSIM to that candidate.
     """
-    videos, photo, motion, pools = _prepare(videos, photo, motion, clip, bank, num_candidates, seed, chunk)
-    best = [pools.best(v, int(p), int(m)) for v, p, m in zip(videos, photo, motion)]
-    return {"psnr": np.array([b[0] for b in best], np.float64), "index": np.array([b[1] for b in best], np.int64),
-            "ssim": np.array([b[2] for b in best], np.float64)}  # fmt: skip
+    videos, photo, motion = _check_inputs(videos, photo, motion, clip)
+    near, _ = _pool_scores(videos, photo, motion, clip, bank, nearest=_check_count("num_candidates", num_candidates),
+                           per_photo=0, seed=seed, chunk=chunk)  # fmt: skip
+    return near
 
 
 def photo_match(
@@ -346,15 +407,16 @@ def photo_match(
     """Which background photo each video is nearest to, among every photo's clips of its motion.
 
     For every video and every photo ``p``: the PSNR to the nearest of ``num_candidates`` real
-    clips of class ``(p, motion)``; the predicted photo is the best one.
+    clips of class ``(p, motion)`` (the pools of :func:`nearest_clip_psnr`); the predicted photo
+    is the best one.
 
     Returns:
       ``{"psnr": float64[B, NUM_PHOTOS], "predicted": int64[B], "accuracy": float}``.
     """
-    videos, photo, motion, pools = _prepare(videos, photo, motion, clip, bank, num_candidates, seed, chunk)
-    table = np.array([[pools.best(v, p, int(m))[0] for p in range(NUM_PHOTOS)] for v, m in zip(videos, motion)])
-    predicted = np.argmax(table, axis=1)
-    return {"psnr": table, "predicted": predicted, "accuracy": float(np.mean(predicted == photo))}
+    videos, photo, motion = _check_inputs(videos, photo, motion, clip)
+    _, table = _pool_scores(videos, photo, motion, clip, bank, nearest=0,
+                            per_photo=_check_count("num_candidates", num_candidates), seed=seed, chunk=chunk)  # fmt: skip
+    return _photo_result(table, photo)
 
 
 def learning_report(
@@ -378,7 +440,9 @@ def learning_report(
     ``num_samples`` dense samples (classes ``i % 8``, ``i % 5``: every photo and motion; noise
     seed ``seed``), each scored by :func:`nearest_clip_psnr` and :func:`photo_match`; the same
     measures of as many held-out real clips of the same classes (the ceiling: what a generator
-    of real clips would score against these candidates); and :func:`heldout_loss`.
+    of real clips would score against these candidates); and :func:`heldout_loss`. Samples and
+    real clips are scored in one pass that renders each class's candidates once (16 samples:
+    the 40 classes of their 5 motions, instead of 288 pool renders one video at a time).
 
     Args:
       videos: already generated samples of those classes (skips sampling), ``[B, T, H, W, 3]``.
@@ -393,6 +457,7 @@ def learning_report(
     """
     from models.evaluation.clips import clip_classes
 
+    nearest, per_photo = _check_count("num_candidates", num_candidates), _check_count("photo_candidates", photo_candidates)
     photo, motion = clip_classes(num_samples)
     bank = load_photo_bank(config.clip.bank_size)
     if videos is None:
@@ -403,15 +468,18 @@ def learning_report(
     ])  # fmt: skip
     out: dict[str, Any] = {"num_samples": int(num_samples), "num_steps": int(num_steps), "seed": int(seed),
                            "num_candidates": int(num_candidates), "photo_candidates": int(photo_candidates)}  # fmt: skip
-    for name, video in (("samples", videos), ("real", real)):
-        near = nearest_clip_psnr(video, photo, motion, config.clip, bank=bank, num_candidates=num_candidates, seed=seed)
-        match = photo_match(video, photo, motion, config.clip, bank=bank, num_candidates=photo_candidates, seed=seed)
+    # samples and real clips in one pass: each class's candidates are rendered once for both
+    samples, photo, motion = _check_inputs(videos, photo, motion, config.clip)
+    near, table = _pool_scores(np.concatenate([samples, real]), np.tile(photo, 2), np.tile(motion, 2), config.clip, bank,
+                               nearest=nearest, per_photo=per_photo, seed=seed, chunk=16)  # fmt: skip
+    for name, video, rows in (("samples", samples, slice(0, len(photo))), ("real", real, slice(len(photo), None))):
+        match = _photo_result(table[rows], photo)
         sharp = sharpness(video)
         out[name] = {
-            "nearest_psnr": [float(x) for x in near["psnr"]],
-            "nearest_psnr_summary": spread(near["psnr"]),
-            "nearest_ssim": [float(x) for x in near["ssim"]],
-            "nearest_ssim_summary": spread(near["ssim"]),
+            "nearest_psnr": [float(x) for x in near["psnr"][rows]],
+            "nearest_psnr_summary": spread(near["psnr"][rows]),
+            "nearest_ssim": [float(x) for x in near["ssim"][rows]],
+            "nearest_ssim_summary": spread(near["ssim"][rows]),
             "sharpness": [float(x) for x in sharp],
             "sharpness_summary": spread(sharp),
             "photo_predicted": [int(x) for x in match["predicted"]],

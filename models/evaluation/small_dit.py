@@ -81,6 +81,8 @@ __all__ = [
     "write_sharded",
     "read_sharded",
     "save_small_video_dit",
+    "load_small_dit",
+    "random_small_dit",
     "load_small_video_dit",
     "load_clip_conditioner",
 ]
@@ -541,36 +543,74 @@ def _weights_path(path: str | os.PathLike | None) -> str | os.PathLike | None:
     return path
 
 
-def load_small_video_dit(
-    path: str | os.PathLike | None = None, *, dtype=None, param_dtype=None, verify: bool = True
-) -> tuple[WanTransformer3DModel, SmallDiTConfig]:
-    """Loads a small video DiT: ``(model, config)``.
-
-    Args:
-      path: a weights file or the name of its shards, or a registered model name (``"v1"``,
-        ``"v2"``: its shipped weights); default: the v1 model's shipped weights.
-      dtype, param_dtype: activation / parameter dtypes (default: bf16 on accelerators, float32
-        on CPU; the float32 modules of Wan stay float32).
-      verify: check every file against its ``.sha256`` first (raises ``ValueError`` on mismatch).
-    """
-    tensors, config, _ = _read(_weights_path(path), verify)
+def _transformer_from(
+    tensors: dict[str, np.ndarray], config: SmallDiTConfig, dtype, param_dtype
+) -> WanTransformer3DModel:
+    """The transformer of ``config`` with the ``transformer.*`` tensors of a weights file."""
     dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
     param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else default_dtype()
     model = nnx.eval_shape(
         lambda: WanTransformer3DModel(config.wan, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
     )
     state = nnx.state(model, nnx.Param)
-    pure = unflatten_into(nnx.to_pure_dict(state), tensors, "transformer.")
-    nnx.replace_by_pure_dict(state, pure)
+    nnx.replace_by_pure_dict(state, unflatten_into(nnx.to_pure_dict(state), tensors, "transformer."))
     nnx.update(model, state)
-    return model, config
+    return model
 
 
-def load_clip_conditioner(path: str | os.PathLike | None = None, *, verify: bool = True) -> ClipConditioner:
-    """Loads a small video DiT's :class:`ClipConditioner` (float32); ``path`` as :func:`load_small_video_dit`."""
-    tensors, config, _ = _read(_weights_path(path), verify)
+def _conditioner_from(tensors: dict[str, np.ndarray], config: SmallDiTConfig) -> ClipConditioner:
+    """The float32 :class:`ClipConditioner` of ``config`` with the ``conditioner.*`` tensors."""
     conditioner = nnx.eval_shape(lambda: ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(0)))
     state = nnx.state(conditioner, nnx.Param)
     nnx.replace_by_pure_dict(state, unflatten_into(nnx.to_pure_dict(state), tensors, "conditioner."))
     nnx.update(conditioner, state)
     return conditioner
+
+
+def load_small_dit(
+    path: str | os.PathLike | None = None, *, dtype=None, param_dtype=None, verify: bool = True
+) -> tuple[WanTransformer3DModel, ClipConditioner, SmallDiTConfig, dict[str, Any]]:
+    """Loads a small video DiT and its conditioner from one read of its weights:
+    ``(model, conditioner, config, meta)``.
+
+    Args:
+      path: a weights file or the name of its shards, or a registered model name (``"v1"``,
+        ``"v2"``: its shipped weights); default: the v1 model's shipped weights.
+      dtype, param_dtype: the transformer's activation / parameter dtypes (default: bf16 on
+        accelerators, float32 on CPU; the float32 modules of Wan stay float32); the
+        conditioner is float32.
+      verify: check every file against its ``.sha256`` first (raises ``ValueError`` on mismatch).
+
+    Returns:
+      ``meta`` is ``{"weights": pathlib.Path read, "sha256": {file name: SHA-256} (verified;
+      ``None`` without ``verify``), "metadata": the files' header metadata}``.
+    """
+    path = pathlib.Path(_weights_path(path) if path is not None else default_weights_path())
+    digests = verify_weights(path) if verify else None
+    tensors, config, metadata = _read(path, verify=False)
+    model = _transformer_from(tensors, config, dtype, param_dtype)
+    meta = {"weights": path, "sha256": digests, "metadata": metadata}
+    return model, _conditioner_from(tensors, config), config, meta
+
+
+def random_small_dit(config: SmallDiTConfig, seed: int = 1234) -> tuple[WanTransformer3DModel, ClipConditioner]:
+    """The architecture of ``config`` with random weights (initialisers of ``nnx.Rngs(seed)`` for
+    the transformer, ``nnx.Rngs(seed + 1)`` for the conditioner; default dtypes): the benches'
+    ``--quick`` / ``--random`` model."""
+    model = WanTransformer3DModel(config.wan, rngs=nnx.Rngs(seed))
+    return model, ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(seed + 1))
+
+
+def load_small_video_dit(
+    path: str | os.PathLike | None = None, *, dtype=None, param_dtype=None, verify: bool = True
+) -> tuple[WanTransformer3DModel, SmallDiTConfig]:
+    """Loads a small video DiT's transformer: ``(model, config)``; arguments as :func:`load_small_dit`
+    (which loads the conditioner from the same read)."""
+    tensors, config, _ = _read(_weights_path(path), verify)
+    return _transformer_from(tensors, config, dtype, param_dtype), config
+
+
+def load_clip_conditioner(path: str | os.PathLike | None = None, *, verify: bool = True) -> ClipConditioner:
+    """Loads a small video DiT's :class:`ClipConditioner` (float32); ``path`` as :func:`load_small_dit`."""
+    tensors, config, _ = _read(_weights_path(path), verify)
+    return _conditioner_from(tensors, config)
