@@ -89,15 +89,21 @@ def sample_sigmas(key: jax.Array, batch: int, shift: float) -> Float[Array, " b"
     return shifted_sigma(jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32)), shift)
 
 
+def _check_count(name: str, value: int) -> int:
+    """``value`` as an int when it is a count >= 1 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def heldout_sigmas(count: int, shift: float) -> np.ndarray:
     """``count`` noise levels at the quantiles ``(j + 1/2) / count`` of the training σ distribution
     (float64; logit-normal quantile ``sigmoid(Φ⁻¹(p))``, then :func:`shifted_sigma`)."""
     from statistics import NormalDist
 
-    if isinstance(count, bool) or int(count) < 1:
-        raise ValueError(f"count must be a positive integer, got {count!r}")
+    count = _check_count("count", count)
     normal = NormalDist()
-    p = (np.arange(int(count)) + 0.5) / int(count)
+    p = (np.arange(count) + 0.5) / count
     u = 1.0 / (1.0 + np.exp(-np.array([normal.inv_cdf(x) for x in p])))
     return np.asarray(shifted_sigma(u, float(shift)), np.float64)
 
@@ -181,8 +187,7 @@ class HeldoutSet:
     def __init__(self, config, *, bank: PhotoBank | None = None, num_clips: int = 16, num_sigmas: int = 8,
                  batch: int = 8, seed: int = 0):  # fmt: skip
         for name, value in (("num_clips", num_clips), ("num_sigmas", num_sigmas), ("batch", batch)):
-            if isinstance(value, bool) or int(value) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _check_count(name, value)
         self.config = config
         self.images = jnp.asarray((load_photo_bank(config.clip.bank_size) if bank is None else bank).images)
         self.sigmas = heldout_sigmas(num_sigmas, config.train_shift)
@@ -283,12 +288,6 @@ def _check_videos(videos: np.ndarray, photo: np.ndarray, motion: np.ndarray, cli
         raise ValueError(f"photo and motion must have shape [{videos.shape[0]}], got {photo.shape} and {motion.shape}")
     if not (((0 <= photo) & (photo < NUM_PHOTOS)).all() and ((0 <= motion) & (motion < NUM_MOTIONS)).all()):
         raise ValueError(f"photo must be in [0, {NUM_PHOTOS}) and motion in [0, {NUM_MOTIONS}), got {photo} and {motion}")
-
-
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _check_inputs(videos, photo, motion, clip: ClipConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
