@@ -181,15 +181,15 @@ def block_sparse_attention_kernel(
 def _check_inputs(q, k, v, layout, block_size: int, kv_lengths) -> None:
     """The checks every implementation makes (q, k, v shapes and dtype, the layout's shape, the key
     lengths: :mod:`dfsattn_jax.reference`), then this kernel's limits (dtype, head dim, block size)."""
-    _, seq_len, _, head_dim = check_attention_inputs(q=q, k=k, v=v)
+    batch, seq_len, heads, head_dim = check_attention_inputs(q=q, k=k, v=v)
     if q.dtype not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
         raise ValueError(f"q, k, v dtype must be bfloat16, float16 or float32, got {q.dtype}")
     if not (_is_pow2(head_dim) and 16 <= head_dim <= 256):
         raise ValueError(f"head_dim (q.shape[-1]) must be a power of two in [16, 256], got {head_dim}")
     if not (_is_pow2(block_size) and block_size >= 16):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    check_layout(layout, batch=q.shape[0], heads=q.shape[2], num_blocks=-(-seq_len // block_size))
-    check_kv_lengths(kv_lengths, batch=q.shape[0], length=seq_len)
+    check_layout(layout, batch=batch, heads=heads, num_blocks=-(-seq_len // block_size))
+    check_kv_lengths(kv_lengths, batch=batch, length=seq_len)
 
 
 def block_sparse_attention(
