@@ -9,10 +9,17 @@
 #   bash benchmarks/fidelity_session.sh v1          # v1: learning measures + quality benchmark (16 samples)
 #   bash benchmarks/fidelity_session.sh v2a         # v2 quality: orders raster, hilbert2d, block3d
 #   bash benchmarks/fidelity_session.sh v2b         # v2 quality: orders morton3d, hilbert3d + tile sizes
-#   bash benchmarks/fidelity_session.sh v2c         # v2 quality: window, random, refresh + learning measures
+#   bash benchmarks/fidelity_session.sh v2c         # v2 quality: window, random, refresh
 #   bash benchmarks/fidelity_session.sh choose      # schedule search on v2, choose set
 #   bash benchmarks/fidelity_session.sh report      # schedule search on v2, report set
 #   bash benchmarks/fidelity_session.sh timing      # the chosen preset as whole 50-step runs on Wan2.1-1.3B
+#   bash benchmarks/fidelity_session.sh pair A B    # stages A and B at once, one per GPU (nvidia-h200-x2)
+#
+# `pair` doubles the work per device-minute (a machine's held time counts, not its GPU count). The
+# two stages must write different files (two quality stages of one model share a results file,
+# so pair a v2 quality stage with v1, choose, report or timing). Each stage's $OUT comes back as
+# one archive, $OUT/gpu0.tar.gz and $OUT/gpu1.tar.gz (the device returns at most 8 files): unpack
+# with `tar -xzf`.
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -40,17 +47,14 @@ case "${1:-}" in
     ls -la "$OUT"/ckpt "$OUT"/weights 2>/dev/null
     ;;
   v1)
-    timeout 150 python3 benchmarks/learning_bench.py --models v1 --out-dir "$OUT" > "$OUT/learning_v1.log" 2>&1
-    echo "learning_bench exit $?"; tail -4 "$OUT/learning_v1.log"
+    # The learning measures merge into benchmarks/results/learning_*.json (v2's entry stays).
+    timeout 150 python3 benchmarks/learning_bench.py --models v1 --out-dir "$RES" > "$OUT/learning_v1.log" 2>&1
+    echo "learning_bench exit $?"; tail -4 "$OUT/learning_v1.log"; cp "$RES"/learning_*"$SLUG"* "$OUT"/ 2>/dev/null
     quality v1 "group:order,group:tile,group:window,group:random,group:refresh" 420
     ;;
   v2a) quality v2 "raster/*,hilbert2d/*,block3d/*" 570 ;;
   v2b) quality v2 "morton3d/*,hilbert3d/d=*,hilbert3d/default,group:tile" 570 ;;
-  v2c)
-    quality v2 "group:window,group:random,group:refresh" 420
-    timeout 150 python3 benchmarks/learning_bench.py --models v2 --out-dir "$OUT" > "$OUT/learning_v2.log" 2>&1
-    echo "learning_bench exit $?"; tail -4 "$OUT/learning_v2.log"
-    ;;
+  v2c) quality v2 "group:window,group:random,group:refresh" 570 ;;
   choose|report)
     timeout 590 python3 benchmarks/schedule_search.py --model v2 --stage "$1" --max-s 520 --out-dir "$RES" \
       > "$OUT/search_$1.log" 2>&1
@@ -62,5 +66,22 @@ case "${1:-}" in
       > "$OUT/e2e_fast.log" 2>&1
     echo "e2e_bench exit $?"; tail -24 "$OUT/e2e_fast.log"
     ;;
-  *) echo "usage: $0 train|v1|v2a|v2b|v2c|choose|report|timing" >&2; exit 2 ;;
+  pair)
+    if [ $# -ne 3 ] || [ "$2" = pair ] || [ "$3" = pair ]; then
+      echo "usage: $0 pair STAGE_GPU0 STAGE_GPU1" >&2; exit 2
+    fi
+    pids=()
+    for gpu in 0 1; do
+      stage=$([ $gpu = 0 ] && echo "$2" || echo "$3")
+      mkdir -p "$OUT/gpu$gpu"
+      CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/gpu$gpu" bash "$0" "$stage" > "$OUT/gpu$gpu/session.log" 2>&1 &
+      pids+=($!)
+    done
+    for gpu in 0 1; do wait "${pids[$gpu]}"; echo "gpu$gpu exit $?" >> "$OUT/gpu$gpu/session.log"; done
+    for gpu in 0 1; do
+      echo "===== gpu$gpu: $([ $gpu = 0 ] && echo "$2" || echo "$3")"; tail -40 "$OUT/gpu$gpu/session.log"
+      tar -czf "$OUT/gpu$gpu.tar.gz" -C "$OUT" "gpu$gpu" && rm -rf "${OUT:?}/gpu$gpu"
+    done
+    ;;
+  *) echo "usage: $0 train|v1|v2a|v2b|v2c|choose|report|timing|pair A B" >&2; exit 2 ;;
 esac

@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         captions = [f"{BACKGROUND_PHOTOS[p]} / {MOTIONS[m]}" for p, m in report["classes"][:shown]]
         png = os.path.join(args.out_dir, f"learning_samples_{key}_{slug}.png")
         plot_sample_grid(videos["real"][:shown], videos["samples"][:shown], png, captions=captions)
-        report["samples_png"] = png
+        report["samples_png"] = os.path.basename(png)  # next to the JSON
         results["models"][key] = report
         write_json(path, results)
         s, r = report["samples"], report["real"]

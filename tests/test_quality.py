@@ -27,7 +27,7 @@ from dfsattn_jax.schedule import default_schedule
 from models.evaluation.clips import clip_classes
 from models.evaluation.codec import latents_to_video
 from models.evaluation import quality as Q
-from models.evaluation.media import write_side_by_side_gif
+from models.evaluation.media import plot_sample_grid, sample_grid_figure, write_side_by_side_gif
 from models.evaluation.results import device_slug
 from models.common.processor import AttentionBackend
 from models.evaluation.small_dit import SMOKE_DIT_CONFIG, ClipConditioner
@@ -242,6 +242,39 @@ def test_side_by_side_gif(tmp_path):
         write_side_by_side_gif(left, right[:1], tmp_path / "y.gif")
     assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100"
     assert device_slug("NVIDIA H200") == "nvidia_h200" and device_slug("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (15, 27)])
+def test_sample_grid_long_captions_keep_frames_full_size(tmp_path, hw):
+    """A caption wider than its column (square clips) must not shrink the frames: it once made
+    every frame of the v1 learning grid a few pixels wide. The PNG keeps the figure's size with
+    a palette of at most 256 colours, and every frame is drawn."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    h, w = hw
+    real = rng.uniform(-1, 1, size=(3, 5, h, w, 3))
+    generated = rng.uniform(-1, 1, size=(3, 5, h, w, 3))
+    captions = ["immunohistochemistry / zoom_in", "hubble_deep_field / pan", "a"]
+    fig = sample_grid_figure(real, generated, captions=captions, columns=4)
+    try:
+        fig.canvas.draw()
+        column_w = fig.get_figwidth() / 4
+        boxes = [ax.get_position() for ax in fig.axes]
+        assert len(boxes) == 2 * 3 * 4
+        widths = np.array([b.width * fig.get_figwidth() for b in boxes])
+        assert widths.min() > 0.6 * column_w, (widths.min(), column_w)
+        assert [ax.images[0].get_array().shape[:2] for ax in fig.axes] == [(h, w)] * 24
+    finally:
+        plt.close(fig)
+    path = plot_sample_grid(real, generated, tmp_path / "grid.png", captions=captions, columns=4)
+    with Image.open(path) as png:
+        size = np.array(png.size)
+        assert png.mode == "P" and np.abs(size - [90 * 1.1 * 4 * w / h, 90 * 1.25 * 6]).max() < 1  # whole pixels
+        assert len(png.getcolors(256)) <= 256
+    with pytest.raises(ValueError, match="captions"):
+        sample_grid_figure(real, generated, captions=captions[:2])
 
 
 def _bench():

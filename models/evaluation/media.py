@@ -25,6 +25,7 @@ __all__ = [
     "mp4_encoder",
     "plot_block_masks",
     "plot_sample_grid",
+    "sample_grid_figure",
     "side_by_side_frames",
     "to_uint8",
     "write_side_by_side_gif",
@@ -282,22 +283,25 @@ def plot_block_masks(masks: dict[str, np.ndarray], path: str, *, title: str, hea
     return path
 
 
-def plot_sample_grid(
+def sample_grid_figure(
     real: Float[np.ndarray, "b t h w 3"],
     generated: Float[np.ndarray, "b t h w 3"],
-    path: str | os.PathLike,
     *,
     captions: Sequence[str],
     columns: int = 8,
-) -> str:
-    """A PNG: for each of the ``B`` classes a row of ``real`` frames above a row of ``generated``
-    frames (``columns`` frames spread over ``T``), captioned; videos in [-1, 1]."""
+):
+    """The figure of :func:`plot_sample_grid` (a matplotlib ``Figure``, not saved).
+
+    For each of the ``B`` classes a row of ``real`` frames above a row of ``generated`` frames
+    (``columns`` frames spread over ``T``), the frame index above each real frame and the class
+    caption above its pair of rows; videos in [-1, 1]. The captions take no part in the layout:
+    a caption longer than a column (square 64 px clips, ``immunohistochemistry / zoom_in``) must
+    not shrink the frames to make room for it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from models.io import atomic_write
 
     real, generated = np.asarray(real), np.asarray(generated)
     if real.shape != generated.shape or real.ndim != 5 or len(captions) != real.shape[0]:
@@ -306,7 +310,7 @@ def plot_sample_grid(
     n, t, h, w = real.shape[:4]
     cols = min(t, columns)
     frames = np.linspace(0, t - 1, cols).round().astype(int)
-    fig, axes = plt.subplots(2 * n, cols, figsize=(1.1 * cols * w / h, 1.25 * 2 * n), squeeze=False)
+    fig, axes = plt.subplots(2 * n, cols, figsize=(1.1 * cols * w / h, 1.25 * 2 * n), dpi=90, squeeze=False)
     for i in range(n):
         for j, f in enumerate(frames):
             for r, (video, kind) in enumerate(((real, "real"), (generated, "sample"))):
@@ -317,9 +321,37 @@ def plot_sample_grid(
                 if j == 0:
                     ax.set_ylabel(kind, fontsize=7)
             axes[2 * i, j].set_title(f"t={f}", fontsize=6)
-        axes[2 * i, 0].annotate(captions[i], (0, 1.35), xycoords="axes fraction", fontsize=7, ha="left")
-    fig.tight_layout()
+        caption = axes[2 * i, 0].annotate(captions[i], (0, 1), xycoords="axes fraction", xytext=(0, 11),
+                                          textcoords="offset points", fontsize=7, ha="left", va="bottom")  # fmt: skip
+        caption.set_in_layout(False)
+    # Room for the captions (≈ 11 pt above the top of a real row plus 7 pt of text), which the
+    # layout does not see: padding between rows and a margin at the top, in font-size units.
+    fig.tight_layout(h_pad=2.2, rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    return fig
+
+
+def plot_sample_grid(
+    real: Float[np.ndarray, "b t h w 3"],
+    generated: Float[np.ndarray, "b t h w 3"],
+    path: str | os.PathLike,
+    *,
+    captions: Sequence[str],
+    columns: int = 8,
+) -> str:
+    """Saves :func:`sample_grid_figure` as a PNG of 256 adaptive colours (a quarter of the bytes
+    of a full-colour PNG of photographs, which matters where results travel to and from the GPU
+    machine under size limits)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from models.io import atomic_write
+
+    fig = sample_grid_figure(real, generated, captions=captions, columns=columns)
+    try:
+        fig.canvas.draw()
+        rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    finally:
+        plt.close(fig)
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+        Image.fromarray(rgb).quantize(colors=256).save(tmp, format="PNG", optimize=True)
     return str(path)
