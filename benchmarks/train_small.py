@@ -83,6 +83,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dfsattn_jax.checks import check_int_fields
+
 from models.evaluation.clips import (
     BACKGROUND_PHOTOS,
     MOTIONS,
@@ -143,10 +145,7 @@ class Stage:
     width: int
 
     def __post_init__(self) -> None:
-        for name in ("end", "batch", "frames", "height", "width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"stage {name} must be a positive integer, got {value!r}")
+        check_int_fields(self, ("end", "batch", "frames", "height", "width"), prefix="stage ")
 
     def clip(self, base: ClipConfig) -> ClipConfig:
         return dataclasses.replace(base, frames=self.frames, height=self.height, width=self.width)

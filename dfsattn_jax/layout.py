@@ -18,6 +18,8 @@ import numpy as np
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from dfsattn_jax.checks import check_positive_int
+
 __all__ = [
     "BlockLayout",
     "blocks_for_density",
@@ -104,9 +106,7 @@ def blocks_for_density(density: float, num_key_blocks: int) -> int:
     key blocks keep 177, 118, 59.
     """
     density = check_density(density)
-    num_key_blocks = operator.index(num_key_blocks)
-    if num_key_blocks < 1:
-        raise ValueError(f"num_key_blocks must be a positive integer, got {num_key_blocks}")
+    num_key_blocks = check_positive_int(num_key_blocks, "num_key_blocks")
     return max(1, int(density * num_key_blocks))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ from typing import NamedTuple
 
 from jaxtyping import Array, Bool, Float, Int
 
+from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.layout import BlockLayout, blocks_for_density, check_layout, select_blocks
 from dfsattn_jax.reference import check_attention_inputs, check_block_size
 
@@ -63,9 +63,7 @@ def layout_recall(
     block_size = check_block_size(block_size)
     num_blocks = -(-length // block_size)
     check_layout(layout, batch=batch, heads=heads, num_blocks=num_blocks)
-    samples = operator.index(num_query_samples)
-    if samples < 1:
-        raise ValueError(f"num_query_samples must be a positive integer, got {num_query_samples!r}")
+    samples = check_positive_int(num_query_samples, "num_query_samples")
     scale = 1.0 / dim**0.5 if scale is None else float(scale)
 
     if samples >= length:

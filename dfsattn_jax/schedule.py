@@ -27,7 +27,7 @@ import operator
 import numpy as np
 from jaxtyping import Bool, Float64, Int32
 
-from dfsattn_jax.checks import lookup
+from dfsattn_jax.checks import check_positive_int, lookup
 from dfsattn_jax.joint import JointTokens, joint_density
 from dfsattn_jax.layout import blocks_for_density, check_density
 from dfsattn_jax.orders import ORDER_NAMES
@@ -225,8 +225,7 @@ def default_schedule(num_steps: int, base: DFSConfig = DFSConfig()) -> DFSConfig
     at least 1), so that short CPU runs keep the same shape: e.g. 20 steps → dense 0–4, refreshes
     at 5, 10, 15 with densities 0.3, 0.2, 0.1.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    num_steps = check_positive_int(num_steps, "num_steps")
     if num_steps == 50:
         return base
     factor = num_steps / 50.0

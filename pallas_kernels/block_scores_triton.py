@@ -42,6 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
+from dfsattn_jax.checks import check_positive_int
+
 __all__ = [
     "DEFAULT_PRECISION",
     "PRECISIONS",
@@ -110,9 +112,7 @@ class ScoreBlockSizes:
                 f"got {self.block_q}"
             )
         for name in ("num_warps", "num_stages"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"block_sizes.{name} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, name), f"block_sizes.{name}")
 
 
 def unsupported(q, block_size: int = 128, *, tile_size: int = 16) -> str | None:

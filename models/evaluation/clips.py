@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from dfsattn_jax.checks import check_int_fields, check_positive_int
+
 __all__ = [
     "BACKGROUND_PHOTOS",
     "SPRITE_PHOTOS",
@@ -99,10 +101,7 @@ class ClipConfig:
     max_sprites: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("frames", "height", "width", "supersample"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int_fields(self, ("frames", "height", "width", "supersample"))
         if self.frames < 2:
             raise ValueError(f"frames must be at least 2, got {self.frames}")
         if not isinstance(self.max_sprites, (int, np.integer)) or self.max_sprites < 2:
@@ -328,9 +327,7 @@ def sample_clip_params(
     Returns:
       A :class:`ClipParams` of NumPy arrays (float32 / int32).
     """
-    num_clips = operator.index(num_clips)
-    if num_clips < 1:
-        raise ValueError(f"num_clips must be a positive integer, got {num_clips}")
+    num_clips = check_positive_int(num_clips, "num_clips")
     _check_choice(photo, NUM_PHOTOS, "photo")
     _check_choice(motion, NUM_MOTIONS, "motion")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -519,7 +516,5 @@ def make_clip(
 def clip_classes(num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """``(photo, motion)`` int32[num_samples]: sample ``i`` is photo ``i % 8``, motion ``i % 5``
     (8 samples cover every photo and every motion)."""
-    if isinstance(num_samples, bool) or int(num_samples) < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    i = np.arange(int(num_samples))
+    i = np.arange(check_positive_int(num_samples, "num_samples"))
     return (i % NUM_PHOTOS).astype(np.int32), (i % NUM_MOTIONS).astype(np.int32)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from dfsattn_jax.checks import check_int_fields
+
 from models.evaluation.clips import ClipConfig
 
 __all__ = ["LatentCodec", "decode_latent", "encode_latent", "latents_to_video", "token_grid"]
@@ -41,8 +43,7 @@ class LatentCodec:
     space_to_depth: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.space_to_depth, (int, np.integer)) or self.space_to_depth < 1:
-            raise ValueError(f"space_to_depth must be a positive integer, got {self.space_to_depth!r}")
+        check_int_fields(self, ("space_to_depth",))
 
     @property
     def channels(self) -> int:

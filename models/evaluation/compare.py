@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from dfsattn_jax.cache import cache_layout
+from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.schedule import DFSConfig, default_schedule, reported_sparsity
 from models.common.processor import AttentionBackend, AttentionState, init_cache, num_token_blocks, sparse_step
 from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS, clip_classes
@@ -114,8 +115,7 @@ def _timed_pair(
     dense and DFS ``repeats`` times each, alternating so that drifting machine load hits both
     alike. Returns the last dense and DFS results and ``{"dense": [s, ...], "dfs": [s, ...]}``,
     each run's :attr:`~models.sampling.loop.SampleResult.time_s` (wall time blocked on the result)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    repeats = check_positive_int(repeats, "repeats")
     for sampler in (dense_sampler, dfs_sampler):
         sampler.warmup(noise, text, negative, num_steps=steps)  # compiles the same program
     times: dict[str, list[float]] = {"dense": [], "dfs": []}

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from dfsattn_jax.checks import check_positive_int
+
 from models.evaluation.clips import (
     NUM_MOTIONS,
     NUM_PHOTOS,
@@ -89,19 +91,12 @@ def sample_sigmas(key: jax.Array, batch: int, shift: float) -> Float[Array, " b"
     return shifted_sigma(jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32)), shift)
 
 
-def _check_count(name: str, value: int) -> int:
-    """``value`` as an int when it is a count >= 1 (not a bool), else a ValueError naming ``name``."""
-    if isinstance(value, bool) or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def heldout_sigmas(count: int, shift: float) -> np.ndarray:
     """``count`` noise levels at the quantiles ``(j + 1/2) / count`` of the training σ distribution
     (float64; logit-normal quantile ``sigmoid(Φ⁻¹(p))``, then :func:`shifted_sigma`)."""
     from statistics import NormalDist
 
-    count = _check_count("count", count)
+    count = check_positive_int(count, "count")
     normal = NormalDist()
     p = (np.arange(count) + 0.5) / count
     u = 1.0 / (1.0 + np.exp(-np.array([normal.inv_cdf(x) for x in p])))
@@ -187,7 +182,7 @@ class HeldoutSet:
     def __init__(self, config, *, bank: PhotoBank | None = None, num_clips: int = 16, num_sigmas: int = 8,
                  batch: int = 8, seed: int = 0):  # fmt: skip
         for name, value in (("num_clips", num_clips), ("num_sigmas", num_sigmas), ("batch", batch)):
-            _check_count(name, value)
+            check_positive_int(value, name)
         self.config = config
         self.images = jnp.asarray((load_photo_bank(config.clip.bank_size) if bank is None else bank).images)
         self.sigmas = heldout_sigmas(num_sigmas, config.train_shift)
@@ -387,8 +382,8 @@ def nearest_clip_psnr(
       candidate gave it (the first one on ties), and the SSIM to that candidate.
     """
     videos, photo, motion = _check_inputs(videos, photo, motion, clip)
-    near, _ = _pool_scores(videos, photo, motion, clip, bank, nearest=_check_count("num_candidates", num_candidates),
-                           per_photo=0, seed=seed, chunk=chunk)  # fmt: skip
+    nearest = check_positive_int(num_candidates, "num_candidates")
+    near, _ = _pool_scores(videos, photo, motion, clip, bank, nearest=nearest, per_photo=0, seed=seed, chunk=chunk)
     return near
 
 
@@ -413,8 +408,8 @@ def photo_match(
       ``{"psnr": float64[B, NUM_PHOTOS], "predicted": int64[B], "accuracy": float}``.
     """
     videos, photo, motion = _check_inputs(videos, photo, motion, clip)
-    _, table = _pool_scores(videos, photo, motion, clip, bank, nearest=0,
-                            per_photo=_check_count("num_candidates", num_candidates), seed=seed, chunk=chunk)  # fmt: skip
+    per_photo = check_positive_int(num_candidates, "num_candidates")
+    _, table = _pool_scores(videos, photo, motion, clip, bank, nearest=0, per_photo=per_photo, seed=seed, chunk=chunk)
     return _photo_result(table, photo)
 
 
@@ -456,7 +451,8 @@ def learning_report(
     """
     from models.evaluation.clips import clip_classes
 
-    nearest, per_photo = _check_count("num_candidates", num_candidates), _check_count("photo_candidates", photo_candidates)
+    nearest = check_positive_int(num_candidates, "num_candidates")
+    per_photo = check_positive_int(photo_candidates, "photo_candidates")
     photo, motion = clip_classes(num_samples)
     bank = load_photo_bank(config.clip.bank_size)
     if videos is None:

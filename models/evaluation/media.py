@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 from jaxtyping import Float
 
+from dfsattn_jax.checks import check_positive_int
+
 __all__ = [
     "MASK_COLOURS",
     "MP4_ENCODER_HINT",
@@ -62,9 +64,7 @@ def side_by_side_frames(
     left, right = np.asarray(left), np.asarray(right)
     if left.shape != right.shape or left.ndim != 5 or left.shape[-1] != 3:
         raise ValueError(f"left and right must both have shape [B, T, H, W, 3], got {left.shape} and {right.shape}")
-    if isinstance(scale, bool) or int(scale) < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale!r}")
-    scale = int(scale)
+    scale = check_positive_int(scale, "scale")
     b, t, h, w, _ = left.shape
     if captions is not None and len(captions) != b:
         raise ValueError(f"captions must hold one string per sample ({b}), got {len(captions)}")

@@ -59,6 +59,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from dfsattn_jax.baselines import static_window_scores
 from dfsattn_jax.cache import MaskCache
+from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.layout import check_density
 from dfsattn_jax.metrics import DISTANCE_CLASS_NAMES, LayerStats, sampled_row_stats
 from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
@@ -448,9 +449,7 @@ class QualityRunner:
         if isinstance(max_blocks, bool) or not 1 <= int(max_blocks) <= self.num_key_blocks:
             raise ValueError(f"max_blocks must be in [1, {self.num_key_blocks}], got {max_blocks!r}")
         self.max_blocks = int(max_blocks)
-        samples = int(num_query_samples)
-        if samples < 1:
-            raise ValueError(f"num_query_samples must be a positive integer, got {num_query_samples!r}")
+        samples = check_positive_int(num_query_samples, "num_query_samples")
         if samples >= self.num_tokens:
             rows = np.arange(self.num_tokens)
         else:

@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from dfsattn_jax.checks import lookup
+from dfsattn_jax.checks import check_int_fields, lookup
 from models.evaluation.clips import NUM_MOTIONS, NUM_PHOTOS, ClipConfig
 from models.evaluation.codec import LatentCodec, token_grid as clip_token_grid
 from models.wan.config import WanConfig, default_dtype
@@ -137,8 +137,7 @@ class SmallDiTConfig:
                 f"wan in/out channels ({self.wan.in_channels}, {self.wan.out_channels}) must equal the "
                 f"codec's latent channels ({self.codec.channels})"
             )
-        if not isinstance(self.tokens_per_field, int) or self.tokens_per_field < 1:
-            raise ValueError(f"tokens_per_field must be a positive integer, got {self.tokens_per_field!r}")
+        check_int_fields(self, ("tokens_per_field",))
         self.latent_shape  # validates the clip/codec/patch combination
 
     @property

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dfsattn_jax.checks import lookup
+from dfsattn_jax.checks import check_int_fields, lookup
 from models.common.grid import patch_token_grid, video_latent_shape
 from models.common.rope import check_axis_dims
 
@@ -80,15 +80,9 @@ class HunyuanConfig:
     rope_max_seq_len: int = 4096
 
     def __post_init__(self) -> None:
-        for field in ("num_heads", "head_dim", "in_channels", "out_channels", "text_dim", "pooled_dim",
-                      "freq_dim", "text_len", "rope_max_seq_len"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
-        for field in ("num_dual_layers", "num_single_layers", "num_refiner_layers"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{field} must be a non-negative integer, got {value!r}")
+        check_int_fields(self, ("num_heads", "head_dim", "in_channels", "out_channels", "text_dim", "pooled_dim",
+                                "freq_dim", "text_len", "rope_max_seq_len"))  # fmt: skip
+        check_int_fields(self, ("num_dual_layers", "num_single_layers", "num_refiner_layers"), nonnegative=True)
         if self.num_layers < 1:
             raise ValueError("num_dual_layers + num_single_layers must be at least 1")
         if not isinstance(self.guidance_embeds, bool):

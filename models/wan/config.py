@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dfsattn_jax.checks import lookup
+from dfsattn_jax.checks import check_int_fields, lookup
 from models.common.grid import VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR, patch_token_grid, video_latent_shape
 from models.common.layers import default_dtype
 
@@ -76,11 +76,8 @@ class WanConfig:
     text_len: int = 512
 
     def __post_init__(self) -> None:
-        for field in ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "in_channels",
-                      "out_channels", "freq_dim", "rope_max_seq_len", "text_len"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        check_int_fields(self, ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "in_channels",
+                                "out_channels", "freq_dim", "rope_max_seq_len", "text_len"))  # fmt: skip
         if self.dim % self.num_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if (self.dim // self.num_heads) % 2:
