@@ -13,7 +13,8 @@
 #   bash benchmarks/fidelity_session.sh choose      # schedule search on v2, choose set
 #   bash benchmarks/fidelity_session.sh report      # schedule search on v2, report set
 #   bash benchmarks/fidelity_session.sh timing      # the chosen preset as whole 50-step runs on Wan2.1-1.3B
-#   bash benchmarks/fidelity_session.sh pair A B    # stages A and B at once, one per GPU (nvidia-h200-x2)
+#   bash benchmarks/fidelity_session.sh pair A B    # stages A and B at once, one per GPU (nvidia-h200-x2);
+#                                                   # A or B may be a list run in order: report+timing
 #
 # `pair` doubles the work per device-minute (a machine's held time counts, not its GPU count). The
 # two stages must write different files (two quality stages of one model share a results file,
@@ -56,10 +57,12 @@ case "${1:-}" in
   v2b) quality v2 "morton3d/*,hilbert3d/d=*,hilbert3d/default,group:tile" 570 ;;
   v2c) quality v2 "group:window,group:random,group:refresh" 570 ;;
   choose|report)
-    timeout 590 python3 benchmarks/schedule_search.py --model v2 --stage "$1" --max-s 520 --out-dir "$RES" \
+    # SEARCH_MAX_S: stop starting evaluations after this many seconds (smaller when another stage follows).
+    timeout $(( ${SEARCH_MAX_S:-520} + 70 )) python3 benchmarks/schedule_search.py --model v2 --stage "$1" \
+      --max-s "${SEARCH_MAX_S:-520}" --out-dir "$RES" \
       > "$OUT/search_$1.log" 2>&1
     echo "schedule_search exit $?"; cp "$RES"/schedule_search_v2_"$SLUG".* "$OUT"/ 2>/dev/null
-    grep "^\[search\]" "$OUT/search_$1.log" | tail -30; grep -A3 "Winner\|report set:" "$OUT/search_$1.log" | tail -8
+    grep "^\[search\]" "$OUT/search_$1.log" | tail -30; grep -A6 "Winner\|report set:" "$OUT/search_$1.log" | tail -12
     ;;
   timing)
     timeout 560 python3 benchmarks/e2e_bench.py --measure-full --schedule fast --iters 3 --out-dir "$OUT" \
@@ -72,9 +75,13 @@ case "${1:-}" in
     fi
     pids=()
     for gpu in 0 1; do
-      stage=$([ $gpu = 0 ] && echo "$2" || echo "$3")
+      stages=$([ $gpu = 0 ] && echo "$2" || echo "$3")
       mkdir -p "$OUT/gpu$gpu"
-      CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/gpu$gpu" bash "$0" "$stage" > "$OUT/gpu$gpu/session.log" 2>&1 &
+      (
+        for stage in ${stages//+/ }; do
+          CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/gpu$gpu" bash "$0" "$stage" || echo "stage $stage exit $?"
+        done
+      ) > "$OUT/gpu$gpu/session.log" 2>&1 &
       pids+=($!)
     done
     for gpu in 0 1; do wait "${pids[$gpu]}"; echo "gpu$gpu exit $?" >> "$OUT/gpu$gpu/session.log"; done
