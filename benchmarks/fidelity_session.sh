@@ -9,7 +9,7 @@
 #   bash benchmarks/fidelity_session.sh v1          # v1: learning measures + quality benchmark (16 samples)
 #   bash benchmarks/fidelity_session.sh v2a         # v2 quality: orders raster, hilbert2d, block3d
 #   bash benchmarks/fidelity_session.sh v2b         # v2 quality: orders morton3d, hilbert3d + tile sizes
-#   bash benchmarks/fidelity_session.sh v2c         # v2 quality: window, random, refresh
+#   bash benchmarks/fidelity_session.sh v2c         # v2 quality: window, random, oracle, refresh
 #   bash benchmarks/fidelity_session.sh choose      # schedule search on v2, choose set
 #   bash benchmarks/fidelity_session.sh report      # schedule search on v2, report set
 #   bash benchmarks/fidelity_session.sh timing      # the chosen preset as whole 50-step runs on Wan2.1-1.3B
@@ -51,11 +51,11 @@ case "${1:-}" in
     # The learning measures merge into benchmarks/results/learning_*.json (v2's entry stays).
     timeout 150 python3 benchmarks/learning_bench.py --models v1 --out-dir "$RES" > "$OUT/learning_v1.log" 2>&1
     echo "learning_bench exit $?"; tail -4 "$OUT/learning_v1.log"; cp "$RES"/learning_*"$SLUG"* "$OUT"/ 2>/dev/null
-    quality v1 "group:order,group:tile,group:window,group:random,group:refresh" 420
+    quality v1 "group:order,group:tile,group:window,group:random,group:oracle,group:refresh" 420
     ;;
   v2a) quality v2 "raster/*,hilbert2d/*,block3d/*" 570 ;;
   v2b) quality v2 "morton3d/*,hilbert3d/d=*,hilbert3d/default,group:tile" 570 ;;
-  v2c) quality v2 "group:window,group:random,group:refresh" 570 ;;
+  v2c) quality v2 "group:window,group:random,group:oracle,group:refresh" 570 ;;
   choose|report)
     # SEARCH_MAX_S: stop starting evaluations after this many seconds (smaller when another stage follows).
     timeout $(( ${SEARCH_MAX_S:-520} + 70 )) python3 benchmarks/schedule_search.py --model v2 --stage "$1" \

@@ -14,6 +14,10 @@ guidance over ``--steps`` (50) Euler steps of the shifted flow schedule:
   each density and with the default schedule's densities;
 * ``random``: a uniformly random layout with the same count (hilbert3d order), at each density
   and the default schedule: if it scores near DFS, the model barely uses its attention;
+* ``oracle``: top-k of the exact dense block mass (the recall-optimal layout of the same count;
+  hilbert3d order, cached like DFS) at density 0.2 and the default schedule: the gap between DFS
+  and the oracle is what the scoring's estimate costs, the gap between the oracle and dense what
+  the density itself costs;
 * ``refresh``: hilbert3d with the mask refreshed at every sparse step instead of cached, with the
   default schedule and at density 0.2.
 
@@ -98,7 +102,7 @@ from models.wan.transformer import WanTransformer3DModel
 SMOKE_SETUP = dataclasses.replace(SMOKE_DIT_CONFIG, clip=ClipConfig(frames=4, height=32, width=32))
 
 ALL_ORDERS = ("raster", "hilbert2d", "block3d", "morton3d", "hilbert3d")
-GROUPS = ("dense", "order", "tile", "window", "random", "refresh")
+GROUPS = ("dense", "order", "tile", "window", "random", "oracle", "refresh")
 #: Setup fields that must agree for records of two calls to be merged.
 SETUP_KEYS = ("model", "random", "sha256", "token_grid", "samples", "seed", "steps", "solver", "guidance_scale",
               "shift", "block_size", "tile_size", "query_samples", "dense_layers", "measure_every")  # fmt: skip
@@ -149,6 +153,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="schedules of the tile comparison: 'default' and/or fixed densities (default: default,0.1)")
     p.add_argument("--window-orders", type=_names, default=("hilbert3d",), help="orders of the static window baseline")
     p.add_argument("--random-orders", type=_names, default=("hilbert3d",), help="orders of the random-layout baseline")
+    p.add_argument("--oracle-orders", type=_names, default=("hilbert3d",),
+                   help="orders of the oracle layout (top-k of the exact dense block mass)")
+    p.add_argument("--oracle-densities", type=_schedules, default=None,
+                   help="schedules of the oracle layout (default: 0.2,default; quick: default)")
     p.add_argument("--refresh-densities", type=_schedules, default=None,
                    help="schedules of the every-step refresh comparison (default: default,0.2)")
     p.add_argument("--query-samples", type=int, default=256, help="query rows sampled for the probes")
@@ -420,6 +428,13 @@ def markdown(report: dict) -> str:
         base_rows += [by.get(f"window-{o}/{c}") for o in meta["window_orders"]]
         base_rows += [by.get(f"random-{o}/{c}") for o in meta["random_orders"]]
     lines += section("Baselines at equal density: static spatio-temporal window and random layouts vs DFS", base_rows)
+    oracle_rows = []
+    for sched in meta.get("oracle_densities", []):
+        label = "default" if sched is None else f"d={sched:g}"
+        oracle_rows += [by.get(f"hilbert3d/{label}"), by.get(f"hilbert3d/tile{meta['block_size']}/{label}")]
+        oracle_rows += [by.get(f"oracle-{o}/{label}") for o in meta.get("oracle_orders", [])]
+    lines += section("Scoring vs the oracle (top-k of the exact dense block mass, the recall-optimal layout of the "
+                     "same count; cached like DFS): what the scoring's estimate costs, apart from the density", oracle_rows)  # fmt: skip
     refresh_rows = []
     for r in report["variants"]:
         if r["group"] == "refresh":
@@ -457,6 +472,7 @@ def _attention_tables(report: dict, by: dict) -> list[str]:
     density = next((f"d={d:g}" for d in meta["densities"] if abs(d - 0.2) < 1e-9), None) or "default"
     rows = [(o, by.get(f"{o}/{density}")) for o in meta["orders"]] + [(f"random ({o})", by.get(f"random-{o}/{density}"))
                                                                          for o in meta["random_orders"]]  # fmt: skip
+    rows += [(f"oracle ({o})", by.get(f"oracle-{o}/{density}")) for o in meta.get("oracle_orders", [])]
     rows = [(o, r) for o, r in rows if r and r.get("recall_per_layer")]
     if rows:
         lines += [f"Recall per layer at {density} (mean over sparse steps):", "",
@@ -530,6 +546,10 @@ def check_claims(report: dict) -> list[dict]:
         [(f"{s} ({o})", f"hilbert3d/{s}", f"window-{o}/{s}") for s in all_scheds for o in meta["window_orders"]])
     add("DFS better than a random layout at equal density (the model uses its attention)",
         [(f"{s} ({o})", f"{o}/{s}", f"random-{o}/{s}") for s in all_scheds for o in meta["random_orders"]])
+    oracle_scheds = ["default" if d is None else f"d={d:g}" for d in meta.get("oracle_densities", [])]
+    add("DFS scoring within 1 dB of the oracle layout (top-k of the exact block mass) at equal density",
+        [(f"{s} ({o})", f"{o}/{s}", f"oracle-{o}/{s}") for s in oracle_scheds for o in meta.get("oracle_orders", [])],
+        margin=1.0)
     for r in report["variants"]:
         if r["group"] == "refresh":
             cached = r["name"].replace("/refresh-every-step", "")
@@ -589,6 +609,7 @@ def plot_density(report: dict, path: str) -> str:
     series = [(o, f"{o}/d={{d:g}}", f"{o}/default", "-", "o") for o in meta["orders"]]
     series += [(f"window ({o})", f"window-{o}/d={{d:g}}", f"window-{o}/default", "--", "s") for o in meta["window_orders"]]
     series += [(f"random ({o})", f"random-{o}/d={{d:g}}", f"random-{o}/default", "-.", "x") for o in meta["random_orders"]]
+    series += [(f"oracle ({o})", f"oracle-{o}/d={{d:g}}", f"oracle-{o}/default", "--", "*") for o in meta.get("oracle_orders", [])]
     series.append((f"block pooling (tile {meta['block_size']})", f"hilbert3d/tile{meta['block_size']}/d={{d:g}}",
                    f"hilbert3d/tile{meta['block_size']}/default", ":", "^"))  # fmt: skip
     for ax, key, label in ((axes[0], "psnr_mean", "PSNR vs dense (dB), mean ± 95% CI"), (axes[1], "recall_mean", "recall")):
@@ -757,6 +778,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     other_tiles = args.tiles if args.tiles is not None else ((4, 16) if small_grid else (8, 32))
     tile_schedules = args.tile_densities or ((None,) if args.quick else (None, 0.1))
     refresh_schedules = args.refresh_densities or ((None,) if args.quick else (None, 0.2))
+    oracle_schedules = args.oracle_densities or ((None,) if args.quick else (0.2, None))
     densities = args.densities or ((0.2, 0.05) if args.quick else (0.3, 0.2, 0.1, 0.05))
     if "hilbert3d" not in args.orders:
         raise ValueError("--orders must include hilbert3d (the tile, window and refresh comparisons refer to it)")
@@ -764,7 +786,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     variants = Q.default_variants(
         orders=args.orders, densities=densities, tile_size=tile, block_size=block, other_tiles=other_tiles,
         tile_densities=tile_schedules, window_orders=args.window_orders, random_orders=args.random_orders,
-        refresh_densities=refresh_schedules,
+        oracle_orders=args.oracle_orders, oracle_densities=oracle_schedules, refresh_densities=refresh_schedules,
     )  # fmt: skip
     selected = select_variants(variants, args.variants)
     latent_shape, grid = config.latent_shape, config.token_grid
@@ -791,6 +813,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "dense_layers": list(base.dense_layers), "orders": list(args.orders), "densities": list(densities),
         "tile_densities": list(tile_schedules), "window_orders": list(args.window_orders),
         "random_orders": list(args.random_orders), "refresh_densities": list(refresh_schedules),
+        "oracle_orders": list(args.oracle_orders), "oracle_densities": list(oracle_schedules),
         "query_samples": min(args.query_samples, tokens), "measure_every": args.measure_every,
         "lpips": "not measured: LPIPS needs pretrained network weights that cannot be installed without a download",
     }  # fmt: skip

@@ -19,6 +19,7 @@ __all__ = [
     "DISTANCE_CLASS_NAMES",
     "LayerStats",
     "attention_error",
+    "block_attention_mass",
     "distance_classes",
     "layout_recall",
     "sampled_row_stats",
@@ -96,6 +97,56 @@ def _recall(q, k, layout: BlockLayout, rows, *, block_size: int, scale: float):
     heads_per_batch = max(1, min(heads, _ROW_BUDGET // (batch * rows.shape[0] * length)))
     recall = jax.lax.map(one_head, (q_rows, k_heads, m_heads), batch_size=heads_per_batch)  # [N, B]
     return jnp.transpose(recall)
+
+
+def block_attention_mass(
+    q: Float[Array, "b l n d"],
+    k: Float[Array, "b l n d"],
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+) -> Float[Array, "b n nq nk"]:
+    """The exact dense attention mass of every (query block, key block) pair: for query block
+    ``I`` and key block ``J``, the mean over the rows ``i`` of ``I`` of ``Σ_{j ∈ J} softmax_j(q_i ·
+    k_j · scale)`` (float32 softmax over all ``L`` keys).
+
+    Each row ``[b, n, I, :]`` sums to 1. Its top-``k`` entries are the ``k`` key blocks that keep
+    the most of block ``I``'s dense mass, so ``select_blocks(block_attention_mass(q, k), k)`` is
+    the recall-optimal layout of that count (an oracle for the scoring: it needs the full
+    ``L × L`` attention, which the scoring exists to avoid). A last partial block averages only
+    its valid rows; keys past ``L`` hold no mass.
+
+    Args:
+      q, k: ``[B, L, N, D]`` in attention order.
+      block_size: tokens per block.
+      scale: logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+      float32[B, N, nq, nk] with ``nq = nk = ceil(L / block_size)``.
+
+    Memory: one query block at a time (``lax.map``): ``B·N·block_size·L`` float32 logits.
+    """
+    batch, length, heads, dim = check_attention_inputs(q=q, k=k)
+    block_size = check_block_size(block_size)
+    scale = 1.0 / dim**0.5 if scale is None else float(scale)
+    nb = -(-length // block_size)
+    pad = nb * block_size - length
+    qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_blocks = jnp.moveaxis(qf.reshape(batch, nb, block_size, heads, dim), 1, 0)  # [nq, B, T, N, D]
+    kf = k.astype(jnp.float32)
+    valid = (jnp.arange(nb * block_size) < length).reshape(nb, block_size)  # [nq, T]
+
+    def one_block(args):
+        q_blk, rows_valid = args  # [B, T, N, D], [T]
+        logits = jnp.einsum("btnd,blnd->bntl", q_blk, kf, precision=_HIGHEST) * scale
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, pad))).reshape(batch, heads, block_size, nb, block_size)
+        per_row = probs.sum(axis=-1)  # [B, N, T, nk]
+        weights = rows_valid.astype(jnp.float32) / jnp.sum(rows_valid)
+        return jnp.einsum("bntk,t->bnk", per_row, weights, precision=_HIGHEST)
+
+    mass = jax.lax.map(one_block, (q_blocks, valid))  # [nq, B, N, nk]
+    return jnp.moveaxis(mass, 0, 2)
 
 
 def selection_agreement(

@@ -192,15 +192,16 @@ def test_schedules_and_variants():
     variants = Q.default_variants()
     names = [v.name for v in variants]
     assert len(names) == len(set(names)) and names[0] == "dense" and not variants[0].sparse
-    groups = {g: sum(v.group == g for v in variants) for g in ("order", "tile", "window", "random", "refresh")}
-    assert groups == {"order": 25, "tile": 6, "window": 5, "random": 5, "refresh": 1}
+    groups = {g: sum(v.group == g for v in variants) for g in ("order", "tile", "window", "random", "oracle", "refresh")}
+    assert groups == {"order": 25, "tile": 6, "window": 5, "random": 5, "oracle": 2, "refresh": 1}
     assert {v.scoring for v in variants if v.group == "random"} == {Q.SCORING_RANDOM}
+    assert [v.name for v in variants if v.group == "oracle"] == ["oracle-hilbert3d/d=0.2", "oracle-hilbert3d/default"]
     assert {v.tile_size for v in variants if v.group == "tile"} == {128, 8, 32}
     assert Q.variant_plan(variants[0], 50, 128, DFSConfig()) is None
     with pytest.raises(ValueError, match="order"):
         Q.Variant("x", "order", order="spiral")
-    with pytest.raises(ValueError, match="scoring"):
-        Q.Variant("x", "order", scoring="oracle")
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        Q.Variant("x", "order", scoring="exact")
     with pytest.raises(ValueError, match="density"):
         Q.Variant("x", "order", density=0.0)
     with pytest.raises(ValueError, match="num_samples"):
@@ -298,13 +299,13 @@ def test_quality_bench_short_run_in_two_calls(tmp_path):
     first = bench.main([*common, "--variants", "group:order,random-*"])
     assert first["calls"][-1]["compiles"] == 1  # every variant of a call in one program
     assert not first["complete"] and "window-hilbert3d/d=0.2" in first["missing_variants"]
-    report = bench.main([*common, "--variants", "group:tile,group:window,group:refresh"])
+    report = bench.main([*common, "--variants", "group:tile,group:window,group:oracle,group:refresh"])
     by = {r["name"]: r for r in report["variants"]}
     assert set(by) == {
         "dense", "raster/d=0.2", "raster/default", "hilbert3d/d=0.2", "hilbert3d/default",
         "hilbert3d/tile32/default", "hilbert3d/tile16/default", "window-hilbert3d/d=0.2",
         "window-hilbert3d/default", "random-hilbert3d/d=0.2", "random-hilbert3d/default",
-        "hilbert3d/default/refresh-every-step",
+        "oracle-hilbert3d/default", "hilbert3d/default/refresh-every-step",
     }  # fmt: skip
     assert report["complete"] and len(report["calls"]) == 2 and not report["dense_mismatch"]
     assert report["calls"][1]["variants"][0] == "dense (reference only)"
@@ -324,11 +325,12 @@ def test_quality_bench_short_run_in_two_calls(tmp_path):
     assert by["hilbert3d/default/refresh-every-step"]["num_refreshes"] == by["hilbert3d/default"]["sparse_steps"]
     files = report["files"]
     saved = json.loads(open(files["json"]).read())
-    assert saved["setup"]["tokens"] == 1024 and len(saved["variants"]) == 12 and saved["setup"]["token_grid"] == [4, 16, 16]
+    assert saved["setup"]["tokens"] == 1024 and len(saved["variants"]) == 13 and saved["setup"]["token_grid"] == [4, 16, 16]
     assert str(tmp_path) not in open(files["json"]).read()  # no machine paths: repository-relative or bare names
     table = open(files["markdown"]).read()
     for fragment in ("## Token orders", "static spatio-temporal window and random layouts", "LPIPS", "± ",
-                     "Missed mass by distance class", "Recall per layer and head", "DFS better than a random layout"):  # fmt: skip
+                     "Missed mass by distance class", "Recall per layer and head", "DFS better than a random layout",
+                     "Scoring vs the oracle", "DFS scoring within 1 dB of the oracle layout"):  # fmt: skip
         assert fragment in table, fragment
     for key in ("density_png", "layers_png", "recall_png", "masks_png"):
         assert pathlib.Path(files[key]).stat().st_size > 5000
@@ -365,6 +367,30 @@ def test_random_layouts_whole_layers_and_probed_steps(setup):
         _run(setup, plan, dense_layers=(0,))  # layer 0 is dense already
     with pytest.raises(ValueError, match="measure"):
         _run(setup, plan, measure=[True, False])
+
+
+def test_oracle_layouts_keep_the_most_mass(setup):
+    """The oracle (top-k of the exact block mass) against DFS scoring and a random layout at the
+    same count. At the first refresh the three runs share their dense history, so the first
+    sparse layer sees the same q and k in each: there the oracle's recall (every row measured)
+    is the highest, in every head."""
+    runner = setup["runner"]
+    plan = plan_schedule(Q.fixed_density(BASE, 0.25), STEPS, NK)  # 2 of 8 key blocks
+    oracle_index = runner.scoring_index(Q.Variant("o", "oracle", scoring=Q.SCORING_ORACLE), TILE)
+    assert oracle_index == len(runner.tile_sizes) + 2
+    random_index = oracle_index - 1
+    oracle = _run(setup, plan, order="hilbert3d", scoring=oracle_index)
+    dfs = _run(setup, plan, order="hilbert3d", scoring=0)
+    rand = _run(setup, plan, order="hilbert3d", scoring=random_index, random_seed=5)
+    first, layer = plan.refresh_steps[0], runner.sparse_layers[0]
+    assert (oracle.cache.kv_counts == 2).all() and oracle.sparsity == pytest.approx(dfs.sparsity)
+    for other in (dfs, rand):
+        assert oracle.recall[first, layer] >= other.recall[first, layer] - 1e-6
+        assert (oracle.head_recall[first, layer] >= other.head_recall[first, layer] - 1e-6).all()
+    assert oracle.recall[first, layer] > rand.recall[first, layer] + 0.01
+    assert np.isfinite(oracle.latents).all() and not np.allclose(oracle.latents, dfs.latents, atol=1e-4)
+    with pytest.raises(ValueError, match=rf"scoring must be in \[0, {oracle_index}\]"):
+        _run(setup, plan, scoring=oracle_index + 1)
 
 
 def test_probe_statistics_match_float64_numpy():

@@ -15,8 +15,11 @@ distinguishes the variants of the quality benchmark passed in as *arrays*:
   tile size of the runner's static ``tile_sizes`` (tile = block is plain block mean pooling),
   externally given static block scores per step (the spatio-temporal window of
   :mod:`dfsattn_jax.baselines`; top-k of its ranks is exactly
-  :func:`~dfsattn_jax.baselines.static_window_layout`), or uniform random scores (a random
-  layout with the same count: if it scores near DFS, the model barely uses its attention);
+  :func:`~dfsattn_jax.baselines.static_window_layout`), uniform random scores (a random
+  layout with the same count: if it scores near DFS, the model barely uses its attention), or
+  the exact dense block mass (:func:`~dfsattn_jax.metrics.block_attention_mass`: the
+  recall-optimal layout of the same count, an oracle that tells what the scoring's estimate
+  costs from what the density itself costs);
 * which sparse layers keep every key block (``dense_layers`` of a run; the schedule search uses
   it to try always-dense layers without a compile per set).
 
@@ -61,7 +64,7 @@ from dfsattn_jax.baselines import static_window_scores
 from dfsattn_jax.cache import MaskCache
 from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.layout import check_density
-from dfsattn_jax.metrics import DISTANCE_CLASS_NAMES, LayerStats, sampled_row_stats
+from dfsattn_jax.metrics import DISTANCE_CLASS_NAMES, LayerStats, block_attention_mass, sampled_row_stats
 from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
 from dfsattn_jax.scoring import block_scores, check_tile_size
@@ -72,6 +75,8 @@ from models.sampling import Sampler, step_capacity
 __all__ = [
     "SMALL_GRID_TOKENS",
     "harness_blocks",
+    "SCORINGS",
+    "SCORING_ORACLE",
     "SCORING_RANDOM",
     "SCORING_WINDOW",
     "QualityHooks",
@@ -92,6 +97,10 @@ __all__ = [
 SCORING_WINDOW = "window"
 #: ``Variant.scoring`` value of the random-layout baseline (uniform random scores, top-k).
 SCORING_RANDOM = "random"
+#: ``Variant.scoring`` value of the oracle layout (top-k of the exact dense block mass).
+SCORING_ORACLE = "oracle"
+#: Every ``Variant.scoring`` value.
+SCORINGS = ("dfs", SCORING_WINDOW, SCORING_RANDOM, SCORING_ORACLE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,11 +134,13 @@ class Variant:
 
     Attributes:
       name: unique label.
-      group: ``"dense"``, ``"order"``, ``"tile"``, ``"window"``, ``"random"`` or ``"refresh"`` (for tables).
+      group: ``"dense"``, ``"order"``, ``"tile"``, ``"window"``, ``"random"``, ``"oracle"`` or
+        ``"refresh"`` (for tables).
       sparse: ``False`` for the dense reference (every other field is then ignored).
       order: token order (:data:`~dfsattn_jax.orders.ORDER_NAMES`).
-      scoring: ``"dfs"`` (hierarchical scoring), :data:`SCORING_WINDOW` (static window) or
-        :data:`SCORING_RANDOM` (a random layout with the same count).
+      scoring: ``"dfs"`` (hierarchical scoring), :data:`SCORING_WINDOW` (static window),
+        :data:`SCORING_RANDOM` (a random layout with the same count) or :data:`SCORING_ORACLE`
+        (top-k of the exact dense block mass).
       tile_size: DFS scoring tile (``None``: the runner's default tile).
       density: a fixed density (no decrement); ``None``: the default schedule.
       refresh: ``"schedule"`` (cache between refreshes) or ``"every"`` (refresh at every sparse step).
@@ -147,8 +158,8 @@ class Variant:
     def __post_init__(self) -> None:
         if self.order not in ORDER_NAMES:
             raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
-        if self.scoring not in ("dfs", SCORING_WINDOW, SCORING_RANDOM):
-            raise ValueError(f"scoring must be 'dfs', {SCORING_WINDOW!r} or {SCORING_RANDOM!r}, got {self.scoring!r}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.refresh not in ("schedule", "every"):
             raise ValueError(f"refresh must be 'schedule' or 'every', got {self.refresh!r}")
         if self.density is not None:
@@ -210,6 +221,8 @@ def default_variants(
     tile_densities: Sequence[float | None] = (None, 0.1),
     window_orders: Sequence[str] = ("hilbert3d",),
     random_orders: Sequence[str] = ("hilbert3d",),
+    oracle_orders: Sequence[str] = ("hilbert3d",),
+    oracle_densities: Sequence[float | None] = (0.2, None),
     refresh_densities: Sequence[float | None] = (None,),
 ) -> tuple[Variant, ...]:
     """The variants of the quality benchmark (issue 5), dense reference first.
@@ -221,6 +234,9 @@ def default_variants(
       default schedule's densities;
     * ``random``: a uniformly random layout (per batch, head, query block, layer and refresh)
       with the same count, in each of ``random_orders``, at each density and the default schedule;
+    * ``oracle``: top-k of the exact dense block mass (the recall-optimal layout of the same
+      count) in each of ``oracle_orders`` at each of ``oracle_densities`` (``None``: default
+      schedule), cached like DFS: the gap to DFS is what the scoring's estimate costs;
     * ``refresh``: hilbert3d refreshed at every sparse step at each of ``refresh_densities``
       (compare with the cached ``order`` rows of the same densities).
     """
@@ -240,6 +256,9 @@ def default_variants(
     for order in random_orders:
         for d in schedules:
             out.append(Variant(f"random-{order}/{label(d)}", "random", order=order, scoring=SCORING_RANDOM, density=d))
+    for order in oracle_orders:
+        for d in oracle_densities:
+            out.append(Variant(f"oracle-{order}/{label(d)}", "oracle", order=order, scoring=SCORING_ORACLE, density=d))
     for d in refresh_densities:
         out.append(Variant(f"hilbert3d/{label(d)}/refresh-every-step", "refresh", order="hilbert3d", density=d, refresh="every"))
     names = [v.name for v in out]
@@ -258,7 +277,8 @@ class QualityHooks(AttentionHooks):
 
     ``inputs`` (traced, per run) is :class:`QualityInputs`. At a refresh the layout source is
     ``lax.switch(inputs.scoring, ...)`` over DFS scoring with each of ``tile_sizes``, the static
-    scores of the step and uniform random scores (a random layout at the same count); layers
+    scores of the step, uniform random scores (a random layout at the same count) and the exact
+    dense block mass (the oracle); layers
     flagged in ``inputs.dense_layer`` keep every key block. Every layer's attention is probed
     (:func:`~dfsattn_jax.metrics.sampled_row_stats` on ``inputs.rows``, with the tokens'
     coordinates) at the steps flagged in ``inputs.measure_steps`` (a ``lax.cond``).
@@ -283,7 +303,10 @@ class QualityHooks(AttentionHooks):
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(inputs.random_seed), step), layer)
             return jax.random.uniform(key, (batch, heads, nk, nk), jnp.float32)
 
-        branches = [dfs(t) for t in self.tile_sizes] + [static, random]
+        def oracle(q, k, s):
+            return block_attention_mass(q, k, block_size=self.block_size)
+
+        branches = [dfs(t) for t in self.tile_sizes] + [static, random, oracle]
         return jax.lax.switch(inputs.scoring, branches, q, k, inputs.static_scores[step])
 
     def layer_blocks(self, num_blocks, *, layer, inputs, step, num_key_blocks):
@@ -389,7 +412,8 @@ class QualityRunner:
       latent_shape: ``(C, F, H, W)`` of the latents.
       block_size: tokens per attention block.
       tile_sizes: tile sizes the DFS scoring may use (scoring index ``i`` uses ``tile_sizes[i]``;
-        index ``len(tile_sizes)`` the static scores input, ``len(tile_sizes) + 1`` random scores).
+        index ``len(tile_sizes)`` the static scores input, ``len(tile_sizes) + 1`` random scores,
+        ``len(tile_sizes) + 2`` the exact block mass).
       dense_layers: self-attention layers that always stay dense (dense attention, static).
       max_blocks: ``K_max`` of the mask cache (>= every plan's ``max_blocks``; the key block
         count when runs keep layers whole through ``dense_layers`` of :meth:`__call__`).
@@ -486,6 +510,8 @@ class QualityRunner:
             return len(self.tile_sizes)
         if variant.scoring == SCORING_RANDOM:
             return len(self.tile_sizes) + 1
+        if variant.scoring == SCORING_ORACLE:
+            return len(self.tile_sizes) + 2
         tile = default_tile if variant.tile_size is None else variant.tile_size
         if tile not in self.tile_sizes:
             raise ValueError(f"variant {variant.name!r} needs tile {tile}, the runner has tile_sizes {self.tile_sizes}")
@@ -507,8 +533,8 @@ class QualityRunner:
 
     def _inputs(self, num_steps: int, scoring: int, static_scores, measure, order: str, random_seed: int,
                 dense_layers: Sequence[int]) -> QualityInputs:  # fmt: skip
-        if not 0 <= int(scoring) <= len(self.tile_sizes) + 1:
-            raise ValueError(f"scoring must be in [0, {len(self.tile_sizes) + 1}], got {scoring!r}")
+        if not 0 <= int(scoring) <= len(self.tile_sizes) + 2:
+            raise ValueError(f"scoring must be in [0, {len(self.tile_sizes) + 2}], got {scoring!r}")
         capacity = self.capacity(num_steps)
         nk = self.num_key_blocks
         if static_scores is None:
