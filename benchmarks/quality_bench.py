@@ -53,6 +53,9 @@ Usage (from the repository root; ``PYTHONPATH=.`` or the package installed)::
     python benchmarks/quality_bench.py --model v2 --variants 'group:order'
     python benchmarks/quality_bench.py --model v2 --variants 'group:tile,group:window,group:random,group:refresh'
 
+    # Both models side by side, from their results files (no sampling): quality_compare_<slug>.md
+    python benchmarks/quality_bench.py --compare v2,v1
+
     # CPU smoke run (a tiny random model, 1024 tokens, 10 steps, fewer densities; about a minute):
     JAX_PLATFORMS=cpu python benchmarks/quality_bench.py --quick
 
@@ -170,6 +173,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--solver", default="euler", choices=("euler", "unipc"))
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--tag", default=None, help="file tag (default: <model>_<device slug>, plus _random)")
+    p.add_argument("--compare", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()), default=None,
+                   help="no sampling: put the results of these models side by side (e.g. v2,v1, the first leads), "
+                        "from quality_<model>_<device slug>.json in --out-dir, into quality_compare_<device slug>.md")
+    p.add_argument("--compare-slug", default=None, help="device slug of the compared files (default: this machine's)")
     return p.parse_args(argv)
 
 
@@ -741,6 +748,97 @@ def cache_masks(cache, slot: int, num_key_blocks: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# Both models side by side (issue 14)
+
+
+def fidelity_budget(report: dict, schedule: str = "default") -> dict[str, float | None]:
+    """Where the PSNR of hilbert3d at ``schedule`` goes, from the stored mean PSNRs (dB):
+    ``oracle`` (what density and caching leave with a perfect choice of blocks), ``dfs``,
+    ``scoring_cost`` = oracle − DFS (what the scoring's estimate costs), ``caching_cost`` =
+    every-step refresh − cached (what reusing the mask costs); ``None`` where a variant is
+    missing or a PSNR infinite."""
+    by = {r["name"]: r for r in report["variants"]}
+    orders = report["setup"].get("oracle_orders") or ["hilbert3d"]
+
+    def psnr(name: str) -> float | None:
+        r = by.get(name)
+        value = None if r is None else r.get("psnr_mean")
+        return None if value is None or isinstance(value, str) or not math.isfinite(value) else float(value)
+
+    dfs, oracle = psnr(f"hilbert3d/{schedule}"), psnr(f"oracle-{orders[0]}/{schedule}")
+    every = psnr(f"hilbert3d/{schedule}/refresh-every-step")
+    return {"dfs": dfs, "oracle": oracle, "every_step": every,
+            "scoring_cost": None if dfs is None or oracle is None else oracle - dfs,
+            "caching_cost": None if dfs is None or every is None else every - dfs}  # fmt: skip
+
+
+def compare_markdown(reports: dict[str, dict]) -> str:
+    """Markdown: the models of ``reports`` (label → :func:`main`'s report, the first leads) side
+    by side: the claims' verdicts, PSNR per order and density, the default schedule's fidelity
+    budget and the attention's concentration."""
+    labels = list(reports)
+    lines = ["# DFSAttn fidelity on the harness models, side by side", ""]
+    for label, rep in reports.items():
+        meta = rep["setup"]
+        lines.append(f"- **{label}**: {meta['model']}, token grid {meta['token_grid']} = {meta['tokens']} tokens "
+                     f"({meta['num_key_blocks']} blocks of {meta['block_size']}), {meta['num_layers']} layers × "
+                     f"{meta['num_heads']} heads; {meta['samples']} samples × {meta['steps']} steps on {rep['device']}"
+                     + ("" if rep.get("complete") else f"; **incomplete**: {len(rep.get('missing_variants', []))} variants not run"))  # fmt: skip
+    lines += ["", "## The paper's claims", "", "| claim | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    keys: list[str] = []
+    verdicts: dict[str, dict[str, str]] = {}
+    for label, rep in reports.items():
+        for c in rep.get("claims", []):
+            key = c["claim"]  # the same text on both models (same schedule, steps and densities)
+            if key not in verdicts:
+                keys.append(key)
+                verdicts[key] = {}
+            verdicts[key][label] = f"**{c['verdict']}** ({c['detail']})"
+    lines += [f"| {k} | " + " | ".join(verdicts[k].get(lb, "–") for lb in labels) + " |" for k in keys]
+    lines += ["", "## PSNR vs dense (dB, mean ± 95% CI), DFS scoring", ""]
+    for label, rep in reports.items():
+        meta = rep["setup"]
+        by = {r["name"]: r for r in rep["variants"]}
+        cols = [f"d={d:g}" for d in meta["densities"]] + ["default"]
+        lines += [f"**{label}**", "", "| order | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {o} | " + " | ".join(_with_ci(by.get(f"{o}/{c}"), "psnr") for c in cols) + " |" for o in meta["orders"]]
+        lines.append("")
+    lines += ["## Where the default schedule's PSNR goes (hilbert3d)", "",
+              "The oracle keeps the recall-optimal blocks (top-k of the exact dense block mass) and caches them like "
+              "DFS: its PSNR is what the density and the caching allow; oracle − DFS is what the scoring's estimate "
+              "costs; every-step refresh − cached is what reusing the mask costs.", "",
+              "| model | DFS | oracle | every-step refresh | scoring cost | caching cost |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for label, rep in reports.items():
+        b = fidelity_budget(rep)
+        lines.append(f"| {label} | {_fmt(b['dfs'])} | {_fmt(b['oracle'])} | {_fmt(b['every_step'])} | "
+                     f"{_fmt(b['scoring_cost'], '+.2f')} | {_fmt(b['caching_cost'], '+.2f')} |")  # fmt: skip
+    lines += ["", "## Concentration of the dense attention (mass of each row's top 20% key blocks, raster blocks)", "",
+              "| model | per layer |", "|---|---|"]  # fmt: skip
+    for label, rep in reports.items():
+        dense = next((r for r in rep["variants"] if r["name"] == "dense"), None)
+        mass = dense.get("top_mass_per_layer") if dense else None
+        lines.append(f"| {label} | " + (", ".join(_fmt(x, ".3f") for x in mass) if mass else "–") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(args) -> dict:
+    """``--compare``: reads each model's results file, writes ``quality_compare_<slug>.md``."""
+    slug = args.compare_slug or device_slug()
+    reports = {}
+    for model in args.compare:
+        path = os.path.join(args.out_dir, f"quality_{model}_{slug}.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"--compare: no results file {path} for model {model!r} (run the benchmark first)")
+        reports[model] = json.loads(pathlib.Path(path).read_text())
+    text = compare_markdown(reports)
+    out = os.path.join(args.out_dir, f"quality_compare_{slug}.md")
+    with open(out, "w") as f:
+        f.write(text)
+    print(text)
+    return {"markdown": out, "reports": reports}
+
+
+# ----------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -768,6 +866,8 @@ def _load_previous(path: str, setup: dict, fresh: bool) -> dict | None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args)
     t_start = time.perf_counter()
     steps = args.steps or (10 if args.quick else 50)
     num_samples = args.samples or (2 if args.quick else 16)

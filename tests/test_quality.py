@@ -334,6 +334,25 @@ def test_quality_bench_short_run_in_two_calls(tmp_path):
         assert fragment in table, fragment
     for key in ("density_png", "layers_png", "recall_png", "masks_png"):
         assert pathlib.Path(files[key]).stat().st_size > 5000
+    # Two models side by side (--compare): the second a copy with a shifted oracle PSNR.
+    other = json.loads(json.dumps(saved))
+    for r in other["variants"]:
+        if r["name"] == "oracle-hilbert3d/default":
+            r["psnr_mean"] += 1.5
+    (tmp_path / "quality_v2_testslug.json").write_text(json.dumps(saved))
+    (tmp_path / "quality_v1_testslug.json").write_text(json.dumps(other))
+    both = bench.main(["--compare", "v2,v1", "--compare-slug", "testslug", "--out-dir", str(tmp_path)])
+    budget = bench.fidelity_budget(saved)
+    assert budget["scoring_cost"] == pytest.approx(by["oracle-hilbert3d/default"]["psnr_mean"] - by["hilbert3d/default"]["psnr_mean"])
+    assert bench.fidelity_budget(other)["scoring_cost"] == pytest.approx(budget["scoring_cost"] + 1.5)
+    assert budget["caching_cost"] == pytest.approx(
+        by["hilbert3d/default/refresh-every-step"]["psnr_mean"] - by["hilbert3d/default"]["psnr_mean"])
+    text = pathlib.Path(both["markdown"]).read_text()
+    assert "| claim | v2 | v1 |" in text and text.count("| DFS better than a random layout at equal density (the model uses its attention) |") == 1
+    assert f"| v2 | {budget['dfs']:.2f} | {budget['oracle']:.2f} |" in text
+    assert f"{budget['scoring_cost'] + 1.5:+.2f}" in text
+    with pytest.raises(ValueError, match="no results file"):
+        bench.main(["--compare", "v3", "--compare-slug", "testslug", "--out-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="another setup"):
         bench.main([*common, "--samples", "3", "--variants", "dense"])
     with pytest.raises(ValueError, match="match no variant"):
