@@ -444,9 +444,12 @@ def plot_losses(losses: list[tuple[int, float]], path: pathlib.Path, title: str,
 def save_sample_pictures(
     real: np.ndarray, generated: np.ndarray, captions: Sequence[str], png: pathlib.Path, gif: pathlib.Path
 ) -> None:
-    """PNG: for each class a row of real frames and a row of generated frames; GIF: side by side."""
+    """PNG: for each class a row of real frames and a row of generated frames; GIF: side by side,
+    frames doubled when narrower than 96 px (v1's 64×64 clips are doubled, v2's 60×108 kept: a
+    GIF of photographs is large, and results travel under the device's size limits)."""
     plot_sample_grid(real, generated, png, captions=captions)
-    write_side_by_side_gif(real, generated, gif, titles=("real clip", "sample"), captions=captions, scale=2)
+    scale = 2 if real.shape[3] < 96 else 1
+    write_side_by_side_gif(real, generated, gif, titles=("real clip", "sample"), captions=captions, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -151,6 +151,19 @@ def test_stages_parse_and_validate():
     assert config == pretrained.SMALL_DIT_V2_CONFIG and v2.stages[-1].clip(config.clip) == config.clip
 
 
+@pytest.mark.parametrize("width,scale", [(32, 2), (108, 1)])
+def test_sample_gif_doubles_only_narrow_clips(tmp_path, width, scale):
+    """v1's narrow clips are doubled in the side-by-side GIF, v2's 108-px clips kept (size)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(width)
+    real, generated = (rng.uniform(-1, 1, size=(2, 3, 12, width, 3)) for _ in range(2))
+    train_small.save_sample_pictures(real, generated, ["a", "b"], tmp_path / "s.png", tmp_path / "s.gif")
+    with Image.open(tmp_path / "s.gif") as gif:
+        assert gif.n_frames == 3 and gif.size[0] == 2 * scale * width + 3 * 6
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigma_distribution_is_shifted_logit_normal(seed):
     from models.evaluation.learning import sample_sigmas
