@@ -87,12 +87,12 @@ from dfsattn_jax.orders import ORDER_NAMES
 from dfsattn_jax.schedule import DFSConfig, default_schedule, reported_sparsity
 from models.common.processor import num_token_blocks
 from models.evaluation import quality as Q
-from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS, ClipConfig, clip_classes
+from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS, clip_classes
 from models.evaluation.codec import latents_to_video
 from models.evaluation.fidelity import paired_spread, spread
 from models.evaluation.results import device_name, device_slug, portable, write_json
 from models.evaluation.small_dit import (
-    SMOKE_DIT_CONFIG,
+    SMOKE_HARNESS_CONFIG,
     ClipConditioner,
     SmallDiTConfig,
     get_small_dit,
@@ -100,9 +100,6 @@ from models.evaluation.small_dit import (
     random_small_dit,
 )
 from models.wan.transformer import WanTransformer3DModel
-
-#: CPU smoke size: the smoke model of ``small_dit`` on 4-frame 32×32 clips (4×16×16 = 1024 tokens).
-SMOKE_SETUP = dataclasses.replace(SMOKE_DIT_CONFIG, clip=ClipConfig(frames=4, height=32, width=32))
 
 ALL_ORDERS = ("raster", "hilbert2d", "block3d", "morton3d", "hilbert3d")
 GROUPS = ("dense", "order", "tile", "window", "random", "oracle", "refresh")
@@ -204,8 +201,8 @@ def _portable_path(path: str | os.PathLike | None) -> str | None:
 def load_setup(args) -> tuple[WanTransformer3DModel, ClipConditioner, SmallDiTConfig, dict[str, Any]]:
     """The model, its conditioner, its config (clip size as asked) and where they came from."""
     if args.quick:
-        model, conditioner = random_small_dit(SMOKE_SETUP)
-        return model, conditioner, _resize_clip(SMOKE_SETUP, args), {"key": "smoke", "weights": None, "sha256": None, "random": True}
+        model, conditioner = random_small_dit(SMOKE_HARNESS_CONFIG)
+        return model, conditioner, _resize_clip(SMOKE_HARNESS_CONFIG, args), {"key": "smoke", "weights": None, "sha256": None, "random": True}
     entry = get_small_dit(args.model)
     if args.random:
         model, conditioner = random_small_dit(entry.config)
@@ -761,9 +758,8 @@ def fidelity_budget(report: dict, schedule: str = "default") -> dict[str, float 
     orders = report["setup"].get("oracle_orders") or ["hilbert3d"]
 
     def psnr(name: str) -> float | None:
-        r = by.get(name)
-        value = None if r is None else r.get("psnr_mean")
-        return None if value is None or isinstance(value, str) or not math.isfinite(value) else float(value)
+        value = _num((by.get(name) or {}).get("psnr_mean"))  # NaN when missing, "inf" when identical
+        return value if math.isfinite(value) else None
 
     dfs, oracle = psnr(f"hilbert3d/{schedule}"), psnr(f"oracle-{orders[0]}/{schedule}")
     every = psnr(f"hilbert3d/{schedule}/refresh-every-step")

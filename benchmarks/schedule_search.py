@@ -293,12 +293,10 @@ def plot(state: dict, path: str) -> str:
 
 def _setup(args):
     """``(model, conditioner, config, key, checksums)``: the harness model (or the smoke model for ``--quick``)."""
-    from models.evaluation.clips import ClipConfig
-    from models.evaluation.small_dit import SMOKE_DIT_CONFIG, load_small_dit, random_small_dit
+    from models.evaluation.small_dit import SMOKE_HARNESS_CONFIG, load_small_dit, random_small_dit
 
     if args.quick:
-        config = dataclasses.replace(SMOKE_DIT_CONFIG, clip=ClipConfig(frames=4, height=32, width=32))
-        return *random_small_dit(config), config, "smoke", None
+        return *random_small_dit(SMOKE_HARNESS_CONFIG), SMOKE_HARNESS_CONFIG, "smoke", None
     model, conditioner, config, meta = load_small_dit(args.model)  # one read, checksums verified
     return model, conditioner, config, args.model, meta["sha256"]
 

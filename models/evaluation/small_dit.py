@@ -61,6 +61,7 @@ __all__ = [
     "SMALL_DIT_CONFIG",
     "SMALL_DIT_V2_CONFIG",
     "SMOKE_DIT_CONFIG",
+    "SMOKE_HARNESS_CONFIG",
     "SmallDiTModel",
     "SMALL_DIT_MODELS",
     "get_small_dit",
@@ -183,6 +184,9 @@ SMOKE_DIT_CONFIG = SmallDiTConfig(
     ),
     clip=ClipConfig(frames=4, height=16, width=16),
 )  # fmt: skip
+#: The smoke model on 4×32×32-px clips (a 4×16×16 grid of 1,024 tokens): the CPU ``--quick`` runs
+#: of the quality benchmark and the schedule search.
+SMOKE_HARNESS_CONFIG = dataclasses.replace(SMOKE_DIT_CONFIG, clip=ClipConfig(frames=4, height=32, width=32))
 #: The v2 harness model: 16 frames × 60×108 px → a 16×30×54 token grid (25,920 tokens = 203
 #: blocks of 128, the last one half full), like Wan2.1's 21×30×52 at 480p.
 SMALL_DIT_V2_CONFIG = SmallDiTConfig(wan=SMALL_WAN_V2_CONFIG, clip=ClipConfig(frames=16, height=60, width=108))
