@@ -23,8 +23,9 @@ Procedure, on two disjoint sets of samples (noise seeds ``--choose-seed`` and ``
    :data:`dfsattn_jax.schedule.SCHEDULE_PRESETS`; then a best-first descent: each round
    takes the fastest schedule evaluated so far whose mean PSNR is within ``--tolerance`` (0.2 dB)
    of the default's and that it has not expanded yet (best first; presets are starting points
-   too), and evaluates every neighbour of it (one step along one axis of the ladders below) that
-   composes faster; it stops when every qualifying schedule is expanded or after
+   too), and evaluates every neighbour of it that composes faster: first the single steps (one
+   step along one axis of the ladders below), then the trades (a faster step on one axis paid for
+   by a slower step on another, e.g. fewer dense steps with a denser mask); it stops when every qualifying schedule is expanded or after
    ``--max-candidates`` evaluations. The winner is the fastest qualifying schedule evaluated.
 2. **report**: the dense reference, the default, the winner and the Pareto front of the choose
    set, on the other seed: the winner's PSNR difference to the default, paired per sample, with its
@@ -38,7 +39,7 @@ the Pareto front, the default and the winner marked, the 0.2 dB tolerance and th
 
 Usage (from the repository root; ``PYTHONPATH=.`` or the package installed)::
 
-    python benchmarks/schedule_search.py --model v2 --stage choose     # ~8 min on one H200
+    python benchmarks/schedule_search.py --model v2 --stage choose     # ~6 min on one H200 (24 schedules)
     python benchmarks/schedule_search.py --model v2 --stage report     # ~2 min
     JAX_PLATFORMS=cpu python benchmarks/schedule_search.py --quick     # CPU smoke run
 """
@@ -126,22 +127,48 @@ def _step(ladder: Sequence, value, direction: int):
     return smaller[-1] if smaller else None
 
 
-def neighbours(config: DFSConfig, layer_options: Sequence[tuple[int, ...]]) -> list[DFSConfig]:
-    """Every valid schedule one ladder step away from ``config`` along one axis."""
+_AXES = (("dense_steps", DENSE_STEPS), ("density", DENSITIES), ("density_decrement", DECREMENTS),
+         ("refresh_interval", INTERVALS))
+
+
+def _moves(config: DFSConfig, layer_options: Sequence[tuple[int, ...]]) -> list[tuple[str, dict]]:
+    """``(axis, changed fields)`` for every one-step move from ``config`` (before validation)."""
     out = []
-    for field, ladder in (("dense_steps", DENSE_STEPS), ("density", DENSITIES),
-                          ("density_decrement", DECREMENTS), ("refresh_interval", INTERVALS)):  # fmt: skip
+    for field, ladder in _AXES:
         for direction in (-1, 1):
             value = _step(ladder, getattr(config, field), direction)
             if value is not None:
-                try:
-                    out.append(dataclasses.replace(config, **{field: value}))
-                except ValueError:  # e.g. an interval that DFSConfig rejects
-                    pass
-    for layers in layer_options:
-        if tuple(layers) != tuple(config.dense_layers):
-            out.append(dataclasses.replace(config, dense_layers=tuple(layers)))
+                out.append((field, {field: value}))
+    out += [("dense_layers", {"dense_layers": tuple(layers)}) for layers in layer_options
+            if tuple(layers) != tuple(config.dense_layers)]  # fmt: skip
     return out
+
+
+def _apply(config: DFSConfig, changes: dict) -> DFSConfig | None:
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError:  # e.g. an interval that DFSConfig rejects
+        return None
+
+
+def neighbours(config: DFSConfig, layer_options: Sequence[tuple[int, ...]]) -> list[DFSConfig]:
+    """Every valid schedule one ladder step away from ``config`` along one axis."""
+    return [c for c in (_apply(config, ch) for _, ch in _moves(config, layer_options)) if c is not None]
+
+
+def trades(config: DFSConfig, layer_options: Sequence[tuple[int, ...]], speedup) -> list[DFSConfig]:
+    """Every valid schedule two steps away from ``config`` that trades: one step that composes
+    faster than ``config`` with one step that composes slower, on two different axes (for
+    example fewer dense steps paid for by a denser mask). ``speedup(config) -> float`` is the
+    composed speed. Two steps that are both faster are left out: each alone already costs
+    fidelity, so together they cost more."""
+    base = speedup(config)
+    moves = [(axis, ch, cfg) for axis, ch in _moves(config, layer_options)
+             if (cfg := _apply(config, ch)) is not None]  # fmt: skip
+    faster = [(a, ch) for a, ch, c in moves if speedup(c) > base]
+    slower = [(a, ch) for a, ch, c in moves if speedup(c) <= base]
+    out = [_apply(config, {**f, **s}) for af, f in faster for as_, s in slower if af != as_]
+    return [c for c in out if c is not None]
 
 
 def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
@@ -388,9 +415,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             current = max(seeds, key=lambda n: state["speed"][n]["speedup"])
             expanded.add(current)
             cfg = DFSConfig(**{**state["configs"][current], "dense_layers": tuple(state["configs"][current]["dense_layers"])})
-            faster = [register(c) for c in neighbours(cfg, layer_options)]
-            faster = [n for n in dict.fromkeys(faster) if state["speed"][n]["speedup"] > state["speed"][current]["speedup"]]
-            faster.sort(key=lambda n: -state["speed"][n]["speedup"])
+            speed_of = lambda c: state["speed"][register(c)]["speedup"]  # noqa: E731
+            above = lambda names: sorted((n for n in dict.fromkeys(names)  # noqa: E731
+                                          if state["speed"][n]["speedup"] > state["speed"][current]["speedup"]),
+                                         key=lambda n: -state["speed"][n]["speedup"])  # fmt: skip
+            singles = above(register(c) for c in neighbours(cfg, layer_options))
+            # single steps first (fastest first), then the trades (two steps, one of them slower)
+            faster = singles + [n for n in above(register(c) for c in trades(cfg, layer_options, speed_of))
+                                if n not in singles]  # fmt: skip
             found = []
             for name in faster:
                 if name not in state["choose"] and len(state["choose"]) >= args.max_candidates:
