@@ -41,10 +41,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from dfsattn_jax.attention import block_sparse_attention, dense_attention
+from dfsattn_jax.checks import check_nonnegative_int, check_positive_int
 from dfsattn_jax.layout import BlockLayout, _concrete_count, select_blocks
 from dfsattn_jax.reference import check_block_size, check_kv_lengths
 
@@ -84,8 +84,7 @@ class JointTokens(NamedTuple):
           ValueError: naming the field and the expected value.
         """
         for name, value in (("video_len", self.video_len), ("text_len", self.text_len)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"JointTokens.{name} must be a non-negative int, got {value!r}")
+            check_nonnegative_int(value, f"JointTokens.{name}")
         if self.video_len < 1:
             raise ValueError(f"JointTokens.video_len must be >= 1, got {self.video_len}")
         if length is not None and self.length != length:
@@ -126,8 +125,7 @@ class JointTokens(NamedTuple):
         Raises:
           ValueError: naming ``max_blocks`` and the expected range.
         """
-        if isinstance(max_blocks, bool) or not isinstance(max_blocks, (int, np.integer)):
-            raise ValueError(f"max_blocks must be a Python int, got {max_blocks!r}")
+        max_blocks = check_positive_int(max_blocks, "max_blocks")
         least, nk = self.min_capacity(block_size), self.num_blocks(block_size)
         if not least <= max_blocks <= nk:
             raise ValueError(

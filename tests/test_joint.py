@@ -29,7 +29,7 @@ from dfsattn_jax.joint import (
     select_joint_blocks,
 )
 from dfsattn_jax.layout import validate_layout
-from dfsattn_jax.schedule import get_schedule_preset, plan_schedule, reported_sparsity
+from dfsattn_jax.schedule import DFSConfig, get_schedule_preset, plan_schedule, reported_sparsity
 from dfsattn_jax.scoring import block_scores
 from models.common.processor import (
     AttentionHooks,
@@ -363,7 +363,7 @@ def test_errors_name_the_argument():
         JointTokens(420, 63).check(484)
     with pytest.raises(ValueError, match="video_len must be >= 1"):
         JointTokens(0, 64).check()
-    with pytest.raises(ValueError, match="text_len must be a non-negative int"):
+    with pytest.raises(ValueError, match="text_len must be a non-negative integer"):
         JointTokens(420, 6.5).check()
     with pytest.raises(ValueError, match="spans 483 tokens"):
         self_attention(
@@ -388,8 +388,21 @@ def test_check_capacity_bounds():
         with pytest.raises(ValueError, match=rf"max_blocks must be in \[4, 16\].*every text block.*got {bad}"):
             joint.check_capacity(bad, 32)
     for bad in (4.0, True):
-        with pytest.raises(ValueError, match="max_blocks must be a Python int"):
+        with pytest.raises(ValueError, match="max_blocks must be a positive integer"):
             joint.check_capacity(bad, 32)
+
+
+def test_init_cache_capacity_is_an_integer_on_both_paths():
+    backend = make_backend("dfs", DFSConfig(block_size=32, tile_size=8, dense_layers=()))
+    joint = JointTokens(420, 64)
+    for kwargs, length in (({}, 420), ({"joint": joint}, joint.length)):
+        cache = init_cache(backend, 2, 1, 2, length, np.int64(5), **kwargs)
+        assert cache is not None and cache.kv_indices.shape[-1] == 5
+        for bad in (5.0, True, 0):
+            with pytest.raises(ValueError, match="max_blocks must be"):
+                init_cache(backend, 2, 1, 2, length, bad, **kwargs)
+    with pytest.raises(ValueError, match=r"max_blocks must be in \[1, 14\] \(key blocks of 420 tokens\), got 15"):
+        init_cache(backend, 2, 1, 2, 420, 15)
 
 
 ON_GPU = jax.default_backend() == "gpu"

@@ -53,6 +53,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from dfsattn_jax.attention import asked_for, block_sparse_attention, dense_attention
 from dfsattn_jax.cache import MaskCache, cache_layout, cache_update, init_mask_cache
+from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.joint import (
     JointTokens,
     joint_attention,
@@ -315,9 +316,11 @@ def init_cache(
     nk = num_token_blocks(num_tokens, backend.block_size)
     if joint is not None:
         max_blocks = joint.check(num_tokens).check_capacity(max_blocks, backend.block_size)
-    elif not 1 <= int(max_blocks) <= nk:
-        raise ValueError(f"max_blocks must be in [1, {nk}] (key blocks of {num_tokens} tokens), got {max_blocks}")
-    return init_mask_cache(len(backend.sparse_layers(num_layers)), batch, heads, nk, int(max_blocks))
+    else:
+        max_blocks = check_positive_int(max_blocks, "max_blocks")
+        if max_blocks > nk:
+            raise ValueError(f"max_blocks must be in [1, {nk}] (key blocks of {num_tokens} tokens), got {max_blocks}")
+    return init_mask_cache(len(backend.sparse_layers(num_layers)), batch, heads, nk, max_blocks)
 
 
 class AttentionState(NamedTuple):
