@@ -80,15 +80,17 @@ def test_generate_hunyuan_dfs_writes_latents_and_reports_the_plan(tmp_path, caps
 
 
 def test_generate_hunyuan_schedule_presets(tmp_path, capsys, monkeypatch):
-    """--schedule works for HunyuanVideo too: the named preset's schedule and dense layers (here
-    "fast": layer 0 dense, dense steps 0-3); without it, the hunyuan-video preset with the options."""
+    """--schedule works for HunyuanVideo too: the named preset's 50-step schedule as it is and its
+    dense layers (here "fast": layer 0 dense, dense steps 0-9, so 14 steps leave 4 sparse ones);
+    without it, the hunyuan-video preset with the options."""
     preset = get_schedule_preset("fast")
-    rc, out = run(tmp_path, "--schedule", "fast", "--steps", "6")
+    steps = preset.dense_steps + 4
+    rc, out = run(tmp_path, "--schedule", "fast", "--steps", str(steps))
     assert rc == 0
     _, meta = load_latents(out)
     assert (meta["schedule"], meta["dense_layers"], int(meta["dense_steps"])) == ("fast", "0", preset.dense_steps)
     joint = JointTokens(768, 64)
-    plan = plan_schedule(preset, 6, joint.num_blocks(128))
+    plan = plan_schedule(preset, steps, joint.num_blocks(128))
     expected = reported_sparsity(plan, 4, (0,), joint=joint)
     assert expected > 0 and float(meta["sparsity"]) == pytest.approx(expected, abs=1e-4)
     assert "dense layers [0] of 4" in capsys.readouterr().out
