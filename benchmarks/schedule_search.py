@@ -415,14 +415,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
             current = max(seeds, key=lambda n: state["speed"][n]["speedup"])
             expanded.add(current)
             cfg = DFSConfig(**{**state["configs"][current], "dense_layers": tuple(state["configs"][current]["dense_layers"])})
-            speed_of = lambda c: state["speed"][register(c)]["speedup"]  # noqa: E731
-            above = lambda names: sorted((n for n in dict.fromkeys(names)  # noqa: E731
-                                          if state["speed"][n]["speedup"] > state["speed"][current]["speedup"]),
-                                         key=lambda n: -state["speed"][n]["speedup"])  # fmt: skip
-            singles = above(register(c) for c in neighbours(cfg, layer_options))
+
+            def faster_first(configs: Sequence[DFSConfig]) -> list[str]:
+                """The names of ``configs`` that compose faster than ``current`` (registered), fastest first."""
+                names = [n for n in dict.fromkeys(register(c) for c in configs)
+                         if state["speed"][n]["speedup"] > state["speed"][current]["speedup"]]  # fmt: skip
+                return sorted(names, key=lambda n: -state["speed"][n]["speedup"])
+
+            singles = faster_first(neighbours(cfg, layer_options))
             # single steps first (fastest first), then the trades (two steps, one of them slower)
-            faster = singles + [n for n in above(register(c) for c in trades(cfg, layer_options, speed_of))
-                                if n not in singles]  # fmt: skip
+            swaps = trades(cfg, layer_options, lambda c: compose(c, times)["speedup"])
+            faster = singles + [n for n in faster_first(swaps) if n not in singles]
             found = []
             for name in faster:
                 if name not in state["choose"] and len(state["choose"]) >= args.max_candidates:

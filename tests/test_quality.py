@@ -212,8 +212,11 @@ def test_schedules_and_variants():
 
 def test_runner_rejects_bad_arguments(setup):
     runner, model = setup["runner"], setup["model"]
-    with pytest.raises(ValueError, match="max_blocks"):
+    with pytest.raises(ValueError, match=rf"max_blocks must be in \[1, {NK}\], got {NK + 1}"):
         Q.QualityRunner(model, CONFIG.latent_shape, block_size=BLOCK, tile_sizes=(TILE,), max_blocks=NK + 1)
+    for bad in (2.0, True, 0):  # the project's integer rule (dfsattn_jax.checks), as init_cache's
+        with pytest.raises(ValueError, match="max_blocks must be a positive integer"):
+            Q.QualityRunner(model, CONFIG.latent_shape, block_size=BLOCK, tile_sizes=(TILE,), max_blocks=bad)
     with pytest.raises(ValueError, match="dense_layers"):
         Q.QualityRunner(model, CONFIG.latent_shape, block_size=BLOCK, dense_layers=(0, 1), tile_sizes=(TILE,), max_blocks=2)
     with pytest.raises(ValueError, match="tile_size"):

@@ -470,9 +470,9 @@ class QualityRunner:
         self.sparse_layers = tuple(i for i in range(cfg.num_layers) if i not in self.dense_layers)
         if not self.sparse_layers:
             raise ValueError(f"dense_layers {self.dense_layers} leave no sparse layer")
-        if isinstance(max_blocks, bool) or not 1 <= int(max_blocks) <= self.num_key_blocks:
+        self.max_blocks = check_positive_int(max_blocks, "max_blocks")
+        if self.max_blocks > self.num_key_blocks:
             raise ValueError(f"max_blocks must be in [1, {self.num_key_blocks}], got {max_blocks!r}")
-        self.max_blocks = int(max_blocks)
         samples = check_positive_int(num_query_samples, "num_query_samples")
         if samples >= self.num_tokens:
             rows = np.arange(self.num_tokens)
