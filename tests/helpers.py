@@ -1,4 +1,5 @@
-"""Helpers shared by the tests (``from helpers import rel_l2``; pytest puts ``tests/`` on sys.path).
+"""Helpers shared by the tests (``from helpers import rel_l2``; ``pythonpath`` in pyproject.toml puts
+``tests/`` on sys.path for every test folder).
 
 One helper per concept: a test file that needs one of these imports it from here instead of
 keeping a private copy.
@@ -16,7 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["modified_checkpoint_copy", "numpy_block_scores", "numpy_tile_probs", "poisoned", "rel_l2"]
+__all__ = [
+    "FIXTURES",
+    "ROOT",
+    "modified_checkpoint_copy",
+    "numpy_block_scores",
+    "numpy_tile_probs",
+    "poisoned",
+    "rel_l2",
+]
+
+#: The repository root and the folder of the committed fixtures.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def rel_l2(a, b) -> float:

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _imported_modules(package: str) -> dict[str, set[str]]:

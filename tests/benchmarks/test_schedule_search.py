@@ -25,8 +25,8 @@ from models.sampling import Sampler
 from models.common.processor import make_backend
 from models.wan.config import get_config
 from models.wan.transformer import WanTransformer3DModel
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "wan_tiny"
 
 
@@ -57,7 +57,7 @@ def test_presets_registry_and_lookup():
 def test_fast_preset_is_the_recorded_search_winner():
     """"fast" is the schedule the H200 search chose (benchmarks/results/schedule_search_v2_nvidia_h200.json):
     within 0.2 dB of the default on both seed sets, and faster than the default composed."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/results/schedule_search_v2_nvidia_h200.json"
+    path = ROOT / "benchmarks/results/schedule_search_v2_nvidia_h200.json"
     state = json.loads(path.read_text())
     winner = state["winner"]
     chosen = state["configs"][winner]

@@ -46,8 +46,8 @@ from models.io import (
 )
 from models.wan.loading import INDEX_NAME, checkpoint_shards, load_wan, read_wan_config
 from models.wan.transformer import WanTransformer3DModel
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "wan_tiny"
 SHARDS = json.loads((FIXTURE / "metadata.json").read_text())["shards"]
 

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from helpers import rel_l2
+from helpers import FIXTURES, rel_l2
 
 from dfsattn_jax.joint import JointTokens
 from dfsattn_jax.schedule import DFSConfig
@@ -28,7 +28,7 @@ from models.hunyuan_video.config import CONFIGS, HunyuanConfig, get_config, late
 from models.hunyuan_video.loading import load_hunyuan_video
 from models.hunyuan_video.transformer import HunyuanConditioning, HunyuanVideoTransformer3DModel
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hunyuan_tiny"
+FIXTURE = FIXTURES / "hunyuan_tiny"
 META = json.loads((FIXTURE / "metadata.json").read_text())
 # float32 end to end. diffusers (torch SDPA, torch's float32 exp) and XLA differ in summation
 # order and in 3 of the 128 sinusoid frequencies, which torch's float32 exp rounds the other way

@@ -33,6 +33,7 @@ from models.common.processor import AttentionBackend
 from models.evaluation.small_dit import SMOKE_DIT_CONFIG, ClipConditioner
 from models.sampling.loop import Sampler
 from models.wan.transformer import WanTransformer3DModel
+from helpers import ROOT
 
 CONFIG = SMOKE_DIT_CONFIG  # latent [3, 4, 16, 16] -> token grid (4, 8, 8)
 SMOKE_HEADS = CONFIG.wan.num_heads
@@ -285,7 +286,7 @@ def _bench():
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality_bench.py"
+    path = ROOT / "benchmarks" / "quality_bench.py"
     spec = importlib.util.spec_from_file_location("quality_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from helpers import rel_l2
+from helpers import FIXTURES, rel_l2
 
 from dfsattn_jax.joint import JointTokens
 from dfsattn_jax.schedule import get_schedule_preset, plan_schedule, reported_sparsity
@@ -22,7 +22,7 @@ from models.hunyuan_video.transformer import HunyuanConditioning
 from models.io import load_hunyuan_prompt_embeds, load_latents, save_hunyuan_prompt_embeds, save_latents
 from models.sampling import Sampler
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hunyuan_tiny"
+FIXTURE = FIXTURES / "hunyuan_tiny"
 IO = load_file(FIXTURE / "io.safetensors")
 VALID = int(IO["encoder_attention_mask"][0].sum())  # 38 of 64
 # 9 frames of 256 x 256: 3 x 16 x 16 = 768 video + 64 text tokens = 7 blocks of 128 (6 video-only).
@@ -189,6 +189,6 @@ def test_bad_options_for_hunyuan(tmp_path, capsys):
     assert main([*base[:4], "--prompt-embeds", str(txt), *base[6:]]) == 2
     assert "must be a .safetensors or .npz file" in capsys.readouterr().err
     # A Wan checkpoint is not a HunyuanVideo one.
-    wan = pathlib.Path(__file__).parent / "fixtures" / "wan_tiny"
+    wan = FIXTURES / "wan_tiny"
     assert main([*base[:2], "--checkpoint", str(wan), *base[4:]]) == 2
     assert "dfsattn-generate: error:" in capsys.readouterr().err

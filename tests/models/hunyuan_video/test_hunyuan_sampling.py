@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import rel_l2
+from helpers import FIXTURES, rel_l2
 
 from dfsattn_jax.joint import JointTokens, joint_density
 from dfsattn_jax.schedule import DFSConfig, get_schedule_preset, reported_sparsity
@@ -26,7 +26,7 @@ from models.common.processor import AttentionState, make_backend
 from models.sampling import Sampler, flow_match_euler_schedule, flow_schedule, make_schedule
 from models.sampling.solvers import euler_step
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = FIXTURES
 STEPS = load_file(FIXTURES / "flow_match_euler" / "steps.safetensors")
 CASES = json.loads((FIXTURES / "flow_match_euler" / "metadata.json").read_text())["cases"]
 TINY = FIXTURES / "hunyuan_tiny"

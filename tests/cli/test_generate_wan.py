@@ -10,8 +10,9 @@ from safetensors.numpy import load_file, save_file
 
 from models.generate import main
 from models.io import load_latents
+from helpers import FIXTURES
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "wan_tiny"
+FIXTURE = FIXTURES / "wan_tiny"
 
 
 @pytest.mark.parametrize("backend", ["dense", "dfs"])

@@ -17,8 +17,8 @@ import pytest
 from benchmarks import multi_gpu_bench as bench
 from benchmarks import multi_gpu_check as check
 from benchmarks import multi_gpu_diag as diag
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config", "tiny", "--layers", "2", "--frames", "9", "--height", "128", "--width", "128",
         "--block-size", "16", "--tile-size", "4"]  # fmt: skip
 # 3 x 8 x 8 = 192 tokens: 12 key blocks of 16, density 0.2 keeps 2; layer 0 dense, layer 1 sparse.

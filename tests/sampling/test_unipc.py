@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import rel_l2
+from helpers import FIXTURES, rel_l2
 
 from models.sampling.unipc import UniPCState, flow_sigmas, flow_timesteps, unipc_init, unipc_orders, unipc_step
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "unipc_flow"
+FIXTURE = FIXTURES / "unipc_flow"
 CASES = [c for c in json.loads((FIXTURE / "metadata.json").read_text())["cases"]]
 # float32 solver arithmetic (diffusers keeps sigmas and samples in float32): each step rounds at
 # ~6e-8 relative; coefficients differ from torch's by a few ulps (closed-form 2x2 solve instead of

@@ -19,9 +19,10 @@ from safetensors.numpy import load_file, save_file
 import models.generate as generate
 from models.generate import PROG, build_parser, default_shift, main
 from models.io import load_latents
+from helpers import FIXTURES, ROOT
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "wan_tiny"
-README = pathlib.Path(__file__).parent.parent / "README.md"
+FIXTURE = FIXTURES / "wan_tiny"
+README = ROOT / "README.md"
 ERROR_PREFIX = f"{PROG}: error: "
 
 

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from helpers import modified_checkpoint_copy, rel_l2
+from helpers import FIXTURES, modified_checkpoint_copy, rel_l2
 
 from dfsattn_jax.schedule import DFSConfig
 from models.common.processor import init_cache, make_backend, num_token_blocks, sparse_step
@@ -36,7 +36,7 @@ from models.sampling.loop import Sampler
 from models.sampling.unipc import flow_sigmas, flow_timesteps, unipc_init, unipc_step
 from models.wan.transformer import WanTransformer3DModel, patchify
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "wan_tiny"
+FIXTURE = FIXTURES / "wan_tiny"
 META = json.loads((FIXTURE / "metadata.json").read_text())
 # float32 end to end; diffusers (torch SDPA) and XLA differ in summation order only: observed
 # ~3.4e-7 relative L2; the bound is 1e-5.

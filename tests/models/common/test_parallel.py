@@ -26,8 +26,8 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = {"2x1": (2, 1), "1x2": (1, 2), "1x4": (1, 4), "2x2": (2, 2), "2x4": (2, 4)}
 BACKENDS = ("dense", "dfs")
 HOST_DEVICES = 8
@@ -230,7 +230,7 @@ def _run_worker(out: pathlib.Path) -> None:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={HOST_DEVICES}".strip()
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])])
     done = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     if done.returncode != 0:

@@ -16,13 +16,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from helpers import modified_checkpoint_copy
+from helpers import FIXTURES, modified_checkpoint_copy
 
 from models.common.checkpoint import checkpoint_shards, expected_tensors
 from models.hunyuan_video.config import get_config
 from models.hunyuan_video.loading import diffusers_config, load_hunyuan_video, read_hunyuan_config
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hunyuan_tiny"
+FIXTURE = FIXTURES / "hunyuan_tiny"
 META = json.loads((FIXTURE / "metadata.json").read_text())
 CONFIG = json.loads((FIXTURE / "transformer" / "config.json").read_text())
 

@@ -31,8 +31,9 @@ import pytest
 
 from models import demo
 from models.evaluation import media
+from helpers import ROOT
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = ROOT
 TINY_ARGS = ["--mode", "model", "--config", "tiny", "--steps", "6", "--frames", "5", "--height", "64",
              "--width", "128", "--no-progress"]  # fmt: skip
 

@@ -7,6 +7,7 @@ batch-1 evaluations with their own mask caches.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import chex
@@ -269,3 +270,26 @@ def test_warmup_matches_cache_capacity_of_dense_plans(model, inputs):
     result = sampler(noise, text, neg, num_steps=6)
     assert sampler.trace_count == 1
     assert result.cache.max_blocks == int(0.9 * NK)
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler():
+    model = WanTransformer3DModel("tiny", rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    rng = np.random.default_rng(5)
+    noise = jnp.asarray(rng.normal(size=(1, model.config.in_channels, 3, 8, 8)), jnp.float32)
+    text = jnp.asarray(rng.normal(size=(1, 4, model.config.text_dim)), jnp.float32)
+    return Sampler(model, "dense", progress=False), noise, text
+
+
+@pytest.mark.parametrize("where", ["noise", "text", "negative_text", "guidance_scale"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_propagates_now_rejected_before_sampling(tiny_sampler, where, bad):
+    """Finding: a NaN in the noise or ``guidance_scale=nan`` returned all-NaN latents; non-finite
+    noise, prompt embeddings or guidance are rejected before sampling, naming the argument."""
+    sampler, noise, text = tiny_sampler
+    args = {"noise": noise, "text": text, "negative_text": text * 0.5, "guidance_scale": 5.0}
+    args[where] = bad if where == "guidance_scale" else args[where].at[0, 0, 0].set(bad)
+    before = sampler.trace_count
+    with pytest.raises(ValueError, match=f"{where} must be finite"):
+        sampler(args["noise"], args["text"], args["negative_text"], num_steps=2, guidance_scale=args["guidance_scale"])
+    assert sampler.trace_count == before  # nothing was traced or run
