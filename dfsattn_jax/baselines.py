@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from dfsattn_jax.checks import check_positive_int
-from dfsattn_jax.layout import BlockLayout, blocks_for_density, check_density, select_blocks
+from dfsattn_jax.checks import check_density, check_positive_int
+from dfsattn_jax.layout import BlockLayout, blocks_for_density, select_blocks
 
 __all__ = [
     "WindowStats",

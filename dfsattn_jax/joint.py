@@ -39,14 +39,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from dfsattn_jax.attention import block_sparse_attention, dense_attention
-from dfsattn_jax.checks import check_nonnegative_int, check_positive_int
-from dfsattn_jax.layout import BlockLayout, _concrete_count, select_blocks
-from dfsattn_jax.reference import check_block_size, check_kv_lengths
+from dfsattn_jax.attention import attend, check_dense_implementation, dense
+from dfsattn_jax.checks import check_nonnegative_int, check_positive_int, concrete_count
+from dfsattn_jax.layout import BlockLayout, top_blocks
+from pallas_kernels.contract import check_block_sparse_inputs, check_kv_lengths, clip_kv_lengths
 
 __all__ = [
     "JointTokens",
@@ -96,11 +95,11 @@ class JointTokens(NamedTuple):
 
     def video_blocks(self, block_size: int) -> int:
         """``vs = L_v // b``: the blocks that hold video tokens only (the sparse query rows)."""
-        return int(self.video_len) // check_block_size(block_size)
+        return int(self.video_len) // check_positive_int(block_size, "block_size")
 
     def num_blocks(self, block_size: int) -> int:
         """``nk = ceil((L_v + T) / b)``: the blocks of the joint sequence."""
-        return max(1, math.ceil(self.length / check_block_size(block_size)))
+        return max(1, math.ceil(self.length / check_positive_int(block_size, "block_size")))
 
     def text_blocks(self, block_size: int) -> int:
         """``n_text = nk − vs``: the blocks that hold a text token (or the mixed tail of the
@@ -109,7 +108,7 @@ class JointTokens(NamedTuple):
 
     def dense_from(self, block_size: int) -> int:
         """``vs · b``: the first query token of the dense rows."""
-        return self.video_blocks(block_size) * check_block_size(block_size)
+        return self.video_blocks(block_size) * check_positive_int(block_size, "block_size")
 
     def min_capacity(self, block_size: int) -> int:
         """The smallest layout row capacity ``K_max`` that holds one video block and every text
@@ -133,12 +132,6 @@ class JointTokens(NamedTuple):
                 f"at most nk={nk} at block_size={block_size}), got {max_blocks}"
             )
         return int(max_blocks)
-
-
-def _full_lengths(kv_lengths, batch: int, length: int) -> Int[Array, " b"]:
-    if kv_lengths is None:
-        return jnp.full((batch,), length, jnp.int32)
-    return jnp.asarray(kv_lengths).astype(jnp.int32)
 
 
 def valid_key_blocks(kv_lengths: Int[Array, " b"], num_key_blocks: int, block_size: int) -> Bool[Array, "b nk"]:
@@ -185,7 +178,7 @@ def select_joint_blocks(
       :func:`joint_attention`). Entries past the count are valid indices (padding).
     """
     joint = joint.check()
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int(block_size, "block_size")
     vs, nk, n_text = joint.video_blocks(block_size), joint.num_blocks(block_size), joint.text_blocks(block_size)
     scores = jnp.asarray(scores)
     if scores.ndim != 4 or scores.shape[-1] != nk or scores.shape[2] not in (vs, nk):
@@ -195,20 +188,18 @@ def select_joint_blocks(
         )
     batch, heads = scores.shape[:2]
     max_blocks = joint.check_capacity(max_blocks, block_size)
-    count = _concrete_count(num_blocks)
+    count = concrete_count(num_blocks)
     if count is not None and count < 1:
         raise ValueError(f"num_blocks must be a positive integer, got {count}")
     check_kv_lengths(kv_lengths, batch=batch, length=joint.length)
-    lengths = _full_lengths(kv_lengths, batch, joint.length)
+    lengths = clip_kv_lengths(kv_lengths, batch, joint.length)
     indices = jnp.zeros((batch, heads, nk, max_blocks), jnp.int32)
     counts = jnp.zeros((batch, heads, nk), jnp.int32)
     if vs == 0:  # no video-only block: every row is dense
         return BlockLayout(kv_indices=indices, kv_counts=counts, num_key_blocks=nk)
 
     kv = max_blocks - n_text  # static capacity of the video part, in [1, vs]
-    video = select_blocks(
-        scores[:, :, :vs, :vs], video_budget(num_blocks, joint, block_size, max_blocks), max_blocks=kv
-    )
+    video = top_blocks(scores[:, :, :vs, :vs], video_budget(num_blocks, joint, block_size, max_blocks), kv)
     c_v = video.kv_counts[..., None]  # [B, N, vs, 1]
     n_valid = jnp.clip((lengths + block_size - 1) // block_size - vs, 0, n_text)  # [B]
     pos = jnp.arange(max_blocks, dtype=jnp.int32)
@@ -231,10 +222,10 @@ def joint_block_mask(
     """The key blocks each query block of a joint attention visits, ``bool[B, N, nk, nk]``: the
     layout's rows for the video query blocks, every block holding a valid key for the dense rows
     (and no block past ``kv_lengths`` anywhere)."""
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int(block_size, "block_size")
     vs, nk = joint.video_blocks(block_size), joint.num_blocks(block_size)
     batch = layout.kv_counts.shape[0]
-    valid = valid_key_blocks(_full_lengths(kv_lengths, batch, joint.length), nk, block_size)  # [B, nk]
+    valid = valid_key_blocks(clip_kv_lengths(kv_lengths, batch, joint.length), nk, block_size)  # [B, nk]
     dense_row = (jnp.arange(nk) >= vs)[None, None, :, None]
     return (layout.to_dense_mask() | dense_row) & valid[:, None, None, :]
 
@@ -266,16 +257,23 @@ def joint_attention(
 
     Returns:
       ``[B, L_v + T, N, D]``.
+
+    Raises:
+      TypeError, ValueError: for inputs that break the contract (as
+        :func:`~dfsattn_jax.attention.block_sparse_attention`), spans that do not sum to ``L`` or
+        an unknown implementation.
     """
+    check_block_sparse_inputs(q, k, v, layout, block_size=block_size, kv_lengths=kv_lengths)
     joint = joint.check(q.shape[1])
-    out = block_sparse_attention(
-        q, k, v, layout, block_size=block_size, kv_lengths=kv_lengths,
+    check_dense_implementation(dense_implementation, "dense_implementation")
+    out = attend(
+        q, k, v, layout, block_size=block_size, scale=None, kv_lengths=kv_lengths,
         implementation=implementation, interpret=interpret,
     )  # fmt: skip
     start = joint.dense_from(block_size)
     if start >= q.shape[1]:
         return out
-    tail = dense_attention(q[:, start:], k, v, kv_lengths=kv_lengths, implementation=dense_implementation)
+    tail = dense(q[:, start:], k, v, scale=None, kv_lengths=kv_lengths, implementation=dense_implementation)
     # A concatenation, not an in-place update: XLA cannot fuse a dynamic-update-slice into the
     # output of a Mosaic GPU custom call (it copies L·N·D once, ≈ 0.3 ms at 720p×129).
     return jnp.concatenate([out[:, :start], tail.astype(out.dtype)], axis=1)
@@ -289,7 +287,7 @@ def joint_kept_blocks(
     counts its listed video blocks plus all ``n_text`` text blocks (padded ones included), a
     dense row counts ``nk``. Reads only the last ``n_text`` listed entries of each row (the
     text blocks of a :func:`select_joint_blocks` row)."""
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int(block_size, "block_size")
     vs, nk, n_text = joint.video_blocks(block_size), joint.num_blocks(block_size), joint.text_blocks(block_size)
     counts = jnp.asarray(kv_counts, jnp.int32)
     tail = counts[..., None] - 1 - jnp.arange(n_text, dtype=jnp.int32)  # [..., nk, n_text]
@@ -303,7 +301,7 @@ def joint_density(num_blocks: int, joint: JointTokens, block_size: int) -> float
     """The density of a joint layout with budget ``k = num_blocks`` as the reference counts it:
     ``(vs · (max(1, k − n_text) + n_text) + n_text · nk) / nk²``. At 720p×129 (``nk = 931``,
     ``vs = 928``), ``k = 279, 186, 93`` give 0.3019, 0.2024, 0.1028."""
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int(block_size, "block_size")
     vs, nk, n_text = joint.video_blocks(block_size), joint.num_blocks(block_size), joint.text_blocks(block_size)
     if vs == 0:
         return 1.0

@@ -12,8 +12,8 @@ from typing import NamedTuple
 from jaxtyping import Array, Bool, Float, Int
 
 from dfsattn_jax.checks import check_positive_int
-from dfsattn_jax.layout import BlockLayout, blocks_for_density, check_layout, select_blocks
-from dfsattn_jax.reference import check_attention_inputs, check_block_size
+from dfsattn_jax.layout import blocks_for_density, select_blocks
+from pallas_kernels.contract import BlockLayout, check_attention_inputs, check_layout
 
 __all__ = [
     "DISTANCE_CLASS_NAMES",
@@ -61,7 +61,7 @@ def layout_recall(
       float32[B, N] recall in [0, 1].
     """
     batch, length, heads, dim = check_attention_inputs(q=q, k=k)
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int(block_size, "block_size")
     num_blocks = -(-length // block_size)
     check_layout(layout, batch=batch, heads=heads, num_blocks=num_blocks)
     samples = check_positive_int(num_query_samples, "num_query_samples")
@@ -127,7 +127,7 @@ def block_attention_mass(
     Memory: one query block at a time (``lax.map``): ``B·N·block_size·L`` float32 logits.
     """
     batch, length, heads, dim = check_attention_inputs(q=q, k=k)
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int(block_size, "block_size")
     scale = 1.0 / dim**0.5 if scale is None else float(scale)
     nb = -(-length // block_size)
     pad = nb * block_size - length
@@ -176,7 +176,7 @@ def attention_error(out: Float[Array, "..."], ref: Float[Array, "..."]) -> Float
         raise ValueError(f"out must have the shape of ref {getattr(ref, 'shape', None)}, got {getattr(out, 'shape', None)}")
     for name, x in (("out", out), ("ref", ref)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     diff = out.astype(jnp.float32) - ref.astype(jnp.float32)
     return jnp.linalg.norm(diff.ravel()) / jnp.linalg.norm(ref.astype(jnp.float32).ravel())
 

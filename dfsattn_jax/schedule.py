@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 
 import numpy as np
 from jaxtyping import Bool, Float64, Int32
 
-from dfsattn_jax.checks import check_positive_int, lookup
+from dfsattn_jax.checks import check_density, check_nonnegative_int, check_positive_int, check_tile_size, lookup
 from dfsattn_jax.joint import JointTokens, joint_density
-from dfsattn_jax.layout import blocks_for_density, check_density
+from dfsattn_jax.layout import blocks_for_density
 from dfsattn_jax.orders import ORDER_NAMES
-from dfsattn_jax.scoring import check_tile_size
 
 __all__ = [
     "DFSConfig",
@@ -43,18 +41,6 @@ __all__ = [
     "plan_schedule",
     "reported_sparsity",
 ]
-
-
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +78,15 @@ class DFSConfig:
         if not (math.isfinite(decrement) and 0.0 <= decrement <= 1.0):
             raise ValueError(f"density_decrement must be in [0, 1], got {self.density_decrement!r}")
         set_("density_decrement", decrement)
-        set_("dense_steps", _check_int(self.dense_steps, "dense_steps", 0))
-        set_("refresh_interval", _check_int(self.refresh_interval, "refresh_interval", 1))
+        set_("dense_steps", check_nonnegative_int(self.dense_steps, "dense_steps"))
+        set_("refresh_interval", check_positive_int(self.refresh_interval, "refresh_interval"))
         tile, block = check_tile_size(self.tile_size, self.block_size)
         set_("tile_size", tile)
         set_("block_size", block)
         if self.order not in ORDER_NAMES:
             raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
         try:
-            layers = tuple(_check_int(i, "dense_layers entries", 0) for i in self.dense_layers)
+            layers = tuple(check_nonnegative_int(i, "dense_layers entries") for i in self.dense_layers)
         except TypeError:
             raise ValueError(f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}") from None
         set_("dense_layers", layers)
@@ -159,8 +145,8 @@ def plan_schedule(config: DFSConfig, num_steps: int, num_key_blocks: int) -> Sch
     """
     if not isinstance(config, DFSConfig):
         raise ValueError(f"config must be a DFSConfig, got {type(config).__name__}")
-    num_steps = _check_int(num_steps, "num_steps", 1)
-    num_key_blocks = _check_int(num_key_blocks, "num_key_blocks", 1)
+    num_steps = check_positive_int(num_steps, "num_steps")
+    num_key_blocks = check_positive_int(num_key_blocks, "num_key_blocks")
     last = config.last_interval
     sparse = np.zeros(num_steps, dtype=bool)
     refresh = np.zeros(num_steps, dtype=bool)
@@ -201,7 +187,7 @@ def reported_sparsity(
     :func:`~dfsattn_jax.joint.joint_density` (text blocks always on, text query rows dense), as
     the reference counts it: HunyuanVideo's default schedule at 720p×129 gives 0.8029.
     """
-    num_layers = _check_int(num_layers, "num_layers", 1)
+    num_layers = check_positive_int(num_layers, "num_layers")
     dense = {i for i in dense_layers if 0 <= i < num_layers}
     if not plan.sparse.any():
         return 0.0
@@ -270,11 +256,9 @@ SCHEDULE_PRESETS: dict[str, SchedulePreset] = {
         "hunyuan-video", DFSConfig(dense_layers=()),
         "the reference's HunyuanVideo schedule (spec §6.1): the wan2.1 steps and densities, no always-dense layer",
     ),
-    # Chosen by benchmarks/schedule_search.py on the v2 harness model (H200, 2026-11-30): the
-    # fastest schedule within 0.2 dB PSNR of "wan2.1" on the choose seeds (25.99 vs 26.14 dB);
-    # on the report seeds -0.12 +- 0.24 dB (paired 95% interval). Composed from the Wan2.1-1.3B
-    # per-step times: 1.715x over dense, against 1.675x for "wan2.1". Dense steps 0-9, refreshes
-    # at 10 and 26 with densities 0.3 and 0.15, the step-26 mask kept to the end.
+    # The schedule search's winner on the v2 harness model (benchmarks/NOTES.md, "Fidelity v2: DFS
+    # measured", holds its measurements): dense steps 0-9, refreshes at 10 and 26 with densities
+    # 0.3 and 0.15, the step-26 mask kept to the end.
     "fast": SchedulePreset(
         "fast", DFSConfig(density=0.3, density_decrement=0.15, dense_steps=10, refresh_interval=16, dense_layers=(0,)),
         "the fastest schedule found within 0.2 dB PSNR of wan2.1 (benchmarks/schedule_search.py on the v2 harness "

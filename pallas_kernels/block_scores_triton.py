@@ -42,14 +42,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from dfsattn_jax.checks import check_positive_int
+from pallas_kernels.common import LOG2E, check_interpret, is_power_of_two, refuse_unsupported
+from pallas_kernels.contract import check_positive_int
 
 __all__ = [
     "DEFAULT_PRECISION",
     "PRECISIONS",
-    "ScoreBlockSizes",
+    "ScoreTuning",
     "block_scores_kernel",
     "tile_block_scores",
+    "tile_block_scores_unchecked",
     "unsupported",
 ]
 
@@ -59,17 +61,13 @@ PRECISIONS = ("bf16", "bf16x3", "tf32", "float32")
 #: (benchmarks/NOTES.md, "Fused scorer").
 DEFAULT_PRECISION = "bf16"
 
-_LOG2E = math.log2(math.e)
 _ROW_SUMS = ("reshape", "dot")
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
-
-
 @dataclasses.dataclass(frozen=True)
-class ScoreBlockSizes:
-    """Tiling of the scoring kernel, in tiles.
+class ScoreTuning:
+    """Tuning of the scoring kernel: its tiling (in tiles), warps, pipelining depth and how it
+    sums rows.
 
     Attributes:
       block_q: query tiles per program (a power of two, a multiple of tiles-per-block).
@@ -88,45 +86,41 @@ class ScoreBlockSizes:
     row_sum: str = "reshape"
 
     @classmethod
-    def for_tiles_per_block(cls, tiles_per_block: int) -> "ScoreBlockSizes":
+    def for_tiles_per_block(cls, tiles_per_block: int) -> "ScoreTuning":
         """The default tiling, widened where ``tiles_per_block`` needs bigger chunks."""
         return cls(block_q=max(cls.block_q, tiles_per_block), block_k=max(cls.block_k, 16 * tiles_per_block))
 
     def check(self, tiles_per_block: int) -> None:
         """Raises ``ValueError`` naming the field that cannot serve ``tiles_per_block``."""
-        if not (_is_pow2(self.block_q) and self.block_q >= 16 and self.block_q % tiles_per_block == 0):
+        if not (is_power_of_two(self.block_q) and self.block_q >= 16 and self.block_q % tiles_per_block == 0):
             raise ValueError(
-                f"block_sizes.block_q must be a power of two >= 16 and a multiple of tiles per block "
+                f"tuning.block_q must be a power of two >= 16 and a multiple of tiles per block "
                 f"({tiles_per_block}), got {self.block_q}"
             )
-        if not (_is_pow2(self.block_k) and self.block_k // tiles_per_block >= 16):
+        if not (is_power_of_two(self.block_k) and self.block_k // tiles_per_block >= 16):
             raise ValueError(
-                f"block_sizes.block_k must be a power of two >= 16 * tiles per block "
+                f"tuning.block_k must be a power of two >= 16 * tiles per block "
                 f"({16 * tiles_per_block}), got {self.block_k}"
             )
         if self.row_sum not in _ROW_SUMS:
-            raise ValueError(f"block_sizes.row_sum must be one of {_ROW_SUMS}, got {self.row_sum!r}")
+            raise ValueError(f"tuning.row_sum must be one of {_ROW_SUMS}, got {self.row_sum!r}")
         if self.row_sum == "dot" and self.block_q // tiles_per_block < 16:
             raise ValueError(
-                f"block_sizes.row_sum='dot' needs block_q >= 16 * tiles per block ({16 * tiles_per_block}), "
+                f"tuning.row_sum='dot' needs block_q >= 16 * tiles per block ({16 * tiles_per_block}), "
                 f"got {self.block_q}"
             )
         for name in ("num_warps", "num_stages"):
-            check_positive_int(getattr(self, name), f"block_sizes.{name}")
+            check_positive_int(getattr(self, name), f"tuning.{name}")
 
 
 def unsupported(q, block_size: int = 128, *, tile_size: int = 16) -> str | None:
-    """Why this kernel cannot score ``q`` (``[B, L, N, D]``) with these sizes, or ``None``.
-
-    Checks the head dim (a power of two in [16, 256]) and tiles per block (a power of two);
-    the sizes themselves are validated by the caller.
+    """Why this kernel cannot score ``q`` (``[B, L, N, D]``, checked by the caller) with these
+    sizes, or ``None``: the head dim (a power of two in [16, 256]) and tiles per block (a power
+    of two); the sizes themselves are validated by the caller.
     """
-    shape = getattr(q, "shape", None)
-    if shape is None or len(shape) != 4:
-        return f"q must have shape [B, L, N, D], got {shape}"
-    if not (_is_pow2(shape[-1]) and 16 <= shape[-1] <= 256):
-        return f"head dim {shape[-1]} not supported (a power of two in [16, 256])"
-    if block_size % tile_size or not _is_pow2(block_size // tile_size):
+    if not (is_power_of_two(q.shape[-1]) and 16 <= q.shape[-1] <= 256):
+        return f"head dim {q.shape[-1]} not supported (a power of two in [16, 256])"
+    if block_size % tile_size or not is_power_of_two(block_size // tile_size):
         return f"tiles per block {block_size / tile_size:g} not supported (a power of two)"
     return None
 
@@ -287,8 +281,8 @@ def tile_block_scores(
     *,
     tiles_per_block: int,
     precision: str | None = None,
-    block_sizes: ScoreBlockSizes | None = None,
-    interpret: bool | None = None,
+    interpret: bool = False,
+    tuning: ScoreTuning | None = None,
     poison_output: bool = False,
 ) -> Float[Array, "b n nq nk"]:
     """Block scores from tile means (docs/spec.md §3.3–3.4), ``float32[B, N, nq, nk]``.
@@ -302,8 +296,8 @@ def tile_block_scores(
         with 0 gets all-zero scores.
       tiles_per_block: tiles per block ``tpb`` (a power of two); ``nq = nk = ceil(T / tpb)``.
       precision: one of :data:`PRECISIONS` (default :data:`DEFAULT_PRECISION`).
-      block_sizes: kernel tiling (default :meth:`ScoreBlockSizes.for_tiles_per_block`).
-      interpret: run in the Pallas interpreter; ``None`` interprets everywhere but on GPU.
+      interpret: run in the Pallas interpreter (any backend; slow, for tests).
+      tuning: :class:`ScoreTuning` (default :meth:`ScoreTuning.for_tiles_per_block`).
       poison_output: for tests: start from an all-NaN output buffer, so that any element the
         kernel fails to write shows.
 
@@ -312,47 +306,58 @@ def tile_block_scores(
       ``j`` of block ``v`` of ``softmax_j(q̄_i · k̄_j / sqrt(D))``.
 
     Raises:
-      ValueError: for mismatched shapes, a bad ``precision``, ``tiles_per_block`` or tiling.
+      TypeError: for non-arrays or a non-integer ``valid_key_tiles``.
+      ValueError: for mismatched shapes, a bad ``precision`` or tuning.
+      NotImplementedError: for a head dim or ``tiles_per_block`` the kernel cannot take.
     """
-    if getattr(qbar, "ndim", None) != 4 or getattr(kbar, "shape", None) != qbar.shape:
-        raise ValueError(
-            f"qbar and kbar must have one shape [B, N, T, D], got {getattr(qbar, 'shape', None)} and "
-            f"{getattr(kbar, 'shape', None)}"
-        )
-    batch, heads, num_tiles, head_dim = qbar.shape
-    if not (_is_pow2(head_dim) and 16 <= head_dim <= 256):
-        raise ValueError(f"head_dim (qbar.shape[-1]) must be a power of two in [16, 256], got {head_dim}")
-    if not (isinstance(tiles_per_block, int) and _is_pow2(tiles_per_block)):
-        raise ValueError(f"tiles_per_block must be a power of two, got {tiles_per_block!r}")
-    if tuple(getattr(valid_key_tiles, "shape", ())) != (batch,):
-        raise ValueError(f"valid_key_tiles must have shape [B={batch}], got {getattr(valid_key_tiles, 'shape', None)}")
+    for name, x in (("qbar", qbar), ("kbar", kbar), ("valid_key_tiles", valid_key_tiles)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if qbar.ndim != 4 or kbar.shape != qbar.shape:
+        raise ValueError(f"qbar and kbar must have one shape [B, N, T, D], got {qbar.shape} and {kbar.shape}")
+    batch, _, _, head_dim = qbar.shape
+    if not (is_power_of_two(head_dim) and 16 <= head_dim <= 256):
+        refuse_unsupported(f"head dim {head_dim} (a power of two in [16, 256])", "the Pallas Triton scorer")
+    if not is_power_of_two(tiles_per_block):
+        refuse_unsupported(f"tiles_per_block {tiles_per_block!r} (a power of two)", "the Pallas Triton scorer")
+    if not jnp.issubdtype(valid_key_tiles.dtype, jnp.integer):
+        raise TypeError(f"valid_key_tiles must be an integer array, got dtype {valid_key_tiles.dtype}")
+    if tuple(valid_key_tiles.shape) != (batch,):
+        raise ValueError(f"valid_key_tiles must have shape [B={batch}], got {tuple(valid_key_tiles.shape)}")
+    return tile_block_scores_unchecked(
+        qbar, kbar, valid_key_tiles, tiles_per_block=tiles_per_block, precision=precision,
+        interpret=interpret, tuning=tuning, poison_output=poison_output,
+    )  # fmt: skip
+
+
+def tile_block_scores_unchecked(
+    qbar, kbar, valid_key_tiles, *, tiles_per_block, precision=None, interpret=False, tuning=None, poison_output=False
+) -> Float[Array, "b n nq nk"]:
+    """:func:`tile_block_scores` without its input checks, same arguments, for a caller that has
+    made them (``dfsattn_jax.tiles``); the precision and the tuning are checked here."""
     precision = DEFAULT_PRECISION if precision is None else precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
-    bs = block_sizes or ScoreBlockSizes.for_tiles_per_block(tiles_per_block)
-    bs.check(tiles_per_block)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    tuning = ScoreTuning.for_tiles_per_block(tiles_per_block) if tuning is None else tuning
+    tuning.check(tiles_per_block)
     return _tile_block_scores(
         qbar, kbar, jnp.asarray(valid_key_tiles).astype(jnp.int32),
-        tiles_per_block=tiles_per_block, precision=precision, block_sizes=bs,
-        interpret=bool(interpret), poison_output=bool(poison_output),
-    )
+        tiles_per_block=tiles_per_block, precision=precision, tuning=tuning,
+        interpret=check_interpret(interpret), poison_output=bool(poison_output),
+    )  # fmt: skip
 
 
 @functools.partial(
-    jax.jit, static_argnames=("tiles_per_block", "precision", "block_sizes", "interpret", "poison_output")
+    jax.jit, static_argnames=("tiles_per_block", "precision", "tuning", "interpret", "poison_output")
 )
-def _tile_block_scores(
-    qbar, kbar, valid_key_tiles, *, tiles_per_block, precision, block_sizes, interpret, poison_output
-):
+def _tile_block_scores(qbar, kbar, valid_key_tiles, *, tiles_per_block, precision, tuning, interpret, poison_output):
     batch, heads, num_tiles, head_dim = qbar.shape
-    block_q, block_k = block_sizes.block_q, block_sizes.block_k
+    block_q, block_k = tuning.block_q, tuning.block_k
     tq = -(-num_tiles // block_q) * block_q
     tk = -(-num_tiles // block_k) * block_k
     num_blocks = -(-num_tiles // tiles_per_block)
     # Logits in the base-2 domain: q̄ carries log2(e) / sqrt(D) (before any rounding).
-    qbar = qbar.astype(jnp.float32) * (_LOG2E / math.sqrt(head_dim))
+    qbar = qbar.astype(jnp.float32) * (LOG2E / math.sqrt(head_dim))
     qbar = jnp.pad(qbar, ((0, 0), (0, 0), (0, tq - num_tiles), (0, 0)))
     kbar = jnp.pad(kbar.astype(jnp.float32), ((0, 0), (0, 0), (0, tk - num_tiles), (0, 0)))
     q_parts, k_parts, pairs, logit_precision = _operands(qbar, kbar, precision)
@@ -383,7 +388,7 @@ def _tile_block_scores(
         tiles_per_block=tiles_per_block,
         block_q=block_q,
         block_k=block_k,
-        row_sum=block_sizes.row_sum,
+        row_sum=tuning.row_sum,
     )
     scores = pl.pallas_call(
         kernel,
@@ -391,7 +396,7 @@ def _tile_block_scores(
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
         input_output_aliases=aliases,
         interpret=interpret,
         name="dfs_block_scores",

@@ -22,20 +22,16 @@ Layout of the work (FlashAttention-3 style, one CTA per 128-token query block):
     needs nothing; the key tail (keys ``>= L`` or ``>= kv_lengths[b]``) is masked on the last
     visited block only, which is the partial one because row entries are sorted ascending.
 
-Known limit (2026-11-29, jax 0.11.2): the Mosaic GPU *interpreter* deadlocks when L is not a
-multiple of 8 (the internally padded path); the compiled kernel runs it correctly (GPU test at
-L=297), so interpretation refuses such L with a ``ValueError``.
+The Mosaic GPU *interpreter* cannot run L that is not a multiple of 8 (the internally padded
+path; the compiled kernel runs it): interpretation refuses such L with ``NotImplementedError``.
 
-Two variants of the PV product, chosen by ``fast``:
-  * ``fast=True``: P stays in registers as the wgmma A operand (the GPU path);
-  * ``fast=False``: P goes through shared memory. The Mosaic GPU interpreter
+Two variants of the PV product, chosen by ``MosaicTuning.p_in_registers``:
+  * ``True``: P stays in registers as the wgmma A operand (the GPU path);
+  * ``False``: P goes through shared memory. The Mosaic GPU interpreter
     (``plgpu.InterpretGPUParams``, CPU) cannot model register-A wgmma, so interpretation
     always takes this variant.
 
-Measured on one H200 (jax 0.11.2, bf16, D=128, random sorted top-k layouts, default config;
-benchmarks/mosaic_probe.py): L=32,760 / 12 heads: 599 TFLOP/s per visited block at density 1.0
-(cuDNN dense 561 in the same process), 588 at 0.5, 573 at 0.2 (5.1x cuDNN), 506 at 0.05;
-L=75,600 / 40 heads at 0.2: 589 (5.15x). D=64 dense: about 407, on par with cuDNN.
+Measured speeds, and the reasons for the defaults, are in benchmarks/NOTES.md ("Mosaic GPU kernel").
 """
 
 from __future__ import annotations
@@ -49,17 +45,24 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from dfsattn_jax.layout import BlockLayout, check_layout, partial_block_last, validate_layout, visible_counts
-from dfsattn_jax.reference import check_attention_inputs, check_kv_lengths
+from pallas_kernels.common import LOG2E, refuse_unsupported
+from pallas_kernels.contract import (
+    BlockLayout,
+    check_block_sparse_inputs,
+    clip_kv_lengths,
+    partial_block_last,
+    visible_counts,
+)
 
 __all__ = [
-    "MosaicBlockSizes",
+    "GRID_NAMES",
+    "THREAD_NAME",
+    "MosaicTuning",
     "block_sparse_attention",
-    "block_sparse_attention_mosaic",
+    "block_sparse_attention_unchecked",
     "unsupported",
 ]
 
-_LOG2E = math.log2(math.e)
 _BLOCK = 128  # layout block = query rows per CTA = key rows per step
 _ROWS_PER_WG = 64  # query rows per compute warpgroup
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -75,8 +78,9 @@ THREAD_NAME = "dfs_mosaic_warpgroup"
 
 
 @dataclasses.dataclass(frozen=True)
-class MosaicBlockSizes:
-    """Static configuration of the Mosaic GPU kernel.
+class MosaicTuning:
+    """Tuning of the Mosaic GPU kernel: its pipelining depth, warpgroup scheduling, register
+    budgets and the variant of its PV product.
 
     Attributes:
       num_stages: depth of the K/V shared-memory ring (2 or 3; 3 fits at D=128:
@@ -87,6 +91,9 @@ class MosaicBlockSizes:
       fold_scale: apply the logit scale inside the exponent's FMA (``exp2(s*c - m)``, with
         the row max taken on raw logits) instead of scaling every logit first; used only when
         the scale is positive.
+      p_in_registers: P stays in registers as the A operand of the PV wgmma (the fast GPU
+        path); ``False`` routes P through shared memory. The interpreter always takes the
+        shared-memory variant.
     """
 
     num_stages: int = 2
@@ -94,14 +101,18 @@ class MosaicBlockSizes:
     compute_registers: int = 232
     producer_registers: int = 40
     fold_scale: bool = True
+    p_in_registers: bool = True
 
     def __post_init__(self):
-        if self.num_stages not in (2, 3):
-            raise ValueError(f"num_stages must be 2 or 3, got {self.num_stages}")
+        if self.num_stages not in (2, 3) or isinstance(self.num_stages, bool):
+            raise ValueError(f"num_stages must be 2 or 3, got {self.num_stages!r}")
         for name in ("compute_registers", "producer_registers"):
             value = getattr(self, name)
-            if not (24 <= value <= 256 and value % 8 == 0):
-                raise ValueError(f"{name} must be a multiple of 8 in [24, 256], got {value}")
+            if isinstance(value, bool) or not (isinstance(value, int) and 24 <= value <= 256 and value % 8 == 0):
+                raise ValueError(f"{name} must be a multiple of 8 in [24, 256], got {value!r}")
+        for name in ("schedule_barrier", "fold_scale", "p_in_registers"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def _jax_version() -> tuple[int, ...]:
@@ -120,26 +131,20 @@ def _plgpu():
 
 
 def unsupported(q, block_size: int = 128) -> str | None:
-    """Whether this kernel can run ``q`` (``[B, L, N, D]``) with ``block_size``.
+    """Why this kernel cannot run ``q`` (``[B, L, N, D]``, checked by the contract) in
+    ``block_size``-token blocks, or ``None``: the jax version, dtype, head dim and block size.
 
-    Returns ``None`` when it can, otherwise a short reason (so the caller can fall back to the
-    Triton kernel and say why). Checks the jax version, dtype, head dim and block size only;
-    the device (an sm90 GPU, or the interpreter) is the caller's choice.
+    The device (an sm90 GPU, or the interpreter) is the caller's choice.
     """
     if _jax_version() < _MIN_JAX:
         return f"jax {jax.__version__} < 0.11.1 (Mosaic GPU kernel API)"
-    shape = getattr(q, "shape", None)
-    if shape is None or len(shape) != 4:
-        return f"q must have shape [B, L, N, D], got {shape}"
     dtype = jnp.dtype(q.dtype)
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype} not supported (bfloat16 or float16 only)"
-    if shape[-1] not in _SUPPORTED_HEAD_DIMS:
-        return f"head dim {shape[-1]} not supported (64 or 128 only)"
+    if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} not supported (64 or 128 only)"
     if block_size != _BLOCK:
         return f"block_size {block_size} not supported (128 only)"
-    if shape[1] < 1:
-        return "empty sequence"
     return None
 
 
@@ -153,7 +158,7 @@ def _make_kernel(
     dtype,
     qk_scale_log2: float,
     fast: bool,
-    config: MosaicBlockSizes,
+    config: MosaicTuning,
     interpret,
 ):
     """Builds the ``plgpu.kernel`` for one static configuration.
@@ -350,92 +355,87 @@ def _make_kernel(
     )
 
 
-def _check_inputs(q, k, v, kv_indices, kv_counts, num_key_blocks, block_size, kv_lengths) -> None:
-    """The checks every implementation makes (q, k, v shapes and dtype, the layout's shape, the key
-    lengths: :mod:`dfsattn_jax.reference`), then this kernel's limits (:func:`unsupported`, K_max >= 1).
-    Row contents are not checked here: this entry point accepts rows in any order (see
-    :func:`block_sparse_attention_mosaic`)."""
-    batch, seq_len, heads, _ = check_attention_inputs(q=q, k=k, v=v)
-    reason = unsupported(q, block_size)
-    if reason is not None:
-        raise ValueError(f"the Mosaic GPU kernel does not support this input: {reason}")
-    layout = BlockLayout(kv_indices, kv_counts, num_key_blocks)
-    check_layout(layout, batch=batch, heads=heads, num_blocks=-(-seq_len // block_size), name="")
-    if kv_indices.shape[-1] < 1:
-        raise ValueError("kv_indices must have K_max >= 1")
-    check_kv_lengths(kv_lengths, batch=batch, length=seq_len)
-
-
-def block_sparse_attention_mosaic(
+def block_sparse_attention(
     q: Float[Array, "b l n d"],
     k: Float[Array, "b l n d"],
     v: Float[Array, "b l n d"],
-    kv_indices: Int[Array, "b n nq kmax"],
-    kv_counts: Int[Array, "b n nq"],
+    layout: BlockLayout,
     *,
-    num_key_blocks: int,
     block_size: int = 128,
     scale: float | None = None,
     kv_lengths: Int[Array, " b"] | None = None,
     interpret=False,
-    fast: bool = True,
-    config: MosaicBlockSizes | None = None,
+    tuning: MosaicTuning | None = None,
 ) -> Float[Array, "b l n d"]:
     """Block-sparse attention over the listed key blocks (docs/spec.md §5), Mosaic GPU kernel for sm90a.
 
     Args:
       q, k, v: ``[B, L, N, D]`` (the layout of ``jax.nn.dot_product_attention``), bfloat16 or
         float16, D in {64, 128}, any L >= 1 (the last block may be partial).
-      kv_indices: ``int32[B, N, nq, K_max]`` with ``nq = ceil(L / 128)``; the first
-        ``kv_counts`` entries of each row are the key blocks to visit: distinct, in
-        ``[0, num_key_blocks)`` and sorted ascending (docs/spec.md §4: best L2 locality). Without
-        ``kv_lengths`` any order is correct (the partial last block is moved to the end of
-        its row); with ``kv_lengths`` rows must be sorted, since the blocks past the visible
-        length are dropped as the row's tail. Entries past the count are never read.
-      kv_counts: ``int32[B, N, nq]``, read at run time (clipped to ``[0, K_max]``); a row with
-        count 0 gives zeros.
-      num_key_blocks: static ``nk = ceil(L / 128)``.
+      layout: a :class:`~pallas_kernels.contract.BlockLayout` ``[B, N, nq, K_max]`` with
+        ``nq = num_key_blocks = ceil(L / 128)``; the first ``kv_counts`` entries of each row are
+        the key blocks to visit: distinct, in ``[0, nq)`` and sorted ascending (docs/spec.md §4;
+        a concrete layout is checked here). Counts are read at run time (clipped to
+        ``[0, K_max]``); a row with count 0 gives zeros; entries past the count are never read.
+        A traced layout in another row order is still correct without ``kv_lengths`` (the
+        partial last block is moved to the end of its row); with ``kv_lengths`` rows must be
+        sorted, since the blocks past the visible length are dropped as the row's tail.
       block_size: tokens per layout block; 128 only.
       scale: logit scale, default ``1/sqrt(D)``.
       kv_lengths: optional ``int[B]``: keys at or past ``kv_lengths[b]`` are never attended
         (default L); a row with no visible key gives zeros.
       interpret: ``False`` (compile for the GPU), ``True`` or a ``plgpu.InterpretGPUParams``
-        (run in the Mosaic GPU interpreter on CPU with race detection and NaN-filled buffers, as
-        the tests do; always the shared-memory-P variant).
-      fast: register-P wgmma for PV (GPU); ``False`` routes P through shared memory.
-      config: :class:`MosaicBlockSizes`, default ``MosaicBlockSizes()``.
+        (run in the Mosaic GPU interpreter with race detection and NaN-filled buffers, as the
+        tests do; always the shared-memory-P variant; L a multiple of 8).
+      tuning: :class:`MosaicTuning`, default ``MosaicTuning()``.
 
     Returns:
       ``[B, L, N, D]`` in the input dtype; accumulation is float32.
+
+    Raises:
+      TypeError, ValueError: for inputs that break the contract (:mod:`pallas_kernels.contract`).
+      NotImplementedError: for an input this kernel cannot take (:func:`unsupported` says why),
+        or an L the interpreter cannot run.
     """
-    _check_inputs(q, k, v, kv_indices, kv_counts, num_key_blocks, block_size, kv_lengths)
-    return _run_checked(q, k, v, kv_indices, kv_counts, scale=scale, kv_lengths=kv_lengths, interpret=interpret,
-                        fast=fast, config=config)
+    check_block_sparse_inputs(q, k, v, layout, block_size=block_size, kv_lengths=kv_lengths)
+    refuse_unsupported(unsupported(q, block_size), "the Mosaic GPU kernel")
+    return block_sparse_attention_unchecked(
+        q, k, v, layout, block_size=block_size, scale=scale, kv_lengths=kv_lengths, interpret=interpret,
+        tuning=tuning,
+    )  # fmt: skip
 
 
-def _run_checked(q, k, v, kv_indices, kv_counts, *, scale, kv_lengths, interpret, fast, config):
-    """:func:`block_sparse_attention_mosaic` after its input checks: defaults, interpreter set-up, the jitted call."""
-    config = MosaicBlockSizes() if config is None else config
-    head_dim = q.shape[-1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+def block_sparse_attention_unchecked(
+    q, k, v, layout, *, block_size=128, scale, kv_lengths, interpret=False, tuning=None
+) -> Float[Array, "b l n d"]:
+    """:func:`block_sparse_attention` without the contract's checks, same arguments, for a caller
+    that has made them (``dfsattn_jax``'s dispatch); the tuning and the interpreter's limits are
+    checked here."""
+    del block_size  # 128: the kernel's only block size (the caller's unsupported() check)
+    tuning = MosaicTuning() if tuning is None else tuning
+    if not isinstance(tuning, MosaicTuning):
+        raise TypeError(f"tuning must be a MosaicTuning, got {type(tuning).__name__}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if interpret is True:  # the configuration the test suite exercises
         interpret = _plgpu().InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
-    elif interpret is False or interpret is None:
+    elif interpret is False:
         interpret = None
+    elif not isinstance(interpret, _plgpu().InterpretGPUParams):
+        raise TypeError(f"interpret must be True, False or a plgpu.InterpretGPUParams, got {interpret!r}")
+    p_in_registers = tuning.p_in_registers
     if interpret is not None:
-        fast = False  # the interpreter has no register-A wgmma (run_state)
+        p_in_registers = False  # the interpreter has no register-A wgmma (run_state)
         if q.shape[1] % 8:
-            # Seen 2026-11-29 (jax 0.11.2): the interpreter deadlocks on the internally padded
-            # path, which the compiled kernel runs correctly (GPU test at L=297).
-            raise ValueError(
+            # The interpreter deadlocks on the internally padded path, which the compiled kernel
+            # runs correctly (benchmarks/NOTES.md, "Mosaic GPU kernel").
+            raise NotImplementedError(
                 f"the Mosaic GPU interpreter cannot run L={q.shape[1]} (not a multiple of 8; the compiled "
                 "kernel can): pad L to a multiple of 8 or interpret the 'triton' or 'xla' implementation"
             )
     return _block_sparse_attention_mosaic(
-        q, k, v, kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32),
-        None if kv_lengths is None else kv_lengths.astype(jnp.int32),
-        scale=scale, fast=bool(fast), config=config, interpret=interpret,
-    )
+        q, k, v, layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), kv_lengths,
+        scale=scale, fast=bool(p_in_registers), config=tuning, interpret=interpret,
+    )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "fast", "config", "interpret"))
@@ -446,10 +446,8 @@ def _block_sparse_attention_mosaic(q, k, v, kv_indices, kv_counts, kv_lengths, *
     counts = jnp.clip(kv_counts, 0, k_max)
     # Whatever a traced layout holds, the producer never asks TMA for a block outside [0, nq).
     kv_indices = jnp.clip(kv_indices, 0, nq - 1)
-    if kv_lengths is None:
-        lengths = jnp.full((batch,), seq_len, jnp.int32)
-    else:
-        lengths = jnp.clip(kv_lengths, 0, seq_len)
+    lengths = clip_kv_lengths(kv_lengths, batch, seq_len)
+    if kv_lengths is not None:
         counts = visible_counts(kv_indices, counts, lengths, _BLOCK)
     if seq_len % _BLOCK:
         # The kernel masks only a row's last visited block. Rows sorted ascending (docs/spec.md §4)
@@ -462,36 +460,7 @@ def _block_sparse_attention_mosaic(q, k, v, kv_indices, kv_counts, kv_lengths, *
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
     kernel = _make_kernel(
         batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim, num_q_blocks=nq,
-        dtype=q.dtype, qk_scale_log2=scale * _LOG2E, fast=fast, config=config, interpret=interpret,
+        dtype=q.dtype, qk_scale_log2=scale * LOG2E, fast=fast, config=config, interpret=interpret,
     )
     out = kernel(q, k, v, kv_indices, counts, lengths)
     return out[:, :seq_len] if pad else out
-
-
-def block_sparse_attention(
-    q: Float[Array, "b l n d"],
-    k: Float[Array, "b l n d"],
-    v: Float[Array, "b l n d"],
-    layout: BlockLayout,
-    *,
-    block_size: int = 128,
-    scale: float | None = None,
-    kv_lengths: Int[Array, " b"] | None = None,
-    interpret: bool = False,
-    config: MosaicBlockSizes | None = None,
-) -> Float[Array, "b l n d"]:
-    """:func:`block_sparse_attention_mosaic` on a :class:`~dfsattn_jax.layout.BlockLayout`
-    (the signature of the registry, ``dfsattn_jax.attention``); a concrete layout is validated
-    against docs/spec.md §4 first.
-
-    Raises:
-      ValueError: for a layout that does not fit ``q`` or breaks the contract, or an input this
-        kernel does not support (:func:`unsupported` says why).
-    """
-    if not isinstance(layout, BlockLayout):
-        raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-    # The shapes first (block_sparse_attention_mosaic's checks), then the rows' contract (once).
-    _check_inputs(q, k, v, layout.kv_indices, layout.kv_counts, layout.num_key_blocks, block_size, kv_lengths)
-    validate_layout(layout)
-    return _run_checked(q, k, v, layout.kv_indices, layout.kv_counts, scale=scale, kv_lengths=kv_lengths,
-                        interpret=interpret, fast=True, config=config)

@@ -33,22 +33,35 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from dfsattn_jax.layout import check_layout, partial_block_last, validate_layout, visible_counts
-from dfsattn_jax.reference import check_attention_inputs, check_kv_lengths
+from pallas_kernels.common import LOG2E, check_interpret, is_power_of_two, refuse_unsupported
+from pallas_kernels.contract import (
+    BlockLayout,
+    check_block_sparse_inputs,
+    check_positive_int,
+    clip_kv_lengths,
+    partial_block_last,
+    visible_counts,
+)
 
-__all__ = ["BlockSizes", "block_sparse_attention", "block_sparse_attention_kernel"]
+__all__ = [
+    "TritonTuning",
+    "block_sparse_attention",
+    "block_sparse_attention_kernel",
+    "block_sparse_attention_unchecked",
+    "unsupported",
+]
 
-_LOG2E = math.log2(math.e)
-_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of the kernel inside one layout block of ``block_size`` tokens.
+class TritonTuning:
+    """Tuning of the kernel: its tiles inside one layout block of ``block_size`` tokens, its warps
+    and its pipelining depth.
 
     Attributes:
-      block_q: query rows per program (divides the layout block size).
-      block_k: key rows per inner step (divides the layout block size).
+      block_q: query rows per program (a power of two >= 16 dividing the layout block size).
+      block_k: key rows per inner step (a power of two >= 16 dividing the layout block size).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth of the key loop.
     """
@@ -59,16 +72,23 @@ class BlockSizes:
     num_stages: int = 3
 
     @classmethod
-    def for_dtype(cls, dtype) -> "BlockSizes":
-        """Defaults measured on H200 (benchmarks/NOTES.md): 16-bit inputs take 128×128 tiles,
-        8 warps, 3 stages; float32 tiles are smaller to fit shared memory at D=128."""
+    def for_dtype(cls, dtype) -> "TritonTuning":
+        """The defaults (chosen on an H200: benchmarks/NOTES.md): 16-bit inputs take 128×128
+        tiles, 8 warps, 3 stages; float32 tiles are smaller to fit shared memory at D=128."""
         if jnp.dtype(dtype).itemsize >= 4:
             return cls(block_q=64, block_k=32, num_warps=4, num_stages=2)
         return cls()
 
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
+    def check(self, block_size: int) -> None:
+        """Raises ``ValueError`` naming the field that cannot tile ``block_size``-token blocks."""
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if not (is_power_of_two(value) and value >= 16 and block_size % value == 0):
+                raise ValueError(
+                    f"tuning.{name} must be a power of two >= 16 dividing block_size={block_size}, got {value!r}"
+                )
+        for name in ("num_warps", "num_stages"):
+            check_positive_int(getattr(self, name), f"tuning.{name}")
 
 
 def block_sparse_attention_kernel(
@@ -178,32 +198,31 @@ def block_sparse_attention_kernel(
         o_ref[q_slice, :] = out
 
 
-def _check_inputs(q, k, v, layout, block_size: int, kv_lengths) -> None:
-    """The checks every implementation makes (q, k, v shapes and dtype, the layout's shape, the key
-    lengths: :mod:`dfsattn_jax.reference`), then this kernel's limits (dtype, head dim, block size)."""
-    batch, seq_len, heads, head_dim = check_attention_inputs(q=q, k=k, v=v)
-    if q.dtype not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
-        raise ValueError(f"q, k, v dtype must be bfloat16, float16 or float32, got {q.dtype}")
-    if not (_is_pow2(head_dim) and 16 <= head_dim <= 256):
-        raise ValueError(f"head_dim (q.shape[-1]) must be a power of two in [16, 256], got {head_dim}")
-    if not (_is_pow2(block_size) and block_size >= 16):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    check_layout(layout, batch=batch, heads=heads, num_blocks=-(-seq_len // block_size))
-    check_kv_lengths(kv_lengths, batch=batch, length=seq_len)
+def unsupported(q, block_size: int = 128) -> str | None:
+    """Why this kernel cannot run ``q`` (``[B, L, N, D]``, checked by the contract) in
+    ``block_size``-token blocks, or ``None``: its dtypes, head dims and block sizes."""
+    if jnp.dtype(q.dtype) not in _SUPPORTED_DTYPES:
+        return f"dtype {jnp.dtype(q.dtype)} not supported (bfloat16, float16 or float32)"
+    head_dim = q.shape[-1]
+    if not (is_power_of_two(head_dim) and 16 <= head_dim <= 256):
+        return f"head dim {head_dim} not supported (a power of two in [16, 256])"
+    if not (is_power_of_two(block_size) and block_size >= 16):
+        return f"block_size {block_size} not supported (a power of two >= 16)"
+    return None
 
 
 def block_sparse_attention(
     q: Float[Array, "b l n d"],
     k: Float[Array, "b l n d"],
     v: Float[Array, "b l n d"],
-    layout,
+    layout: BlockLayout,
     *,
     block_size: int = 128,
     scale: float | None = None,
-    block_sizes: BlockSizes | None = None,
     kv_lengths: Int[Array, " b"] | None = None,
-    interpret: bool | None = None,
-    initial_output: Float[Array, "b l n d"] | None = None,
+    interpret: bool = False,
+    tuning: TritonTuning | None = None,
+    poison_output: bool = False,
 ) -> Float[Array, "b l n d"]:
     """Block-sparse attention over the key blocks listed in ``layout`` (docs/spec.md §5).
 
@@ -211,56 +230,57 @@ def block_sparse_attention(
       q, k, v: ``[B, L, N, D]`` (the layout of ``jax.nn.dot_product_attention``), bfloat16,
         float16 or float32; any L (the last block may be partial); D a power of two in
         [16, 256] (64 and 128 are the tested, tuned sizes).
-      layout: a :class:`dfsattn_jax.BlockLayout` with ``kv_indices int32[B, N, nq, K_max]``,
-        ``kv_counts int32[B, N, nq]`` and ``num_key_blocks == nq == ceil(L / block_size)``.
-        Only the first ``kv_counts`` entries of each row are visited; they must be distinct
-        valid block indices, sorted ascending (docs/spec.md §4; concrete layouts are checked by
-        ``dfsattn_jax.layout.validate_layout``). Whatever a traced layout holds, the kernel
-        never reads outside its inputs: counts are clipped to ``[0, K_max]`` and indices to
-        ``[0, nk)``. A row with count 0 gives zeros.
-      block_size: tokens per layout block (128 in DFSAttn).
+      layout: a :class:`~pallas_kernels.contract.BlockLayout` ``[B, N, nq, K_max]`` with
+        ``num_key_blocks == nq == ceil(L / block_size)``. Only the first ``kv_counts`` entries
+        of each row are visited; they must be distinct valid block indices, sorted ascending
+        (docs/spec.md §4; a concrete layout is checked here). Whatever a traced layout holds,
+        the kernel never reads outside its inputs: counts are clipped to ``[0, K_max]`` and
+        indices to ``[0, nk)``. A row with count 0 gives zeros.
+      block_size: tokens per layout block (128 in DFSAttn), a power of two >= 16.
       scale: logit scale, default ``1/sqrt(D)``.
-      block_sizes: kernel tiling (:class:`BlockSizes`); ``block_q`` and ``block_k`` must divide
-        ``block_size``; default :meth:`BlockSizes.for_dtype`.
       kv_lengths: optional ``int[B]``, read at run time: keys at or past ``kv_lengths[b]`` are
         never attended (default L; docs/spec.md §6.1); a query row with no visible key gives
         zeros. Concrete values must lie in ``[0, L]``; traced ones are clipped to it. Listed
         blocks with no visible key are dropped as the tail of each row, which relies on rows
         sorted ascending (§4).
-      interpret: run the kernel in the Pallas interpreter; ``None`` interprets everywhere but
-        on GPU.
-      initial_output: for tests: a ``[B, L, N, D]`` buffer (e.g. filled with NaN) that the
-        kernel writes into in place, so that elements it fails to write stay visible.
+      interpret: run the kernel in the Pallas interpreter (any backend; slow, for tests).
+      tuning: :class:`TritonTuning`; default :meth:`TritonTuning.for_dtype`.
+      poison_output: for tests: the kernel writes into an all-NaN buffer, so that elements it
+        fails to write stay visible.
 
     Returns:
       ``[B, L, N, D]`` in the input dtype; accumulation is float32.
+
+    Raises:
+      TypeError, ValueError: for inputs that break the contract (:mod:`pallas_kernels.contract`).
+      NotImplementedError: for an input this kernel cannot take (:func:`unsupported` says why).
     """
-    _check_inputs(q, k, v, layout, block_size, kv_lengths)
-    bs = block_sizes or BlockSizes.for_dtype(q.dtype)
-    for name in ("block_q", "block_k"):
-        value = getattr(bs, name)
-        if not (_is_pow2(value) and value >= 16 and block_size % value == 0):
-            raise ValueError(
-                f"block_sizes.{name} must be a power of two >= 16 dividing block_size={block_size}, got {value}"
-            )
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    head_dim = q.shape[-1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    validate_layout(layout)
-    # Bounds for any traced layout: the kernel must never read outside q, k, v or the row.
-    kv_indices = jnp.clip(layout.kv_indices.astype(jnp.int32), 0, layout.num_key_blocks - 1)
-    kv_counts = jnp.clip(layout.kv_counts.astype(jnp.int32), 0, layout.kv_indices.shape[-1])
-    if kv_lengths is not None:
-        kv_lengths = jnp.asarray(kv_lengths).astype(jnp.int32)
+    check_block_sparse_inputs(q, k, v, layout, block_size=block_size, kv_lengths=kv_lengths)
+    refuse_unsupported(unsupported(q, block_size), "the Pallas Triton kernel")
+    return block_sparse_attention_unchecked(
+        q, k, v, layout, block_size=block_size, scale=scale, kv_lengths=kv_lengths, interpret=interpret,
+        tuning=tuning, poison_output=poison_output,
+    )  # fmt: skip
+
+
+def block_sparse_attention_unchecked(
+    q, k, v, layout, *, block_size, scale, kv_lengths, interpret=False, tuning=None, poison_output=False
+) -> Float[Array, "b l n d"]:
+    """:func:`block_sparse_attention` without the contract's checks, same arguments, for a caller
+    that has made them (``dfsattn_jax``'s dispatch); the tuning and ``interpret`` are checked here."""
+    tuning = TritonTuning.for_dtype(q.dtype) if tuning is None else tuning
+    tuning.check(block_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _block_sparse_attention(
-        q, k, v, kv_indices, kv_counts, kv_lengths,
-        initial_output, block_size=block_size, scale=scale, block_sizes=bs,
-        interpret=bool(interpret),
-    )
+        q, k, v, layout.kv_indices, layout.kv_counts, kv_lengths,
+        block_size=block_size, scale=scale, tuning=tuning, interpret=check_interpret(interpret),
+        poison_output=bool(poison_output), has_lengths=kv_lengths is not None,
+    )  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_sizes", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "scale", "tuning", "interpret", "poison_output", "has_lengths")
+)
 def _block_sparse_attention(
     q: Float[Array, "b l n d"],
     k: Float[Array, "b l n d"],
@@ -268,28 +288,32 @@ def _block_sparse_attention(
     kv_indices: Int[Array, "b n nq kmax"],
     kv_counts: Int[Array, "b n nq"],
     kv_lengths: Int[Array, " b"] | None,
-    initial_output: Float[Array, "b l n d"] | None,
     *,
     block_size: int,
     scale: float,
-    block_sizes: BlockSizes,
+    tuning: TritonTuning,
     interpret: bool,
+    poison_output: bool,
+    has_lengths: bool,
 ) -> Float[Array, "b l n d"]:
     batch, seq_len, heads, head_dim = q.shape
     nq = kv_counts.shape[-1]
     k_max = kv_indices.shape[-1]
-    block_q = block_sizes.block_q
+    # Bounds for any traced layout: the kernel must never read outside q, k, v or the row.
+    kv_indices = jnp.clip(kv_indices.astype(jnp.int32), 0, nq - 1)
+    kv_counts = jnp.clip(kv_counts.astype(jnp.int32), 0, k_max)
+    block_q = tuning.block_q
     tiles_per_block = block_size // block_q
     kernel = functools.partial(
         block_sparse_attention_kernel,
         seq_len=seq_len,
         block_size=block_size,
         block_q=block_q,
-        block_k=block_sizes.block_k,
-        qk_scale=scale * _LOG2E,
+        block_k=tuning.block_k,
+        qk_scale=scale * LOG2E,
     )
-    if kv_lengths is not None:
-        kv_lengths = jnp.clip(kv_lengths, 0, seq_len)
+    if has_lengths:
+        kv_lengths = clip_kv_lengths(kv_lengths, batch, seq_len)
         kv_counts = visible_counts(kv_indices, kv_counts, kv_lengths, block_size)
     if seq_len % block_size:
         kv_indices = partial_block_last(kv_indices, kv_counts, nq - 1)
@@ -302,19 +326,14 @@ def _block_sparse_attention(
         pl.BlockSpec((None, None, None, 1), lambda t, b, n: (b, n, t // tiles_per_block, 0)),
     ]
     operands = [q, k, v, kv_indices, kv_counts[..., None]]
-    if kv_lengths is not None:
+    if has_lengths:
         # GPU Pallas has no scalar prefetch: the lengths are an input indexed by the batch id.
         in_specs.append(pl.BlockSpec((None, 1), lambda t, b, n: (b, 0)))
         operands.append(kv_lengths[:, None])
-    kernel = _bind_refs(kernel, has_lengths=kv_lengths is not None, has_aliased_output=initial_output is not None)
+    kernel = _bind_refs(kernel, has_lengths=has_lengths, has_aliased_output=poison_output)
     aliases = {}
-    if initial_output is not None:
-        if initial_output.shape != q.shape or initial_output.dtype != q.dtype:
-            raise ValueError(
-                f"initial_output must match q ({q.shape}, {q.dtype}), got "
-                f"({initial_output.shape}, {initial_output.dtype})"
-            )
-        operands.append(initial_output)
+    if poison_output:
+        operands.append(jnp.full(q.shape, jnp.nan, q.dtype))
         in_specs.append(full)
         aliases = {len(operands) - 1: 0}
     return pl.pallas_call(
@@ -324,7 +343,7 @@ def _block_sparse_attention(
         out_specs=full,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(
-            num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
+            num_warps=tuning.num_warps, num_stages=tuning.num_stages
         ),
         input_output_aliases=aliases,
         interpret=interpret,

@@ -13,8 +13,6 @@ import pathlib
 import shutil
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -23,7 +21,6 @@ __all__ = [
     "modified_checkpoint_copy",
     "numpy_block_scores",
     "numpy_tile_probs",
-    "poisoned",
     "rel_l2",
 ]
 
@@ -38,11 +35,6 @@ def rel_l2(a, b) -> float:
     b = np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
-
-def poisoned(like) -> jax.Array:
-    """An all-NaN array of the shape and dtype of ``like``: as a kernel's initial output, any
-    element the kernel fails to write stays NaN."""
-    return jnp.full(like.shape, jnp.nan, like.dtype)
 
 
 def modified_checkpoint_copy(

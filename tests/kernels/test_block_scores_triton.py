@@ -1,7 +1,7 @@
 """The fused Pallas block-scoring kernel against the float64 NumPy brute force and the jnp scorer.
 
 Every test runs the kernel in the Pallas interpreter (``interpret=True``, any backend); on a GPU
-(``JAX_PLATFORMS=cuda python -m pytest -k compiled tests/test_scoring_kernel.py``) the same
+(``JAX_PLATFORMS=cuda python -m pytest -k compiled tests/kernels/test_block_scores_triton.py``) the same
 cases also run the compiled Triton kernel. Inputs come from fixed seeds: a failure replays exactly.
 """
 
@@ -16,13 +16,13 @@ import pytest
 
 from helpers import numpy_block_scores
 
-from dfsattn_jax import scoring
+from dfsattn_jax import dispatch
 from dfsattn_jax.layout import blocks_for_density
 from dfsattn_jax.metrics import selection_agreement
 from dfsattn_jax.orders import token_order
-from dfsattn_jax.scoring import block_scores, resolve_scoring_implementation, tile_means
+from dfsattn_jax.scoring import block_scores, tile_means
 from models.evaluation.synthetic import synthetic_qkv
-from pallas_kernels.block_scores_triton import PRECISIONS, ScoreBlockSizes, tile_block_scores
+from pallas_kernels.block_scores_triton import PRECISIONS, ScoreTuning, tile_block_scores
 
 # The interpreter everywhere, plus the compiled kernel where a GPU exists.
 INTERPRET = [True] + ([False] if jax.default_backend() == "gpu" else [])
@@ -153,13 +153,13 @@ def test_row_sums_by_matmul_match_reshape(interpret):
     lengths = (2100, 1234)
     by_dot = kernel_scores(
         q, k, tile=16, block=128, kv_lengths=lengths, interpret=interpret, precision="float32",
-        block_sizes=ScoreBlockSizes(block_q=128, num_warps=8, row_sum="dot"),
+        tuning=ScoreTuning(block_q=128, num_warps=8, row_sum="dot"),
     )
     want = numpy_block_scores(q, k, 16, 128, lengths)
     np.testing.assert_allclose(np.asarray(by_dot), want, rtol=1e-5, atol=2e-6)
     by_dot_bf16 = kernel_scores(
         q, k, tile=16, block=128, kv_lengths=lengths, interpret=interpret, precision="bf16",
-        block_sizes=ScoreBlockSizes(block_q=128, num_warps=8, row_sum="dot"),
+        tuning=ScoreTuning(block_q=128, num_warps=8, row_sum="dot"),
     )
     by_reshape_bf16 = kernel_scores(q, k, tile=16, block=128, kv_lengths=lengths, interpret=interpret, precision="bf16")
     # Same bf16 logits; the two row sums differ only by the ~2^-17 split of the row terms.
@@ -185,8 +185,8 @@ def test_topk_agreement_on_video_like_qk(interpret):
 
 def test_block_scores_selects_the_kernel_like_attention():
     q, k = random_qk(23, (1, 520, 2, 64))
-    assert resolve_scoring_implementation(q, implementation="triton") == ("triton", "asked for")
-    name, reason = resolve_scoring_implementation(q)
+    assert dispatch.resolve("scoring", q, "triton") == ("triton", "asked for")
+    name, reason = dispatch.resolve("scoring", q)
     if jax.default_backend() == "gpu":
         assert name == "triton"
     else:
@@ -199,61 +199,68 @@ def test_block_scores_selects_the_kernel_like_attention():
 
 def test_unsupported_input_falls_back_or_raises(monkeypatch):
     q, k = random_qk(24, (1, 96, 2, 24))  # head dim 24: not a power of two
-    monkeypatch.setattr(scoring, "default_scoring_implementation", lambda: "triton")
-    name, reason = resolve_scoring_implementation(q)
-    assert name == "jnp" and "head dim 24" in reason
-    name, reason = resolve_scoring_implementation(random_qk(24, (1, 96, 2, 32))[0], tile_size=16, block_size=48)
+    monkeypatch.setattr(dispatch, "on_gpu", lambda: True)  # the kernel is this device's default
+    name, reason = dispatch.resolve("scoring", q)
+    assert name == "jnp" and "triton does not support this input (head dim 24" in reason
+    name, reason = dispatch.resolve("scoring", random_qk(24, (1, 96, 2, 32))[0], tile_size=16, block_size=48)
     assert name == "jnp" and "tiles per block 3" in reason
-    with pytest.raises(ValueError, match="cannot score this input.*head dim 24"):
+    with pytest.raises(NotImplementedError, match="'triton' cannot take this input: head dim 24"):
         block_scores(q, k, implementation="triton", interpret=True)
 
 
 @pytest.mark.parametrize(
-    "call, match",
+    "call, error, match",
     [
-        (lambda q, k: block_scores(q, k, implementation="cuda"), "implementation must be one of"),
-        (lambda q, k: block_scores(q, k, implementation="triton", precision="fp8", interpret=True), "precision"),
+        (lambda q, k: block_scores(q, k, implementation="cuda"), ValueError, "implementation must be one of"),
+        (lambda q, k: block_scores(q, k, implementation="triton", precision="fp8", interpret=True), ValueError, "precision"),
         (
             lambda q, k: block_scores(q, k, implementation="triton", interpret=True, kv_lengths=jnp.asarray([1, 2])),
-            r"kv_lengths.*\[B=1\]",
+            ValueError, r"kv_lengths.*\[B=1\]",
         ),
         (
             lambda q, k: block_scores(
                 q, k, implementation="triton", interpret=True, kv_lengths=jnp.asarray([129], jnp.int32)
             ),
-            r"kv_lengths.*\[0, L=128\]",
+            ValueError, r"kv_lengths.*\[0, L=128\]",
         ),
-        (lambda q, k: block_scores(q, k[:, :64], implementation="triton", interpret=True), "k must have the shape"),
-        (lambda q, k: kernel_scores(q, k, tile=16, block=128, block_sizes=ScoreBlockSizes(block_q=48)), "block_q"),
-        (lambda q, k: kernel_scores(q, k, tile=16, block=128, block_sizes=ScoreBlockSizes(block_k=64)), "block_k"),
+        (lambda q, k: block_scores(q, k[:, :64], implementation="triton", interpret=True), ValueError, "k must have the shape"),
+        (lambda q, k: kernel_scores(q, k, tile=16, block=128, tuning=ScoreTuning(block_q=48)), ValueError, "block_q"),
+        (lambda q, k: kernel_scores(q, k, tile=16, block=128, tuning=ScoreTuning(block_k=64)), ValueError, "block_k"),
         (
-            lambda q, k: kernel_scores(q, k, tile=16, block=128, block_sizes=ScoreBlockSizes(row_sum="dot")),
-            "row_sum='dot' needs block_q",
+            lambda q, k: kernel_scores(q, k, tile=16, block=128, tuning=ScoreTuning(row_sum="dot")),
+            ValueError, "row_sum='dot' needs block_q",
         ),
-        (lambda q, k: kernel_scores(q, k, tile=16, block=128, block_sizes=ScoreBlockSizes(row_sum="scan")), "row_sum"),
+        (lambda q, k: kernel_scores(q, k, tile=16, block=128, tuning=ScoreTuning(row_sum="scan")), ValueError, "row_sum"),
         (
             lambda q, k: tile_block_scores(
                 tile_means(q, 16), tile_means(k, 16)[:, :, :4], jnp.asarray([8]), tiles_per_block=8, interpret=True
             ),
-            "qbar and kbar",
+            ValueError, "qbar and kbar",
         ),
         (
             lambda q, k: tile_block_scores(
                 tile_means(q, 16), tile_means(k, 16), jnp.asarray([8, 8]), tiles_per_block=8, interpret=True
             ),
-            r"valid_key_tiles.*\[B=1\]",
+            ValueError, r"valid_key_tiles.*\[B=1\]",
         ),
         (
             lambda q, k: tile_block_scores(
                 tile_means(q, 16), tile_means(k, 16), jnp.asarray([8]), tiles_per_block=6, interpret=True
             ),
-            "tiles_per_block",
+            NotImplementedError, "tiles_per_block",
+        ),
+        (
+            lambda q, k: tile_block_scores(
+                tile_means(q, 16), tile_means(k, 16), jnp.asarray([8.0]), tiles_per_block=8, interpret=True
+            ),
+            TypeError,
+            "valid_key_tiles must be an integer array",
         ),
     ],
 )
-def test_bad_inputs_raise(call, match):
+def test_bad_inputs_raise(call, error, match):
     q, k = random_qk(25, (1, 128, 2, 64))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         call(q, k)
 
 

@@ -51,10 +51,11 @@ from helpers import rel_l2  # noqa: E402
 from pallas_kernels.block_sparse_mosaic import (  # noqa: E402
     GRID_NAMES,
     THREAD_NAME,
-    MosaicBlockSizes,
-    block_sparse_attention_mosaic,
+    MosaicTuning,
+    block_sparse_attention,
     unsupported,
 )
+from pallas_kernels.contract import BlockLayout  # noqa: E402
 
 BLOCK = 128
 ON_GPU = jax.default_backend() == "gpu"
@@ -128,10 +129,17 @@ def _races():
     return get_races()
 
 
-def run_interpreted(capsys, *args, **kwargs):
-    """Runs the kernel in the interpreter with race detection and NaN-filled buffers."""
+def layout_of(idx, counts) -> BlockLayout:
+    """The kernel's layout from NumPy rows (``nq`` query blocks = key blocks)."""
+    return BlockLayout(jnp.asarray(idx, jnp.int32), jnp.asarray(counts, jnp.int32), idx.shape[2])
+
+
+def run_interpreted(capsys, q, k, v, layout, *, jit=False, **kwargs):
+    """Runs the kernel in the interpreter with race detection and NaN-filled buffers (``jit``:
+    with the layout traced, so that the contract's row checks do not run)."""
     params = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
-    out = np.asarray(block_sparse_attention_mosaic(*args, interpret=params, **kwargs), np.float64)
+    run = lambda lay: block_sparse_attention(q, k, v, lay, interpret=params, **kwargs)  # noqa: E731
+    out = np.asarray(jax.jit(run)(layout) if jit else run(layout), np.float64)
     printed = capsys.readouterr().out
     assert "RACE DETECTED" not in printed, printed
     races = _races()
@@ -172,9 +180,7 @@ def test_interpreter_matches_reference(capsys, b, seq_len, n, d, dtype, kv_lengt
     idx, counts = random_sorted_layout(rng, b, n, nq)
     assert counts.min() == 0 and counts.max() == nq  # the sweep covers empty and full rows
     lengths = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    out = run_interpreted(
-        capsys, q, k, v, jnp.asarray(idx), jnp.asarray(counts), num_key_blocks=nq, kv_lengths=lengths
-    )
+    out = run_interpreted(capsys, q, k, v, layout_of(idx, counts), kv_lengths=lengths)
     ref = reference(q, k, v, idx, counts, kv_lengths=kv_lengths)
     check(out, ref, dtype)
 
@@ -189,9 +195,7 @@ def test_interpreter_full_layout_equals_dense(capsys, scale):
     q, k, v = random_qkv(rng, b, seq_len, n, d, jnp.bfloat16)
     idx = np.broadcast_to(np.arange(nq, dtype=np.int32), (b, n, nq, nq))
     counts = np.full((b, n, nq), nq, np.int32)
-    out = run_interpreted(
-        capsys, q, k, v, jnp.asarray(idx), jnp.asarray(counts), num_key_blocks=nq, scale=scale
-    )
+    out = run_interpreted(capsys, q, k, v, layout_of(idx, counts), scale=scale)
     dense = jax.nn.dot_product_attention(
         *(x.astype(jnp.float32) for x in (q, k, v)), scale=scale, implementation="xla"
     )
@@ -201,14 +205,13 @@ def test_interpreter_full_layout_equals_dense(capsys, scale):
 @cpu_only
 def test_registry_runs_the_kernel_in_its_interpreter(capsys):
     """``block_sparse_attention(implementation="mosaic_gpu", interpret=True)`` on a BlockLayout."""
-    from dfsattn_jax.attention import block_sparse_attention
-    from dfsattn_jax.layout import BlockLayout
+    from dfsattn_jax import attention
 
     rng = np.random.default_rng(21)
     q, k, v = random_qkv(rng, 1, 296, 2, 64, jnp.bfloat16)
     idx, counts = random_sorted_layout(rng, 1, 2, 3, pad_value=0)
     layout = BlockLayout(jnp.asarray(idx), jnp.asarray(counts), 3)
-    out = np.asarray(block_sparse_attention(q, k, v, layout, implementation="mosaic_gpu", interpret=True), np.float64)
+    out = np.asarray(attention.block_sparse_attention(q, k, v, layout, implementation="mosaic_gpu", interpret=True), np.float64)
     check(out, reference(q, k, v, idx, counts), jnp.bfloat16)
     assert "RACE DETECTED" not in capsys.readouterr().out
 
@@ -219,8 +222,8 @@ def test_interpreter_refuses_lengths_not_a_multiple_of_8():
     rng = np.random.default_rng(22)
     q, k, v = random_qkv(rng, 1, 300, 1, 64, jnp.bfloat16)
     idx, counts = random_sorted_layout(rng, 1, 1, 3, pad_value=0)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        block_sparse_attention_mosaic(q, k, v, jnp.asarray(idx), jnp.asarray(counts), num_key_blocks=3, interpret=True)
+    with pytest.raises(NotImplementedError, match="multiple of 8"):
+        block_sparse_attention(q, k, v, layout_of(idx, counts), interpret=True)
 
 
 @cpu_only
@@ -232,16 +235,14 @@ def test_interpreter_small_kmax_and_short_rows(capsys):
     q, k, v = random_qkv(rng, b, seq_len, n, d, jnp.bfloat16)
     counts = np.array([[[0, 1, 2, 3, 1, 2, 3, 1]]], np.int32)
     idx, counts = random_sorted_layout(rng, b, n, nq, counts=counts, k_max=3)
-    config = MosaicBlockSizes(num_stages=3)
-    out = run_interpreted(
-        capsys, q, k, v, jnp.asarray(idx), jnp.asarray(counts), num_key_blocks=nq, config=config
-    )
+    out = run_interpreted(capsys, q, k, v, layout_of(idx, counts), tuning=MosaicTuning(num_stages=3))
     check(out, reference(q, k, v, idx, counts), jnp.bfloat16)
 
 
 @cpu_only
 def test_interpreter_unsorted_rows_ragged_tail(capsys):
-    """Rows in descending order (top-k score order) still mask the ragged last block."""
+    """Rows in descending order (top-k score order), in a traced layout (a concrete one is
+    rejected by the contract's row check), still mask the ragged last block."""
     rng = np.random.default_rng(13)
     b, seq_len, n, d = 1, 2 * 128 + 40, 2, 64
     nq = -(-seq_len // BLOCK)
@@ -251,7 +252,7 @@ def test_interpreter_unsorted_rows_ragged_tail(capsys):
     for u in np.ndindex(counts.shape):
         idx[u][: counts[u]] = idx[u][: counts[u]][::-1].copy()
     assert idx[0, 0, 0, 0] == nq - 1  # the partial block comes first in a full row
-    out = run_interpreted(capsys, q, k, v, jnp.asarray(idx), jnp.asarray(counts), num_key_blocks=nq)
+    out = run_interpreted(capsys, q, k, v, layout_of(idx, counts), jit=True)
     check(out, reference(q, k, v, idx, counts), jnp.bfloat16)
 
 
@@ -259,13 +260,12 @@ def test_interpreter_unsorted_rows_ragged_tail(capsys):
 # CPU: ahead-of-time lowering of the GPU kernel
 
 
-def _lower_for_cuda(b, seq_len, n, d, dtype, k_max, *, fast, config=None, with_lengths=True):
+def _lower_for_cuda(b, seq_len, n, d, dtype, k_max, *, tuning=None, with_lengths=True):
     nq = -(-seq_len // BLOCK)
 
     def f(q, k, v, idx, cnt, lengths):
-        return block_sparse_attention_mosaic(
-            q, k, v, idx, cnt, num_key_blocks=nq, kv_lengths=lengths if with_lengths else None,
-            fast=fast, config=config,
+        return block_sparse_attention(
+            q, k, v, BlockLayout(idx, cnt, nq), kv_lengths=lengths if with_lengths else None, tuning=tuning
         )
 
     x = jax.ShapeDtypeStruct((b, seq_len, n, d), dtype)
@@ -288,18 +288,18 @@ def _lower_for_cuda(b, seq_len, n, d, dtype, k_max, *, fast, config=None, with_l
     ],
 )
 def test_fast_path_lowers_for_cuda(seq_len, d, dtype, k_max, stages):
-    text = _lower_for_cuda(1, seq_len, 2, d, dtype, k_max, fast=True, config=MosaicBlockSizes(num_stages=stages))
+    text = _lower_for_cuda(1, seq_len, 2, d, dtype, k_max, tuning=MosaicTuning(num_stages=stages))
     assert "mosaic_gpu" in text.lower()
 
 
 def test_smem_p_path_lowers_for_cuda():
-    text = _lower_for_cuda(2, 1000, 2, 128, jnp.bfloat16, 5, fast=False, with_lengths=False)
+    text = _lower_for_cuda(2, 1000, 2, 128, jnp.bfloat16, 5, tuning=MosaicTuning(p_in_registers=False), with_lengths=False)
     assert "mosaic_gpu" in text.lower()
 
 
 def test_tuning_knobs_lower_for_cuda():
-    config = MosaicBlockSizes(fold_scale=False, schedule_barrier=False, compute_registers=240, producer_registers=24)
-    text = _lower_for_cuda(1, 1000, 2, 64, jnp.bfloat16, 3, fast=True, config=config)
+    tuning = MosaicTuning(fold_scale=False, schedule_barrier=False, compute_registers=240, producer_registers=24)
+    text = _lower_for_cuda(1, 1000, 2, 64, jnp.bfloat16, 3, tuning=tuning)
     assert "mosaic_gpu" in text.lower()
 
 
@@ -319,7 +319,7 @@ def test_kernel_stays_device_local_inside_shard_map():
     nq = 8
 
     def attend(q, k, v, idx, cnt):
-        return block_sparse_attention_mosaic(q, k, v, idx, cnt, num_key_blocks=nq)
+        return block_sparse_attention(q, k, v, BlockLayout(idx, cnt, nq))
 
     f = jax.shard_map(attend, mesh=mesh, in_specs=(tokens,) * 3 + (layout,) * 2, out_specs=tokens, check_vma=False)
     x = jax.ShapeDtypeStruct((2, nq * BLOCK, 4, 64), jnp.bfloat16)
@@ -348,36 +348,40 @@ def test_rejects_bad_inputs():
     idx = jnp.zeros((1, 1, 3, 3), jnp.int32)
     cnt = jnp.zeros((1, 1, 3), jnp.int32)
     with pytest.raises(ValueError, match="num_key_blocks"):
-        block_sparse_attention_mosaic(q, q, q, idx, cnt, num_key_blocks=2)
-    with pytest.raises(ValueError, match="float32"):
+        block_sparse_attention(q, q, q, BlockLayout(idx, cnt, 2))
+    with pytest.raises(NotImplementedError, match="the Mosaic GPU kernel does not support this input: dtype float32"):
         f = q.astype(jnp.float32)
-        block_sparse_attention_mosaic(f, f, f, idx, cnt, num_key_blocks=3)
+        block_sparse_attention(f, f, f, BlockLayout(idx, cnt, 3))
     with pytest.raises(ValueError, match="kv_indices"):
-        block_sparse_attention_mosaic(q, q, q, idx[:, :, :2], cnt, num_key_blocks=3)
+        block_sparse_attention(q, q, q, BlockLayout(idx[:, :, :2], cnt, 3))
+    with pytest.raises(TypeError, match="layout must be a BlockLayout"):
+        block_sparse_attention(q, q, q, (idx, cnt))
     with pytest.raises(ValueError, match="num_stages"):
-        MosaicBlockSizes(num_stages=4)
+        MosaicTuning(num_stages=4)
+    with pytest.raises(TypeError, match="p_in_registers"):
+        MosaicTuning(p_in_registers=1)
 
 
 def test_rejects_what_every_implementation_rejects():
-    """The shared checks (dfsattn_jax.reference): key lengths out of [0, L] and a K_max above nq
-    once passed the Mosaic entry point silently (the kernel clipped them); through the registry a
-    layout breaking docs/spec.md §4 is rejected by the kernel's wrapper, naming the row."""
-    from dfsattn_jax.attention import block_sparse_attention
-    from dfsattn_jax.layout import BlockLayout
+    """The contract's checks (pallas_kernels.contract): key lengths out of [0, L] and a K_max above
+    nq are rejected at the kernel's entry point, and so is a layout breaking docs/spec.md §4
+    (through the dispatch too), naming the row."""
+    from dfsattn_jax import attention
 
     rng = np.random.default_rng(7)
     q, k, v = random_qkv(rng, 2, 256, 1, 64, jnp.bfloat16)
     idx, cnt = random_sorted_layout(rng, 2, 1, 2)
     with pytest.raises(ValueError, match=r"kv_lengths must lie in \[0, L=256\]"):
-        block_sparse_attention_mosaic(q, k, v, jnp.asarray(idx), jnp.asarray(cnt), num_key_blocks=2,
-                                      kv_lengths=jnp.asarray([257, 3], jnp.int32))
-    with pytest.raises(ValueError, match=r"^max_blocks must be <= 2, got 3"):
+        block_sparse_attention(q, k, v, layout_of(idx, cnt), kv_lengths=jnp.asarray([257, 3], jnp.int32))
+    with pytest.raises(ValueError, match=r"^layout.max_blocks must be in \[1, 2\], got 3"):
         wide = np.concatenate([idx, idx[..., :1]], axis=-1)
-        block_sparse_attention_mosaic(q, k, v, jnp.asarray(wide), jnp.asarray(cnt), num_key_blocks=2)
-    descending = np.tile(np.asarray([1, 0], np.int32), (2, 1, 2, 1))
-    bad = BlockLayout(jnp.asarray(descending), jnp.full((2, 1, 2), 2, jnp.int32), 2)
+        block_sparse_attention(q, k, v, layout_of(wide, cnt))
     with pytest.raises(ValueError, match=r"layout.kv_indices\[0, 0, 0\] lists \[1, 0\].*sorted ascending"):
-        block_sparse_attention(q, k, v, bad, implementation="mosaic_gpu", interpret=True)
+        descending = np.tile(np.asarray([1, 0], np.int32), (2, 1, 2, 1))
+        block_sparse_attention(q, k, v, layout_of(descending, np.full((2, 1, 2), 2, np.int32)), interpret=True)
+    bad = layout_of(descending, np.full((2, 1, 2), 2, np.int32))
+    with pytest.raises(ValueError, match=r"layout.kv_indices\[0, 0, 0\] lists \[1, 0\].*sorted ascending"):
+        attention.block_sparse_attention(q, k, v, bad, implementation="mosaic_gpu", interpret=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,22 +398,19 @@ def test_rejects_what_every_implementation_rejects():
         (1, 4096 + 40, 4, 128, jnp.bfloat16, (3000,)),
     ],
 )
-@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("fast", [True, False], ids=["p_in_registers", "p_in_smem"])
 def test_gpu_matches_reference(b, seq_len, n, d, dtype, kv_lengths, fast):
     rng = np.random.default_rng([seq_len, d, n, int(fast)])
     nq = -(-seq_len // BLOCK)
     q, k, v = random_qkv(rng, b, seq_len, n, d, dtype)
     idx, counts = random_sorted_layout(rng, b, n, nq)
     lengths = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    out = block_sparse_attention_mosaic(
-        q, k, v, jnp.asarray(idx), jnp.asarray(counts), num_key_blocks=nq, kv_lengths=lengths, fast=fast
-    )
+    tuning = MosaicTuning(p_in_registers=fast)
+    out = block_sparse_attention(q, k, v, layout_of(idx, counts), kv_lengths=lengths, tuning=tuning)
     out = np.asarray(out, np.float64)
     check(out, reference(q, k, v, idx, counts, kv_lengths=kv_lengths), dtype)
     # Same inputs again: a race would show as a different result.
-    again = block_sparse_attention_mosaic(
-        q, k, v, jnp.asarray(idx), jnp.asarray(counts), num_key_blocks=nq, kv_lengths=lengths, fast=fast
-    )
+    again = block_sparse_attention(q, k, v, layout_of(idx, counts), kv_lengths=lengths, tuning=tuning)
     np.testing.assert_array_equal(np.asarray(again, np.float64), out)
 
 
@@ -420,9 +421,9 @@ def test_gpu_full_layout_equals_cudnn(d):
     b, seq_len, n = 1, 4096, 4
     nq = seq_len // BLOCK
     q, k, v = random_qkv(rng, b, seq_len, n, d, jnp.bfloat16)
-    idx = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32), (b, n, nq, nq))
-    counts = jnp.full((b, n, nq), nq, jnp.int32)
-    out = block_sparse_attention_mosaic(q, k, v, idx, counts, num_key_blocks=nq)
+    idx = np.broadcast_to(np.arange(nq, dtype=np.int32), (b, n, nq, nq))
+    counts = np.full((b, n, nq), nq, np.int32)
+    out = block_sparse_attention(q, k, v, layout_of(idx, counts))
     dense = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     ref = np.asarray(
         jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="xla"),

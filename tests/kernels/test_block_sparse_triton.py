@@ -1,11 +1,13 @@
 """The Pallas block-sparse attention kernel against float64 NumPy and XLA references.
 
 Every test runs the kernel in the Pallas interpreter (``interpret=True``, any backend); on a GPU
-(``JAX_PLATFORMS=cuda pytest tests/test_block_sparse_kernel.py``) the same tests also run the
-compiled Triton kernel. Inputs come from fixed PRNG seeds: a failure replays exactly.
+(``JAX_PLATFORMS=cuda pytest tests/kernels/test_block_sparse_triton.py``) the same tests also run
+the compiled Triton kernel. Inputs come from fixed PRNG seeds: a failure replays exactly.
 """
 
 from __future__ import annotations
+
+import re
 
 import chex
 import jax
@@ -13,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import poisoned, rel_l2
+from helpers import rel_l2
 
-from dfsattn_jax import attention
+from dfsattn_jax import attention, dispatch
 from dfsattn_jax.layout import BlockLayout, full_layout, sorted_layout
-from pallas_kernels.block_sparse_triton import BlockSizes, block_sparse_attention
+from pallas_kernels import block_sparse_mosaic
+from pallas_kernels.block_sparse_triton import TritonTuning, block_sparse_attention
 
 BLOCK = 128
 # The interpreter everywhere, plus the compiled kernel where a GPU exists.
@@ -102,7 +105,7 @@ def test_matches_references(interpret, seq_len, head_dim, dtype):
     # ones cover 1..all blocks. The last query block always includes the ragged key block.
     layout = random_layout(k_layout, b, n, nq, max_count=min(nq, 6))
     out = block_sparse_attention(
-        q, k, v, layout, interpret=interpret, initial_output=poisoned(q)
+        q, k, v, layout, interpret=interpret, poison_output=True
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out))), "kernel left elements unwritten (NaN poison survived)"
@@ -147,7 +150,7 @@ def test_counts_differ_per_head_and_batch(interpret):
     counts[1, 2] = nq
     counts[0, 1, ::2] = 1
     layout = sorted_layout(BlockLayout(base.kv_indices, jnp.asarray(counts), nq))
-    out = block_sparse_attention(q, k, v, layout, interpret=interpret, initial_output=poisoned(q))
+    out = block_sparse_attention(q, k, v, layout, interpret=interpret, poison_output=True)
     ref = numpy_block_sparse(q, k, v, layout)
     for bi, ni in [(0, 0), (1, 2), (0, 1), (1, 0)]:
         err = rel_l2(out[bi, :, ni], ref[bi, :, ni])
@@ -170,15 +173,15 @@ def test_entries_beyond_count_are_ignored(interpret):
 
 @pytest.mark.parametrize("interpret", INTERPRET, ids=MODE_ID)
 # float32 at D=128: larger tiles exceed the GPU's shared memory.
-@pytest.mark.parametrize("tiles", [BlockSizes(128, 32, 8, 2), BlockSizes(64, 64, 4, 2)])
-def test_block_sizes_and_scale(interpret, tiles):
+@pytest.mark.parametrize("tiles", [TritonTuning(128, 32, 8, 2), TritonTuning(64, 64, 4, 2)])
+def test_tuning_and_scale(interpret, tiles):
     b, n, seq_len, d = 1, 2, 300, 128
     nq = -(-seq_len // BLOCK)
     k_inputs, k_layout = keys(3)
     q, k, v = random_qkv(k_inputs, b, seq_len, n, d, jnp.float32)
     layout = random_layout(k_layout, b, n, nq)
     out = block_sparse_attention(
-        q, k, v, layout, scale=0.05, block_sizes=tiles, interpret=interpret, initial_output=poisoned(q)
+        q, k, v, layout, scale=0.05, tuning=tiles, interpret=interpret, poison_output=True
     )
     assert rel_l2(out, numpy_block_sparse(q, k, v, layout, scale=0.05)) < 2e-5
 
@@ -218,27 +221,33 @@ def test_traced_counts_share_one_compilation(interpret):
 
 
 @pytest.mark.parametrize(
-    "change, match",
+    "change, error, match",
     [
-        (dict(k_shape=(1, 256, 2, 32)), "shape of q"),
-        (dict(dtype=jnp.int32), "dtype"),
-        (dict(head_dim=48), "head_dim"),
-        (dict(num_key_blocks=3), "num_key_blocks"),
-        (dict(block_size=96), "block_size"),
-        (dict(block_sizes=BlockSizes(block_q=256)), "block_q"),
+        (dict(k_shape=(1, 256, 2, 32)), ValueError, "shape of q"),
+        (dict(dtype=jnp.int32), TypeError, "dtype"),
+        (dict(dtype=jnp.float8_e4m3fn), NotImplementedError, "dtype float8_e4m3fn not supported"),
+        (dict(head_dim=48), NotImplementedError, "head dim 48"),
+        (dict(num_key_blocks=3), ValueError, "num_key_blocks"),
+        (dict(block_size=96), NotImplementedError, "block_size 96"),
+        (dict(tuning=TritonTuning(block_q=256)), ValueError, "tuning.block_q"),
+        (dict(layout=np.zeros((1, 2, 2, 1), np.int32)), TypeError, "layout must be a BlockLayout"),
+        (dict(interpret=None), TypeError, "interpret must be True or False"),
     ],
 )
-def test_bad_input_raises(change, match):
+def test_bad_input_raises(change, error, match):
+    """Contract breaches raise ``ValueError`` / ``TypeError``; what the kernel cannot take raises
+    ``NotImplementedError``, so that callers choosing by reason can fall back."""
     head_dim = change.get("head_dim", 64)
     dtype = change.get("dtype", jnp.float32)
     q = jnp.ones((1, 256, 2, head_dim), dtype)
     k = jnp.ones(change.get("k_shape", q.shape), dtype)
-    nk = change.get("num_key_blocks", 2)
-    layout = BlockLayout(jnp.zeros((1, 2, 2, 1), jnp.int32), jnp.ones((1, 2, 2), jnp.int32), nk)
-    with pytest.raises(ValueError, match=match):
+    nq = -(-256 // change.get("block_size", 128))
+    nk = change.get("num_key_blocks", nq)
+    layout = change.get("layout", BlockLayout(jnp.zeros((1, 2, nq, 1), jnp.int32), jnp.ones((1, 2, nq), jnp.int32), nk))
+    with pytest.raises(error, match=match):
         block_sparse_attention(
-            q, k, q if "k_shape" not in change else k, layout,
-            block_size=change.get("block_size", 128), block_sizes=change.get("block_sizes"),
+            q, k, q if "k_shape" not in change else k, layout, block_size=change.get("block_size", 128),
+            tuning=change.get("tuning"), interpret=change.get("interpret", True),
         )
 
 
@@ -273,7 +282,7 @@ def test_kv_lengths_match_numpy(interpret, seq_len, lengths, dtype):
     assert set(np.unique(np.asarray(layout.kv_counts))) == set(range(nq + 1))
     kv_lengths = jnp.asarray(lengths, jnp.int32)
     out = block_sparse_attention(
-        q, k, v, layout, kv_lengths=kv_lengths, interpret=interpret, initial_output=poisoned(q)
+        q, k, v, layout, kv_lengths=kv_lengths, interpret=interpret, poison_output=True
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     assert bool(jnp.all(jnp.isfinite(out))), "kernel left elements unwritten (NaN poison survived)"
@@ -307,7 +316,7 @@ def test_kv_lengths_with_small_key_tiles(interpret):
     lengths = [129, 383, 224]
     out = block_sparse_attention(
         q, k, v, layout, kv_lengths=jnp.asarray(lengths, jnp.int32), scale=0.07,
-        block_sizes=BlockSizes(64, 32, 4, 2), interpret=interpret, initial_output=poisoned(q),
+        tuning=TritonTuning(64, 32, 4, 2), interpret=interpret, poison_output=True,
     )
     assert rel_l2(out, numpy_block_sparse(q, k, v, layout, scale=0.07, kv_lengths=lengths)) < 2e-5
 
@@ -327,7 +336,7 @@ def test_empty_rows_whose_padding_is_the_partial_block(interpret, with_lengths):
     lengths = [300, 290] if with_lengths else None
     out = block_sparse_attention(
         q, k, v, layout, kv_lengths=None if lengths is None else jnp.asarray(lengths, jnp.int32),
-        interpret=interpret, initial_output=poisoned(q),
+        interpret=interpret, poison_output=True,
     )
     np.testing.assert_array_equal(np.asarray(out)[:, :, 0], 0.0)
     np.testing.assert_array_equal(np.asarray(out)[:, :BLOCK, 1], 0.0)
@@ -386,29 +395,29 @@ def test_lowers_for_cuda(seq_len, with_lengths, dtype):
 
 
 @pytest.mark.parametrize(
-    "kv_lengths, match",
+    "kv_lengths, error, match",
     [
-        (jnp.asarray([256], jnp.int32), r"kv_lengths.*\[B=2\]"),
-        (jnp.asarray([[256, 256]], jnp.int32), r"kv_lengths.*\[B=2\]"),
-        (jnp.asarray([256.0, 256.0], jnp.float32), "kv_lengths.*integer"),
-        (jnp.asarray([257, 10], jnp.int32), r"kv_lengths.*\[0, L=256\]"),
-        (jnp.asarray([-1, 10], jnp.int32), r"kv_lengths.*\[0, L=256\]"),
+        (jnp.asarray([256], jnp.int32), ValueError, r"kv_lengths.*\[B=2\]"),
+        (jnp.asarray([[256, 256]], jnp.int32), ValueError, r"kv_lengths.*\[B=2\]"),
+        (jnp.asarray([256.0, 256.0], jnp.float32), TypeError, "kv_lengths.*integer"),
+        (jnp.asarray([257, 10], jnp.int32), ValueError, r"kv_lengths.*\[0, L=256\]"),
+        (jnp.asarray([-1, 10], jnp.int32), ValueError, r"kv_lengths.*\[0, L=256\]"),
     ],
 )
-def test_bad_kv_lengths_raise(kv_lengths, match):
+def test_bad_kv_lengths_raise(kv_lengths, error, match):
     q = jnp.ones((2, 256, 2, 64), jnp.float32)
     layout = full_layout(2, 2, 2, 2)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         block_sparse_attention(q, q, q, layout, kv_lengths=kv_lengths, interpret=True)
-    with pytest.raises(ValueError, match="kv_lengths"):
+    with pytest.raises(error, match="kv_lengths"):
         attention.block_sparse_attention(q, q, q, layout, kv_lengths=kv_lengths, implementation="xla")
-    with pytest.raises(ValueError, match="kv_lengths"):
+    with pytest.raises(error, match="kv_lengths"):
         attention.block_sparse_attention(
             q, q, q, layout, kv_lengths=kv_lengths, implementation="triton", interpret=True
         )
 
 
-# dfsattn_jax.attention's registry: the Triton kernel is one implementation among others.
+# dfsattn_jax.dispatch: the Triton kernel is one implementation among others.
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -449,18 +458,29 @@ def test_registry_passes_kv_lengths(seq_len, lengths):
     chex.assert_trees_all_close(triton, xla, rtol=1e-5, atol=1e-5)
 
 
-def test_resolve_implementation():
+def test_resolve_attention():
     q = jnp.zeros((1, 256, 2, 64), jnp.float32)
-    name, reason = attention.resolve_implementation(q)
+    name, reason = dispatch.resolve("attention", q)
     if jax.default_backend() == "gpu":
         assert name in ("triton", "mosaic_gpu"), (name, reason)
     else:
-        assert name == "xla", (name, reason)
-        assert attention.default_implementation() == "xla"
-    assert isinstance(reason, str) and reason
-    for asked in attention.IMPLEMENTATIONS:
-        assert attention.resolve_implementation(q, implementation=asked)[0] == asked
-    assert set(attention.IMPLEMENTATIONS) == {"triton", "mosaic_gpu", "xla"}
+        assert (name, reason) == ("xla", "default off GPU")
+    for asked in ("triton", "xla"):  # mosaic_gpu takes no float32: the next test
+        assert dispatch.resolve("attention", q, asked) == (asked, "asked for")
+    assert list(dispatch.ATTENTION) == ["mosaic_gpu", "triton", "xla"]  # the default's order
+
+
+def test_resolve_refuses_a_kernel_asked_for_that_cannot_take_the_input():
+    """float32 is no Mosaic GPU input (nor is anything on jax < 0.11.1): asked for by name it raises
+    NotImplementedError with the kernel's reason (a default falls back instead: test_dispatch.py)."""
+    q = jnp.zeros((1, 256, 2, 64), jnp.float32)
+    why = block_sparse_mosaic.unsupported(q, 128)
+    assert why is not None
+    with pytest.raises(NotImplementedError, match="'mosaic_gpu' cannot take this input: " + re.escape(why)):
+        dispatch.resolve("attention", q, "mosaic_gpu")
+    layout = full_layout(1, 2, 2, 2)
+    with pytest.raises(NotImplementedError, match=re.escape(why)):
+        attention.block_sparse_attention(q, q, q, layout, implementation="mosaic_gpu", interpret=True)
 
 
 @pytest.mark.parametrize("name", ["pallas", "pallas_interpret", "reference", "cudnn", "Triton"])
@@ -468,7 +488,7 @@ def test_unknown_implementation_raises_naming_the_allowed_ones(name):
     q = jnp.zeros((1, 256, 2, 64), jnp.float32)
     layout = BlockLayout(jnp.zeros((1, 2, 2, 1), jnp.int32), jnp.ones((1, 2, 2), jnp.int32), 2)
     for call in (
-        lambda: attention.resolve_implementation(q, implementation=name),
+        lambda: dispatch.resolve("attention", q, name),
         lambda: attention.block_sparse_attention(q, q, q, layout, implementation=name),
     ):
         with pytest.raises(ValueError) as info:

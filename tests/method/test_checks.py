@@ -75,10 +75,10 @@ def test_configs_reject_bool_and_float_fields_and_normalise_numpy_ints(index):
             dataclasses.replace(config, **{field: bad})
 
 
-def test_score_block_sizes_check_uses_the_shared_rule():
-    from pallas_kernels.block_scores_triton import ScoreBlockSizes
+def test_score_tuning_check_uses_the_shared_rule():
+    from pallas_kernels.block_scores_triton import ScoreTuning
 
-    ScoreBlockSizes(num_warps=np.int32(8)).check(1)
+    ScoreTuning(num_warps=np.int32(8)).check(1)
     for bad in (True, 4.0, 0):
-        with pytest.raises(ValueError, match=r"^block_sizes\.num_stages must be a positive integer"):
-            ScoreBlockSizes(num_stages=bad).check(1)
+        with pytest.raises(ValueError, match=r"^tuning\.num_stages must be a positive integer"):
+            ScoreTuning(num_stages=bad).check(1)

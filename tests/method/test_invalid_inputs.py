@@ -3,7 +3,6 @@ is rejected or handled as docs/spec.md §4 fixes."""
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +62,7 @@ def test_invalid_layouts_give_wrong_numbers_now_raise(name, implementation):
 def test_layout_with_a_float_dtype_is_rejected():
     bad = BlockLayout(jnp.zeros((1, 2, 3, 1), jnp.float32), jnp.ones((1, 2, 3), jnp.int32), 3)
     q, k, v = qkv(1)
-    with pytest.raises(ValueError, match="integer dtype"):
+    with pytest.raises(TypeError, match="integer dtype"):
         block_sparse_attention(q, k, v, bad, block_size=BLOCK)
 
 

@@ -320,10 +320,10 @@ def test_kernels_run_the_joint_layout(implementation):
     count 0 and the padded text blocks, equal to the XLA path. Mosaic: 128-token blocks, bf16,
     L a multiple of 8."""
     if implementation == "mosaic_gpu":
-        from dfsattn_jax.attention import IMPLEMENTATIONS as impls
+        from pallas_kernels.block_sparse_mosaic import unsupported
 
         rng = np.random.default_rng(9)
-        why = impls["mosaic_gpu"].unsupported(jnp.zeros((1, 8, 1, 64), jnp.bfloat16), 128)
+        why = unsupported(jnp.zeros((1, 8, 1, 64), jnp.bfloat16), 128)
         if why is not None:
             pytest.skip(f"Mosaic GPU kernel unavailable here: {why}")
         joint, block, dtype, dim = JointTokens(416, 128), 128, jnp.bfloat16, 64

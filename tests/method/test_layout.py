@@ -135,5 +135,5 @@ def test_check_layout():
         check_layout(layout, batch=1, heads=3, num_blocks=4)
     with pytest.raises(ValueError, match="layout"):
         check_layout(layout, batch=2, heads=3, num_blocks=5)
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(TypeError, match="layout must be a BlockLayout"):
         check_layout(np.zeros((2, 3, 4, 4)), batch=2, heads=3, num_blocks=4)

@@ -89,11 +89,11 @@ def test_bad_metric_arguments():
         layout_recall(q, k, layout, block_size=32, num_query_samples=0)
     with pytest.raises(ValueError, match="k"):
         layout_recall(q, k[:, :32], layout, block_size=32)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         layout_recall(q.astype(jnp.int32), k.astype(jnp.int32), layout, block_size=32)
     with pytest.raises(ValueError, match="out"):
         attention_error(q, k[:, :32])
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         attention_error(q.astype(jnp.int32), k)
 
 

@@ -95,11 +95,11 @@ def test_bad_inputs():
         reference_block_sparse_attention(q, k, v[:, :32], layout, block_size=32)
     with pytest.raises(ValueError, match="k"):
         reference_block_sparse_attention(q, k[..., :4], v, layout, block_size=32)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         reference_block_sparse_attention(q, k, v.astype(jnp.int32), layout, block_size=32)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         reference_block_sparse_attention(q.astype(jnp.int8), k.astype(jnp.int8), v.astype(jnp.int8), layout, block_size=32)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         reference_block_sparse_attention(q, k.astype(jnp.bfloat16), v, layout, block_size=32)
     with pytest.raises(ValueError, match="layout"):
         reference_block_sparse_attention(q, k, v, layout, block_size=16)
@@ -149,18 +149,18 @@ def test_kv_lengths_traced_under_jit():
 
 
 @pytest.mark.parametrize(
-    "kv_lengths, match",
+    "kv_lengths, error, match",
     [
-        (np.array([64], np.int32), r"kv_lengths must have shape \[B=2\]"),
-        (np.array([[64, 64]], np.int32), r"kv_lengths must have shape \[B=2\]"),
-        (np.array([64.0, 64.0], np.float32), "kv_lengths must be an integer array"),
-        ([64, 64], "kv_lengths must be an integer array"),
-        (np.array([65, 3], np.int32), r"kv_lengths must lie in \[0, L=64\]"),
-        (jnp.array([3, -1], jnp.int32), r"kv_lengths must lie in \[0, L=64\]"),
+        (np.array([64], np.int32), ValueError, r"kv_lengths must have shape \[B=2\]"),
+        (np.array([[64, 64]], np.int32), ValueError, r"kv_lengths must have shape \[B=2\]"),
+        (np.array([64.0, 64.0], np.float32), TypeError, "kv_lengths must be an integer array"),
+        ([64, 64], TypeError, "kv_lengths must be an integer array"),
+        (np.array([65, 3], np.int32), ValueError, r"kv_lengths must lie in \[0, L=64\]"),
+        (jnp.array([3, -1], jnp.int32), ValueError, r"kv_lengths must lie in \[0, L=64\]"),
     ],
 )
-def test_bad_kv_lengths(kv_lengths, match):
+def test_bad_kv_lengths(kv_lengths, error, match):
     q, k, v = random_qkv(6, (2, 64, 2, 8))
     layout = full_layout(2, 2, 2, 2)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         reference_block_sparse_attention(q, k, v, layout, block_size=32, kv_lengths=kv_lengths)

@@ -387,12 +387,20 @@ def test_backend_scoring_implementation_scores_the_refresh(model, scoring, monke
         np.testing.assert_array_equal(np.asarray(cache_layout(cache, slot, NK).to_dense_mask()), blocks)
 
 
-def test_backend_rejects_unknown_scoring_implementation():
-    message = r"scoring_implementation must be one of \('jnp', 'triton'\) or None, got 'cuda'"
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        ("scoring_implementation", r"scoring_implementation must be one of \('triton', 'jnp'\) or None, got 'cuda'"),
+        ("sparse_implementation", r"sparse_implementation must be one of \('mosaic_gpu', 'triton', 'xla'\) or None, got 'cuda'"),
+        ("dense_implementation", r"dense_implementation must be one of \('cudnn', 'xla'\) or None, got 'cuda'"),
+    ],
+)
+def test_backend_rejects_unknown_implementations(field, message):
+    """Every implementation name is checked once, when the backend is built (not at the first layer)."""
     with pytest.raises(ValueError, match=message):
-        AttentionBackend("dfs", DFS, scoring_implementation="cuda")
+        AttentionBackend("dfs", DFS, **{field: "cuda"})
     with pytest.raises(ValueError, match=message):
-        make_backend("dfs", DFS, scoring_implementation="cuda")
+        make_backend("dfs", DFS, **{field: "cuda"})
 
 
 def test_bfloat16_model_runs_and_keeps_float32_modules(model):
