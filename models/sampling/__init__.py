@@ -1,4 +1,6 @@
-"""Flow-matching sampling: one jitted loop (:mod:`~models.sampling.loop`), its schedules
+"""Flow-matching sampling: one jitted loop (:mod:`~models.sampling.loop`) with its carry and
+results (:mod:`~models.sampling.state`), the checks of a call (:mod:`~models.sampling.inputs`) and
+its progress bar and step clock (:mod:`~models.sampling.progress`); its schedules
 (:mod:`~models.sampling.schedule`) and solvers (:mod:`~models.sampling.solvers`, UniPC in
 :mod:`~models.sampling.unipc`)."""
 

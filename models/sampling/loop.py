@@ -22,20 +22,17 @@ driven from the loop by ``jax.debug.callback``; compilation happens before the f
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
-from dfsattn_jax.cache import MaskCache
 from dfsattn_jax.joint import JointTokens
-from dfsattn_jax.layout import blocks_for_density, check_density
+from dfsattn_jax.checks import check_density
+from dfsattn_jax.layout import blocks_for_density
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
 from models.common.parallel import Parallelism, make_parallel, replicate, shard_batch, shard_cache
 from models.common.processor import (
@@ -46,54 +43,32 @@ from models.common.processor import (
     make_backend,
     num_token_blocks,
     skipped_fraction,
-    token_permutation,
 )
+from models.sampling.inputs import (
+    SamplerInputs,
+    check_dfs_override,
+    check_finite,
+    check_plan,
+    check_sampler_inputs,
+)
+from models.sampling.progress import StepClock, done_marker
 from models.sampling.schedule import (
-    SCHEDULE_NAMES,
     FlowSchedule,
     StepPlan,
-    flow_schedule,
-    make_schedule,
-    make_step_plan,
+    _flow_schedule,
+    _pad_schedule,
+    _pad_step_plan,
+    check_schedule,
     step_capacity,
 )
 from models.sampling.solvers import Solver, get_solver
+from models.sampling.state import LoopState, SampleResult, init_loop_state, record_step, warn_if_not_finite
+from models.sampling.unipc import check_shift
 
 __all__ = ["AUTO", "LoopState", "SampleResult", "Sampler", "check_finite", "sample"]
 
 #: ``plan=AUTO``: the plan follows the backend's DFS schedule (``None`` would mean all dense).
 AUTO = "auto"
-
-
-# --------------------------------------------------------------------------- sampler
-
-
-def check_finite(**values: Any) -> None:
-    """Raises ``ValueError`` naming the first argument that holds a NaN or an infinity (``None``,
-    traced and non-floating values are skipped; a pytree is checked leaf by leaf and the error
-    names the leaf's path): non-finite inputs would make every latent NaN."""
-    for name, value in values.items():
-        for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-            if leaf is None or isinstance(leaf, jax.core.Tracer):
-                continue
-            leaf = jnp.asarray(leaf)
-            if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-                continue
-            if not bool(jnp.all(jnp.isfinite(leaf))):
-                where = f"{name}{jax.tree_util.keystr(path)}"
-                raise ValueError(f"{where} must be finite, got NaN or infinite values")
-
-
-def joint_tokens(model: nnx.Module, grid: tuple[int, int, int], cond: Any) -> JointTokens | None:
-    """The spans of a joint text + video attention (``model.joint_tokens(grid, cond)``), or
-    ``None`` for a model whose self-attention covers the video tokens only (Wan)."""
-    method = getattr(model, "joint_tokens", None)
-    return None if method is None else method(grid, cond).check()
-
-
-def attention_tokens(grid: tuple[int, int, int], joint: JointTokens | None) -> int:
-    """Tokens of the model's self-attention: the joint length, or ``prod(grid)``."""
-    return math.prod(grid) if joint is None else joint.length
 
 
 def _cast_conditioning(cond: Any, dtype) -> Any:
@@ -103,77 +78,8 @@ def _cast_conditioning(cond: Any, dtype) -> Any:
 
 
 def _batch_concat(cond: Any, negative: Any) -> Any:
+    """``[cond; negative]`` along the batch, leaf by leaf: the guided batch of ``2B``."""
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), cond, negative)
-
-
-class LoopState(NamedTuple):
-    """The carry of the sampling loop (a pytree).
-
-    Attributes:
-      latents: float32 ``[B, C, F, H, W]``.
-      solver: the solver's state.
-      cache: the mask cache (``None`` for the dense backend).
-      refreshed: int32[P] layouts written at each step.
-      skipped: float32[P] skipped block fraction over all self-attention layers at each step.
-      probes: the hooks' records, each leaf ``[P, num_layers, *shape]`` for a probe leaf of
-        ``shape`` (``None`` without probes).
-    """
-
-    latents: Array
-    solver: Any
-    cache: MaskCache | None
-    refreshed: Array
-    skipped: Array
-    probes: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleResult:
-    """What one sampling run returns.
-
-    Attributes:
-      latents: float32 final latents ``[B, C, F, H, W]``.
-      cache: the final mask cache (``None`` for the dense backend).
-      refreshed: int32[num_steps], layouts written at each step (sparse layers at a refresh
-        step, 0 elsewhere), read from the carried ``MaskCache.refreshes``.
-      skipped: float32[num_steps], mean skipped block fraction over all self-attention layers
-        at each step (dense layers and dense steps count 0), from the layouts in force.
-      plan: the DFS plan (``None``: dense).
-      sigmas: float32[num_steps + 1]; timesteps: ``[num_steps]``, int64 (``"unipc"``
-        schedule) or float32 (``"flow-match-euler"``), as the pipeline feeds them.
-      probes: the hooks' records, each leaf ``[num_steps, num_layers, *shape]`` (``None`` without).
-      time_s: wall time of the steps, blocked on the result (with ``progress``, measured from
-        the loop's start on the device, so tracing and compilation are excluded; without it,
-        from the call, so warm up first: :meth:`Sampler.warmup`).
-      compile_s: with ``progress``, the time from the call to the loop's start (tracing and
-        compilation when the program is new); NaN without ``progress``.
-      step_s: float64[num_steps], with ``progress``, the wall time of each step (between the
-        loop's per-step callbacks, which run as the device finishes a step); NaN without.
-    """
-
-    latents: Array
-    cache: MaskCache | None
-    refreshed: np.ndarray
-    skipped: np.ndarray
-    plan: SchedulePlan | None
-    sigmas: np.ndarray
-    timesteps: np.ndarray
-    probes: Any = None
-    time_s: float = float("nan")
-    compile_s: float = float("nan")
-    step_s: np.ndarray | None = None
-
-    @property
-    def refresh_steps(self) -> tuple[int, ...]:
-        """Steps at which layouts were actually recomputed."""
-        return tuple(int(s) for s in np.flatnonzero(self.refreshed))
-
-    @property
-    def sparsity(self) -> float:
-        """docs/spec.md §6 reported sparsity: mean of ``skipped`` over the sparse steps (0 without any)."""
-        if self.plan is None or not self.plan.sparse.any():
-            return 0.0
-        return float(np.mean(self.skipped[self.plan.sparse]))
 
 
 class Sampler:
@@ -240,25 +146,18 @@ class Sampler:
             self.parallel.check_heads(model.config.num_heads)
             self.backend = dataclasses.replace(self.backend, parallel=self.parallel)
         self.solver = get_solver(solver)
-        if schedule not in SCHEDULE_NAMES:
-            raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {schedule!r}")
+        self.schedule = check_schedule(schedule)
         if schedule == "flow-match-euler" and self.solver.name != "euler":
             raise ValueError(f"the flow-match-euler schedule runs the euler solver, got solver {self.solver.name!r}")
-        self.schedule = schedule
-        self.shift = float(shift)
+        self.shift = check_shift(shift)
         self.num_train_timesteps = int(num_train_timesteps)
         self.max_density = None if max_density is None else check_density(max_density, "max_density")
         self.max_blocks = None if max_blocks is None else int(max_blocks)
         self.min_capacity = int(min_capacity)
         self.progress = bool(progress)
         self.trace_count = 0
-        self._pbar = None
-        self._quiet = False
-        self._kmax = None
-        self._bar_steps = 0
-        self._started = None
-        self._step_ends: dict[int, float] = {}
-        self._run = jax.jit(self._loop, static_argnums=(0, 1))
+        self._clock = StepClock(f"sampling ({self.backend.name})")
+        self._run = jax.jit(self._loop, static_argnums=(0, 1, 2, 3))
 
     # -- host side -------------------------------------------------------------------
 
@@ -269,22 +168,11 @@ class Sampler:
         interval) of ``backend.dfs``; its static fields (tile and block size, order, dense
         layers) must equal the backend's.
         """
+        if dfs is not None:
+            dfs = check_dfs_override(dfs, self.backend)
         if not self.backend.is_sparse:
-            if dfs is not None:
-                raise ValueError("dfs can only be given to a sampler with the dfs backend")
             return None
-        if dfs is None:
-            dfs = self.backend.dfs
-        elif not isinstance(dfs, DFSConfig):
-            raise ValueError(f"dfs must be a DFSConfig, got {type(dfs).__name__}")
-        else:
-            static = ("tile_size", "block_size", "order", "dense_layers")
-            diff = [f for f in static if getattr(dfs, f) != getattr(self.backend.dfs, f)]
-            if diff:
-                raise ValueError(
-                    f"dfs may only change the schedule; its {diff} differ from the backend's "
-                    "(make a Sampler with that backend instead)"
-                )
+        dfs = self.backend.dfs if dfs is None else dfs
         return plan_schedule(dfs, num_steps, num_token_blocks(num_tokens, self.backend.block_size))
 
     def cache_capacity(self, plan: SchedulePlan | None, joint: JointTokens | None = None) -> int:
@@ -308,15 +196,17 @@ class Sampler:
             capacity = max(capacity, blocks_for_density(self.max_density, plan.num_key_blocks))
         return capacity
 
-    def _order(self, order: str | None, grid: tuple[int, int, int]) -> TokenPermutation | None:
-        """The run's permutation as input arrays (``None``: the backend's static order)."""
-        if order is None:
-            return None
-        perm = token_permutation(order, grid)
-        if perm.perm is None:  # raster, given explicitly: identity arrays, to share the program
-            ident = np.arange(math.prod(grid), dtype=np.int32)
-            perm = TokenPermutation(ident, ident)
-        return TokenPermutation(jnp.asarray(perm.perm), jnp.asarray(perm.inverse))
+    def _resolve_plan(
+        self, plan: SchedulePlan | None | str, dfs: DFSConfig | None, run: SamplerInputs
+    ) -> SchedulePlan | None:
+        """The plan of a checked run: :meth:`plan` for :data:`AUTO`, else ``plan`` once it fits the run."""
+        if isinstance(plan, str):
+            if plan != AUTO:
+                raise ValueError(f"plan must be a SchedulePlan, None or {AUTO!r}, got {plan!r}")
+            return self.plan(run.num_steps, run.num_tokens, dfs)
+        if plan is not None:
+            check_plan(plan, run.num_steps, run.num_tokens, self.backend)
+        return plan
 
     def __call__(
         self,
@@ -352,82 +242,12 @@ class Sampler:
             share one program (``None``: the backend's order, baked into the program).
           hook_inputs: a pytree handed to the backend's hooks at every layer and step.
         """
-        noise = jnp.asarray(noise)
-        text = jax.tree.map(jnp.asarray, text)
-        grid = self.model.check_inputs(noise, jnp.zeros((noise.shape[0],)), text)
-        if negative_text is not None:
-            negative_text = jax.tree.map(jnp.asarray, negative_text)
-            shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
-            if jax.tree.structure(negative_text) != jax.tree.structure(text) or shapes(negative_text) != shapes(text):
-                raise ValueError(
-                    f"negative_text must have the structure and shapes of text {shapes(text)}, got {shapes(negative_text)}"
-                )
-        check_finite(noise=noise, text=text, negative_text=negative_text, guidance_scale=guidance_scale)
-        joint = joint_tokens(self.model, grid, text)
-        num_tokens = attention_tokens(grid, joint)
-        if self.parallel is not None:
-            guided = negative_text is not None
-            batch = noise.shape[0] * (2 if guided else 1)
-            self.parallel.check(batch=batch, num_heads=self.model.config.num_heads, num_tokens=num_tokens, guided=guided)
-        sigmas, timesteps = flow_schedule(num_steps, self.shift, self.num_train_timesteps, kind=self.schedule)
-        capacity = step_capacity(num_steps, self.min_capacity)
-        schedule = make_schedule(
-            num_steps, capacity=capacity, shift=self.shift, num_train_timesteps=self.num_train_timesteps,
-            kind=self.schedule,
+        run = check_sampler_inputs(
+            self.model, noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale,
+            order=order, parallel=self.parallel,
         )  # fmt: skip
-        if isinstance(plan, str):
-            if plan != AUTO:
-                raise ValueError(f"plan must be a SchedulePlan, None or {AUTO!r}, got {plan!r}")
-            plan = self.plan(num_steps, num_tokens, dfs)
-        elif plan is not None:
-            nk = num_token_blocks(num_tokens, self.backend.block_size)
-            if not self.backend.is_sparse:
-                raise ValueError("plan can only be given to a sampler with the dfs backend")
-            if plan.num_steps != num_steps or plan.num_key_blocks != nk:
-                raise ValueError(
-                    f"plan must cover {num_steps} steps over {nk} key blocks, got "
-                    f"{plan.num_steps} steps over {plan.num_key_blocks}"
-                )
-        steps = make_step_plan(plan, capacity)
-        graphdef, state = nnx.split(self.model)
-        kmax = self.cache_capacity(plan, joint) if self._kmax is None else self._kmax
-        inputs = (
-            state, noise.astype(jnp.float32), text, negative_text, schedule, steps,
-            jnp.asarray(guidance_scale, jnp.float32), self._order(order, grid), hook_inputs,
-        )  # fmt: skip
-        if self.parallel is not None:  # everything replicated onto the mesh; the weights once, in place
-            inputs = jax.device_put(inputs, self.parallel.sharding())
-            nnx.update(self.model, inputs[0])
-        args = (graphdef, kmax, *inputs)
-        self._bar_steps = num_steps
-        self._started = None
-        self._step_ends = {}
-        start = time.perf_counter()
-        try:
-            final = self._run(*args)
-            latents = jax.block_until_ready(final.latents)
-            if self.progress:
-                jax.effects_barrier()
-        finally:
-            if self._pbar is not None:
-                self._pbar.close()
-                self._pbar = None
-        end = time.perf_counter()
-        _warn_if_not_finite(latents)
-        started = start if self._started is None else self._started
-        return SampleResult(
-            latents=latents,
-            cache=final.cache,
-            refreshed=np.asarray(final.refreshed)[:num_steps],
-            skipped=np.asarray(final.skipped)[:num_steps],
-            plan=plan,
-            sigmas=sigmas,
-            timesteps=timesteps,
-            probes=jax.tree.map(lambda x: np.asarray(x)[:num_steps], final.probes),
-            time_s=end - started,
-            compile_s=float("nan") if self._started is None else self._started - start,
-            step_s=self._step_times(num_steps),
-        )
+        plan = self._resolve_plan(plan, dfs, run)
+        return self._sample(run, run.num_steps, plan, self.cache_capacity(plan, run.joint), hook_inputs, bar=True)
 
     def warmup(
         self,
@@ -436,53 +256,60 @@ class Sampler:
         negative_text: Float[Array, "b t e"] | None = None,
         *,
         num_steps: int = 50,
-        **kwargs: Any,
+        guidance_scale: float = 5.0,
+        dfs: DFSConfig | None = None,
+        plan: SchedulePlan | None | str = AUTO,
+        order: str | None = None,
+        hook_inputs: Any = None,
     ) -> float:
         """Compiles the program that a ``num_steps`` run uses, by running the fewest steps that
-        share it; returns the wall time in seconds. ``kwargs`` as :meth:`__call__` (``plan``
-        excepted: the short run is dense, in the same program)."""
-        capacity = step_capacity(num_steps, self.min_capacity)
-        fewest = 1 if capacity == step_capacity(1, self.min_capacity) else capacity // 2 + 1
+        share it; returns the wall time in seconds. Arguments as :meth:`__call__`; ``dfs`` and
+        ``plan`` only size the mask cache as the long run does (the short run is dense, in the
+        same program), and no progress bar is shown."""
         start = time.perf_counter()
-        text = jax.tree.map(jnp.asarray, text)
-        grid = self.model.check_inputs(jnp.asarray(noise), jnp.zeros((noise.shape[0],)), text)
-        joint = joint_tokens(self.model, grid, text)
-        plan = kwargs.pop("plan", AUTO)
-        if isinstance(plan, str):
-            plan = self.plan(num_steps, attention_tokens(grid, joint), kwargs.get("dfs"))
-        kwargs.pop("dfs", None)
-        # Same cache capacity as the long run, and no bar (the traced program keeps its callback).
-        self._kmax = self.cache_capacity(plan, joint)
-        self._quiet = True
-        try:
-            result = self(noise, text, negative_text, num_steps=fewest, plan=None, **kwargs)
-        finally:
-            self._quiet = False
-            self._kmax = None
+        run = check_sampler_inputs(
+            self.model, noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale,
+            order=order, parallel=self.parallel,
+        )  # fmt: skip
+        kmax = self.cache_capacity(self._resolve_plan(plan, dfs, run), run.joint)
+        capacity = step_capacity(run.num_steps, self.min_capacity)
+        fewest = 1 if capacity == step_capacity(1, self.min_capacity) else capacity // 2 + 1
+        result = self._sample(run, fewest, None, kmax, hook_inputs, bar=False)
         jax.block_until_ready(result.latents)
         return time.perf_counter() - start
 
-    def _on_start(self, _ready=None) -> None:
-        if self._started is not None:  # several devices call it once each
-            return
-        self._started = time.perf_counter()
-        if not self._quiet:
-            from tqdm.auto import tqdm
-
-            self._pbar = tqdm(total=self._bar_steps, desc=f"sampling ({self.backend.name})", unit="step")
-
-    def _step_times(self, num_steps: int) -> np.ndarray:
-        ends = [self._step_ends.get(i, float("nan")) for i in range(num_steps)]
-        started = float("nan") if self._started is None else self._started
-        return np.diff(np.asarray([started, *ends], np.float64))
-
-    def _on_step(self, step, _ready=None) -> None:
-        self._step_ends.setdefault(int(step), time.perf_counter())
-        pbar = self._pbar
-        if pbar is not None:
-            done = int(step) + 1
-            if done > pbar.n:
-                pbar.update(done - pbar.n)
+    def _sample(
+        self, run: SamplerInputs, num_steps: int, plan: SchedulePlan | None, kmax: int, hook_inputs: Any, *, bar: bool
+    ) -> SampleResult:
+        """Runs the compiled loop on checked inputs for ``num_steps`` steps (``plan`` fits them,
+        ``kmax`` is the cache capacity) and collects the result; ``bar``: a progress bar when
+        the sampler shows progress."""
+        capacity = step_capacity(num_steps, self.min_capacity)
+        sigmas, timesteps = _flow_schedule(self.schedule, num_steps, self.shift, self.num_train_timesteps)
+        graphdef, state = nnx.split(self.model)
+        inputs = (
+            state, run.noise, run.text, run.negative_text, _pad_schedule(sigmas, timesteps, capacity),
+            _pad_step_plan(plan, capacity), run.guidance_scale, run.order, hook_inputs,
+        )  # fmt: skip
+        if self.parallel is not None:  # everything replicated onto the mesh; the weights once, in place
+            inputs = jax.device_put(inputs, self.parallel.sharding())
+            nnx.update(self.model, inputs[0])
+        self._clock.begin(num_steps, show_bar=bar)
+        start = time.perf_counter()
+        try:
+            final = self._run(graphdef, kmax, run.num_tokens, run.joint, *inputs)
+            latents = jax.block_until_ready(final.latents)
+            if self.progress:
+                jax.effects_barrier()
+        finally:
+            self._clock.close()
+        end = time.perf_counter()
+        warn_if_not_finite(latents, stacklevel=3)  # names the caller of __call__ or warmup
+        time_s, compile_s, step_s = self._clock.timings(start, end, num_steps)
+        return SampleResult.from_state(
+            final, num_steps, latents=latents, plan=plan, sigmas=sigmas, timesteps=timesteps,
+            time_s=time_s, compile_s=compile_s, step_s=step_s,
+        )  # fmt: skip
 
     # -- traced ----------------------------------------------------------------------
 
@@ -490,6 +317,8 @@ class Sampler:
         self,
         graphdef,
         max_blocks: int,
+        num_tokens: int,
+        joint: JointTokens | None,
         state,
         noise: Float[Array, "b c f h w"],
         text: Any,
@@ -500,6 +329,8 @@ class Sampler:
         order: TokenPermutation | None,
         hook_inputs: Any,
     ) -> LoopState:
+        """The whole denoising loop (jitted; ``graphdef``, ``max_blocks``, ``num_tokens`` and
+        ``joint`` are static, the inputs checked by :func:`~models.sampling.inputs.check_sampler_inputs`)."""
         self.trace_count += 1
         model = nnx.merge(graphdef, state)
         cfg = model.config
@@ -508,16 +339,6 @@ class Sampler:
         guided = negative_text is not None
         cond = _cast_conditioning(_batch_concat(text, negative_text) if guided else text, model.dtype)
         model_batch = 2 * batch if guided else batch
-        grid = model.check_inputs(noise, jnp.zeros((batch,)), text)
-        joint = joint_tokens(model, grid, text)
-        num_tokens = attention_tokens(grid, joint)
-        capacity = steps.sparse.shape[0]
-        template = backend.hooks.probe_template()
-        probes = None
-        if template is not None:
-            probes = jax.tree.map(
-                lambda z: jnp.zeros((capacity, cfg.num_layers) + jnp.shape(z), jnp.asarray(z).dtype), template
-            )
         cache = None
         if backend.is_sparse:
             cache = init_cache(
@@ -544,49 +365,27 @@ class Sampler:
             new = carry._replace(latents=x, solver=solver_state, cache=shard_cache(attention.cache, parallel))
             if attention.cache is not None:
                 skipped = skipped_fraction(attention.cache, cfg.num_layers, joint=joint, block_size=backend.block_size)
-                frac = jnp.where(control.sparse, skipped, 0.0)
-                new = new._replace(
-                    refreshed=carry.refreshed.at[i].set(attention.cache.refreshes - before),
-                    skipped=carry.skipped.at[i].set(frac),
+                new = record_step(
+                    new, i, refreshed=attention.cache.refreshes - before, skipped=jnp.where(control.sparse, skipped, 0.0)
                 )
             if carry.probes is not None:
-                per_layer = jax.tree.map(lambda *xs: jnp.stack(xs), *attention.probes)
-                new = new._replace(probes=jax.tree.map(lambda rec, p: rec.at[i].set(p), carry.probes, per_layer))
+                new = record_step(new, i, probes=attention.probes)
             if self.progress:  # ordered effects need one device; unordered ones may repeat per device
-                # The callback takes one element of the step's result, so it cannot run before the
-                # step has finished: with only ``i`` as operand, XLA may schedule it at the start of
-                # the iteration (seen on CPU host devices: a run's first step timed at ~0 ms).
-                jax.debug.callback(self._on_step, i, _done_marker(x), ordered=parallel is None)
+                # The operand is one element of the step's result, so the callback cannot run early.
+                jax.debug.callback(self._clock.on_step, i, done_marker(x), ordered=parallel is None)
             return new
 
-        carry = LoopState(
-            latents=noise,
-            solver=self.solver.init(schedule, noise),
-            cache=shard_cache(cache, parallel),
-            refreshed=jnp.zeros((capacity,), jnp.int32),
-            skipped=jnp.zeros((capacity,), jnp.float32),
-            probes=probes,
+        carry = init_loop_state(
+            noise,
+            self.solver.init(schedule, noise),
+            shard_cache(cache, parallel),
+            capacity=steps.sparse.shape[0],
+            num_layers=cfg.num_layers,
+            probe_template=backend.hooks.probe_template(),
         )
         if self.progress:  # runs once the program has started: compilation is not a step
-            jax.debug.callback(self._on_start, _done_marker(noise), ordered=parallel is None)
+            jax.debug.callback(self._clock.on_start, done_marker(noise), ordered=parallel is None)
         return jax.lax.fori_loop(0, schedule.num_steps, body, carry)
-
-
-def _warn_if_not_finite(latents: Array) -> None:
-    """A ``RuntimeWarning`` when a run's final latents hold NaN or infinite values (never silent)."""
-    bad = int(latents.size - jnp.sum(jnp.isfinite(latents)))
-    if bad:
-        warnings.warn(
-            f"sampling produced {bad} non-finite values among the {latents.size} final latents "
-            f"(shape {tuple(latents.shape)}); the result is not usable",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-def _done_marker(x: Array) -> Array:
-    """One element of ``x``: a callback operand that exists only once ``x`` has been computed."""
-    return x.reshape(-1)[0]
 
 
 def sample(

@@ -32,7 +32,6 @@ compiled sampling program.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -42,12 +41,13 @@ from jaxtyping import Array, Bool, Float, Int
 from dfsattn_jax.checks import check_positive_int
 from dfsattn_jax.schedule import SchedulePlan
 from models.common.processor import StepControl
-from models.sampling.unipc import flow_sigmas, flow_timesteps
+from models.sampling.unipc import _unipc_schedule, check_shift
 
 __all__ = [
     "SCHEDULE_NAMES",
     "FlowSchedule",
     "StepPlan",
+    "check_schedule",
     "flow_match_euler_schedule",
     "flow_schedule",
     "make_schedule",
@@ -57,6 +57,13 @@ __all__ = [
 
 #: The sigma/timestep rules :func:`flow_schedule` knows (module docstring).
 SCHEDULE_NAMES: tuple[str, ...] = ("unipc", "flow-match-euler")
+
+
+def check_schedule(kind: str) -> str:
+    """``kind`` if it is one of :data:`SCHEDULE_NAMES`, else a ``ValueError`` naming ``schedule``."""
+    if not isinstance(kind, str) or kind not in SCHEDULE_NAMES:
+        raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {kind!r}")
+    return kind
 
 
 def flow_schedule(
@@ -70,15 +77,18 @@ def flow_schedule(
       ``(sigmas float32[num_steps + 1], timesteps[num_steps])``, ``sigmas[-1] == 0``; timesteps
       int64 for ``"unipc"`` (truncated, as the Wan pipeline feeds them), float32 for
       ``"flow-match-euler"``.
+
+    Raises:
+      ValueError: naming ``schedule``, ``num_steps`` or ``shift``.
     """
-    if kind == "flow-match-euler":
-        return flow_match_euler_schedule(num_steps, shift, num_train_timesteps)
-    if kind != "unipc":
-        raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {kind!r}")
-    return (
-        flow_sigmas(num_steps, shift, num_train_timesteps),
-        flow_timesteps(num_steps, shift, num_train_timesteps),
-    )
+    kind = check_schedule(kind)
+    return _flow_schedule(kind, check_positive_int(num_steps, "num_steps"), check_shift(shift), num_train_timesteps)
+
+
+def _flow_schedule(kind: str, num_steps: int, shift: float, num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`flow_schedule` of checked arguments (no checks here)."""
+    rule = _flow_match_euler_schedule if kind == "flow-match-euler" else _unipc_schedule
+    return rule(num_steps, shift, num_train_timesteps)
 
 
 def flow_match_euler_schedule(
@@ -95,9 +105,11 @@ def flow_match_euler_schedule(
     Raises:
       ValueError: if ``num_steps < 1`` or ``shift`` is not a positive finite number.
     """
-    num_steps = check_positive_int(num_steps, "num_steps")
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"shift must be a positive finite number, got {shift!r}")
+    return _flow_match_euler_schedule(check_positive_int(num_steps, "num_steps"), check_shift(shift), num_train_timesteps)
+
+
+def _flow_match_euler_schedule(num_steps: int, shift: float, num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`flow_match_euler_schedule` of checked arguments (no checks here)."""
     s = np.linspace(1.0, 0.0, num_steps + 1)[:-1].astype(np.float32)
     s = np.float32(shift) * s / (np.float32(1.0) + np.float32(shift - 1.0) * s)
     timesteps = (s * np.float32(num_train_timesteps)).astype(np.float32)
@@ -136,6 +148,12 @@ def make_schedule(
     capacity = step_capacity(num_steps) if capacity is None else int(capacity)
     if capacity < num_steps:
         raise ValueError(f"capacity must be >= num_steps={num_steps}, got {capacity}")
+    return _pad_schedule(sigmas, timesteps, capacity)
+
+
+def _pad_schedule(sigmas: np.ndarray, timesteps: np.ndarray, capacity: int) -> FlowSchedule:
+    """``(sigmas [n + 1], timesteps [n])`` padded with zeros to ``capacity >= n`` steps (no checks here)."""
+    num_steps = timesteps.shape[0]
     sig = np.zeros(capacity + 1, np.float32)
     sig[: num_steps + 1] = sigmas
     ts = np.zeros(capacity, np.float32)
@@ -156,13 +174,18 @@ class StepPlan(NamedTuple):
 
 def make_step_plan(plan: SchedulePlan | None, capacity: int) -> StepPlan:
     """Pads a :class:`SchedulePlan` (``None``: all steps dense) to ``capacity`` steps."""
+    if plan is not None and plan.num_steps > capacity:
+        raise ValueError(f"capacity must be >= the plan's {plan.num_steps} steps, got {capacity}")
+    return _pad_step_plan(plan, capacity)
+
+
+def _pad_step_plan(plan: SchedulePlan | None, capacity: int) -> StepPlan:
+    """:func:`make_step_plan` of a plan of at most ``capacity`` steps (no checks here)."""
     sparse = np.zeros(capacity, bool)
     refresh = np.zeros(capacity, bool)
     num_blocks = np.ones(capacity, np.int32)
     if plan is not None:
         n = plan.num_steps
-        if n > capacity:
-            raise ValueError(f"capacity must be >= the plan's {n} steps, got {capacity}")
         sparse[:n] = plan.sparse
         refresh[:n] = plan.refresh
         num_blocks[:n] = plan.num_blocks

@@ -9,7 +9,7 @@ usable inside ``lax.fori_loop``:
 ``unipc_init(schedule, sample) -> UniPCState`` and
 ``unipc_step(state, model_output, sample, step_index) -> (new_sample, new_state)``,
 
-also exported as ``init`` / ``step``: the solver protocol of :mod:`models.sampling.loop`, whose
+also exported as ``init`` / ``step``: the solver protocol of :mod:`models.sampling.solvers`, whose
 ``get_solver("unipc")`` finds them by name. ``step_index`` and the number of steps may be
 traced (the sampler pads its schedule to a static capacity and carries ``num_steps``).
 
@@ -40,6 +40,7 @@ of the timesteps to integers (what the Wan pipeline feeds the transformer).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -52,6 +53,7 @@ from dfsattn_jax.checks import check_positive_int
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "UniPCState",
+    "check_shift",
     "flow_sigmas",
     "flow_timesteps",
     "unipc_init",
@@ -64,11 +66,12 @@ __all__ = [
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def _check_steps_shift(num_steps: int, shift: float) -> int:
-    num_steps = check_positive_int(num_steps, "num_steps")
-    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+def check_shift(shift: float) -> float:
+    """``shift`` as a Python float if it is a positive finite real number (not a bool), else a
+    ``ValueError`` naming ``shift``: the one rule of every flow-matching schedule."""
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or shift <= 0:
         raise ValueError(f"shift must be a positive finite number, got {shift!r}")
-    return num_steps
+    return float(shift)
 
 
 def _shifted_sigmas_f64(num_steps: int, shift: float, num_train_timesteps: int) -> np.ndarray:
@@ -79,6 +82,16 @@ def _shifted_sigmas_f64(num_steps: int, shift: float, num_train_timesteps: int) 
         # diffusers nudges sigma_0 below 1 so that log(alpha_0) is finite.
         sigmas[0] -= 1e-6
     return sigmas
+
+
+def _unipc_schedule(num_steps: int, shift: float, num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(flow_sigmas, flow_timesteps)`` of checked arguments (no checks here): float32[N + 1]
+    and int64[N], from one computation of the float64 sigmas."""
+    sigmas = _shifted_sigmas_f64(num_steps, shift, num_train_timesteps)
+    return (
+        np.concatenate([sigmas, [0.0]]).astype(np.float32),
+        (sigmas * num_train_timesteps).astype(np.int64),
+    )
 
 
 def flow_sigmas(
@@ -92,9 +105,7 @@ def flow_sigmas(
     Raises:
       ValueError: if ``num_steps < 1`` or ``shift`` is not positive.
     """
-    num_steps = _check_steps_shift(num_steps, shift)
-    sigmas = _shifted_sigmas_f64(num_steps, float(shift), num_train_timesteps)
-    return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    return _unipc_schedule(check_positive_int(num_steps, "num_steps"), check_shift(shift), num_train_timesteps)[0]
 
 
 def flow_timesteps(
@@ -108,9 +119,7 @@ def flow_timesteps(
     Raises:
       ValueError: if ``num_steps < 1`` or ``shift`` is not positive.
     """
-    num_steps = _check_steps_shift(num_steps, shift)
-    sigmas = _shifted_sigmas_f64(num_steps, float(shift), num_train_timesteps)
-    return (sigmas * num_train_timesteps).astype(np.int64)
+    return _unipc_schedule(check_positive_int(num_steps, "num_steps"), check_shift(shift), num_train_timesteps)[1]
 
 
 def unipc_orders(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +127,7 @@ def unipc_orders(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
 
     Predictor: ``min(2, i + 1, N - i)``; corrector at ``i >= 1``: the predictor order of ``i - 1``.
     """
-    num_steps = _check_steps_shift(num_steps, 1.0)
+    num_steps = check_positive_int(num_steps, "num_steps")
     i = np.arange(num_steps)
     predictor = np.minimum(np.minimum(2, i + 1), num_steps - i).astype(np.int32)
     corrector = np.concatenate([[0], predictor[:-1]]).astype(np.int32)
@@ -146,7 +155,7 @@ class UniPCState(NamedTuple):
 
 def _schedule_arrays(schedule: Any) -> tuple[Any, Any]:
     """``(sigmas, num_steps)`` of a schedule: an array, or an object with ``sigmas`` (and
-    optionally a ``num_steps``, e.g. :class:`models.sampling.loop.FlowSchedule` with padded arrays)."""
+    optionally a ``num_steps``, e.g. :class:`models.sampling.schedule.FlowSchedule` with padded arrays)."""
     sigmas = getattr(schedule, "sigmas", schedule)
     num_steps = getattr(schedule, "num_steps", None)
     if sigmas is None:
@@ -176,7 +185,7 @@ def unipc_init(schedule: Any, sample: Float[Array, "..."]) -> UniPCState:
     Args:
       schedule: the sigmas ``[N + 1]`` (e.g. :func:`flow_sigmas`), or an object with a
         ``sigmas`` attribute holding them and optionally ``num_steps`` (then ``sigmas`` may
-        be padded past ``N + 1``; :class:`models.sampling.loop.FlowSchedule` is such an object).
+        be padded past ``N + 1``; :class:`models.sampling.schedule.FlowSchedule` is such an object).
       sample: the initial noise ``x_0`` (only its shape and dtype are used).
 
     Raises:
@@ -279,6 +288,6 @@ def unipc_step(
     return x_next.astype(sample.dtype), new_state
 
 
-# The solver protocol of models.sampling.loop (``get_solver("unipc")`` picks these up by name).
+# The solver protocol of models.sampling.solvers (``get_solver("unipc")`` picks these up by name).
 init = unipc_init
 step = unipc_step

@@ -21,7 +21,7 @@ from dfsattn_jax.cache import cache_layout
 from dfsattn_jax.schedule import DFSConfig, plan_schedule, reported_sparsity
 from models.common.processor import AttentionBackend, StepControl, init_cache, make_backend, num_token_blocks
 from models.wan.config import get_config
-from models.sampling import Sampler, Solver, flow_schedule, get_solver, step_capacity
+from models.sampling import SCHEDULE_NAMES, Sampler, Solver, flow_schedule, get_solver, step_capacity
 from models.sampling.solvers import EULER
 from models.wan.transformer import WanTransformer3DModel
 
@@ -224,6 +224,27 @@ def test_bad_sampler_inputs_raise(model, inputs, dfs_sampler):
         dfs_sampler(noise[:, :, :, :15], text, neg, num_steps=2)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         dfs_sampler(noise, text[..., :-1], num_steps=2)
+
+
+@pytest.mark.parametrize("shift", [True, 0.0, -1.0, math.inf, "5"])
+def test_one_shift_rule_for_every_schedule(model, shift):
+    for kind in SCHEDULE_NAMES:
+        with pytest.raises(ValueError, match="shift must be a positive finite number"):
+            flow_schedule(4, shift, kind=kind)
+    with pytest.raises(ValueError, match="shift must be a positive finite number"):
+        Sampler(model, "dense", shift=shift)  # checked when the sampler is made, not at each call
+
+
+def test_warmup_checks_its_arguments_before_tracing(model, inputs):
+    noise, text, _ = inputs
+    sampler = Sampler(model, "dense", progress=False)
+    with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+        sampler.warmup(noise, text, num_steps=0)
+    with pytest.raises(ValueError, match="plan must be a SchedulePlan"):
+        sampler.warmup(noise, text, num_steps=4, plan="dense")
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        sampler.warmup(noise, text[..., :-1], num_steps=4)
+    assert sampler.trace_count == 0
 
 
 def test_run_comparison_reports_and_draws(tmp_path):
