@@ -1,4 +1,4 @@
-"""Train a small video DiT of the quality harness (``models/evaluation/small_dit.py``) on synthetic clips.
+"""Train a small video DiT of the quality harness (:mod:`models.evaluation.small_dit`) on synthetic clips.
 
 Models (``--model``, :data:`models.evaluation.small_dit.SMALL_DIT_MODELS`): ``v1`` (dim 256, 6
 layers, 4 heads, 16×64×64-px clips, 16,384 tokens), ``v2`` (dim 512, 4 layers, 8 heads of 64,
@@ -6,38 +6,21 @@ layers, 4 heads, 16×64×64-px clips, 16,384 tokens), ``v2`` (dim 512, 4 layers,
 Each is conditioned through the cross-attention on a learned embedding of the clip's photo and
 motion class (:class:`models.evaluation.small_dit.ClipConditioner`, 2 + 2 tokens of width 64).
 
-Objective (:mod:`models.evaluation.learning`): rectified flow as Wan trains it, ``x_σ = (1 - σ) x0
-+ σ ε``, the model predicts ``ε - x0`` at timestep ``1000 σ``; ``σ`` shifted logit-normal
-(shift ``train_shift = 3``); the conditioning is replaced by the learned null embedding with
-probability 0.1 (classifier-free guidance).
-
-Stages (``--stages``): the run is a sequence of stages, each a step range with its own batch and
-clip size (the same model: RoPE positions follow the grid). The v2 recipe trains first on
-4-frame clips at the full 60×108 px (6,480 tokens: the photos' detail at the final spatial
-scale for 1/16 of the attention cost per clip), then on the 16-frame clips (25,920 tokens).
-
-Optimisation: AdamW (β = 0.9, 0.99, weight decay 0.01), global-norm clipping at 1; learning rate
-given to every step from the host (:func:`learning_rate`): linear warm-up, cosine decay to 10 %
-of the peak over all stages, times a linear re-warm ramp after a resume without optimizer
-moments. float32 master weights, bfloat16 activations on GPU (float32 on CPU). The clips are
-rendered on the device inside the jitted step from parameters drawn on the host with the seed
-``(seed, step)``, so a resumed run sees exactly the data it would have.
-
-Checkpoints, two kinds (a run resumes from the newer one):
+The objective, the stages, the optimiser and the learning-rate schedule are
+:mod:`models.evaluation.training`; the two checkpoint kinds (a run resumes from the newer one)
+are :mod:`models.evaluation.training_checkpoints`:
 
 * **full** (``--out``/``checkpoint.safetensors``): float32 params, AdamW moments and the step,
-  every ``--checkpoint-every`` steps and at the end; it stays on the machine (v2: 178 MB);
+  every ``--checkpoint-every`` steps and at the end; it stays on the machine;
 * **compact** (``--carry-out DIR``, read back with ``--carry-in DIR``): the params only, in
-  ``--carry-dtype`` (bfloat16: 29.7 MB for v2, in shards of at most 16 MiB via
-  :func:`models.evaluation.small_dit.write_sharded`), with the step, the configs and the loss
-  and held-out histories in the safetensors metadata (every shard's header). This is what
-  travels between GPU calls: the GPU machine returns files of at most 16 MiB and receives a
-  working tree of at most 64 MiB. Trade-off: resuming from it
-  rounds the weights to bfloat16 once (a relative change of at most 2⁻⁹, the rounding the
-  shipped weights get anyway) and restarts the AdamW moments: bias-corrected Adam then takes
-  sign-like steps, so the learning rate ramps back up linearly over ``--rewarm`` steps (100),
-  which costs about 50 steps of progress per resume. float32 params (59 MB for v2) plus moments
-  would not fit the 64 MiB tree next to the repository.
+  ``--carry-dtype`` (bfloat16, shards of at most 16 MiB), with the step, the configs and the
+  histories in the metadata: what travels between GPU calls. Resuming from it restarts the AdamW
+  moments, so the learning rate ramps back up over ``TrainConfig.rewarm`` steps (100). float32 params
+  (59 MB for v2) plus moments would not fit the 64 MiB tree next to the repository.
+
+Training runs with float32 master weights and bfloat16 activations on GPU (float32 on CPU). The
+clips are drawn with the seed ``(seed, step)``, so a resumed run sees exactly the data it would
+have.
 
 Measures (:mod:`models.evaluation.learning`): the held-out flow-matching loss on a fixed set at
 fixed noise levels every ``--eval-every`` steps; at the end of the last stage, ``--eval-samples``
@@ -53,15 +36,15 @@ stage is done, the shipped weights (bfloat16 safetensors, shards of at most 16 M
 Usage (from the repository root; needs the package installed: ``pip install -e .``)::
 
     # CPU smoke test (tiny model, 2 stages of 4-frame 16×16 clips; about a minute):
-    JAX_PLATFORMS=cpu python benchmarks/train_small.py --smoke --out /tmp/train_smoke
+    JAX_PLATFORMS=cpu python -m benchmarks.train_small --smoke --out /tmp/train_smoke
 
     # v2 on the H200 in resumable calls (benchmarks/NOTES.md, "Fidelity v2 runbook"):
-    python benchmarks/train_small.py --model v2 --out out/train_v2 --time-limit 500 \\
+    python -m benchmarks.train_small --model v2 --out out/train_v2 --time-limit 500 \\
         --carry-in carry/train_v2 --carry-out $OUT/ckpt --results $OUT/results \\
         --export $OUT/weights/small_video_dit_v2.safetensors
 
     # The shipped v1 model (2,400 steps × batch 8 on one H200, 6.4 min):
-    python benchmarks/train_small.py --model v1 --steps 2400 --batch 8 --out out/train_small \\
+    python -m benchmarks.train_small --model v1 --steps 2400 --batch 8 --out out/train_small \\
         --results benchmarks/results/train_small --export models/evaluation/weights/small_video_dit.safetensors
 """
 
@@ -80,78 +63,38 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from dfsattn_jax.checks import check_int_fields
-
-from models.evaluation.clips import (
-    BACKGROUND_PHOTOS,
-    MOTIONS,
-    NUM_MOTIONS,
-    NUM_PHOTOS,
-    ClipConfig,
-    load_photo_bank,
-    sample_clip_params,
-)
-from models.evaluation.learning import (
-    HeldoutSet,
-    clips_to_latents,
-    learning_report,
-    sample_sigmas,
-    velocity_loss,
-)
+from models.common.files import atomic_write, atomic_write_text
+from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS, load_photo_bank, sample_clip_params
+from models.evaluation.harness_weights import save_small_video_dit, weights_files
+from models.evaluation.learning import HeldoutSet, learning_report
 from models.evaluation.media import plot_sample_grid, write_side_by_side_gif
 from models.evaluation.results import device_name, portable, write_json
-from models.evaluation.small_dit import (
-    MAX_SHARD_BYTES,
-    SMOKE_DIT_CONFIG,
-    ClipConditioner,
-    SmallDiTConfig,
-    flatten_state,
-    get_small_dit,
-    read_sharded,
-    save_small_video_dit,
-    unflatten_into,
-    weights_files,
-    write_sharded,
+from models.evaluation.small_dit import SmallDiTConfig
+from models.evaluation.training import (
+    SmallDiT,
+    Stage,
+    TrainConfig,
+    learning_rate,
+    make_optimizer,
+    make_train_step,
+    recipe,
+    single_stage,
 )
-from models.io import atomic_write, atomic_write_bytes, atomic_write_text
-from models.wan.transformer import WanTransformer3DModel
-
-CHECKPOINT = "checkpoint.safetensors"
-COMPACT = "compact.safetensors"
-HISTORIES = ("losses", "heldout")
+from models.evaluation.training_checkpoints import (
+    CHECKPOINT,
+    checkpoint_info,
+    compact_info,
+    load_checkpoint,
+    load_compact,
+    save_checkpoint,
+    save_compact,
+)
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """A step range of the training run with its own batch and clip size.
-
-    Attributes:
-      end: the stage runs steps ``[previous end, end)``.
-      batch: clips per step.
-      frames, height, width: clip size (pixels); the model's clip config with these fields.
-    """
-
-    end: int
-    batch: int
-    frames: int
-    height: int
-    width: int
-
-    def __post_init__(self) -> None:
-        check_int_fields(self, ("end", "batch", "frames", "height", "width"), prefix="stage ")
-
-    def clip(self, base: ClipConfig) -> ClipConfig:
-        return dataclasses.replace(base, frames=self.frames, height=self.height, width=self.width)
-
-    def text(self) -> str:
-        return f"{self.end}:{self.batch}:{self.frames}x{self.height}x{self.width}"
+# Stages
 
 
 def parse_stages(text: str) -> tuple[Stage, ...]:
@@ -172,232 +115,6 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
     if ends != sorted(set(ends)):
         raise ValueError(f"--stages ends must increase, got {ends}")
     return tuple(stages)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings.
-
-    Attributes:
-      stages: the run's stages (the last one's ``end`` is the total step count).
-      lr: peak learning rate.
-      warmup: linear warm-up steps.
-      final_lr: the cosine decay's end, as a fraction of ``lr``.
-      weight_decay: AdamW weight decay.
-      grad_clip: global gradient-norm clip.
-      p_uncond: probability of the null conditioning (classifier-free guidance).
-      rewarm: steps of the linear learning-rate ramp after a resume without optimizer moments.
-      seed: data and initialisation seed.
-    """
-
-    stages: tuple[Stage, ...]
-    lr: float = 6e-4
-    warmup: int = 100
-    final_lr: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    p_uncond: float = 0.1
-    rewarm: int = 100
-    seed: int = 0
-
-    @property
-    def steps(self) -> int:
-        return self.stages[-1].end
-
-    def stage_index(self, step: int) -> int:
-        """The index of the stage that runs ``step``."""
-        for i, stage in enumerate(self.stages):
-            if step < stage.end:
-                return i
-        raise ValueError(f"step {step} is past the last stage (end {self.steps})")
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-
-def _single(config: SmallDiTConfig, steps: int, batch: int) -> tuple[Stage, ...]:
-    clip = config.clip
-    return (Stage(steps, batch, clip.frames, clip.height, clip.width),)
-
-
-#: The default recipe of each model: ``(config, TrainConfig)``. v1 is the shipped run's
-#: settings (it stopped at 2,400 of 2,600 planned steps: ``--steps 2400``); v2 is planned for
-#: 15–20 H200 minutes (benchmarks/NOTES.md).
-def recipe(model: str) -> tuple[SmallDiTConfig, TrainConfig]:
-    """The default model config and training settings of ``"v1"``, ``"v2"`` or ``"smoke"``."""
-    if model == "smoke":
-        config = SMOKE_DIT_CONFIG
-        stages = (Stage(10, 2, 2, 16, 16), Stage(20, 2, 4, 16, 16))
-        return config, TrainConfig(stages=stages, warmup=5, rewarm=3)
-    config = get_small_dit(model).config
-    if model == "v1":
-        return config, TrainConfig(stages=_single(config, 2600, 8))
-    stages = (Stage(2000, 32, 4, 60, 108), Stage(3100, 8, 16, 60, 108))
-    return config, TrainConfig(stages=stages, lr=4e-4, warmup=200)
-
-
-def learning_rate(step: int, cfg: TrainConfig, rewarm_from: int | None = None) -> float:
-    """The learning rate of update ``step`` (0-based): linear warm-up to ``cfg.lr`` over
-    ``cfg.warmup`` steps, then cosine decay to ``cfg.final_lr * cfg.lr`` at ``cfg.steps``; after
-    a resume without optimizer moments at ``rewarm_from``, times ``min(1, (step - rewarm_from + 1) / cfg.rewarm)``."""
-    warmup = max(1, min(cfg.warmup, cfg.steps - 1)) if cfg.steps > 1 else 1
-    if step < warmup:
-        lr = cfg.lr * step / warmup
-    else:
-        frac = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-        end = cfg.final_lr * cfg.lr
-        lr = end + (cfg.lr - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    if rewarm_from is not None and step >= rewarm_from:
-        lr *= min(1.0, (step - rewarm_from + 1) / max(1, cfg.rewarm))
-    return float(lr)
-
-
-class SmallDiT(nnx.Module):
-    """What is trained: the transformer and its conditioner."""
-
-    def __init__(self, config: SmallDiTConfig, *, rngs: nnx.Rngs, dtype, param_dtype=jnp.float32):
-        self.transformer = WanTransformer3DModel(config.wan, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.conditioner = ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=rngs)
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW without its learning rate (the step scales the update by ``-learning_rate(step)``)."""
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.scale_by_adam(b1=0.9, b2=0.99),
-        optax.add_decayed_weights(cfg.weight_decay),
-    )
-
-
-def flow_matching_loss(
-    bundle: SmallDiT, latents: jax.Array, photo: jax.Array, motion: jax.Array, key: jax.Array,
-    *, shift: float, p_uncond: float,
-) -> jax.Array:  # fmt: skip
-    """Mean squared error of the predicted velocity ``ε - x0``, conditioning dropped with ``p_uncond`` (float32)."""
-    k_noise, k_sigma, k_drop = jax.random.split(key, 3)
-    batch = latents.shape[0]
-    eps = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    sigma = sample_sigmas(k_sigma, batch, shift)
-    drop = jax.random.uniform(k_drop, (batch,)) < p_uncond
-    text = bundle.conditioner(jnp.where(drop, NUM_PHOTOS, photo), jnp.where(drop, NUM_MOTIONS, motion))
-    return jnp.mean(velocity_loss(bundle.transformer, text, latents, eps, sigma))
-
-
-def make_train_step(graphdef, config: SmallDiTConfig, clip: ClipConfig, tx: optax.GradientTransformation, cfg: TrainConfig):
-    """The jitted step ``(params, opt_state, images, clip_params, key, lr) -> (params, opt_state, loss)``
-    on clips of size ``clip``."""
-
-    def step(params, opt_state, images, clip_params, key, lr):
-        latents = clips_to_latents(images, clip_params, clip, config.codec)
-
-        def loss_fn(p):
-            bundle = nnx.merge(graphdef, p)
-            return flow_matching_loss(
-                bundle, latents, clip_params.photo, clip_params.motion, key,
-                shift=config.train_shift, p_uncond=cfg.p_uncond,
-            )  # fmt: skip
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        updates = jax.tree.map(lambda u: -lr * u, updates)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _opt_names(opt_state) -> list[str]:
-    return ["opt" + jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]]
-
-
-def save_checkpoint(
-    path: pathlib.Path, params, opt_state, step: int, config: SmallDiTConfig, cfg: TrainConfig,
-    *, rewarm_from: int | None = None,
-) -> None:  # fmt: skip
-    """The full checkpoint: params (float32), the optimizer state and the step, atomically
-    (:func:`models.io.atomic_write_bytes`)."""
-    from safetensors.numpy import save
-
-    tensors = flatten_state(nnx.to_pure_dict(params), "params.")
-    leaves = jax.tree_util.tree_leaves(opt_state)
-    tensors.update({name: np.asarray(leaf) for name, leaf in zip(_opt_names(opt_state), leaves)})
-    tensors["step"] = np.asarray(step, np.int64)
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    meta = {"config": config.to_json(), "train": cfg.to_json(), "step": str(step),
-            "rewarm_from": "" if rewarm_from is None else str(rewarm_from)}  # fmt: skip
-    atomic_write_bytes(path, save(tensors, metadata=meta))
-
-
-def checkpoint_info(path: pathlib.Path) -> dict[str, str]:
-    """A checkpoint file's metadata without reading its tensors: the full checkpoint's (step,
-    configs, ``rewarm_from``) or a compact one's (:func:`compact_info`)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return dict(f.metadata() or {})
-
-
-def load_checkpoint(path: pathlib.Path, params, opt_state, config: SmallDiTConfig):
-    """Restores ``(params, opt_state, step)`` into the given templates; checks the model config."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("config") != config.to_json():
-        raise ValueError(f"checkpoint {str(path)!r} was trained with another model config; use another --out")
-    pure = unflatten_into(nnx.to_pure_dict(params), {k: v for k, v in tensors.items() if k.startswith("params.")}, "params.")
-    nnx.replace_by_pure_dict(params, pure)
-    names = _opt_names(opt_state)
-    leaves, treedef = jax.tree_util.tree_flatten(opt_state)
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise ValueError(f"checkpoint {str(path)!r} lacks optimizer tensors {missing[:3]}")
-    opt_state = jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(tensors[n], leaf.dtype).reshape(leaf.shape) for n, leaf in zip(names, leaves)]
-    )
-    return params, opt_state, int(np.asarray(tensors["step"]).reshape(-1)[0])
-
-
-def save_compact(
-    folder: pathlib.Path, params, step: int, config: SmallDiTConfig, cfg: TrainConfig, history: dict[str, list],
-    *, dtype=jnp.bfloat16, max_shard_bytes: int = MAX_SHARD_BYTES,
-) -> dict[str, str]:  # fmt: skip
-    """The compact checkpoint in ``folder``: params in ``dtype`` (``compact.safetensors`` or its
-    shards, with ``compact.safetensors.sha256``); the step, the configs and the histories
-    (``losses``, ``heldout``: JSON lists of ``[step, loss]``) in the safetensors metadata, the one
-    record of them. Returns ``{file name: SHA-256}``."""
-    tensors = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in flatten_state(nnx.to_pure_dict(params), "params.").items()}
-    meta = {"config": config.to_json(), "train": cfg.to_json(), "step": str(step),
-            **{key: json.dumps(history[key]) for key in HISTORIES}}  # fmt: skip
-    return write_sharded(folder / COMPACT, tensors, meta, max_shard_bytes=max_shard_bytes)
-
-
-def compact_info(folder: pathlib.Path | None) -> dict[str, str] | None:
-    """The metadata of the compact checkpoint in ``folder`` (step, configs, histories), read from
-    its first file's header without the tensors; ``None`` when ``folder`` holds none."""
-    if folder is None or not any(folder.glob(f"{pathlib.Path(COMPACT).stem}*{pathlib.Path(COMPACT).suffix}")):
-        return None
-    return checkpoint_info(weights_files(folder / COMPACT)[0])
-
-
-def load_compact(folder: pathlib.Path, params, config: SmallDiTConfig) -> tuple[Any, int, dict[str, list]]:
-    """Restores the params (cast to the template's dtypes) of the compact checkpoint in
-    ``folder``: ``(params, step, histories)``. Checks the files' SHA-256 and the model config."""
-    tensors, meta = read_sharded(folder / COMPACT, verify=True)
-    if meta.get("config") != config.to_json():
-        raise ValueError(f"compact checkpoint in {str(folder)!r} was trained with another model config")
-    missing = [key for key in ("step", *HISTORIES) if key not in meta]
-    if missing:
-        raise ValueError(f"compact checkpoint in {str(folder)!r} has no {missing[0]!r} in its metadata "
-                         "(written by an older train_small; resume with --fresh)")  # fmt: skip
-    pure = unflatten_into(nnx.to_pure_dict(params), tensors, "params.")
-    nnx.replace_by_pure_dict(params, pure)
-    history = {key: [tuple(x) for x in json.loads(meta[key])] for key in HISTORIES}
-    return params, int(meta["step"]), history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +183,8 @@ def _portable_path(path: pathlib.Path) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_small", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("v1", "v2"), default="v1", help="the registered model to train (default v1)")
     p.add_argument("--smoke", action="store_true", help="tiny model and clips, few steps (CPU smoke test)")
     p.add_argument("--out", type=pathlib.Path, default=None, help="output folder (default out/train_<model>)")
@@ -510,7 +228,7 @@ def _train_config(args: argparse.Namespace) -> tuple[str, SmallDiTConfig, TrainC
     if args.stages is not None:
         stages = parse_stages(args.stages)
     elif args.steps is not None or args.batch is not None:
-        stages = _single(config, args.steps or cfg.steps, args.batch or cfg.stages[-1].batch)
+        stages = single_stage(config, args.steps or cfg.steps, args.batch or cfg.stages[-1].batch)
     changes = {"stages": stages, "seed": args.seed}
     if args.lr is not None:
         changes["lr"] = args.lr

@@ -40,9 +40,8 @@ import sys
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
+from models.cli_args import renamed
 from models.evaluation.reports import format_legend
 from models.evaluation.synthetic import DEFAULT_DENSITIES, DEFAULT_GRID, DEFAULT_ORDERS, format_table, synthetic_report
 
@@ -82,6 +81,12 @@ SYNTHETIC_LEGEND = (
      "1 = nothing missed"),
     ("rel.err", "||block-sparse output - dense output|| / ||dense output|| of the attention"),
 )
+#: The options that set the arguments the library checks, per mode: a ``ValueError`` naming one
+#: becomes a command-line error naming the option (the demo does not check them itself).
+MODEL_OPTIONS = {"repeats": "--repeats", "frames": "--frames", "height": "--height", "width": "--width"}
+SYNTHETIC_OPTIONS = {"grid": "--grid", "orders": "--orders", "density": "--densities", "block_size": "--block-size",
+                     "tile_size": "--tile-size"}  # fmt: skip
+
 
 def _parse_ints(text: str) -> tuple[int, ...]:
     try:
@@ -95,16 +100,6 @@ def _parse_floats(text: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(",") if p.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 0.5,0.3, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 SMALL_CONFIG_NAMES = ("small", "small-video-dit")
@@ -214,7 +209,11 @@ def _run_small_model(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point: the model comparison and/or the synthetic attention table."""
+    """Command line entry point: the model comparison and/or the synthetic attention table.
+
+    The library checks the values (sizes, repeats, densities, orders, block and tile sizes); a
+    value it refuses exits with status 2 and one line naming the option.
+    """
     parser = argparse.ArgumentParser(prog="python -m models.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("all", "model", "synthetic"), default="all")
     model_args = parser.add_argument_group("model comparison (--mode all/model)")
@@ -237,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_args.add_argument("--width", type=int, default=None, help="video width in pixels (as --height)")
     model_args.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; small model on CPU 20)")
     model_args.add_argument(
-        "--repeats", type=_positive_int, default=DEFAULT_REPEATS,
+        "--repeats", type=int, default=DEFAULT_REPEATS,
         help=f"timed runs of dense and of DFS after one warm-up compile; times are their median (default {DEFAULT_REPEATS})",
     )  # fmt: skip
     model_args.add_argument("--out-dir", default="demo_out", help="where the JSON report, mask PNG, GIF and MP4 go")
@@ -255,20 +254,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.mode in ("all", "model"):
-        if _use_small_model(args.config, args.weights):
-            _run_small_model(args)
-        else:
-            from models.evaluation.compare import run_comparison  # the model stack loads only when asked
-            from models.evaluation.reports import format_report
-
-            report = run_comparison(
-                args.config, args.frames or 17, args.height or 256, args.width or 256, args.steps or 50, args.seed,
-                out_dir=args.out_dir, progress=not args.no_progress, repeats=args.repeats,
-            )  # fmt: skip
-            print(format_report(report))
+        _as_option_error(parser, MODEL_OPTIONS, _run_model, args)
         if args.mode == "model":
             return 0
         print()
+    _as_option_error(parser, SYNTHETIC_OPTIONS, _run_synthetic, args)
+    return 0
+
+
+def _as_option_error(parser: argparse.ArgumentParser, options: dict[str, str], run, args: argparse.Namespace) -> None:
+    """Runs ``run(args)``; a ``ValueError`` naming one of ``options``' arguments exits as a
+    command-line error naming the option (``parser.error``: usage, one line, status 2)."""
+    try:
+        run(args)
+    except ValueError as err:
+        message = renamed(str(err), options)
+        if message is None:
+            raise
+        parser.error(message)
+
+
+def _run_model(args: argparse.Namespace) -> None:
+    """The model comparison: the shipped small video DiT, or a random-weights config."""
+    if _use_small_model(args.config, args.weights):
+        _run_small_model(args)
+        return
+    from models.evaluation.compare import run_comparison  # the model stack loads only when asked
+    from models.evaluation.reports import format_report
+
+    report = run_comparison(
+        args.config, args.frames or 17, args.height or 256, args.width or 256, args.steps or 50, args.seed,
+        out_dir=args.out_dir, progress=not args.no_progress, repeats=args.repeats,
+    )  # fmt: skip
+    print(format_report(report))
+
+
+def _run_synthetic(args: argparse.Namespace) -> None:
+    """The synthetic attention table with its legend."""
     rows = synthetic_report(
         args.grid,
         orders=args.orders,
@@ -287,7 +309,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_table(rows))
     print(format_legend(SYNTHETIC_LEGEND))
-    return 0
 
 
 if __name__ == "__main__":

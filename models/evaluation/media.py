@@ -5,7 +5,7 @@ figures with matplotlib (Agg backend, no display needed). MP4s need an H.264 enc
 optional: :func:`mp4_encoder` says which one is installed (``imageio`` with ``imageio-ffmpeg``,
 or an ``ffmpeg`` on the PATH through matplotlib's writer), and :func:`write_side_by_side_mp4`
 returns ``None`` instead of failing when there is none. Every file is written atomically
-(:func:`models.io.atomic_write`: a temporary file renamed over the destination), so an error or a
+(:func:`models.common.files.atomic_write`: a temporary file renamed over the destination), so an error or a
 kill never leaves a truncated GIF, MP4 or PNG.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 from jaxtyping import Float
 
 from dfsattn_jax.checks import check_positive_int
+from models.common.files import atomic_write
 
 __all__ = [
     "MASK_COLOURS",
@@ -114,8 +115,6 @@ def write_side_by_side_gif(
         Image.fromarray(f).convert("P", palette=Image.ADAPTIVE, colors=255)
         for f in side_by_side_frames(left, right, titles=titles, captions=captions, scale=scale)
     ]
-    from models.io import atomic_write
-
     path = str(path)
     with atomic_write(path) as tmp:
         frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(frame_ms), loop=0)
@@ -165,8 +164,6 @@ def write_side_by_side_mp4(
         return None
     if encoder not in ("imageio-ffmpeg", "matplotlib-ffmpeg"):
         raise ValueError(f"unknown MP4 encoder {encoder!r}; use 'imageio-ffmpeg' or 'matplotlib-ffmpeg'")
-    from models.io import atomic_write
-
     frames = side_by_side_frames(left, right, titles=titles, captions=captions, scale=scale, multiple_of=16)
     path = str(path)
     with atomic_write(path) as tmp:
@@ -272,8 +269,6 @@ def plot_block_masks(masks: dict[str, np.ndarray], path: str, *, title: str, hea
     (:func:`block_mask_figure`)."""
     import matplotlib.pyplot as plt
 
-    from models.io import atomic_write
-
     fig = block_mask_figure(masks, title=title, heads=heads)
     try:
         with atomic_write(path) as tmp:
@@ -343,8 +338,6 @@ def plot_sample_grid(
     machine under size limits)."""
     import matplotlib.pyplot as plt
     from PIL import Image
-
-    from models.io import atomic_write
 
     fig = sample_grid_figure(real, generated, captions=captions, columns=columns)
     try:

@@ -15,7 +15,7 @@ def test_main_prints_the_table(capsys):
     lines = [line.split() for line in out.splitlines()]
     assert lines[1] == ["order", "density", "blocks", "kept", "recall", "rel.err"]
     rows = lines[2:6]
-    assert lines[6] == ["legend:"]  # then one line per column (tests/test_hardening_demo.py)
+    assert lines[6] == ["legend:"]  # then one line per column (tests/cli/test_demo_errors.py)
     assert [(r[0], r[1]) for r in rows] == [("raster", "0.50"), ("raster", "0.20"), ("hilbert3d", "0.50"), ("hilbert3d", "0.20")]
     for r in rows:
         assert 0.0 < float(r[4]) <= 1.0 and 0.0 < float(r[5]) < 1.0
@@ -45,6 +45,7 @@ def test_model_mode_with_trained_weights_writes_gif(capsys, tmp_path):
     from flax import nnx
     from PIL import Image
 
+    from models.evaluation import harness_weights
     from models.evaluation import small_dit as pretrained
     from models.wan.transformer import WanTransformer3DModel
 
@@ -52,7 +53,7 @@ def test_model_mode_with_trained_weights_writes_gif(capsys, tmp_path):
     model = WanTransformer3DModel(config.wan, rngs=nnx.Rngs(5), dtype=jnp.float32, param_dtype=jnp.float32)
     conditioner = pretrained.ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(6))
     weights = tmp_path / "w.safetensors"
-    pretrained.save_small_video_dit(weights, model, conditioner, config, dtype=jnp.float32)
+    harness_weights.save_small_video_dit(weights, model, conditioner, config, dtype=jnp.float32)
     assert demo.main(["--mode", "model", "--weights", str(weights), "--steps", "5", "--samples", "2",
                       "--no-progress", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

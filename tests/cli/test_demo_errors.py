@@ -1,18 +1,16 @@
-"""Hardening of the end-to-end demo (``python -m models.demo``); each test is named after its finding:
+"""The end-to-end demo's reports and files (``python -m models.demo``):
 
-1. on CPU the demo shrank the clips silently and printed a PSNR far below README's → it says what
-   it scales down on CPU (clip size, steps, samples) and what to expect (trained size, README's
-   GPU figure), in the printed output and in the JSON report;
-2. its speedup varied from run to run → the times are the median of ``--repeats`` runs (default
-   3) after one warm-up compile, for dense and DFS alike, every run kept in the report, and the
-   speedup is the medians' ratio;
-3. no column of its tables was explained → every printed table and report has a legend line per
-   column / field;
-4. the mask PNG had no legend and overlapping titles → a colour key (kept vs skipped), short
-   per-panel titles, a wrapped figure title that overlaps nothing, axis labels;
-5. it wrote a GIF only → an MP4 next to the GIF when an encoder is installed, and a line saying
-   so (no failure) when none is;
-6. there was no LICENSE although pyproject declares Apache-2.0 → the Apache License 2.0 text.
+1. on CPU it says what it scales down (clip size, steps, samples) and what to expect (trained
+   size, README's GPU figure), in the printed output and in the JSON report;
+2. the times are the median of ``--repeats`` runs (default 3) after one warm-up compile, for
+   dense and DFS alike, every run kept in the report, and the speedup is the medians' ratio; a
+   ``--repeats`` the library refuses is a command-line error naming the option;
+3. every printed table and report has a legend line per column / field;
+4. the mask PNG has a colour key (kept vs skipped), short per-panel titles, a wrapped figure
+   title that overlaps nothing, and axis labels;
+5. an MP4 is written next to the GIF when an encoder is installed, and a line says so (no
+   failure) when none is;
+6. the LICENSE file is the Apache License 2.0 that pyproject declares.
 
 Everything runs on CPU on small seeded configs; nothing asserts a timing value.
 """
@@ -43,6 +41,7 @@ def _small_weights(tmp_path, clip=None):
     import jax.numpy as jnp
     from flax import nnx
 
+    from models.evaluation import harness_weights
     from models.evaluation import small_dit as pretrained
     from models.evaluation.clips import ClipConfig
     from models.wan.transformer import WanTransformer3DModel
@@ -53,7 +52,7 @@ def _small_weights(tmp_path, clip=None):
     model = WanTransformer3DModel(config.wan, rngs=nnx.Rngs(5), dtype=jnp.float32, param_dtype=jnp.float32)
     conditioner = pretrained.ClipConditioner(config.tokens_per_field, config.wan.text_dim, rngs=nnx.Rngs(6))
     weights = tmp_path / "w.safetensors"
-    pretrained.save_small_video_dit(weights, model, conditioner, config, dtype=jnp.float32)
+    harness_weights.save_small_video_dit(weights, model, conditioner, config, dtype=jnp.float32)
     return weights, config
 
 
@@ -83,7 +82,7 @@ def _no_mp4_encoder(monkeypatch):
     monkeypatch.setattr(media, "mp4_encoder", lambda: None)
 
 
-# --------------------------------------------------------------------------- finding 1
+# --------------------------------------------------------------------------- 1. what the CPU demo scales down
 
 
 def test_cpu_demo_says_what_it_scales_down_and_what_to_expect(capsys, tmp_path, monkeypatch):
@@ -130,7 +129,8 @@ def test_cpu_demo_scale_note_leaves_out_what_the_user_chose():
 
 
 def test_cpu_demo_gpu_figure_matches_readme_and_the_recorded_run():
-    """The GPU figure the CPU demo quotes is README's, which is the recorded H200 demo run."""
+    """The GPU figure the CPU demo quotes is README's (and docs/quality.md's), which is the recorded
+    H200 demo run."""
     ref = demo.GPU_REFERENCE
     recorded = json.loads((REPO / "benchmarks/results/demo/compare_small-video-dit.json").read_text())
     assert recorded["device"] == ref["device"] and recorded["tokens"] == ref["tokens"]
@@ -139,11 +139,12 @@ def test_cpu_demo_gpu_figure_matches_readme_and_the_recorded_run():
     assert [clip["frames"], clip["height"], clip["width"]] == ref["clip"]
     assert round(recorded["psnr_mean"], 1) == ref["psnr_db"] and round(recorded["ssim_mean"], 2) == ref["ssim"]
     assert round(recorded["speedup"], 2) == ref["speedup"]
-    readme = (REPO / "README.md").read_text()
-    assert f"PSNR {ref['psnr_db']} dB / SSIM {ref['ssim']}" in readme and f"({ref['speedup']}×)" in readme
+    for page in ("README.md", "docs/quality.md"):
+        text = (REPO / page).read_text()
+        assert f"PSNR {ref['psnr_db']} dB / SSIM {ref['ssim']}" in text and f"({ref['speedup']}×)" in text, page
 
 
-# --------------------------------------------------------------------------- finding 2
+# --------------------------------------------------------------------------- 2. the median of repeated runs
 
 
 def test_speedup_is_the_median_of_repeated_runs_after_one_warmup(capsys, tmp_path, monkeypatch):
@@ -193,16 +194,18 @@ def test_speedup_is_the_ratio_of_the_medians_not_of_one_run():
 
 
 def test_speedup_repeats_must_be_positive(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         demo.main([*TINY_ARGS, "--repeats", "0"])
-    assert "positive integer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "positive integer" in err
+    assert exit_info.value.code == 2 and "error: --repeats must be a positive integer, got 0" in err
     from models.evaluation.compare import _timed_pair
 
     with pytest.raises(ValueError, match="repeats"):
         _timed_pair(None, None, None, None, None, 2, 1.0, 0)
 
 
-# --------------------------------------------------------------------------- finding 3
+# --------------------------------------------------------------------------- 3. legends
 
 
 def _legend(out_lines: list[str], start: int) -> dict[str, str]:
@@ -263,7 +266,7 @@ def test_every_printed_report_has_a_legend_line_per_field(kind):
     assert "legend:" not in (format_report(_report(), legend=False))
 
 
-# --------------------------------------------------------------------------- finding 4
+# --------------------------------------------------------------------------- 4. the mask figure
 
 
 def _masks(seed=0, heads=4, nq=12, nk=12):
@@ -319,7 +322,7 @@ def test_mask_png_has_a_colour_key_and_titles_that_do_not_overlap(tmp_path, titl
         assert png.format == "PNG" and png.size[0] > 200
 
 
-# --------------------------------------------------------------------------- finding 5
+# --------------------------------------------------------------------------- 5. MP4 next to the GIF
 
 
 def test_mp4_is_written_next_to_the_gif_when_an_encoder_is_installed(capsys, tmp_path, monkeypatch):
@@ -381,7 +384,7 @@ def test_mp4_encodes_a_playable_video_with_the_installed_encoder(tmp_path):
     assert data[4:8] == b"ftyp" and len(data) > 1000
 
 
-# --------------------------------------------------------------------------- finding 6
+# --------------------------------------------------------------------------- 6. the licence
 
 
 def test_license_file_is_the_apache_2_license_pyproject_declares():

@@ -1,9 +1,17 @@
-"""Hardening of the `dfsattn-generate` command line, one test (or parametrized family) per finding.
+"""The `dfsattn-generate` command line's user errors, checks, help, flow shift and reports.
+
+* a user error prints one line and exits 2 (``--debug``: the traceback);
+* every option is checked before any weight is read, with a message naming the option (also
+  where the library entry point makes the check: ``DFSConfig``, the video size);
+* ``--help`` shows every default and choice; abbreviations of options are refused;
+* ``--shift`` follows the resolution unless given;
+* the DFS plan is printed before sampling, with a WARNING when DFS cannot sparsify anything;
+* compile time and per-step time are reported separately; ``--guidance`` must be finite.
 
 Every test drives :func:`models.generate.main` on the tiny diffusers-format fixture checkpoint
-(tests/fixtures/wan_tiny: 2 layers, text_dim 48). Where a finding is about *when* a check
-happens, the weight loader is replaced by one that records its call and stops the run: a check
-that fires first leaves it uncalled.
+(tests/fixtures/wan_tiny: 2 layers, text_dim 48). Where a test is about *when* a check happens,
+the weight loader is replaced by one that records its call and stops the run: a check that fires
+first leaves it uncalled.
 """
 
 from __future__ import annotations
@@ -17,12 +25,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import models.generate as generate
-from models.generate import PROG, build_parser, default_shift, main
+from dfsattn_jax.schedule import DFSConfig
+from models.cli_args import DFS_OPTIONS, PROG, build_parser, default_shift, option_error
+from models.generate import main
 from models.io import load_latents
-from helpers import FIXTURES, ROOT
+from helpers import FIXTURES
 
 FIXTURE = FIXTURES / "wan_tiny"
-README = ROOT / "README.md"
 ERROR_PREFIX = f"{PROG}: error: "
 
 
@@ -81,7 +90,7 @@ def assert_one_line_error(capsys, rc: int, *fragments: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. A user error printed a 15-20 line traceback: now one line, exit 2; --debug shows it.
+# A user error: one line, exit 2; --debug shows the traceback.
 
 
 @pytest.mark.parametrize(
@@ -110,7 +119,7 @@ def test_user_error_debug_flag_shows_the_traceback(embeds, tmp_path, weights_cal
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Options were checked only after the checkpoint was read: now all before any weight.
+# Every option is checked before any weight is read.
 
 
 @pytest.mark.parametrize(
@@ -141,6 +150,38 @@ def test_options_validated_before_weights_are_read(embeds, tmp_path, capsys, wei
     assert_one_line_error(capsys, rc, fragment)
     assert weights_calls == []
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("backend", ["dfs", "dense"])
+@pytest.mark.parametrize(
+    "option, field, value",
+    [
+        ("--density", "density", "1.5"),
+        ("--density-decrement", "density_decrement", "-0.1"),
+        ("--dense-steps", "dense_steps", "-1"),
+        ("--refresh-interval", "refresh_interval", "0"),
+    ],
+)
+def test_schedule_options_are_checked_by_dfsconfig_naming_the_option(
+    embeds, tmp_path, capsys, weights_calls, backend, option, field, value
+):
+    """The message is DFSConfig's own, its field name replaced by the option, with either backend."""
+    with pytest.raises(ValueError) as library:
+        DFSConfig(**{field: type(getattr(DFSConfig(), field))(value)})
+    expected = option + str(library.value).removeprefix(field)
+    rc = main(small_args(embeds, tmp_path, option, value, "--backend", backend))
+    assert assert_one_line_error(capsys, rc, expected) == ERROR_PREFIX + expected
+    assert weights_calls == []
+
+
+def test_option_error_maps_field_names_to_options():
+    assert set(DFS_OPTIONS) == {f.name for f in dataclasses.fields(DFSConfig)}
+    mapped = option_error(ValueError("density must be in (0, 1], got 1.5"), DFS_OPTIONS)
+    assert str(mapped) == "--density must be in (0, 1], got 1.5"
+    assert str(option_error(ValueError("latent frames (3) must be even"), {"frames": "--frames"}, "--frames")) == (
+        "--frames: latent frames (3) must be even"
+    )
+    assert str(option_error(ValueError("densities differ"), DFS_OPTIONS)) == "densities differ"
 
 
 def test_options_validated_before_weights_out_under_a_regular_file(embeds, tmp_path, capsys, weights_calls):
@@ -197,7 +238,7 @@ def test_options_validated_before_weights_valid_run_reaches_the_loader(embeds, t
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. --help showed no defaults and no choices for most options.
+# --help shows every default and choice.
 
 
 def _help_text(capsys) -> str:
@@ -227,15 +268,8 @@ def test_help_shows_every_default_and_choice(capsys):
         assert shown in text, shown
 
 
-def test_help_matches_the_readme_section():
-    section = README.read_text().split("### 3. Sample with DFSAttn: the command", 1)[1].split("\n### ", 1)[0]
-    blocks = re.findall(r"```text\n(.*?)```", section, flags=re.S)
-    assert blocks, "the README section has no ```text block with the --help output"
-    assert build_parser().format_help() in blocks
-
-
 # ---------------------------------------------------------------------------------------------
-# 4. --shift defaulted to 5.0 (720p) at the default 480p size: now it follows the resolution.
+# --shift follows the resolution (3.0 below 720p, 5.0 from 720p) unless given.
 
 
 @pytest.mark.parametrize(
@@ -264,7 +298,7 @@ def test_shift_default_rule():
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. argparse accepted --prompt as an abbreviation of --prompt-embeds.
+# Abbreviations of options (--prompt for --prompt-embeds) are refused.
 
 
 @pytest.mark.parametrize("abbrev", ["--prompt", "--prompt-emb", "--dens"])
@@ -277,8 +311,8 @@ def test_prompt_abbreviation_is_rejected(embeds, tmp_path, capsys, weights_calls
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. DFS silently did nothing under two blocks or with steps <= dense steps: now the plan is
-#    printed before sampling, with a WARNING line when DFS cannot sparsify anything.
+# The DFS plan is printed before sampling, with a WARNING line when DFS cannot sparsify anything
+# (under two blocks, steps <= dense steps, density 1).
 
 
 def test_dfs_plan_printed_before_sampling(embeds, tmp_path, capsys, weights_calls):
@@ -320,8 +354,8 @@ def test_dfs_plan_not_printed_for_dense_backend(embeds, tmp_path, capsys, weight
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. The progress bar counted compilation as step 1: compile time and per-step time are now
-#    reported separately after sampling (values injected: behaviour, not timings).
+# Compile time and per-step time are reported separately after sampling (values injected:
+# behaviour, not timings).
 
 
 def test_compile_and_step_time_reported_separately(embeds, tmp_path, capsys, monkeypatch):
@@ -346,7 +380,7 @@ def test_compile_and_step_time_reported_separately(embeds, tmp_path, capsys, mon
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. --guidance nan ran unguided with exit 0: now rejected, exit 2, one line.
+# --guidance must be finite (nan would run unguided).
 
 
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf"])

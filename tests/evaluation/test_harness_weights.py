@@ -1,4 +1,6 @@
-"""The small video DiT's weights file: checksum, loader, and the shipped weights.
+"""The small video DiTs' weights files (:mod:`models.evaluation.harness_weights`: checksums,
+shards, the flat state) and their loaders (:mod:`models.evaluation.small_dit`), and the shipped
+weights.
 
 The shipped ``models/evaluation/weights/small_video_dit.safetensors`` (with its ``.sha256``) must be there,
 match the checksum, fit in 25 MB and denoise a real clip; these tests never skip.
@@ -17,6 +19,7 @@ from flax import nnx
 
 from models.evaluation import clips
 from models.evaluation import codec as latent_codec
+from models.evaluation import harness_weights
 from models.evaluation import small_dit as pretrained
 from models.wan.transformer import WanTransformer3DModel
 
@@ -41,13 +44,13 @@ def _random_modules(seed: int) -> tuple[WanTransformer3DModel, pretrained.ClipCo
 def _smoke_file(tmp_path: pathlib.Path, seed: int) -> tuple[pathlib.Path, WanTransformer3DModel, pretrained.ClipConditioner]:
     model, conditioner = _random_modules(seed)
     path = tmp_path / "w.safetensors"
-    pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32)
+    harness_weights.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32)
     return path, model, conditioner
 
 
 def test_save_load_roundtrip(tmp_path):
     path, model, conditioner = _smoke_file(tmp_path, 7)
-    assert pretrained.verify_checksum(path) == pretrained.file_sha256(path)
+    assert harness_weights.verify_checksum(path) == harness_weights.file_sha256(path)
     loaded, config = pretrained.load_small_video_dit(path, dtype=jnp.float32, param_dtype=jnp.float32)
     assert config == pretrained.SMOKE_DIT_CONFIG
     jax.tree.map(
@@ -66,7 +69,7 @@ def test_bf16_export_rounds_weights(tmp_path):
     config = pretrained.SMOKE_DIT_CONFIG
     model, cond = _random_modules(8)
     path = tmp_path / "bf16.safetensors"
-    pretrained.save_small_video_dit(path, model, cond, config)  # default: bfloat16 transformer
+    harness_weights.save_small_video_dit(path, model, cond, config)  # default: bfloat16 transformer
     loaded, _ = pretrained.load_small_video_dit(path, dtype=jnp.float32, param_dtype=jnp.float32)
     expected = jax.tree.map(
         lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -105,7 +108,7 @@ def _require_shipped() -> None:
 
 def test_shipped_weights_match_checksum_and_size():
     _require_shipped()
-    assert pretrained.verify_checksum(SHIPPED) == pretrained.read_checksum(SHIPPED)
+    assert harness_weights.verify_checksum(SHIPPED) == harness_weights.read_checksum(SHIPPED)
     assert SHIPPED.stat().st_size <= 25 * 1024 * 1024
     model, config = pretrained.load_small_video_dit(dtype=jnp.float32, param_dtype=jnp.float32)
     assert config == pretrained.SMALL_DIT_CONFIG
@@ -165,7 +168,7 @@ def test_v2_is_wan_shaped_and_fits_the_transfer_limits():
     shipped = 2 * transformer + 4 * tables  # bf16 transformer, float32 conditioner
     assert shipped <= 31_000_000, shipped  # "about 30 MB in all"
     largest = max(2 * int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert largest < pretrained.MAX_SHARD_BYTES // 4  # shards pack whole tensors
+    assert largest < harness_weights.MAX_SHARD_BYTES // 4  # shards pack whole tensors
 
 
 def test_sharded_save_load_roundtrip_and_checksums(tmp_path):
@@ -174,13 +177,13 @@ def test_sharded_save_load_roundtrip_and_checksums(tmp_path):
     model, conditioner = _random_modules(21)
     path = tmp_path / "w.safetensors"
     limit = 200_000
-    digests = pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
-                                              max_shard_bytes=limit)  # fmt: skip
-    files = pretrained.weights_files(path)
+    digests = harness_weights.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
+                                                   max_shard_bytes=limit)  # fmt: skip
+    files = harness_weights.weights_files(path)
     assert len(files) >= 2 and not path.exists()
     assert [f.name for f in files] == sorted(digests) == [f"w-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
     assert all(f.stat().st_size <= limit for f in files)
-    assert pretrained.read_weights_checksums(path) == digests == pretrained.verify_weights(path)
+    assert harness_weights.read_weights_checksums(path) == digests == harness_weights.verify_weights(path)
     assert subprocess.run(["sha256sum", "-c", path.name + ".sha256"], cwd=tmp_path, capture_output=True).returncode == 0
     loaded, config = pretrained.load_small_video_dit(path, dtype=jnp.float32, param_dtype=jnp.float32)
     assert config == pretrained.SMOKE_DIT_CONFIG
@@ -189,19 +192,19 @@ def test_sharded_save_load_roundtrip_and_checksums(tmp_path):
     photo, motion = jnp.array([1, 2]), jnp.array([0, 4])
     chex.assert_trees_all_equal(pretrained.load_clip_conditioner(path)(photo, motion), conditioner(photo, motion))
     # Rewriting as one file removes the shards; rewriting as shards removes the file.
-    pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32)
-    assert pretrained.weights_files(path) == [path] and not list(tmp_path.glob("w-*"))
-    pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
-                                    max_shard_bytes=limit)  # fmt: skip
-    assert not path.exists() and len(pretrained.weights_files(path)) == len(files)
+    harness_weights.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32)
+    assert harness_weights.weights_files(path) == [path] and not list(tmp_path.glob("w-*"))
+    harness_weights.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
+                                         max_shard_bytes=limit)  # fmt: skip
+    assert not path.exists() and len(harness_weights.weights_files(path)) == len(files)
 
 
 def test_sharded_weights_refuse_damage(tmp_path):
     model, conditioner = _random_modules(22)
     path = tmp_path / "w.safetensors"
-    pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
-                                    max_shard_bytes=200_000)  # fmt: skip
-    files = pretrained.weights_files(path)
+    harness_weights.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
+                                         max_shard_bytes=200_000)  # fmt: skip
+    files = harness_weights.weights_files(path)
     data = bytearray(files[1].read_bytes())
     data[-1] ^= 0x01
     files[1].write_bytes(bytes(data))
@@ -212,9 +215,9 @@ def test_sharded_weights_refuse_damage(tmp_path):
         pretrained.load_small_video_dit(path)
     path.write_bytes(b"not weights")
     with pytest.raises(ValueError, match="both as one file and as shards"):
-        pretrained.weights_files(path)
+        harness_weights.weights_files(path)
     with pytest.raises(ValueError, match="alone exceeds max_shard_bytes"):
-        pretrained.write_sharded(tmp_path / "big.safetensors", {"x": np.ones(1000, np.float32)}, {}, max_shard_bytes=2000)
+        harness_weights.write_sharded(tmp_path / "big.safetensors", {"x": np.ones(1000, np.float32)}, {}, max_shard_bytes=2000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,20 +227,20 @@ def test_sharded_weights_refuse_damage(tmp_path):
 def test_load_small_dit_reads_once_and_equals_the_two_loaders(tmp_path, monkeypatch):
     model, conditioner = _random_modules(23)
     path = tmp_path / "w.safetensors"
-    digests = pretrained.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
-                                              max_shard_bytes=200_000)  # fmt: skip
-    assert len(pretrained.weights_files(path)) >= 2
+    digests = harness_weights.save_small_video_dit(path, model, conditioner, pretrained.SMOKE_DIT_CONFIG, dtype=jnp.float32,
+                                                   max_shard_bytes=200_000)  # fmt: skip
+    assert len(harness_weights.weights_files(path)) >= 2
     # the old path: the transformer loader, then the conditioner loader (each reads every shard)
     old_model, old_config = pretrained.load_small_video_dit(path, dtype=jnp.float32, param_dtype=jnp.float32)
     old_conditioner = pretrained.load_clip_conditioner(path, verify=False)
     reads, hashes = [], []
-    real_read, real_hash = pretrained.read_sharded, pretrained.file_sha256
+    real_read, real_hash = harness_weights.read_sharded, harness_weights.file_sha256
     monkeypatch.setattr(pretrained, "read_sharded", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
-    monkeypatch.setattr(pretrained, "file_sha256", lambda f: hashes.append(f) or real_hash(f))
+    monkeypatch.setattr(harness_weights, "file_sha256", lambda f: hashes.append(f) or real_hash(f))
     new_model, new_conditioner, config, meta = pretrained.load_small_dit(path, dtype=jnp.float32, param_dtype=jnp.float32)
-    assert reads == [path] and sorted(hashes) == pretrained.weights_files(path)  # each file hashed once, read once
+    assert reads == [path] and sorted(hashes) == harness_weights.weights_files(path)  # each file hashed once, read once
     assert config == old_config == pretrained.SMOKE_DIT_CONFIG
-    assert meta["weights"] == path and meta["sha256"] == digests == pretrained.read_weights_checksums(path)
+    assert meta["weights"] == path and meta["sha256"] == digests == harness_weights.read_weights_checksums(path)
     assert meta["metadata"]["format"] == "dfsattn-jax small video DiT v1" and "shard" not in meta["metadata"]
     expected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(old_model, nnx.Param)), expected)
@@ -245,10 +248,10 @@ def test_load_small_dit_reads_once_and_equals_the_two_loaders(tmp_path, monkeypa
     photo, motion = jnp.array([5, clips.NUM_PHOTOS]), jnp.array([2, 1])
     chex.assert_trees_all_equal(new_conditioner(photo, motion), old_conditioner(photo, motion), conditioner(photo, motion))
     _, _, _, unverified = pretrained.load_small_dit(path, verify=False)
-    assert unverified["sha256"] is None and len(hashes) == len(pretrained.weights_files(path))  # no hashing
-    data = bytearray(pretrained.weights_files(path)[0].read_bytes())
+    assert unverified["sha256"] is None and len(hashes) == len(harness_weights.weights_files(path))  # no hashing
+    data = bytearray(harness_weights.weights_files(path)[0].read_bytes())
     data[-1] ^= 0x01
-    pretrained.weights_files(path)[0].write_bytes(bytes(data))
+    harness_weights.weights_files(path)[0].write_bytes(bytes(data))
     with pytest.raises(ValueError, match="SHA-256"):
         pretrained.load_small_dit(path)
 
@@ -257,7 +260,7 @@ def test_load_small_dit_takes_a_registered_name():
     _require_shipped()
     model, conditioner, config, meta = pretrained.load_small_dit("v1", dtype=jnp.float32, param_dtype=jnp.float32)
     assert config == pretrained.SMALL_DIT_CONFIG and meta["weights"] == SHIPPED
-    assert meta["sha256"] == {SHIPPED.name: pretrained.read_checksum(SHIPPED)}
+    assert meta["sha256"] == {SHIPPED.name: harness_weights.read_checksum(SHIPPED)}
     old = pretrained.load_clip_conditioner(SHIPPED, verify=False)
     photo, motion = jnp.array([0, 7]), jnp.array([4, 0])
     chex.assert_trees_all_equal(conditioner(photo, motion), old(photo, motion))

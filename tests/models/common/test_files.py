@@ -1,18 +1,18 @@
-"""Hardening of the files the project reads and writes (the hardening issue's file findings).
+"""Writing files: every writer of the project goes through the one atomic write of
+:mod:`models.common.files`, and :func:`~models.common.files.check_writable` checks an output path
+before any work.
 
-Each test is named after its finding:
+* every writer (latents, prompt embeddings, JSON reports, small-DiT weights, GIFs, training
+  checkpoints): a failure in the serializer, in ``fsync`` or in ``os.replace`` keeps the old
+  file and leaves no temporary file; missing parent folders are created;
+* :func:`~models.common.files.atomic_write` keeps the destination's suffix and the file mode, and
+  an error in its body leaves nothing behind;
+* :func:`~models.common.files.check_writable` accepts new paths (folders to be created) and
+  rejects bad ones with one line, leaving nothing behind;
+* :func:`~models.common.files.component_folder` finds a diffusers component in its checkpoint
+  subfolder or in the folder given, else says so in one line.
 
-1. an integer or bool tensor in a checkpoint shard is rejected, not cast to float;
-2. a non-float ``dtype`` / ``param_dtype`` for ``load_wan`` is rejected before anything is read;
-3. a truncated or corrupt shard raises a ``ValueError`` naming the file (and the tensor);
-4. a fractional (or otherwise non-integer) integer field of ``config.json`` is rejected;
-5. every file is written through the one atomic write of ``models.io`` (a failure during the
-   write keeps the old file and leaves no temporary file; missing folders are created);
-6. the safetensors minimum version in ``pyproject.toml`` has the APIs the code uses;
-plus ``models.io.check_writable``, the CLI's up-front output check.
-
-Checkpoints are damaged copies of the tiny fixture ``tests/fixtures/wan_tiny``; everything runs
-on CPU in a few seconds.
+Everything runs on CPU in a few seconds.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tomllib
 
 import jax
 import jax.numpy as jnp
@@ -30,207 +28,19 @@ import pytest
 import safetensors
 import safetensors.numpy
 from flax import nnx
-from safetensors.numpy import load_file, save_file
 
-from models.evaluation import results
+from models.common.files import atomic_write, atomic_write_bytes, atomic_write_text, check_writable, component_folder
+from models.evaluation import harness_weights, results, training, training_checkpoints
 from models.evaluation import small_dit as pretrained
-from models.io import (
-    atomic_write,
-    atomic_write_bytes,
-    atomic_write_text,
-    check_writable,
-    load_latents,
-    load_prompt_embeds,
-    save_latents,
-    save_prompt_embeds,
-)
-from models.wan.loading import INDEX_NAME, checkpoint_shards, load_wan, read_wan_config
+from models.io import load_latents, load_prompt_embeds, save_latents, save_prompt_embeds
 from models.wan.transformer import WanTransformer3DModel
-from helpers import ROOT
-
-FIXTURE = ROOT / "tests" / "fixtures" / "wan_tiny"
-SHARDS = json.loads((FIXTURE / "metadata.json").read_text())["shards"]
-
-
-def _copy_fixture(tmp_path: pathlib.Path) -> pathlib.Path:
-    """The tiny checkpoint copied into ``tmp_path/ckpt`` (the root holding ``transformer/``)."""
-    dst = tmp_path / "ckpt"
-    shutil.copytree(FIXTURE / "transformer", dst / "transformer")
-    return dst
-
-
-def _retype(tmp_path: pathlib.Path, name: str, new_dtype) -> tuple[pathlib.Path, str]:
-    """A checkpoint copy with tensor ``name`` stored as ``new_dtype`` (same shape); returns
-    ``(root, shard file name)``."""
-    root = _copy_fixture(tmp_path)
-    folder = root / "transformer"
-    index = json.loads((folder / INDEX_NAME).read_text())
-    shard = index["weight_map"][name]
-    tensors = load_file(folder / shard)
-    tensors[name] = (tensors[name] + 46).astype(new_dtype)
-    save_file(tensors, folder / shard)
-    return root, shard
 
 
 def _listing(folder: pathlib.Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-# ================================================================ 1. integer / bool tensors
-
-
-@pytest.mark.parametrize(
-    "name, dtype, label",
-    [
-        ("blocks.0.attn1.to_q.bias", np.int32, "int32"),  # shard 1
-        ("blocks.1.norm2.weight", np.bool_, "bool"),  # shard 2
-    ],
-)
-def test_int_or_bool_tensor_in_shard_is_rejected_not_cast(tmp_path, name, dtype, label):
-    root, shard = _retype(tmp_path, name, dtype)
-    read = []
-    with pytest.raises(ValueError, match="not floating point") as err:
-        load_wan(root, dtype=jnp.float32, progress=read.append)
-    msg = str(err.value)
-    assert repr(name) in msg and shard in msg and label in msg, msg
-    assert read == [], "the dtype check must come from the headers, before any shard is read"
-
-
-# ================================================================ 2. non-float load dtype
-
-
-@pytest.mark.parametrize("kwargs", [
-    {"dtype": "int32"},
-    {"dtype": jnp.int8},
-    {"dtype": "bool"},
-    {"dtype": "not-a-dtype"},
-    {"dtype": jnp.float32, "param_dtype": "int32"},
-    {"dtype": "float64"} if not jax.config.jax_enable_x64 else {"dtype": "complex64"},
-])  # fmt: skip
-def test_non_float_load_dtype_is_rejected_before_reading(tmp_path, kwargs):
-    name = "param_dtype" if "param_dtype" in kwargs else "dtype"
-    # A path that does not exist: the dtype error must come first, before any file is touched.
-    with pytest.raises(ValueError, match=rf"^{name} must be a floating-point dtype") as err:
-        load_wan(tmp_path / "nowhere", **kwargs)
-    msg = str(err.value)
-    assert "'float32'" in msg and "'bfloat16'" in msg and "'float16'" in msg, msg
-
-
-def test_float_load_dtypes_still_accepted():
-    m = load_wan(FIXTURE, dtype="float16", param_dtype="float32")
-    assert m.blocks[0].attn1.to_q.kernel.get_value().dtype == jnp.float32
-    m = load_wan(FIXTURE, dtype=jnp.bfloat16)
-    assert m.blocks[0].attn1.to_q.kernel.get_value().dtype == jnp.bfloat16
-
-
-# ================================================================ 3. truncated / corrupt shard
-
-
-def _truncate(data: bytes) -> bytes:
-    return data[:-100]
-
-
-def _garble_header(data: bytes) -> bytes:
-    return data[:8] + b"#" + data[9:]  # the JSON header no longer parses
-
-
-def _header_too_small(data: bytes) -> bytes:
-    return data[:5]
-
-
-@pytest.mark.parametrize("damage", [_truncate, _garble_header, _header_too_small], ids=lambda f: f.__name__[1:])
-@pytest.mark.parametrize("shard", SHARDS)
-def test_truncated_or_corrupt_shard_names_the_file(tmp_path, damage, shard):
-    root = _copy_fixture(tmp_path)
-    file = root / "transformer" / shard
-    file.write_bytes(damage(file.read_bytes()))
-    with pytest.raises(ValueError, match="corrupt or truncated") as err:
-        load_wan(root, dtype=jnp.float32)
-    assert shard in str(err.value)
-    assert type(err.value) is ValueError
-    with pytest.raises(ValueError, match="corrupt or truncated") as err:
-        checkpoint_shards(root)
-    assert shard in str(err.value)
-
-
-def test_corrupt_shard_read_names_file_and_tensor(tmp_path, monkeypatch):
-    """A safetensors error while reading one tensor's data names the shard and the tensor."""
-    bad = "blocks.1.ffn.net.2.weight"
-    real_open = safetensors.safe_open
-
-    class FailsOnOneTensor:
-        def __init__(self, *args, **kwargs):
-            self._f = real_open(*args, **kwargs)
-
-        def __enter__(self):
-            self._f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-        def keys(self):
-            return self._f.keys()
-
-        def get_slice(self, key):
-            return self._f.get_slice(key)
-
-        def get_tensor(self, key):
-            if key == bad:
-                raise safetensors.SafetensorError("simulated: data region unreadable")
-            return self._f.get_tensor(key)
-
-    monkeypatch.setattr(safetensors, "safe_open", FailsOnOneTensor)
-    with pytest.raises(ValueError, match="corrupt or truncated") as err:
-        load_wan(FIXTURE, dtype=jnp.float32)
-    msg = str(err.value)
-    assert SHARDS[1] in msg and repr(bad) in msg, msg
-
-
-# ================================================================ 4. non-integer config fields
-
-
-def _config_with(tmp_path: pathlib.Path, **changes) -> pathlib.Path:
-    raw = json.loads((FIXTURE / "transformer" / "config.json").read_text())
-    raw.update(changes)
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    return tmp_path
-
-
-@pytest.mark.parametrize(
-    "key, value",
-    [
-        ("num_layers", 2.5),
-        ("attention_head_dim", 32.5),
-        ("num_attention_heads", 2.0001),
-        ("ffn_dim", "96"),
-        ("in_channels", True),
-        ("text_dim", None),
-        ("freq_dim", 31.9),
-        ("rope_max_seq_len", 1024.5),
-        ("patch_size", [1, 2.5, 2]),
-    ],
-)
-def test_fractional_or_non_integer_config_field_is_rejected(tmp_path, key, value):
-    with pytest.raises(ValueError, match=f"{key} must be an integer") as err:
-        read_wan_config(_config_with(tmp_path, **{key: value}))
-    bad = value[1] if isinstance(value, list) else value
-    assert str(err.value).endswith(f"got {bad!r}"), str(err.value)
-
-
-def test_whole_number_floats_in_config_are_accepted(tmp_path):
-    cfg = read_wan_config(_config_with(tmp_path, num_layers=2.0, attention_head_dim=32.0, patch_size=[1.0, 2, 2]))
-    assert cfg == read_wan_config(FIXTURE).replace(name=cfg.name)
-    assert type(cfg.num_layers) is int and type(cfg.patch_size[1]) is int
-
-
-@pytest.mark.parametrize("change, match", [({"eps": "1e-6"}, "eps"), ({"cross_attn_norm": "false"}, "cross_attn_norm")])
-def test_config_eps_and_flag_types_are_checked(tmp_path, change, match):
-    with pytest.raises(ValueError, match=match):
-        read_wan_config(_config_with(tmp_path, **change))
-
-
-# ================================================================ 5. one atomic write
+# ================================================================ one atomic write for every writer
 
 
 def _latents(seed: int) -> np.ndarray:
@@ -274,8 +84,8 @@ WRITERS = {
         lambda p: json.loads(p.read_text())["seed"],
     ),
     "small_dit": (
-        lambda p, s: pretrained.save_small_video_dit(p, *_small_dit(s), dtype=jnp.float32, metadata={"seed": str(s)}),
-        lambda p: (pretrained.verify_checksum(p), pretrained._read(p, True)[2]["seed"])[1],
+        lambda p, s: harness_weights.save_small_video_dit(p, *_small_dit(s), dtype=jnp.float32, metadata={"seed": str(s)}),
+        lambda p: (harness_weights.verify_checksum(p), pretrained._read(p, True)[2]["seed"])[1],
     ),
     "gif": (_write_gif, lambda p: p.read_bytes()),
 }
@@ -347,27 +157,25 @@ def test_every_writer_creates_missing_parent_folders(tmp_path, kind):
     assert set(_listing(path.parent)) == expected
 
 
-def test_train_small_checkpoint_is_written_atomically(tmp_path, monkeypatch):
-    from benchmarks import train_small
-
+def test_training_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     config = pretrained.SMOKE_DIT_CONFIG
-    cfg = train_small.TrainConfig(stages=(train_small.Stage(4, 1, 4, 16, 16),))
-    abstract = nnx.eval_shape(lambda: train_small.SmallDiT(config, rngs=nnx.Rngs(0), dtype=jnp.float32))
+    cfg = training.TrainConfig(stages=(training.Stage(4, 1, 4, 16, 16),))
+    abstract = nnx.eval_shape(lambda: training.SmallDiT(config, rngs=nnx.Rngs(0), dtype=jnp.float32))
     _, params_shape = nnx.split(abstract, nnx.Param)
-    tx = train_small.make_optimizer(cfg)
+    tx = training.make_optimizer(cfg)
     opt_shape = jax.eval_shape(tx.init, params_shape)
     rng = np.random.default_rng(0)
     fill = lambda s: jnp.asarray(rng.standard_normal(s.shape).astype(s.dtype))  # noqa: E731
     params, opt_state = jax.tree.map(fill, params_shape), jax.tree.map(fill, opt_shape)
     path = tmp_path / "run" / "checkpoint.safetensors"
-    train_small.save_checkpoint(path, params, opt_state, 3, config, cfg)
+    training_checkpoints.save_checkpoint(path, params, opt_state, 3, config, cfg)
     before = path.read_bytes()
     with monkeypatch.context() as m:
         m.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("simulated")))
         with pytest.raises(OSError, match="simulated"):
-            train_small.save_checkpoint(path, params, opt_state, 4, config, cfg)
+            training_checkpoints.save_checkpoint(path, params, opt_state, 4, config, cfg)
     assert path.read_bytes() == before and _listing(path.parent) == ["checkpoint.safetensors"]
-    assert train_small.load_checkpoint(path, params_shape, opt_shape, config)[2] == 3
+    assert training_checkpoints.load_checkpoint(path, params_shape, opt_shape, config)[2] == 3
 
 
 def test_atomic_write_keeps_suffix_and_file_mode(tmp_path):
@@ -396,22 +204,7 @@ def test_atomic_write_error_in_body_leaves_nothing(tmp_path):
     assert _listing(tmp_path) == []
 
 
-# ================================================================ 6. safetensors minimum version
-
-
-def test_safetensors_minimum_version_has_the_apis_used():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (pin,) = [d for d in deps if d.replace(" ", "").startswith("safetensors")]
-    minimum = pin.replace(" ", "").split(">=")[1].split(",")[0]
-    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3])  # noqa: E731
-    # safe_open(...).get_tensor on BF16 tensors with framework="flax"/"numpy" needs >= 0.4.1.
-    assert as_tuple(minimum) >= (0, 4, 1), pin
-    assert as_tuple(safetensors.__version__) >= as_tuple(minimum)
-    assert callable(safetensors.numpy.save) and callable(safetensors.safe_open)
-    assert issubclass(safetensors.SafetensorError, Exception)
-
-
-# ================================================================ check_writable (for the CLI)
+# ================================================================ check_writable (the command line's output check)
 
 
 def test_check_writable_accepts_new_paths_and_leaves_nothing(tmp_path):
@@ -447,3 +240,17 @@ def test_check_writable_rejects_bad_paths_with_one_line(tmp_path, monkeypatch):
     finally:
         locked.chmod(0o700)
     assert _listing(tmp_path) == ["file.txt", "folder", "locked"] and _listing(locked) == []
+
+
+# ================================================================ component_folder (a diffusers component's folder)
+
+
+def test_component_folder_finds_the_checkpoint_subfolder_or_the_folder_itself(tmp_path):
+    root = tmp_path / "ckpt"
+    (root / "vae").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds no diffusers VAE \(no config.json in it or in its vae/ folder\)") as err:
+        component_folder(root, "vae", "VAE")
+    assert "\n" not in str(err.value) and str(root) in str(err.value)
+    (root / "vae" / "config.json").write_text("{}")
+    assert component_folder(root, "vae", "VAE") == (root, "vae")  # a checkpoint root
+    assert component_folder(root / "vae", "vae", "VAE") == (root / "vae", None)  # the component's folder

@@ -2,7 +2,7 @@
 
 The multi-device runs need host-platform devices (``--xla_force_host_platform_device_count=8``
 in ``XLA_FLAGS``), which must be set before JAX starts, so they run once per test session in a
-subprocess: this file run as a script (``python tests/test_parallel.py OUT_DIR``). It samples the
+subprocess: this file run as a script (``python tests/models/common/test_parallel.py OUT_DIR``). It samples the
 tiny Wan config with 4 heads on one device and on every mesh (guidance 2; heads 2 and 4;
 2 x 2 and 2 x 4 on 8 devices), dense and DFS, two runs of different schedules per sampler, and
 saves the latents, the per-step records, the mask caches, the shardings and the compiled
@@ -35,7 +35,7 @@ LATENT = (16, 3, 16, 16)  # token grid 3 x 8 x 8 = 192 tokens: 12 blocks of 16
 TEXT_LEN = 5
 NUM_STEPS = (6, 8)  # the two runs of every sampler (one compiled program)
 # float32 runs that differ in how XLA partitions the matmuls (batch 1 vs 2, L/h rows): observed
-# 3.7e-7 relative after 8 steps; 1e-5 as in tests/test_sampler.py.
+# 3.7e-7 relative after 8 steps; 1e-5 as in tests/sampling/test_sampler.py.
 F32_TOL = 1e-5
 # The meshes whose compiled programs the worker inspects (one compile more each).
 INSPECTED = ("2x1", "2x4")
@@ -578,7 +578,7 @@ def cli(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        (["--devices", "0"], "--devices must be >= 1, got 0"),
+        (["--devices", "0"], "--devices must be a positive integer, got 0"),
         (["--devices", "3", "--parallel", "both"], "--devices 3 --parallel both: mode 'both' (2 x N/2 devices) needs an even"),
         (["--devices", "4", "--parallel", "heads"], "--devices 4 --parallel heads: heads (the head-parallel axis) must "
                                                      "divide the model's 2 attention heads, got heads=4"),
