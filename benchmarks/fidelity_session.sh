@@ -22,14 +22,14 @@
 # one archive, $OUT/gpu0.tar.gz and $OUT/gpu1.tar.gz (the device returns at most 8 files): unpack
 # with `tar -xzf`.
 set -uo pipefail
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1  # benches run as modules from the repository root: python3 -m benchmarks.<name>
 OUT=${OUT:-out}
 mkdir -p "$OUT" benchmarks/results
 RES=benchmarks/results
 SLUG=nvidia_h200
 
 quality() {  # quality <model> <variants> <seconds>
-  timeout "$3" python3 benchmarks/quality_bench.py --model "$1" --variants "$2" --max-s $(( $3 - 70 )) \
+  timeout "$3" python3 -m benchmarks.quality_bench --model "$1" --variants "$2" --max-s $(( $3 - 70 )) \
     --out-dir "$RES" > "$OUT/quality_$1.log" 2>&1
   echo "quality_bench $1 exit $?"; grep "^\[quality\] \(compiled\|done\|claim\)" "$OUT/quality_$1.log" | tail -12
   cp "$RES"/quality_*"$1"_"$SLUG"* "$OUT"/ 2>/dev/null
@@ -40,7 +40,7 @@ case "${1:-}" in
   train)
     # Resumes from out/train_v2 (a warm machine) or carry/train_v2 (the compact checkpoint of the
     # last call, copied back from $OUT/ckpt); the compact checkpoint goes to $OUT/ckpt.
-    timeout 590 python3 benchmarks/train_small.py --model v2 --out out/train_v2 --time-limit 420 \
+    timeout 590 python3 -m benchmarks.train_small --model v2 --out out/train_v2 --time-limit 420 \
       --carry-in carry/train_v2 --carry-out "$OUT/ckpt" --results "$OUT/results" \
       --export "$OUT/weights/small_video_dit_v2.safetensors" > out_train.log 2>&1
     echo "train_small exit $?"; grep -v "^step .*held-out\|^step [0-9]*: loss" out_train.log | tail -25
@@ -49,7 +49,7 @@ case "${1:-}" in
     ;;
   v1)
     # The learning measures merge into benchmarks/results/learning_*.json (v2's entry stays).
-    timeout 150 python3 benchmarks/learning_bench.py --models v1 --out-dir "$RES" > "$OUT/learning_v1.log" 2>&1
+    timeout 150 python3 -m benchmarks.learning_bench --models v1 --out-dir "$RES" > "$OUT/learning_v1.log" 2>&1
     echo "learning_bench exit $?"; tail -4 "$OUT/learning_v1.log"; cp "$RES"/learning_*"$SLUG"* "$OUT"/ 2>/dev/null
     quality v1 "group:order,group:tile,group:window,group:random,group:oracle,group:refresh" 420
     ;;
@@ -58,14 +58,14 @@ case "${1:-}" in
   v2c) quality v2 "group:window,group:random,group:oracle,group:refresh" 570 ;;
   choose|report)
     # SEARCH_MAX_S: stop starting evaluations after this many seconds (smaller when another stage follows).
-    timeout $(( ${SEARCH_MAX_S:-520} + 70 )) python3 benchmarks/schedule_search.py --model v2 --stage "$1" \
+    timeout $(( ${SEARCH_MAX_S:-520} + 70 )) python3 -m benchmarks.schedule_search --model v2 --stage "$1" \
       --max-s "${SEARCH_MAX_S:-520}" --out-dir "$RES" \
       > "$OUT/search_$1.log" 2>&1
     echo "schedule_search exit $?"; cp "$RES"/schedule_search_v2_"$SLUG".* "$OUT"/ 2>/dev/null
     grep "^\[search\]" "$OUT/search_$1.log" | tail -30; grep -A6 "Winner\|report set:" "$OUT/search_$1.log" | tail -12
     ;;
   timing)
-    timeout 560 python3 benchmarks/e2e_bench.py --measure-full --schedule fast --iters 3 --out-dir "$OUT" \
+    timeout 560 python3 -m benchmarks.e2e_bench --measure-full --schedule fast --iters 3 --out-dir "$OUT" \
       > "$OUT/e2e_fast.log" 2>&1
     echo "e2e_bench exit $?"; tail -24 "$OUT/e2e_fast.log"
     ;;

@@ -3,8 +3,8 @@
 Fidelity comes from a harness model (``--model v2``, the small video DiT at a Wan-shaped grid):
 PSNR of each schedule's decoded videos against the dense videos from the same noise, mean over
 ``--samples`` (16) samples. Speed comes from Wan2.1-1.3B: the schedule's 50 steps composed from
-the per-step times ``benchmarks/e2e_bench.py`` measured on the H200
-(:mod:`models.evaluation.speed`: interpolated linearly in the kept-block count between the
+the per-step times ``benchmarks/e2e_bench.py`` measured on the H200 (``--e2e``, default
+``benchmarks/results/e2e_nvidia_h200.json``; :mod:`models.evaluation.speed`: interpolated linearly in the kept-block count between the
 measured densities 0.3 / 0.2 / 0.1, extrapolated below 0.1; always-dense layers at the measured
 cost of a sparse layer).
 
@@ -37,11 +37,11 @@ separate GPU calls; past ``--max-s`` it stops and writes what it has. Writes the
 table and ``schedule_search_<...>.png`` (composed speedup vs PSNR for every evaluated schedule,
 the Pareto front, the default and the winner marked, the 0.2 dB tolerance and the 2× target).
 
-Usage (from the repository root; ``PYTHONPATH=.`` or the package installed)::
+Usage (from the repository root)::
 
-    python benchmarks/schedule_search.py --model v2 --stage choose     # ~6 min on one H200 (24 schedules)
-    python benchmarks/schedule_search.py --model v2 --stage report     # ~2 min
-    JAX_PLATFORMS=cpu python benchmarks/schedule_search.py --quick     # CPU smoke run
+    python -m benchmarks.schedule_search --model v2 --stage choose     # ~6 min on one H200 (24 schedules)
+    python -m benchmarks.schedule_search --model v2 --stage report     # ~2 min
+    JAX_PLATFORMS=cpu python -m benchmarks.schedule_search --quick     # CPU smoke run
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import time
 from typing import Any, Sequence
 
@@ -65,7 +66,11 @@ from models.evaluation.clips import clip_classes
 from models.evaluation.codec import latents_to_video
 from models.evaluation.fidelity import paired_spread, spread
 from models.evaluation.results import device_name, device_slug, write_json
-from models.evaluation.speed import DEFAULT_E2E_RESULTS, StepTimes, compose
+from models.evaluation.speed import StepTimes, compose
+from models.evaluation.tables import markdown_table
+
+#: The per-step times the speed is composed from by default: Wan2.1-1.3B at 480p on the H200 (e2e_bench.py).
+E2E_RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "e2e_nvidia_h200.json"
 
 #: The ladders of the greedy descent (values per axis, in order; a move is one step either way).
 DENSE_STEPS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16)
@@ -97,7 +102,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dense-layers-options", type=_layers, default=None,
                    help="always-dense layer sets searched, ';'-separated (default '0;none'; 'none' = no dense layer)")
     p.add_argument("--max-dense-layers", type=int, default=1, help="never choose a schedule with more dense layers")
-    p.add_argument("--e2e", default=str(DEFAULT_E2E_RESULTS), help="per-step times (benchmarks/e2e_bench.py JSON)")
+    p.add_argument("--e2e", default=str(E2E_RESULTS),
+                   help="per-step times (benchmarks/e2e_bench.py JSON; default benchmarks/results/e2e_nvidia_h200.json)")
     p.add_argument("--report-front", type=int, default=4, help="Pareto-front schedules also evaluated on the report set")
     p.add_argument("--max-s", type=float, default=540.0, help="stop evaluating after this many seconds")
     p.add_argument("--fresh", action="store_true", help="ignore earlier results")
@@ -223,13 +229,18 @@ class Evaluator:
 # Report
 
 
-def _row(name: str, r: dict, base: dict | None, speed: dict, tolerance: float) -> str:
+#: Columns of the schedule tables.
+COLUMNS = ("schedule", "composed speedup", "composed s", "PSNR (dB)", "vs default (paired)", "SSIM", "within tolerance")
+
+
+def _row(name: str, r: dict, base: dict | None, speed: dict, tolerance: float) -> list[str]:
+    """The cells of :data:`COLUMNS` for schedule ``name`` (``r``: its result; ``base``: the default's)."""
     s = spread(r["psnr"])
     d = None if base is None else paired_spread(r["psnr"], base["psnr"])
     diff = "–" if d is None else f"{d['mean']:+.2f} ± {d['ci95'] or 0:.2f}"
     ok = "–" if base is None else ("yes" if r["psnr_mean"] >= base["psnr_mean"] - tolerance else "no")
-    return (f"| {name} | {speed['speedup']:.3f}× | {speed['dfs_s']:.2f} | {s['mean']:.2f} ± {s['ci95'] or 0:.2f} | "
-            f"{diff} | {r['ssim_mean']:.4f} | {ok} |")  # fmt: skip
+    return [name, f"{speed['speedup']:.3f}×", f"{speed['dfs_s']:.2f}", f"{s['mean']:.2f} ± {s['ci95'] or 0:.2f}", diff,
+            f"{r['ssim_mean']:.4f}", ok]  # fmt: skip
 
 
 def markdown(state: dict) -> str:
@@ -243,17 +254,14 @@ def markdown(state: dict) -> str:
              f"- rule: the fastest schedule with mean PSNR ≥ default − {meta['tolerance']} dB on the choose set (seed "
              f"{meta['choose_seed']}), at most {meta['max_dense_layers']} always-dense layer(s); reported on seed {meta['report_seed']}",
              ""]  # fmt: skip
-    head = ["| schedule | composed speedup | composed s | PSNR (dB) | vs default (paired) | SSIM | within tolerance |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
     for set_name in ("choose", "report"):
         results = state.get(set_name, {})
         base = results.get("default")
         if not results:
             continue
-        lines += [f"## {set_name} set (seed {meta[set_name + '_seed']})", ""] + head
-        for name in sorted(results, key=lambda n: -state["speed"][n]["speedup"]):
-            lines.append(_row(name, results[name], base, state["speed"][name], meta["tolerance"]))
-        lines.append("")
+        rows = [_row(name, results[name], base, state["speed"][name], meta["tolerance"])
+                for name in sorted(results, key=lambda n: -state["speed"][n]["speedup"])]  # fmt: skip
+        lines += [f"## {set_name} set (seed {meta[set_name + '_seed']})", ""] + markdown_table(COLUMNS, rows) + [""]
     winner = state.get("winner")
     if winner:
         cfg = state["configs"][winner]

@@ -4,7 +4,7 @@ One compiled program for every variant. :class:`QualityRunner` samples a Wan mod
 video DiT of :mod:`models.evaluation.small_dit`, or any
 :class:`~models.wan.transformer.WanTransformer3DModel`) through the production
 :class:`~models.sampling.loop.Sampler` and the model's own forward pass, with everything that
-distinguishes the variants of the quality benchmark passed in as *arrays*:
+distinguishes the variants (:mod:`models.evaluation.quality_variants`) passed in as *arrays*:
 
 * the token order (the sampler's ``order`` input: a permutation array, RoPE tables built from it
   on device), so raster, hilbert2d, block3d, morton3d and hilbert3d share the program;
@@ -60,52 +60,28 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from dfsattn_jax.baselines import static_window_scores
 from dfsattn_jax.cache import MaskCache
 from dfsattn_jax.checks import check_positive_int
-from dfsattn_jax.layout import check_density
 from dfsattn_jax.metrics import DISTANCE_CLASS_NAMES, LayerStats, block_attention_mass, sampled_row_stats
-from dfsattn_jax.orders import ORDER_NAMES, inverse_permutation, token_order
-from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
-from dfsattn_jax.scoring import block_scores, check_tile_size
+from dfsattn_jax.orders import inverse_permutation, token_order
+from dfsattn_jax.schedule import DFSConfig, SchedulePlan
+from dfsattn_jax.checks import check_tile_size
+from dfsattn_jax.scoring import block_scores
 from models.common.processor import AttentionBackend, AttentionHooks, num_token_blocks
 from models.evaluation.fidelity import psnr, ssim
+from models.evaluation.quality_variants import SCORING_ORACLE, SCORING_RANDOM, SCORING_WINDOW, Variant
 from models.sampling import Sampler, step_capacity
 
 __all__ = [
     "SMALL_GRID_TOKENS",
     "harness_blocks",
-    "SCORINGS",
-    "SCORING_ORACLE",
-    "SCORING_RANDOM",
-    "SCORING_WINDOW",
     "QualityHooks",
     "QualityInputs",
     "QualityRunner",
     "RunOutput",
-    "Variant",
-    "default_variants",
     "order_coords",
-    "fixed_density",
-    "refresh_every_step",
-    "variant_plan",
     "video_scores",
-    "window_step_scores",
 ]
-
-#: ``Variant.scoring`` value of the static spatio-temporal window baseline.
-SCORING_WINDOW = "window"
-#: ``Variant.scoring`` value of the random-layout baseline (uniform random scores, top-k).
-SCORING_RANDOM = "random"
-#: ``Variant.scoring`` value of the oracle layout (top-k of the exact dense block mass).
-SCORING_ORACLE = "oracle"
-#: Every ``Variant.scoring`` value.
-SCORINGS = ("dfs", SCORING_WINDOW, SCORING_RANDOM, SCORING_ORACLE)
-
-
-# ----------------------------------------------------------------------------------------------
-# Plans and variants
-
 
 #: Below this many tokens (the CPU-sized clips) the harness runs DFS on 32-token blocks of 8-token tiles.
 SMALL_GRID_TOKENS = 4096
@@ -115,156 +91,6 @@ def harness_blocks(num_tokens: int) -> tuple[int, int]:
     """``(block_size, tile_size)`` the harness runs DFS at for ``num_tokens``: 128 / 16, or 32 / 8
     below :data:`SMALL_GRID_TOKENS` (CPU sizes)."""
     return (32, 8) if num_tokens < SMALL_GRID_TOKENS else (128, 16)
-
-
-def fixed_density(config: DFSConfig, density: float) -> DFSConfig:
-    """``config`` at a fixed ``density``: no decrement (a refresh every ``refresh_interval`` steps
-    after the dense steps, always at ``density``)."""
-    return dataclasses.replace(config, density=check_density(density), density_decrement=0.0)
-
-
-def refresh_every_step(plan: SchedulePlan) -> SchedulePlan:
-    """The same densities as ``plan``, with the mask recomputed at every sparse step."""
-    return dataclasses.replace(plan, refresh=plan.sparse.copy())
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One way of sampling, compared against the dense run.
-
-    Attributes:
-      name: unique label.
-      group: ``"dense"``, ``"order"``, ``"tile"``, ``"window"``, ``"random"``, ``"oracle"`` or
-        ``"refresh"`` (for tables).
-      sparse: ``False`` for the dense reference (every other field is then ignored).
-      order: token order (:data:`~dfsattn_jax.orders.ORDER_NAMES`).
-      scoring: ``"dfs"`` (hierarchical scoring), :data:`SCORING_WINDOW` (static window),
-        :data:`SCORING_RANDOM` (a random layout with the same count) or :data:`SCORING_ORACLE`
-        (top-k of the exact dense block mass).
-      tile_size: DFS scoring tile (``None``: the runner's default tile).
-      density: a fixed density (no decrement); ``None``: the default schedule.
-      refresh: ``"schedule"`` (cache between refreshes) or ``"every"`` (refresh at every sparse step).
-    """
-
-    name: str
-    group: str
-    sparse: bool = True
-    order: str = "hilbert3d"
-    scoring: str = "dfs"
-    tile_size: int | None = None
-    density: float | None = None
-    refresh: str = "schedule"
-
-    def __post_init__(self) -> None:
-        if self.order not in ORDER_NAMES:
-            raise ValueError(f"order must be one of {ORDER_NAMES}, got {self.order!r}")
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        if self.refresh not in ("schedule", "every"):
-            raise ValueError(f"refresh must be 'schedule' or 'every', got {self.refresh!r}")
-        if self.density is not None:
-            object.__setattr__(self, "density", check_density(self.density))
-
-    @property
-    def schedule_label(self) -> str:
-        return "default" if self.density is None else f"{self.density:g}"
-
-
-def variant_plan(variant: Variant, num_steps: int, num_key_blocks: int, base: DFSConfig) -> SchedulePlan | None:
-    """The step plan of ``variant`` (``None`` for dense): ``base`` (already scaled to
-    ``num_steps``, see :func:`~dfsattn_jax.schedule.default_schedule`), at a fixed density if given, refreshed at every
-    sparse step if asked."""
-    if not variant.sparse:
-        return None
-    config = base if variant.density is None else fixed_density(base, variant.density)
-    plan = plan_schedule(config, num_steps, num_key_blocks)
-    return refresh_every_step(plan) if variant.refresh == "every" else plan
-
-
-def window_step_scores(
-    grid: tuple[int, int, int],
-    perm: Int[np.ndarray, " L"],
-    plan: SchedulePlan,
-    capacity: int,
-    *,
-    block_size: int,
-    cache: dict | None = None,
-) -> Float[np.ndarray, "p nq nk"]:
-    """Static-window block scores for every step of ``plan``: ``float32[capacity, nq, nk]``.
-
-    Step ``s`` holds :func:`~dfsattn_jax.baselines.static_window_scores` at the density in force
-    (only refresh steps read them); other steps hold zeros. ``cache`` (a dict the caller owns)
-    memoises the scores per ``(perm bytes, density)``.
-    """
-    nk = plan.num_key_blocks
-    out = np.zeros((capacity, nk, nk), np.float32)
-    for step in np.flatnonzero(plan.sparse):
-        density = float(plan.density[step])
-        key = (np.asarray(perm).tobytes(), block_size, density)
-        if cache is None or key not in cache:
-            scores = np.asarray(static_window_scores(grid, perm, block_size=block_size, density=density))
-            if cache is not None:
-                cache[key] = scores
-        else:
-            scores = cache[key]
-        out[step] = scores
-    return out
-
-
-def default_variants(
-    *,
-    orders: Sequence[str] = ("raster", "hilbert2d", "block3d", "morton3d", "hilbert3d"),
-    densities: Sequence[float] = (0.3, 0.2, 0.1, 0.05),
-    tile_size: int = 16,
-    block_size: int = 128,
-    other_tiles: Sequence[int] = (8, 32),
-    tile_densities: Sequence[float | None] = (None, 0.1),
-    window_orders: Sequence[str] = ("hilbert3d",),
-    random_orders: Sequence[str] = ("hilbert3d",),
-    oracle_orders: Sequence[str] = ("hilbert3d",),
-    oracle_densities: Sequence[float | None] = (0.2, None),
-    refresh_densities: Sequence[float | None] = (None,),
-) -> tuple[Variant, ...]:
-    """The variants of the quality benchmark (issue 5), dense reference first.
-
-    * ``order``: every order × (each fixed density, the default schedule), DFS scoring;
-    * ``tile``: hilbert3d with tile = block (plain block mean pooling) and each of ``other_tiles``
-      at each of ``tile_densities`` (``None``: default schedule); tile ``tile_size`` is in ``order``;
-    * ``window``: the static window in each of ``window_orders`` at each density and with the
-      default schedule's densities;
-    * ``random``: a uniformly random layout (per batch, head, query block, layer and refresh)
-      with the same count, in each of ``random_orders``, at each density and the default schedule;
-    * ``oracle``: top-k of the exact dense block mass (the recall-optimal layout of the same
-      count) in each of ``oracle_orders`` at each of ``oracle_densities`` (``None``: default
-      schedule), cached like DFS: the gap to DFS is what the scoring's estimate costs;
-    * ``refresh``: hilbert3d refreshed at every sparse step at each of ``refresh_densities``
-      (compare with the cached ``order`` rows of the same densities).
-    """
-    out = [Variant("dense", "dense", sparse=False, order="raster")]
-    schedules: list[float | None] = [*densities, None]
-    label = lambda d: "default" if d is None else f"d={d:g}"  # noqa: E731
-    for order in orders:
-        for d in schedules:
-            out.append(Variant(f"{order}/{label(d)}", "order", order=order, density=d))
-    tiles = [block_size] + [t for t in other_tiles if t not in (tile_size, block_size)]
-    for tile in tiles:
-        for d in tile_densities:
-            out.append(Variant(f"hilbert3d/tile{tile}/{label(d)}", "tile", order="hilbert3d", tile_size=tile, density=d))
-    for order in window_orders:
-        for d in schedules:
-            out.append(Variant(f"window-{order}/{label(d)}", "window", order=order, scoring=SCORING_WINDOW, density=d))
-    for order in random_orders:
-        for d in schedules:
-            out.append(Variant(f"random-{order}/{label(d)}", "random", order=order, scoring=SCORING_RANDOM, density=d))
-    for order in oracle_orders:
-        for d in oracle_densities:
-            out.append(Variant(f"oracle-{order}/{label(d)}", "oracle", order=order, scoring=SCORING_ORACLE, density=d))
-    for d in refresh_densities:
-        out.append(Variant(f"hilbert3d/{label(d)}/refresh-every-step", "refresh", order="hilbert3d", density=d, refresh="every"))
-    names = [v.name for v in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"variant names must be unique, got {names}")
-    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------

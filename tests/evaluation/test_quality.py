@@ -26,14 +26,16 @@ from dfsattn_jax.metrics import sampled_row_stats
 from dfsattn_jax.schedule import default_schedule
 from models.evaluation.clips import clip_classes
 from models.evaluation.codec import latents_to_video
+from benchmarks import quality_bench as bench
 from models.evaluation import quality as Q
+from models.evaluation import quality_variants as V
+from models.evaluation.quality_compare import fidelity_budget
 from models.evaluation.media import plot_sample_grid, sample_grid_figure, write_side_by_side_gif
 from models.evaluation.results import device_slug
 from models.common.processor import AttentionBackend
 from models.evaluation.small_dit import SMOKE_DIT_CONFIG, ClipConditioner
 from models.sampling.loop import Sampler
 from models.wan.transformer import WanTransformer3DModel
-from helpers import ROOT
 
 CONFIG = SMOKE_DIT_CONFIG  # latent [3, 4, 16, 16] -> token grid (4, 8, 8)
 SMOKE_HEADS = CONFIG.wan.num_heads
@@ -89,7 +91,7 @@ def test_runner_reproduces_the_sampler(setup):
 
 
 def test_density_one_equals_dense(setup):
-    plan = plan_schedule(Q.fixed_density(BASE, 1.0), STEPS, NK)
+    plan = plan_schedule(V.fixed_density(BASE, 1.0), STEPS, NK)
     assert plan.sparse.sum() == STEPS - BASE.dense_steps and (plan.num_blocks == NK).all()
     out = _run(setup, plan, order="raster", scoring=0)
     scores = Q.video_scores(_video(out.latents), _video(setup["dense"].latents))
@@ -121,8 +123,8 @@ def test_recall_error_and_sparsity_are_sane(setup):
 
 
 def test_refresh_every_step_plan_refreshes_at_every_sparse_step(setup):
-    plan = plan_schedule(Q.fixed_density(BASE, 0.25), STEPS, NK)
-    every = Q.refresh_every_step(plan)
+    plan = plan_schedule(V.fixed_density(BASE, 0.25), STEPS, NK)
+    every = V.refresh_every_step(plan)
     np.testing.assert_array_equal(every.refresh, plan.sparse)
     np.testing.assert_array_equal(every.num_blocks, plan.num_blocks)
     assert plan.refresh.sum() < every.refresh.sum()
@@ -139,20 +141,20 @@ def test_one_program_serves_every_variant(setup):
     grid = CONFIG.token_grid
     before = runner.trace_count
     variants = [
-        Q.Variant("a", "order", order="raster", density=0.25),
-        Q.Variant("b", "order", order="morton3d"),
-        Q.Variant("c", "tile", order="hilbert3d", tile_size=BLOCK),
-        Q.Variant("d", "window", order="hilbert3d", scoring=Q.SCORING_WINDOW, density=0.25),
+        V.Variant("a", "order", order="raster", density=0.25),
+        V.Variant("b", "order", order="morton3d"),
+        V.Variant("c", "tile", order="hilbert3d", tile_size=BLOCK),
+        V.Variant("d", "window", order="hilbert3d", scoring=V.SCORING_WINDOW, density=0.25),
     ]
     for v in variants:
-        plan = Q.variant_plan(v, STEPS, NK, BASE)
+        plan = V.variant_plan(v, STEPS, NK, BASE)
         static = None
-        if v.scoring == Q.SCORING_WINDOW:
+        if v.scoring == V.SCORING_WINDOW:
             perm, _ = runner.order_arrays(v.order)
-            static = Q.window_step_scores(grid, perm, plan, runner.capacity(STEPS), block_size=BLOCK)
+            static = V.window_step_scores(grid, perm, plan, runner.capacity(STEPS), block_size=BLOCK)
         out = _run(setup, plan, order=v.order, scoring=runner.scoring_index(v, TILE), static_scores=static)
         assert np.isfinite(out.latents).all()
-        if v.scoring == Q.SCORING_WINDOW:  # the cached layout is the static window's
+        if v.scoring == V.SCORING_WINDOW:  # the cached layout is the static window's
             expected = static_window_layout(grid, perm, block_size=BLOCK, density=0.25, batch=4, heads=CONFIG.wan.num_heads)
             for slot in range(len(runner.sparse_layers)):
                 layout = BlockLayout(jnp.asarray(out.cache.kv_indices[slot]), jnp.asarray(out.cache.kv_counts[slot]), NK)
@@ -182,35 +184,6 @@ def test_sampled_row_stats_match_metrics():
     np.testing.assert_allclose(part.recall, jnp.mean(jnp.sum(probs * token_mask, axis=-1)), rtol=1e-5)
 
 
-def test_schedules_and_variants():
-    assert default_schedule(50) == DFSConfig()
-    short = default_schedule(20)
-    assert (short.dense_steps, short.refresh_interval) == (5, 5)
-    assert plan_schedule(short, 20, 100).refresh_steps == (5, 10, 15)
-    fixed = Q.fixed_density(DFSConfig(), 0.05)
-    plan = plan_schedule(fixed, 50, 128)
-    assert plan.refresh_steps == (12, 24, 36, 48) and set(plan.num_blocks[plan.sparse]) == {6}
-    variants = Q.default_variants()
-    names = [v.name for v in variants]
-    assert len(names) == len(set(names)) and names[0] == "dense" and not variants[0].sparse
-    groups = {g: sum(v.group == g for v in variants) for g in ("order", "tile", "window", "random", "oracle", "refresh")}
-    assert groups == {"order": 25, "tile": 6, "window": 5, "random": 5, "oracle": 2, "refresh": 1}
-    assert {v.scoring for v in variants if v.group == "random"} == {Q.SCORING_RANDOM}
-    assert [v.name for v in variants if v.group == "oracle"] == ["oracle-hilbert3d/d=0.2", "oracle-hilbert3d/default"]
-    assert {v.tile_size for v in variants if v.group == "tile"} == {128, 8, 32}
-    assert Q.variant_plan(variants[0], 50, 128, DFSConfig()) is None
-    with pytest.raises(ValueError, match="order"):
-        Q.Variant("x", "order", order="spiral")
-    with pytest.raises(ValueError, match="scoring must be one of"):
-        Q.Variant("x", "order", scoring="exact")
-    with pytest.raises(ValueError, match="density"):
-        Q.Variant("x", "order", density=0.0)
-    with pytest.raises(ValueError, match="num_samples"):
-        clip_classes(0)
-    photo, motion = clip_classes(8)
-    assert len(set(photo)) == 8 and len(set(motion)) == 5
-
-
 def test_runner_rejects_bad_arguments(setup):
     runner, model = setup["runner"], setup["model"]
     with pytest.raises(ValueError, match=rf"max_blocks must be in \[1, {NK}\], got {NK + 1}"):
@@ -225,7 +198,7 @@ def test_runner_rejects_bad_arguments(setup):
     with pytest.raises(ValueError, match="latent_shape"):
         Q.QualityRunner(model, (4, 4, 16, 16), block_size=BLOCK, max_blocks=2)
     with pytest.raises(ValueError, match="tile"):
-        runner.scoring_index(Q.Variant("x", "tile", tile_size=16), TILE)
+        runner.scoring_index(V.Variant("x", "tile", tile_size=16), TILE)
     with pytest.raises(ValueError, match="static_scores"):
         _run(setup, None, static_scores=np.zeros((3, NK, NK), np.float32))
     with pytest.raises(ValueError, match="plan"):
@@ -282,22 +255,10 @@ def test_sample_grid_long_captions_keep_frames_full_size(tmp_path, hw):
         sample_grid_figure(real, generated, captions=captions[:2])
 
 
-def _bench():
-    import importlib.util
-    import pathlib
-
-    path = ROOT / "benchmarks" / "quality_bench.py"
-    spec = importlib.util.spec_from_file_location("quality_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_quality_bench_short_run_in_two_calls(tmp_path):
     """benchmarks/quality_bench.py --quick, trimmed further, split into two calls whose records merge."""
     import pathlib
 
-    bench = _bench()
     common = ["--quick", "--samples", "2", "--steps", "4", "--orders", "raster,hilbert3d", "--densities", "0.2",
               "--tiles", "16", "--query-samples", "64", "--out-dir", str(tmp_path)]  # fmt: skip
     first = bench.main([*common, "--variants", "group:order,random-*"])
@@ -346,9 +307,9 @@ def test_quality_bench_short_run_in_two_calls(tmp_path):
     (tmp_path / "quality_v2_testslug.json").write_text(json.dumps(saved))
     (tmp_path / "quality_v1_testslug.json").write_text(json.dumps(other))
     both = bench.main(["--compare", "v2,v1", "--compare-slug", "testslug", "--out-dir", str(tmp_path)])
-    budget = bench.fidelity_budget(saved)
+    budget = fidelity_budget(saved)
     assert budget["scoring_cost"] == pytest.approx(by["oracle-hilbert3d/default"]["psnr_mean"] - by["hilbert3d/default"]["psnr_mean"])
-    assert bench.fidelity_budget(other)["scoring_cost"] == pytest.approx(budget["scoring_cost"] + 1.5)
+    assert fidelity_budget(other)["scoring_cost"] == pytest.approx(budget["scoring_cost"] + 1.5)
     assert budget["caching_cost"] == pytest.approx(
         by["hilbert3d/default/refresh-every-step"]["psnr_mean"] - by["hilbert3d/default"]["psnr_mean"])
     text = pathlib.Path(both["markdown"]).read_text()
@@ -365,8 +326,8 @@ def test_quality_bench_short_run_in_two_calls(tmp_path):
 
 def test_random_layouts_whole_layers_and_probed_steps(setup):
     runner = setup["runner"]
-    plan = plan_schedule(Q.fixed_density(BASE, 0.25), STEPS, NK)  # 2 of 8 key blocks
-    random_index = runner.scoring_index(Q.Variant("r", "random", scoring=Q.SCORING_RANDOM), TILE)
+    plan = plan_schedule(V.fixed_density(BASE, 0.25), STEPS, NK)  # 2 of 8 key blocks
+    random_index = runner.scoring_index(V.Variant("r", "random", scoring=V.SCORING_RANDOM), TILE)
     assert random_index == len(runner.tile_sizes) + 1
     dfs = _run(setup, plan, order="hilbert3d", scoring=0, measure=False)
     rand = _run(setup, plan, order="hilbert3d", scoring=random_index, measure=False, random_seed=3)
@@ -398,8 +359,8 @@ def test_oracle_layouts_keep_the_most_mass(setup):
     sparse layer sees the same q and k in each: there the oracle's recall (every row measured)
     is the highest, in every head."""
     runner = setup["runner"]
-    plan = plan_schedule(Q.fixed_density(BASE, 0.25), STEPS, NK)  # 2 of 8 key blocks
-    oracle_index = runner.scoring_index(Q.Variant("o", "oracle", scoring=Q.SCORING_ORACLE), TILE)
+    plan = plan_schedule(V.fixed_density(BASE, 0.25), STEPS, NK)  # 2 of 8 key blocks
+    oracle_index = runner.scoring_index(V.Variant("o", "oracle", scoring=V.SCORING_ORACLE), TILE)
     assert oracle_index == len(runner.tile_sizes) + 2
     random_index = oracle_index - 1
     oracle = _run(setup, plan, order="hilbert3d", scoring=oracle_index)
