@@ -20,32 +20,29 @@ rows seeded per (token, head)), so a wrong collective cannot be timed. Per op: t
 copies: from the optimized HLO) and the bandwidth per device (bytes each device sends / time).
 The per-step estimate is ``layers x (q,k,v + out)``. Results as JSON (``--out``), a table last.
 
-    NCCL_NVLS_ENABLE=0 python benchmarks/all_to_all_bench.py --out $OUT/all_to_all.json   # 2 H200s, ~30 s
+    NCCL_NVLS_ENABLE=0 python -m benchmarks.all_to_all_bench --out $OUT/all_to_all.json   # 2 H200s, ~30 s
 
 CPU smoke run (host devices stand in; times mean nothing there)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
-        python benchmarks/all_to_all_bench.py --tokens 512 --heads 4 --head-dim 64 --iters 2
+        python -m benchmarks.all_to_all_bench --tokens 512 --heads 4 --head-dim 64 --iters 2
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import re
 import sys
-
-if __package__ in (None, ""):  # run as a script: the repository root on the path
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from benchmarks.e2e_bench import _median_time
+from benchmarks.harness import median_time, run_record
 from models.common.parallel import GUIDANCE_AXIS, HEADS_AXIS, make_parallel
-from models.evaluation.results import run_metadata, write_json
+from models.evaluation.results import write_json
+from models.evaluation.tables import markdown_table
 
 #: HLO ops counted per compiled program.
 HLO_OPS = ("all-to-all", "all-to-all-start", "transpose", "copy")
@@ -126,36 +123,43 @@ def run(args) -> dict:
     rows = []
     for name, fn, fn_args, tensors in ops:
         compiled = fn.lower(*fn_args).compile()  # one compile: timed, and its HLO read
-        ms = 1e3 * _median_time(compiled, *fn_args, warmup=2, iters=args.iters)
+        ms = median_time(compiled, *fn_args, warmup=2, repeats=args.iters).median_ms
         rows.append({"op": name, "ms": ms, "tensors_sent": tensors,
                      "gb_per_s_sent": tensors * sent_bytes / ms / 1e6 if tensors else None,
                      "hlo": hlo_op_counts(compiled.as_text())})
         print(f"[a2a] {name}: {ms:.3f} ms  {rows[-1]['hlo']}", flush=True)
     layer_ms = rows[0]["ms"] + rows[1]["ms"]
-    return {"meta": run_metadata(), "devices": h, "shape": [args.batch, args.tokens, args.heads, args.head_dim],
+    return {"meta": run_record(__file__, args.argv), "devices": h,
+            "shape": [args.batch, args.tokens, args.heads, args.head_dim],
             "dtype": dtype.name, "local_gb_per_tensor": local_bytes / 1e9, "sent_gb_per_tensor": sent_bytes / 1e9,
             "data_checks": checks, "ops": rows, "layer_ms": layer_ms, "layers": args.layers,
             "step_ms": args.layers * layer_ms, "step_sent_gb": args.layers * 4 * sent_bytes / 1e9}
 
 
-def table(result: dict) -> str:
-    lines = ["| op | ms | GB/s sent per device | all-to-all | transposes | copies |", "|---|---:|---:|---:|---:|---:|"]
+def table(result: dict) -> list[str]:
+    """One Markdown row per op (time, bandwidth, the HLO ops compiled), then the per-step estimate."""
+    rows = []
     for r in result["ops"]:
         a2a = r["hlo"]["all-to-all"] + r["hlo"]["all-to-all-start"]
         bw = "" if r["gb_per_s_sent"] is None else f"{r['gb_per_s_sent']:.0f}"
-        lines.append(f"| {r['op']} | {r['ms']:.2f} | {bw} | {a2a} | {r['hlo']['transpose']} | {r['hlo']['copy']} |")
-    lines.append(f"\nper layer {result['layer_ms']:.2f} ms; per step ({result['layers']} layers) "
-                 f"{result['step_ms']:.0f} ms for {result['step_sent_gb']:.1f} GB sent per device")
-    return "\n".join(lines)
+        rows.append([r["op"], f"{r['ms']:.2f}", bw, a2a, r["hlo"]["transpose"], r["hlo"]["copy"]])
+    headers = ["op", "ms", "GB/s sent per device", "all-to-all", "transposes", "copies"]
+    return [
+        *markdown_table(headers, rows, align=("left", *["right"] * 5)),
+        "",
+        f"per layer {result['layer_ms']:.2f} ms; per step ({result['layers']} layers) "
+        f"{result['step_ms']:.0f} ms for {result['step_sent_gb']:.1f} GB sent per device",
+    ]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = argv
     result = run(args)
     if args.out:
         write_json(args.out, result)
     print(f"\n{result['meta']['device']} x {result['devices']}, {result['shape']} {result['dtype']}:")
-    print(table(result))
+    print("\n".join(table(result)))
     return 0
 
 

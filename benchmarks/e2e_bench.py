@@ -21,12 +21,12 @@ Needs the package installed (``pip install -e .``); run from the repository root
 
 GPU (what the lead runs)::
 
-    python benchmarks/e2e_bench.py --measure-full
-    python benchmarks/e2e_bench.py --measure-full --schedule fast   # a named preset: e2e_<slug>_fast.json
+    python -m benchmarks.e2e_bench --measure-full
+    python -m benchmarks.e2e_bench --measure-full --schedule fast   # a named preset: e2e_<slug>_fast.json
 
 Reduced size on CPU (a smoke test of the script)::
 
-    JAX_PLATFORMS=cpu python benchmarks/e2e_bench.py --config tiny --frames 9 \
+    JAX_PLATFORMS=cpu python -m benchmarks.e2e_bench --config tiny --frames 9 \
         --height 64 --width 64 --block-size 16 --tile-size 4 --iters 2 --measure-full
 """
 
@@ -37,7 +37,6 @@ import dataclasses
 import math
 import os
 import platform
-import statistics
 import time
 
 import jax
@@ -45,7 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfsattn_jax.attention import block_sparse_attention, dense_attention, resolve_implementation
+from benchmarks.harness import RESULTS_DIR, first_call, median_time, peak_memory_bytes, run_record, write_markdown
+from dfsattn_jax.attention import block_sparse_attention, dense_attention
+from dfsattn_jax.dispatch import resolve
 from dfsattn_jax.cache import cache_layout, cache_update
 from dfsattn_jax.layout import blocks_for_density, select_blocks
 from dfsattn_jax.schedule import SCHEDULE_PRESETS, DFSConfig, get_schedule_preset, plan_schedule, reported_sparsity
@@ -59,28 +60,12 @@ from models.common.processor import (
     token_permutation,
 )
 from models.common.rope import rope_tables
-from models.evaluation.results import device_name, device_slug, memory_stats, write_json
+from models.evaluation.results import device_name, device_slug, write_json
 from models.evaluation.speed import compose_schedule
+from models.evaluation.tables import markdown_table
 from models.sampling.loop import Sampler
 from models.wan.config import default_dtype, get_config, latent_shape, token_grid
 from models.wan.transformer import WanTransformer3DModel, patchify
-
-
-def _median_time(fn, *args, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _first_call(fn, *args) -> tuple[object, float]:
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return out, time.perf_counter() - start
 
 
 def measured_blocks(densities, plan, nk: int) -> dict[float, int]:
@@ -104,10 +89,6 @@ def cache_round_trip(nk: int):
     return cache_only
 
 
-def peak_memory_bytes() -> int | None:
-    return int(memory_stats().get("peak_bytes_in_use", 0)) or None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="wan2.1-1.3b")
@@ -128,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measure-full", action="store_true", help="also time the full jitted sampler runs")
     p.add_argument("--dtype", default=None, help="bfloat16 / float32 (default: bf16 on GPU, f32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
     if args.warmup < 1 or args.iters < 1:
         p.error(f"--warmup and --iters must be >= 1, got {args.warmup} and {args.iters}")
@@ -172,24 +153,25 @@ def main(argv=None) -> dict:
     def dfs_fwd(state, x, t, text, control, cache):
         return nnx.merge(graphdef, state)(x, t, text, backend=backend, control=control, cache=cache)
 
-    timing = dict(warmup=args.warmup, iters=args.iters)
+    def seconds(fn, *fn_args) -> float:
+        return median_time(fn, *fn_args, warmup=args.warmup, repeats=args.iters).median_s
+
     results: dict = {"per_step_s": {}, "compile_s": {}}
-    _, results["compile_s"]["dense"] = _first_call(dense_fwd, state, x, t, text)
-    t_dense = _median_time(dense_fwd, state, x, t, text, **timing)
+    _, results["compile_s"]["dense"] = first_call(dense_fwd, state, x, t, text)
+    t_dense = seconds(dense_fwd, state, x, t, text)
     print(f"dense step (cuDNN/XLA)      {t_dense * 1e3:10.2f} ms", flush=True)
     peak_dense = peak_memory_bytes()
 
     cache0 = init_cache(backend, cfg.num_layers, batch, cfg.num_heads, num_tokens, max_blocks)
-    _, results["compile_s"]["dfs"] = _first_call(dfs_fwd, state, x, t, text, dense_step(), cache0)
-    t_dfs_dense = _median_time(dfs_fwd, state, x, t, text, dense_step(), cache0, **timing)
+    _, results["compile_s"]["dfs"] = first_call(dfs_fwd, state, x, t, text, dense_step(), cache0)
+    t_dfs_dense = seconds(dfs_fwd, state, x, t, text, dense_step(), cache0)
     print(f"dfs backend, dense step     {t_dfs_dense * 1e3:10.2f} ms", flush=True)
     t_sparse, t_refresh = {}, {}
     for d in densities:
         refresh = sparse_step(blocks[d], refresh=True)
         _, cache_d = jax.block_until_ready(dfs_fwd(state, x, t, text, refresh, cache0))
-        t_refresh[d] = _median_time(dfs_fwd, state, x, t, text, refresh, cache0, **timing)
-        t_sparse[d] = _median_time(dfs_fwd, state, x, t, text, sparse_step(blocks[d], refresh=False), cache_d,
-                                   **timing)
+        t_refresh[d] = seconds(dfs_fwd, state, x, t, text, refresh, cache0)
+        t_sparse[d] = seconds(dfs_fwd, state, x, t, text, sparse_step(blocks[d], refresh=False), cache_d)
         print(f"density {d:.2f} ({blocks[d]:4d}/{nk} blocks): sparse {t_sparse[d] * 1e3:10.2f} ms "
               f"({t_dense / t_sparse[d]:.2f}x)   refresh {t_refresh[d] * 1e3:10.2f} ms", flush=True)
 
@@ -212,7 +194,7 @@ def main(argv=None) -> dict:
         scores = block_scores(q, k, tile_size=dfs.tile_size, block_size=dfs.block_size)
         return select_blocks(scores, num_blocks, max_blocks=max_blocks)
 
-    impl, why = resolve_implementation(q, block_size=dfs.block_size)
+    impl, why = resolve("attention", q, block_size=dfs.block_size)
     print(f"sparse attention implementation: {impl} ({why})", flush=True)
 
     @jax.jit
@@ -225,16 +207,16 @@ def main(argv=None) -> dict:
     def kernel_only(q, k, layout):
         return block_sparse_attention(q, k, k, layout, block_size=dfs.block_size)
 
-    t_attn = {"dense_cudnn": _median_time(jax.jit(dense_attention), q, k, k, **timing)}
+    t_attn = {"dense_cudnn": seconds(jax.jit(dense_attention), q, k, k)}
     for d in densities:
         layout_d, _ = attention_only(q, k, jnp.asarray(blocks[d], jnp.int32))
-        t_attn[f"{d:g}"] = _median_time(kernel_only, q, k, layout_d, **timing)
+        t_attn[f"{d:g}"] = seconds(kernel_only, q, k, layout_d)
         print(f"one layer's attention at {d:.2f}: {t_attn[f'{d:g}'] * 1e3:.2f} ms "
               f"(dense cuDNN {t_attn['dense_cudnn'] * 1e3:.2f} ms)", flush=True)
 
-    t_perm = _median_time(permute_only, patches, **timing)
-    t_cache = _median_time(cache_only, cache0, **timing)
-    t_score = _median_time(score_only, q, k, jnp.asarray(blocks[densities[0]], jnp.int32), **timing)
+    t_perm = seconds(permute_only, patches)
+    t_cache = seconds(cache_only, cache0)
+    t_score = seconds(score_only, q, k, jnp.asarray(blocks[densities[0]], jnp.int32))
     per_step_overhead = t_perm + t_cache
 
     # The schedule composed from the per-step times.
@@ -245,6 +227,7 @@ def main(argv=None) -> dict:
     sparse_time = float(sum(step_times[s] for s in sparse_idx))
     overhead_total = len(sparse_idx) * per_step_overhead + len(plan.refresh_steps) * num_sparse * t_score
     results.update({
+        "meta": run_record(__file__, argv),
         "config": cfg.name,
         "card": device_name(),
         "backend": jax.default_backend(),
@@ -315,35 +298,33 @@ def main(argv=None) -> dict:
         results["measured_full"] = full
         results["peak_memory_bytes"]["after_full_runs"] = peak_memory_bytes()
 
-    os.makedirs(args.out_dir, exist_ok=True)
     default_size = (cfg.name, args.frames, args.height, args.width) == ("wan2.1-1.3b", 81, 480, 832)
     suffix = "" if default_size else f"_{cfg.name}_{args.frames}x{args.height}x{args.width}"
     suffix += f"_{args.schedule}" if args.schedule not in (None, "wan2.1") else ""
     stem = os.path.join(args.out_dir, f"e2e_{device_slug()}{suffix}")
     write_json(stem + ".json", results)
-    table = markdown_table(results)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    lines = report(results)
+    write_markdown(stem + ".md", lines)
+    print("\n".join(lines))
     print(f"wrote {stem}.json and {stem}.md")
     return results
 
 
-def markdown_table(r: dict) -> str:
+def report(r: dict) -> list[str]:
+    """The Markdown report of a results dict: the per-step table, then the schedule, the full
+    runs, the overhead and the peak memory in prose."""
     ps = r["per_step_s"]
+    dfs_dense = ps["dfs_dense_step"]
+    rows = [("dense (cuDNN on GPU)", f"{ps['dense'] * 1e3:.1f}", "1.00x"),
+            ("DFS backend, dense step", f"{dfs_dense * 1e3:.1f}", f"{ps['dense'] / dfs_dense:.2f}x")]
+    for kind in ("sparse", "refresh"):
+        rows += [(f"DFS {kind}, density {d}", f"{t * 1e3:.1f}", f"{ps['dense'] / t:.2f}x") for d, t in ps[kind].items()]
     lines = [
         f"### Wan2.1 end-to-end ({r['config']}, {r['tokens']} tokens, {r['dtype']}, batch {r['batch']}) "
         f"on {r['card']}",
         "",
-        "| step | time (ms) | speedup vs dense |",
-        "|---|---:|---:|",
-        f"| dense (cuDNN on GPU) | {ps['dense'] * 1e3:.1f} | 1.00x |",
-        f"| DFS backend, dense step | {ps['dfs_dense_step'] * 1e3:.1f} | {ps['dense'] / ps['dfs_dense_step']:.2f}x |",
+        *markdown_table(["step", "time (ms)", "speedup vs dense"], rows, align=("left", "right", "right")),
     ]
-    for d, t in ps["sparse"].items():
-        lines.append(f"| DFS sparse, density {d} | {t * 1e3:.1f} | {ps['dense'] / t:.2f}x |")
-    for d, t in ps["refresh"].items():
-        lines.append(f"| DFS refresh, density {d} | {t * 1e3:.1f} | {ps['dense'] / t:.2f}x |")
     s = r["schedule"]
     o = r["overhead"]
     lines += [
@@ -369,7 +350,7 @@ def markdown_table(r: dict) -> str:
     pm = r["peak_memory_bytes"]
     if pm.get("after_dfs_steps"):
         lines.append(f"Peak GPU memory: {max(v for v in pm.values() if v) / 2**30:.2f} GiB.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

@@ -18,16 +18,16 @@ Measures, after compilation (the first call of each program is timed apart as co
 Then it composes the reference's default 50-step schedule (``get_schedule_preset("hunyuan-video")``: 12
 dense steps, refreshes at 12, 24, 36 at 0.3, 0.2, 0.1) from the per-step times. Writes
 ``hunyuan_<device_slug>_<frames>x<height>x<width>.json`` and ``.md`` to ``--out-dir`` and prints
-the table last. Helpers are shared with ``benchmarks/e2e_bench.py``.
+the table last. Helpers are shared with :mod:`benchmarks.e2e_bench`.
 
 GPU (one H200; each size fits one ~10-minute call)::
 
-    python benchmarks/hunyuan_bench.py --out-dir $OUT                          # 720p x 129
-    python benchmarks/hunyuan_bench.py --height 544 --width 960 --out-dir $OUT  # 544p x 129
+    python -m benchmarks.hunyuan_bench --out-dir $OUT                          # 720p x 129
+    python -m benchmarks.hunyuan_bench --height 544 --width 960 --out-dir $OUT  # 544p x 129
 
 CPU smoke test of the script (the tiny config, 16-token blocks)::
 
-    JAX_PLATFORMS=cpu python benchmarks/hunyuan_bench.py --config tiny --frames 9 --height 64 \
+    JAX_PLATFORMS=cpu python -m benchmarks.hunyuan_bench --config tiny --frames 9 --height 64 \
         --width 96 --text-len 24 --valid-text 7 --block-size 16 --tile-size 4 --out-dir /tmp/hy
 """
 
@@ -38,7 +38,6 @@ import dataclasses
 import math
 import os
 import platform
-import sys
 import time
 
 import jax
@@ -46,16 +45,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_bench import _first_call, _median_time, cache_round_trip, measured_blocks, peak_memory_bytes  # noqa: E402
-
-from dfsattn_jax.attention import dense_attention, resolve_implementation  # noqa: E402
-from dfsattn_jax.joint import JointTokens, joint_attention, joint_density, select_joint_blocks  # noqa: E402
-from dfsattn_jax.layout import blocks_for_density  # noqa: E402
-from dfsattn_jax.schedule import get_schedule_preset, plan_schedule, reported_sparsity  # noqa: E402
-from dfsattn_jax.scoring import block_scores  # noqa: E402
-from models.common.layers import default_dtype, patchify  # noqa: E402
-from models.common.processor import (  # noqa: E402
+from benchmarks.e2e_bench import cache_round_trip, measured_blocks
+from benchmarks.harness import RESULTS_DIR, first_call, median_time, peak_memory_bytes, run_record, write_markdown
+from dfsattn_jax.attention import dense_attention
+from dfsattn_jax.dispatch import resolve
+from dfsattn_jax.joint import JointTokens, joint_attention, joint_density, select_joint_blocks
+from dfsattn_jax.layout import blocks_for_density
+from dfsattn_jax.schedule import get_schedule_preset, plan_schedule, reported_sparsity
+from dfsattn_jax.scoring import block_scores
+from models.common.layers import default_dtype, patchify
+from models.common.processor import (
     AttentionBackend,
     AttentionState,
     dense_step,
@@ -64,10 +63,11 @@ from models.common.processor import (  # noqa: E402
     sparse_step,
     token_permutation,
 )
-from models.evaluation.results import device_name, device_slug, write_json  # noqa: E402
-from models.evaluation.speed import compose_schedule  # noqa: E402
-from models.hunyuan_video.config import get_config, latent_shape, token_grid  # noqa: E402
-from models.hunyuan_video.transformer import (  # noqa: E402
+from models.evaluation.results import device_name, device_slug, write_json
+from models.evaluation.speed import compose_schedule
+from models.evaluation.tables import markdown_table
+from models.hunyuan_video.config import get_config, latent_shape, token_grid
+from models.hunyuan_video.transformer import (
     HunyuanConditioning,
     HunyuanVideoTransformer3DModel,
     joint_rope_tables,
@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-dfs-dense", action="store_true", help="compose dense steps from the dense backend")
     p.add_argument("--dtype", default=None, help="bfloat16 / float32 (default: bf16 on GPU, f32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
     return p.parse_args(argv)
 
 
@@ -148,10 +148,12 @@ def main(argv=None) -> dict:
         )
         return out, st.cache
 
-    timing = dict(warmup=args.warmup, iters=args.iters)
+    def seconds(fn, *fn_args, warmup=args.warmup, repeats=args.iters) -> float:
+        return median_time(fn, *fn_args, warmup=warmup, repeats=repeats).median_s
+
     results: dict = {"compile_and_first_run_s": {}}
-    _, results["compile_and_first_run_s"]["dense"] = _first_call(dense_fwd, state, x, t, cond)
-    t_dense = _median_time(dense_fwd, state, x, t, cond, **timing)
+    _, results["compile_and_first_run_s"]["dense"] = first_call(dense_fwd, state, x, t, cond)
+    t_dense = seconds(dense_fwd, state, x, t, cond)
     peak_dense = peak_memory_bytes()
     _log(f"dense step (cuDNN, key lengths) {t_dense:9.3f} s   (first call {results['compile_and_first_run_s']['dense']:.1f} s)")
 
@@ -159,11 +161,11 @@ def main(argv=None) -> dict:
     t_sparse, t_refresh, measured_skip = {}, {}, {}
     for i, d in enumerate(densities):
         refresh = sparse_step(blocks[d], refresh=True)
-        (_, cache_d), first = _first_call(dfs_fwd, state, x, t, cond, refresh, cache0)
+        (_, cache_d), first = first_call(dfs_fwd, state, x, t, cond, refresh, cache0)
         if i == 0:
             results["compile_and_first_run_s"]["dfs"] = first
-        t_refresh[d] = _median_time(dfs_fwd, state, x, t, cond, refresh, cache0, **timing)
-        t_sparse[d] = _median_time(dfs_fwd, state, x, t, cond, sparse_step(blocks[d], refresh=False), cache_d, **timing)
+        t_refresh[d] = seconds(dfs_fwd, state, x, t, cond, refresh, cache0)
+        t_sparse[d] = seconds(dfs_fwd, state, x, t, cond, sparse_step(blocks[d], refresh=False), cache_d)
         measured_skip[d] = float(skipped_fraction(cache_d, layers, joint=joint, block_size=bs))
         planned = 1.0 - joint_density(blocks[d], joint, bs)
         _log(f"density {d:.2f} (k={blocks[d]:4d}/{nk}): sparse {t_sparse[d]:8.3f} s ({t_dense / t_sparse[d]:.2f}x)  "
@@ -173,14 +175,14 @@ def main(argv=None) -> dict:
     if args.skip_dfs_dense:
         t_dfs_dense = t_dense
     else:
-        t_dfs_dense = _median_time(dfs_fwd, state, x, t, cond, dense_step(), cache0, **timing)
+        t_dfs_dense = seconds(dfs_fwd, state, x, t, cond, dense_step(), cache0)
         _log(f"dfs backend, dense step        {t_dfs_dense:9.3f} s")
     peak_dfs = peak_memory_bytes()
 
     # One layer's attention, and the overhead pieces, on random q/k/v of the joint shape.
     qkv = [jnp.asarray(rng.standard_normal((1, joint.length, cfg.num_heads, cfg.head_dim), np.float32), dtype)
            for _ in range(3)]  # fmt: skip
-    impl, why = resolve_implementation(qkv[0], block_size=bs)
+    impl, why = resolve("attention", qkv[0], block_size=bs)
     _log(f"sparse attention implementation: {impl} ({why})")
 
     @jax.jit
@@ -194,14 +196,13 @@ def main(argv=None) -> dict:
         return joint_attention(q, k, v, layout, joint=joint, block_size=bs, kv_lengths=kv_lengths)
 
     dense_one = jax.jit(lambda q, k, v: dense_attention(q, k, v, kv_lengths=kv_lengths))
-    t_attn = {"dense_cudnn": _median_time(dense_one, *qkv, warmup=1, iters=3)}
+    t_attn = {"dense_cudnn": seconds(dense_one, *qkv, warmup=1, repeats=3)}
     for d in densities:
         layout = score_only(qkv[0], qkv[1], jnp.asarray(blocks[d], jnp.int32))
-        t_attn[f"{d:g}"] = _median_time(joint_only, *qkv, layout, warmup=1, iters=3)
+        t_attn[f"{d:g}"] = seconds(joint_only, *qkv, layout, warmup=1, repeats=3)
         _log(f"one layer's attention at {d:.2f}: {t_attn[f'{d:g}'] * 1e3:8.2f} ms (dense cuDNN "
              f"{t_attn['dense_cudnn'] * 1e3:.2f} ms, {t_attn['dense_cudnn'] / t_attn[f'{d:g}']:.2f}x)")
-    t_score = _median_time(score_only, qkv[0], qkv[1], jnp.asarray(blocks[densities[0]], jnp.int32),
-                           warmup=1, iters=3)  # fmt: skip
+    t_score = seconds(score_only, qkv[0], qkv[1], jnp.asarray(blocks[densities[0]], jnp.int32), warmup=1, repeats=3)
 
     order = token_permutation(dfs.order, grid)
     patches = patchify(x, cfg.patch_size)
@@ -212,8 +213,8 @@ def main(argv=None) -> dict:
         return order.restore(order.apply(p)), cos, sin
 
     cache_only = cache_round_trip(nk)
-    t_perm = _median_time(permute_only, patches, warmup=1, iters=3)
-    t_cache = _median_time(cache_only, cache0, warmup=1, iters=3)
+    t_perm = seconds(permute_only, patches, warmup=1, repeats=3)
+    t_cache = seconds(cache_only, cache0, warmup=1, repeats=3)
     per_step_overhead = t_perm + t_cache
 
     step_times = compose_schedule(plan, t_dfs_dense, t_sparse, t_refresh)
@@ -221,6 +222,7 @@ def main(argv=None) -> dict:
     sparse_steps = int(plan.sparse.sum())
     overhead_total = sparse_steps * per_step_overhead + len(plan.refresh_steps) * layers * t_score
     results.update({
+        "meta": run_record(__file__, argv),
         "config": cfg.name, "card": device_name(), "backend": jax.default_backend(), "jax_version": jax.__version__,
         "python": platform.python_version(), "dtype": dtype.name, "parameters": params, "random_init_s": init_s,
         "video": {"frames": args.frames, "height": args.height, "width": args.width},
@@ -253,14 +255,12 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     results["peak_memory_bytes"] = {"after_dense": peak_dense, "after_dfs_steps": peak_dfs, "end": peak_memory_bytes()}
 
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"hunyuan_{device_slug()}_{cfg.name}_{args.frames}x{args.height}x{args.width}")
     write_json(stem + ".json", results)
-    table = markdown_table(results)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
+    lines = report(results)
+    write_markdown(stem + ".md", lines)
     _log(f"wrote {stem}.json and {stem}.md")
-    print(table)
+    print("\n".join(lines))
     return results
 
 
@@ -268,22 +268,22 @@ def _gib(value) -> str:
     return "n/a" if not value else f"{value / 2**30:.1f} GiB"
 
 
-def markdown_table(r: dict) -> str:
+def report(r: dict) -> list[str]:
+    """The Markdown report of a results dict: the per-step table, then the schedule, one layer's
+    attention, the overhead and the memory in prose."""
     ps, s, o, v = r["per_step_s"], r["schedule"], r["overhead"], r["video"]
+    rows = [("dense (cuDNN, padded text masked)", f"{ps['dense']:.3f}", "1.00x"),
+            ("DFS backend, dense step", f"{ps['dfs_dense_step']:.3f}", f"{ps['dense'] / ps['dfs_dense_step']:.2f}x")]
+    rows += [(f"DFS sparse, density {d} (k={r['kept_blocks'][d]})", f"{t:.3f}", f"{ps['dense'] / t:.2f}x")
+             for d, t in ps["sparse"].items()]  # fmt: skip
+    rows += [(f"DFS refresh, density {d}", f"{t:.3f}", f"{ps['dense'] / t:.2f}x") for d, t in ps["refresh"].items()]
     lines = [
         f"### HunyuanVideo end to end ({r['config']}, {v['height']}x{v['width']}x{v['frames']}, "
         f"{r['joint']['video_len']} video + {r['joint']['text_len']} text tokens ({r['valid_text']} valid), "
         f"{r['dtype']}, batch 1, random weights) on {r['card']}, sparse kernel {r['sparse_implementation']['name']}",
         "",
-        "| step | time (s) | speedup vs dense |",
-        "|---|---:|---:|",
-        f"| dense (cuDNN, padded text masked) | {ps['dense']:.3f} | 1.00x |",
-        f"| DFS backend, dense step | {ps['dfs_dense_step']:.3f} | {ps['dense'] / ps['dfs_dense_step']:.2f}x |",
+        *markdown_table(["step", "time (s)", "speedup vs dense"], rows, align=("left", "right", "right")),
     ]
-    for d, t in ps["sparse"].items():
-        lines.append(f"| DFS sparse, density {d} (k={r['kept_blocks'][d]}) | {t:.3f} | {ps['dense'] / t:.2f}x |")
-    for d, t in ps["refresh"].items():
-        lines.append(f"| DFS refresh, density {d} | {t:.3f} | {ps['dense'] / t:.2f}x |")
     attn = r["attention_one_layer_s"]
     per_layer = ", ".join(f"{d}: {attn[d] * 1e3:.1f} ms" for d in ps["sparse"])
     pm = [x for x in r["peak_memory_bytes"].values() if x]
@@ -300,7 +300,7 @@ def markdown_table(r: dict) -> str:
         f"(compile + run): dense {r['compile_and_first_run_s']['dense']:.0f} s, DFS "
         f"{r['compile_and_first_run_s']['dfs']:.0f} s." if pm else "Peak GPU memory: n/a.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

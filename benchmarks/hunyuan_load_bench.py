@@ -18,15 +18,16 @@ Stages (each in its own process, each with a time limit):
    output finite.
 
 Writes one JSON (``--out``) and prints a short table last. The folder is deleted at the end
-unless ``--keep``.
+unless ``--keep``. The driver starts no JAX backend while its stages run (it would hold GPU
+memory): the run record asks for the device only after them, when the load stage did not say.
 
 GPU (one H200: 64 GB disk, 128 GB RAM; about 2-4 minutes, at most 240 + 330 s by the stage limits)::
 
-    timeout 590 python benchmarks/hunyuan_load_bench.py --out $OUT/hunyuan_load.json
+    timeout 590 python -m benchmarks.hunyuan_load_bench --out $OUT/hunyuan_load.json
 
 CPU smoke test (the tiny config, float32)::
 
-    JAX_PLATFORMS=cpu python benchmarks/hunyuan_load_bench.py --config tiny --dtype float32 \\
+    JAX_PLATFORMS=cpu python -m benchmarks.hunyuan_load_bench --config tiny --dtype float32 \\
         --shard-gb 0.0003 --out /tmp/hunyuan_load.json
 """
 
@@ -39,15 +40,14 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.harness import first_call, memory_stats, module_command, run_record
+from models.evaluation.results import write_json
+from models.evaluation.tables import markdown_table
 
 _STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
@@ -118,8 +118,6 @@ class MemorySampler:
 
 def gpu_memory() -> dict[str, int] | None:
     """``bytes_in_use`` and ``peak_bytes_in_use`` of the default device (``None`` without stats)."""
-    from models.evaluation.results import memory_stats
-
     stats = memory_stats()
     if not stats:
         return None
@@ -296,12 +294,8 @@ def _forward_check(model) -> dict:
         return nnx.merge(graphdef, params).forward(latents, timestep, cond)[0]
 
     timestep = jnp.full((1,), 1000.0, jnp.float32)
-    start = time.perf_counter()
-    out = jax.block_until_ready(forward(params, latents, timestep, cond))
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    out = jax.block_until_ready(forward(params, latents, timestep, cond))
-    second = time.perf_counter() - start
+    _, first = first_call(forward, params, latents, timestep, cond)  # compile + run
+    out, second = first_call(forward, params, latents, timestep, cond)
     values = np.asarray(out, np.float32)
     return {
         "input": "latents [1, 16, 1, 16, 16] (64 video tokens), 32 text tokens (7 valid), guidance 6.0",
@@ -352,8 +346,10 @@ def _stage(args, stage: str, folder: pathlib.Path, timeout: float, env: dict) ->
     """Runs ``stage`` in a child process (its own memory high-water mark); returns its JSON."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         stage_out = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--stage-out", stage_out, "--dir", str(folder),
-           "--config", args.config, "--dtype", args.dtype, "--shard-gb", str(args.shard_gb), "--seed", str(args.seed)]
+    cmd = module_command(__file__, [
+        "--stage", stage, "--stage-out", stage_out, "--dir", str(folder), "--config", args.config,
+        "--dtype", args.dtype, "--shard-gb", str(args.shard_gb), "--seed", str(args.seed),
+    ])  # fmt: skip
     if not args.forward:
         cmd.append("--no-forward")
     if args.blocks:
@@ -380,33 +376,35 @@ def _gb(x) -> str:
     return "-" if x is None else f"{x / 1e9:.2f}"
 
 
-def summary(result: dict) -> str:
+def summary(result: dict) -> list[str]:
+    """The Markdown table of a result: one (quantity, value) row per measured thing or error."""
     w, l = result.get("write", {}), result.get("load", {})
-    lines = ["| quantity | value |", "|---|---|"]
+    rows = []
     if "error" in w:
-        lines.append(f"| write | ERROR {w['error']} |")
+        rows.append(("write", f"ERROR {w['error']}"))
     if "write_s" in w:
-        lines.append(f"| checkpoint | {w['config']}, {w['num_tensors']} tensors, {w['num_parameters']:,} "
-                     f"parameters, {_gb(w['bytes_on_disk'])} GB in {len(w['shards'])} shards ({w['dtype']}) |")
-        lines.append(f"| write (numpy + safetensors, page cache dropped) | {w['write_s']:.1f} s |")
+        checkpoint = (f"{w['config']}, {w['num_tensors']} tensors, {w['num_parameters']:,} parameters, "
+                      f"{_gb(w['bytes_on_disk'])} GB in {len(w['shards'])} shards ({w['dtype']})")  # fmt: skip
+        rows.append(("checkpoint", checkpoint))
+        rows.append(("write (numpy + safetensors, page cache dropped)", f"{w['write_s']:.1f} s"))
     if "error" in l:
-        lines.append(f"| load | ERROR {l['error']} |")
+        rows.append(("load", f"ERROR {l['error']}"))
     if "load_s" in l:
-        peak = l["host_peak_during_load"]
-        gpu = l.get("gpu_after_load") or {}
-        lines += [
-            f"| load_hunyuan_video to {l['device']} | {l['load_s']:.1f} s ({_gb(l['param_bytes'])} GB of parameters, "
-            f"{l['param_bytes'] / 1e9 / l['load_s']:.2f} GB/s) |",
-            f"| host RSS before / peak / after | {_gb(l['host_before']['VmRSS'])} / {_gb(peak.get('VmRSS'))} / "
-            f"{_gb(l['host_after']['VmRSS'])} GB |",
-            f"| host peak anonymous / file-backed (mmap) RSS | {_gb(peak.get('RssAnon'))} / {_gb(peak.get('RssFile'))} GB |",
-            f"| GPU in use after load / peak | {_gb(gpu.get('bytes_in_use'))} / {_gb(gpu.get('peak_bytes_in_use'))} GB |",
-        ]
+        peak, gpu = l["host_peak_during_load"], l.get("gpu_after_load") or {}
+        rate = l["param_bytes"] / 1e9 / l["load_s"]
+        rss = [_gb(l["host_before"]["VmRSS"]), _gb(peak.get("VmRSS")), _gb(l["host_after"]["VmRSS"])]
+        rows += [
+            (f"load_hunyuan_video to {l['device']}",
+             f"{l['load_s']:.1f} s ({_gb(l['param_bytes'])} GB of parameters, {rate:.2f} GB/s)"),
+            ("host RSS before / peak / after", " / ".join(rss) + " GB"),
+            ("host peak anonymous / file-backed (mmap) RSS", f"{_gb(peak.get('RssAnon'))} / {_gb(peak.get('RssFile'))} GB"),
+            ("GPU in use after load / peak", f"{_gb(gpu.get('bytes_in_use'))} / {_gb(gpu.get('peak_bytes_in_use'))} GB"),
+        ]  # fmt: skip
         if "forward" in l:
             fw = l["forward"]
-            lines.append(f"| forward (64 + 32 tokens): compile+run / run | {fw['compile_and_run_s']:.1f} s / "
-                         f"{fw['run_s'] * 1e3:.0f} ms, finite={fw['output_finite']} |")
-    return "\n".join(lines)
+            rows.append(("forward (64 + 32 tokens): compile+run / run",
+                         f"{fw['compile_and_run_s']:.1f} s / {fw['run_s'] * 1e3:.0f} ms, finite={fw['output_finite']}"))
+    return markdown_table(["quantity", "value"], rows)
 
 
 def main(argv=None) -> dict | None:
@@ -431,10 +429,9 @@ def main(argv=None) -> dict | None:
     finally:
         if created and not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    from models.io import atomic_write_text  # the project's one writer (this driver imports no jax before)
-
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-    print(summary(result))
+    result["meta"] = run_record(__file__, argv, device=result.get("load", {}).get("device"))
+    write_json(args.out, result)
+    print("\n".join(summary(result)))
     return result
 
 

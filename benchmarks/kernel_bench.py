@@ -20,7 +20,7 @@ sparse densities against the XLA reference on sampled query blocks (relative L2 
 
 Usage (GPU, repository root, package installed with ``pip install -e .``)::
 
-    python benchmarks/kernel_bench.py [--shapes 1.3b,14b,hunyuan,1.3b-d64] [--impls triton,mosaic_gpu,flex]
+    python -m benchmarks.kernel_bench [--shapes 1.3b,14b,hunyuan,1.3b-d64] [--impls triton,mosaic_gpu,flex]
 
 Writes ``benchmarks/results/kernel_<device_slug>.json`` (one record per implementation, shape,
 layout and density) and prints a markdown table last.
@@ -30,20 +30,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.harness import RESULTS_DIR, median_time, run_record
 from dfsattn_jax.attention import block_sparse_attention
 from dfsattn_jax.layout import BlockLayout, blocks_for_density, select_blocks
 from dfsattn_jax.orders import token_order
 from dfsattn_jax.scoring import block_scores
 from models.evaluation.results import device_name, device_slug, write_json
 from models.evaluation.synthetic import synthetic_qkv
+from models.evaluation.tables import markdown_table
 
 BLOCK = 128
 #: name: (sequence length, heads, head dim, video grid for DFS layouts or None)
@@ -55,26 +55,8 @@ SHAPES = {
 }
 DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
 IMPLS = ("triton", "mosaic_gpu", "flex")
-
-
-def timed_ms(fn: Callable[[], object], *, warmup: int, repeats: int, target_s: float = 0.2) -> tuple[float, list[float]]:
-    """Median milliseconds per call over ``repeats`` batches of back-to-back calls."""
-    out = fn()
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    for _ in range(warmup):
-        out = fn()
-    jax.block_until_ready(out)
-    one = (time.perf_counter() - start) / max(warmup, 1)
-    inner = max(1, min(50, int(target_s / max(one, 1e-6))))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / inner * 1e3)
-    return statistics.median(times), times
+#: Seconds of back-to-back calls per timed repeat.
+TARGET_S = 0.2
 
 
 def random_layout(key: jax.Array, heads: int, nq: int, count: int) -> BlockLayout:
@@ -174,7 +156,7 @@ def bench_shape(name: str, args, impls: Sequence[str], densities: Sequence[float
     q, k, v = (jax.random.normal(kk, (1, length, heads, head_dim), jnp.float32).astype(jnp.bfloat16) for kk in keys[:3])
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
     reps = args.repeats if length <= 40000 else max(3, args.repeats // 2)
-    cudnn_ms, _ = timed_ms(lambda: cudnn(q, k, v), warmup=args.warmup, repeats=reps)
+    cudnn_ms = median_time(cudnn, q, k, v, warmup=args.warmup, repeats=reps, target_s=TARGET_S).median_ms
     dense_flops = 4.0 * heads * length * length * head_dim
     print(f"[{name}] L={length} N={heads} D={head_dim}: cuDNN {cudnn_ms:.3f} ms ({dense_flops / cudnn_ms / 1e9:.0f} TFLOP/s)", flush=True)
     layouts = {"random": {d: random_layout(keys[3], heads, nq, blocks_for_density(d, nq)) for d in densities}}
@@ -217,9 +199,10 @@ def bench_shape(name: str, args, impls: Sequence[str], densities: Sequence[float
                     del out
                     if not error < 2e-2:
                         raise RuntimeError(f"wrong result: relative L2 {error:.3g}")
-                    ms, times = timed_ms(fn, warmup=args.warmup, repeats=reps)
-                    record.update(ms=ms, times_ms=times, tflops_per_visited=4.0 * head_dim * BLOCK * BLOCK * visited / ms / 1e9,
-                                  speedup_vs_cudnn=cudnn_ms / ms)
+                    timing = median_time(fn, warmup=args.warmup, repeats=reps, target_s=TARGET_S)
+                    ms = timing.median_ms
+                    record.update(ms=ms, times_ms=timing.times_ms, speedup_vs_cudnn=cudnn_ms / ms,
+                                  tflops_per_visited=4.0 * head_dim * BLOCK * BLOCK * visited / ms / 1e9)
                     print(f"  {impl:>10} {kind:>6} d={d:<5} {ms:9.3f} ms {record['tflops_per_visited']:6.0f} TFLOP/s "
                           f"{record['speedup_vs_cudnn']:6.2f}x cuDNN  err {error:.1e}", flush=True)
                 except Exception as err:  # noqa: BLE001 - one failing implementation must not stop the run
@@ -231,22 +214,23 @@ def bench_shape(name: str, args, impls: Sequence[str], densities: Sequence[float
     return rows
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    lines = [
-        "| shape | L | heads×D | layout | density | kept/nk | implementation | ms | TFLOP/s per visited block | cuDNN ms | speedup vs cuDNN |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
+#: The columns of the table (:func:`table`).
+COLUMNS = ("shape", "L", "heads×D", "layout", "density", "kept/nk", "implementation", "ms",
+           "TFLOP/s per visited block", "cuDNN ms", "speedup vs cuDNN")  # fmt: skip
+
+
+def table(records: Sequence[dict]) -> list[str]:
+    """One Markdown row per record; a failed one says so in its ``ms`` cell."""
+    rows = []
+    for r in records:
+        head = [r["shape"], r["seq_len"], f"{r['heads']}×{r['head_dim']}", r["layout"], r["density"],
+                f"{r['kept_blocks']}/{r['num_key_blocks']}", r["implementation"]]  # fmt: skip
         if "ms" not in r:
-            lines.append(f"| {r['shape']} | {r['seq_len']} | {r['heads']}×{r['head_dim']} | {r['layout']} | {r['density']} | "
-                         f"{r['kept_blocks']}/{r['num_key_blocks']} | {r['implementation']} | failed: {r.get('error', '')[:60]} | | | |")
-            continue
-        lines.append(
-            f"| {r['shape']} | {r['seq_len']} | {r['heads']}×{r['head_dim']} | {r['layout']} | {r['density']} | "
-            f"{r['kept_blocks']}/{r['num_key_blocks']} | {r['implementation']} | {r['ms']:.3f} | "
-            f"{r['tflops_per_visited']:.0f} | {r['cudnn_ms']:.3f} | {r['speedup_vs_cudnn']:.2f}x |"
-        )
-    return "\n".join(lines)
+            rows.append([*head, f"failed: {r.get('error', '')[:60]}", "", "", ""])
+        else:
+            rows.append([*head, f"{r['ms']:.3f}", f"{r['tflops_per_visited']:.0f}", f"{r['cudnn_ms']:.3f}",
+                         f"{r['speedup_vs_cudnn']:.2f}x"])  # fmt: skip
+    return markdown_table(COLUMNS, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,14 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name not in SHAPES:
             raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
     rows = []
-    out = args.out or f"benchmarks/results/kernel_{device_slug()}.json"
+    out = args.out or RESULTS_DIR / f"kernel_{device_slug()}.json"
+    meta = run_record(__file__, argv)
     for name in args.shapes.split(","):
         big = SHAPES[name][0] > 40000
         densities = [float(x) for x in (args.big_densities if big else args.densities).split(",")]
         rows += bench_shape(name, args, impls, densities)
-        write_json(out, {"device": device_name(), "jax": jax.__version__, "records": rows})  # after every shape
+        write_json(out, {"device": device_name(), "jax": jax.__version__, "meta": meta, "records": rows})  # per shape
     print(f"\nwrote {out}  ({device_name()}, jax {jax.__version__})\n")
-    print(markdown_table(rows))
+    print("\n".join(table(rows)))
     return 0
 
 

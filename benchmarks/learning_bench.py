@@ -14,10 +14,10 @@ Writes ``benchmarks/results/learning_<device slug>.json`` (one entry per model, 
 entries already there), ``learning_<device slug>.md`` (the table) and
 ``learning_samples_<model>_<device slug>.png`` (real clips above samples of the same classes).
 
-Usage (from the repository root; ``PYTHONPATH=.`` or the package installed)::
+Usage (from the repository root)::
 
-    python benchmarks/learning_bench.py --models v1,v2          # ~2 min per model on one H200
-    JAX_PLATFORMS=cpu python benchmarks/learning_bench.py --quick  # CPU smoke run (random tiny model)
+    python -m benchmarks.learning_bench --models v1,v2          # ~2 min per model on one H200
+    JAX_PLATFORMS=cpu python -m benchmarks.learning_bench --quick  # CPU smoke run (random tiny model)
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ from typing import Any, Sequence
 import jax
 from flax import nnx
 
+from benchmarks.harness import RESULTS_DIR, run_record, write_markdown
 from models.evaluation.clips import BACKGROUND_PHOTOS, MOTIONS
 from models.evaluation.learning import learning_report
 from models.evaluation.media import plot_sample_grid
 from models.evaluation.results import device_name, device_slug, write_json
+from models.evaluation.tables import markdown_table
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -47,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=None, help="real clips per class (default 256; quick 4)")
     p.add_argument("--photo-candidates", type=int, default=None, help="real clips per photo (default 32; quick 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
     return p.parse_args(argv)
 
 
@@ -69,7 +71,21 @@ def _fmt_spread(s: dict) -> str:
     return f"{s['mean']:.2f}{ci} ({s['min']:.2f}–{s['max']:.2f})"
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict) -> list[str]:
+    """The Markdown report: what the columns mean, one table row per model, and v2 − v1."""
+    rows = []
+    for key, r in results["models"].items():
+        s, real = r["samples"], r["real"]
+        rows.append([
+            f"{key} ({r['model']})", "×".join(map(str, r["token_grid"])), f"{r['parameters'] / 1e6:.1f} M",
+            f"{r['heldout']['loss']:.4f}", _fmt_spread(s["nearest_psnr_summary"]),
+            _fmt_spread(real["nearest_psnr_summary"]),
+            f"{s['nearest_ssim_summary']['mean']:.3f} / {real['nearest_ssim_summary']['mean']:.3f}",
+            f"{r['sharpness_ratio']:.2f}", f"{s['photo_accuracy']:.2f} / {real['photo_accuracy']:.2f}",
+        ])  # fmt: skip
+    headers = ["model", "token grid", "parameters", "held-out loss", "nearest-clip PSNR, samples",
+               "nearest-clip PSNR, real clips", "nearest-clip SSIM, samples / real", "sharpness, samples ÷ real",
+               "photo match, samples / real"]  # fmt: skip
     lines = ["# Has the harness model learned its data?", "",
              "Nearest-clip PSNR: each video's PSNR (dB) to the nearest of N real clips of its class (same photo and "
              "motion), mean ± 95% CI (min–max) over the videos, and the SSIM to that clip. PSNR to the nearest clip "
@@ -77,25 +93,13 @@ def markdown(results: dict) -> str:
              "samples relative to real clips (mean absolute difference of adjacent pixels) and the photo match (share "
              "of videos nearest to clips of their own photo; chance 1/8) are shown next to it; held-out real clips "
              "scored the same way are the reference. Held-out loss: flow-matching MSE on held-out clips at 8 fixed "
-             "noise levels (the models' clips differ in size).", "",
-             "| model | token grid | parameters | held-out loss | nearest-clip PSNR, samples | nearest-clip PSNR, real "
-             "clips | nearest-clip SSIM, samples / real | sharpness, samples ÷ real | photo match, samples / real |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for key, r in results["models"].items():
-        s, real = r["samples"], r["real"]
-        lines.append(
-            f"| {key} ({r['model']}) | {'×'.join(map(str, r['token_grid']))} | {r['parameters'] / 1e6:.1f} M | "
-            f"{r['heldout']['loss']:.4f} | {_fmt_spread(s['nearest_psnr_summary'])} | "
-            f"{_fmt_spread(real['nearest_psnr_summary'])} | {s['nearest_ssim_summary']['mean']:.3f} / "
-            f"{real['nearest_ssim_summary']['mean']:.3f} | {r['sharpness_ratio']:.2f} | "
-            f"{s['photo_accuracy']:.2f} / {real['photo_accuracy']:.2f} |"
-        )
+             "noise levels (the models' clips differ in size).", "", *markdown_table(headers, rows)]  # fmt: skip
     keys = list(results["models"])
     if "v1" in keys and "v2" in keys:
         a = results["models"]["v2"]["samples"]["nearest_psnr_summary"]["mean"]
         b = results["models"]["v1"]["samples"]["nearest_psnr_summary"]["mean"]
         lines += ["", f"v2 − v1, nearest-clip PSNR of the samples: {a - b:+.2f} dB (the issue asks for ≥ +5 dB)."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -105,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     path = os.path.join(args.out_dir, f"learning_{slug}.json")
     results = json.loads(open(path).read()) if os.path.isfile(path) else {"models": {}}
     results["device"] = device_name()
+    results["meta"] = run_record(__file__, argv)
     for key, model, conditioner, config, source in _models(args):
         t0 = time.perf_counter()
         report, videos = learning_report(
@@ -128,10 +133,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"{_fmt_spread(s['nearest_psnr_summary'])}, real {_fmt_spread(r['nearest_psnr_summary'])}; sharpness "
               f"ratio {report['sharpness_ratio']:.2f}; photo match {s['photo_accuracy']:.2f} (real "
               f"{r['photo_accuracy']:.2f}); {report['seconds']:.0f} s", flush=True)  # fmt: skip
-    table = markdown(results)
-    with open(os.path.join(args.out_dir, f"learning_{slug}.md"), "w") as f:
-        f.write(table)
-    print(table)
+    lines = markdown(results)
+    write_markdown(os.path.join(args.out_dir, f"learning_{slug}.md"), lines)
+    print("\n".join(lines))
     return results
 
 

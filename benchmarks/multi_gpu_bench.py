@@ -35,15 +35,15 @@ and the script exits with status 3 once the JSON is written (``--table`` too).
 
 GPU (what the lead runs: ``bash benchmarks/multi_gpu_session.sh``)::
 
-    python benchmarks/multi_gpu_bench.py --devices 1 --out $OUT/multi_1.json
-    python benchmarks/multi_gpu_bench.py --devices 2 --mode guidance --out $OUT/multi_2g.json
-    python benchmarks/multi_gpu_bench.py --devices 2 --mode heads --out $OUT/multi_2h.json
-    python benchmarks/multi_gpu_bench.py --table $OUT/multi_*.json
+    python -m benchmarks.multi_gpu_bench --devices 1 --out $OUT/multi_1.json
+    python -m benchmarks.multi_gpu_bench --devices 2 --mode guidance --out $OUT/multi_2g.json
+    python -m benchmarks.multi_gpu_bench --devices 2 --mode heads --out $OUT/multi_2h.json
+    python -m benchmarks.multi_gpu_bench --table $OUT/multi_*.json
 
 CPU smoke test (tiny config, host devices)::
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python \\
-        benchmarks/multi_gpu_bench.py --config tiny --frames 9 --height 64 --width 64 \\
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python -m \\
+        benchmarks.multi_gpu_bench --config tiny --frames 9 --height 64 --width 64 \\
         --block-size 16 --tile-size 4 --devices 1,2,4 --mode guidance,heads,both --out /tmp/multi.json
 """
 
@@ -61,12 +61,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.harness import memory_stats, run_record
 from dfsattn_jax.layout import blocks_for_density
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
 from models.common.parallel import Parallelism, make_parallel
 from models.common.processor import AttentionBackend, num_token_blocks
-from models.evaluation.results import memory_stats, run_metadata, write_json
+from models.evaluation.results import write_json
 from models.evaluation.speed import plan_step_times
+from models.evaluation.tables import markdown_table
 from models.sampling.loop import Sampler
 from models.wan.config import default_dtype, get_config, latent_shape, token_grid
 from models.wan.transformer import WanTransformer3DModel
@@ -262,7 +264,15 @@ def load_records(paths: list[str]) -> list[dict]:
     return records
 
 
-def table(records: list[dict]) -> str:
+#: The columns of :func:`table`.
+COLUMNS = ("devices", "mode", "dense step ms", "scaling", "refresh step ms", "scaling", "sparse step ms", "scaling",
+           "50-step DFS s", "scaling", "all-to-all GB/step", "peak GiB per device")  # fmt: skip
+
+
+def table(records: list[dict]) -> list[str]:
+    """A heading (the problem of the first record) and one Markdown row per record, by device
+    count and mode; an invalid record (:func:`check_validity`) shows no times."""
+
     def ms(r, k):
         v = r["per_step_ms"].get(k)
         return "" if v is None else f"{v:,.0f}"
@@ -271,29 +281,24 @@ def table(records: list[dict]) -> str:
         v = r.get("scaling_vs_1", {}).get(k)
         return "" if v is None else f"{v:.2f}x"
 
-    first = records[0]
-    lines = [
-        f"### {first['config']} {first['video']}, {first['tokens']} tokens, {first['dtype']}, batch 2 "
-        f"(guidance), DFS density {first['density']} on {first['meta']['device']}",
-        "",
-        "| devices | mode | dense step ms | scaling | refresh step ms | scaling | sparse step ms | scaling "
-        "| 50-step DFS s | scaling | all-to-all GB/step | peak GiB per device |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for r in sorted(records, key=lambda r: (r["devices"], r["mode"])):
         sched = r.get("schedule") or {}
         peaks = ", ".join(f"{m['peak_gib']:.1f}" for m in r["memory"] if m.get("peak_gib")) or "n/a"
+        tail = [f"{r['all_to_all_bytes_per_step'] / 1e9:.1f}", peaks]
         if not check_validity(r):
-            lines.append(f"| {r['devices']} | {r['mode']} | INVALID (non-finite latents) |" + " |" * 7
-                         + f" {r['all_to_all_bytes_per_step'] / 1e9:.1f} | {peaks} |")
+            rows.append([r["devices"], r["mode"], "INVALID (non-finite latents)", *[""] * 7, *tail])
             continue
-        lines.append(
-            f"| {r['devices']} | {r['mode']} | {ms(r, 'dense')} | {scale(r, 'dense')} | {ms(r, 'refresh')} | "
-            f"{scale(r, 'refresh')} | {ms(r, 'sparse')} | {scale(r, 'sparse')} | "
-            f"{sched.get('dfs_s', float('nan')):.1f} | {scale(r, 'schedule_dfs')} | "
-            f"{r['all_to_all_bytes_per_step'] / 1e9:.1f} | {peaks} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([r["devices"], r["mode"], ms(r, "dense"), scale(r, "dense"), ms(r, "refresh"), scale(r, "refresh"),
+                     ms(r, "sparse"), scale(r, "sparse"), f"{sched.get('dfs_s', float('nan')):.1f}",
+                     scale(r, "schedule_dfs"), *tail])  # fmt: skip
+    first = records[0]
+    return [
+        f"### {first['config']} {first['video']}, {first['tokens']} tokens, {first['dtype']}, batch 2 "
+        f"(guidance), DFS density {first['density']} on {first['meta']['device']}",
+        "",
+        *markdown_table(COLUMNS, rows, align=("right", "left", *["right"] * 10)),
+    ]
 
 
 def save(path: str | None, records: list[dict]) -> None:
@@ -317,7 +322,7 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
             cfg, 2, num_tokens, jnp.dtype(model.dtype).itemsize, parallel),
         "timing": {"warmup": args.warmup, "iters": args.iters, "statistic": "median",
                    "source": "SampleResult.step_s (per-step callbacks)"},
-        "meta": run_metadata(),
+        "meta": run_record(__file__, args.argv),
     }
     records.append(record)
     bytes_step = record["all_to_all_bytes_per_step"]
@@ -397,10 +402,11 @@ def run_variant(args, model, cfg, parallel, inputs, nk: int, num_blocks: int, gr
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    args.argv = argv
     if args.table:
         records = load_records(args.table)
         add_scaling(records)
-        print(table(records))
+        print("\n".join(table(records)) + "\n")
         report_invalid(records)
         return records
     args.baseline_records = load_records([args.baseline]) if args.baseline else []  # read once
@@ -425,7 +431,7 @@ def main(argv=None) -> list[dict]:
         run_variant(args, model, cfg, parallel, inputs, nk, num_blocks, grid, records)
     add_scaling(records + args.baseline_records)
     save(args.out, records)
-    print(table(records))
+    print("\n".join(table(records)) + "\n")
     report_invalid(records)
     return records
 

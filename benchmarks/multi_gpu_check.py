@@ -1,6 +1,6 @@
 """Sharded vs single-device sampling on the GPUs: the same latents and the same DFS masks.
 
-The CPU tests (tests/test_parallel.py) check this on host devices with the XLA attention; this
+The CPU tests (tests/models/common/test_parallel.py) check this on host devices with the XLA attention; this
 script checks the GPU path: the Pallas kernel (Mosaic GPU on Hopper in bf16, Triton in float32)
 and cuDNN inside ``shard_map``, and the all-to-alls over NCCL. A Wan2.1 architecture cut to a
 few layers (``--layers``), random weights, a short DFS schedule with dense, refresh and sparse
@@ -15,7 +15,7 @@ run's distance is the rounding noise of the partitioning; DFS may add mask flips
 or when fewer than :data:`MIN_MASK_AGREEMENT` of the mask rows agree. Any failure: exit status 3
 (after the JSON is written).
 
-    python benchmarks/multi_gpu_check.py --out $OUT/multi_check.json
+    python -m benchmarks.multi_gpu_check --out $OUT/multi_check.json
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfsattn_jax.attention import resolve_implementation
+from benchmarks.harness import run_record
+from dfsattn_jax.dispatch import resolve
 from dfsattn_jax.metrics import attention_error
 from dfsattn_jax.schedule import DFSConfig
 from models.common.parallel import PARALLEL_MODES, make_parallel
 from models.common.processor import AttentionBackend
-from models.evaluation.results import run_metadata, write_json
+from models.evaluation.results import write_json
 from models.sampling.loop import Sampler
 from models.wan.config import get_config, latent_shape, token_grid
 from models.wan.transformer import WanTransformer3DModel
@@ -149,12 +150,12 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     noise = jnp.asarray(rng.standard_normal((1, *shape), np.float32))
     texts = [jnp.asarray(rng.standard_normal((1, 32, cfg.text_dim), np.float32)) for _ in range(2)]
-    results: dict = {"meta": run_metadata(), "config": cfg.name, "layers": cfg.num_layers, "tokens": num_tokens,
-                     "checks": []}
+    results: dict = {"meta": run_record(__file__, argv), "config": cfg.name, "layers": cfg.num_layers,
+                     "tokens": num_tokens, "checks": []}
     for dtype in args.dtypes.split(","):
         model = WanTransformer3DModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
         q = jnp.zeros((1, num_tokens, cfg.num_heads, cfg.head_dim), dtype)
-        impl = resolve_implementation(q, block_size=args.block_size)
+        impl = resolve("attention", q, block_size=args.block_size)
         for backend in ("dense", "dfs"):
             be = AttentionBackend(backend, dfs if backend == "dfs" else None)
             runs = {}

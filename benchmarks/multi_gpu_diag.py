@@ -1,14 +1,10 @@
-"""Where sharded DFS goes wrong on the GPUs (issue #15): one model, every parallelism, kernel swaps.
+"""Where sharded DFS goes wrong on the GPUs: one model, every parallelism, kernel swaps.
 
-On 2 H200s a DFS sampler run of Wan2.1-14B at 720x1280x81 (75,600 tokens, bf16) ended with
-non-finite latents in the guidance- and head-parallel modes, while one GPU stayed finite. This
-script found the cause in one run: only the ``sparse=triton`` variant was clean, and the Mosaic
-kernel's grid axis "heads" was shadowed by the mesh axis of the same name inside ``shard_map``
-(benchmarks/NOTES.md, "Several GPUs"; fixed since). It stays as the tool for the next such hunt.
-
-It narrows a fault down on the Wan2.1-14B architecture cut to ``--layers`` blocks (random bf16 weights, batch 2 = classifier-free guidance), for each parallelism
-(``none``: one device, the reference; ``guidance``: 2x1; ``heads``: 1x2) and each variant of the
-attention backend:
+The tool that found why sharded DFS runs went non-finite on two H200s (benchmarks/NOTES.md,
+"Several GPUs"), kept for the next such hunt. It narrows a fault down on the Wan2.1-14B
+architecture cut to ``--layers`` blocks (random bf16 weights, batch 2 = classifier-free
+guidance), for each parallelism (``none``: one device, the reference; ``guidance``: 2x1;
+``heads``: 1x2) and each variant of the attention backend:
 
 ``default``
   the kernels this device picks (Mosaic GPU attention in bf16 on Hopper, the Triton scorer);
@@ -22,10 +18,9 @@ attention backend:
   graphs), ``sync-collectives``, ``no-latency-hiding`` (XLA flags of the GPU runtime and
   scheduler) or ``launch-blocking`` (``CUDA_LAUNCH_BLOCKING=1``); combinable with the others.
 
-The ``xla`` attentions hold ``L x L`` logits per
-  (sample, head): at 75,600 tokens they cannot run, and the script skips them (with the reason)
-  above :data:`MAX_QUADRATIC_ELEMENTS`; use them at a smaller video (``--frames 9 --height 256
-  --width 256``).
+The ``xla`` attentions hold ``L x L`` logits per (sample, head): above
+:data:`MAX_QUADRATIC_ELEMENTS` (at 75,600 tokens) they are skipped with the reason; use them at a
+smaller video (``--frames 9 --height 256 --width 256``).
 
 Stages (``--stages``), per (variant, parallelism), in one compiled program each:
 
@@ -48,28 +43,27 @@ finding), and the wall time of the call (a program's first call includes its com
 ``--max-density 0.2`` sizes the mask cache to the kept blocks (no padded index columns), to tell
 a kernel reading past a row's count from the rest.
 
-Each variant runs in its own worker process (this script with ``--worker``), under a hard time
+Each variant runs in its own worker process (this module with ``--worker``), under a hard time
 limit (``--stage-timeout``, and the whole run within ``--budget-s``), so a crash or a hang of one
 variant costs only that variant; a worker's log is ``OUT.<variant>.log`` and its records
 ``OUT.<variant>.json``; the records of all of them go to ``--out`` and a table is printed last.
+The default variants run in the order of :data:`DEFAULT_VARIANTS` while ``--budget-s`` lasts.
 Exit status: 3 when a run is not finite, 4 when a worker failed or timed out (none non-finite),
 else 0.
-
-The default variants run in the order of :data:`DEFAULT_VARIANTS` while ``--budget-s`` lasts.
 
 GPU (2 devices; ~5-7 min; ``bash benchmarks/multi_gpu_session.sh diag`` runs this with NVLink
 multicast off and keeps the log under ``$OUT``)::
 
-    NCCL_NVLS_ENABLE=0 python benchmarks/multi_gpu_diag.py --out $OUT/multi_diag.json
+    NCCL_NVLS_ENABLE=0 python -m benchmarks.multi_gpu_diag --out $OUT/multi_diag.json
 
 narrowing down, e.g.::
 
-    python benchmarks/multi_gpu_diag.py --variants sparse=triton+scoring=jnp --modes heads --stages sampler \\
+    python -m benchmarks.multi_gpu_diag --variants sparse=triton+scoring=jnp --modes heads --stages sampler \\
         --out $OUT/diag_heads.json
 
 CPU smoke test (tiny config, 2 host devices)::
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu python benchmarks/multi_gpu_diag.py \\
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu python -m benchmarks.multi_gpu_diag \\
         --config tiny --layers 2 --frames 9 --height 128 --width 128 --block-size 16 --tile-size 4 \\
         --variants default,scoring=jnp,sparse=xla --out /tmp/diag.json
 """
@@ -87,37 +81,29 @@ import tempfile
 import time
 from typing import NamedTuple
 
-if __package__ in (None, ""):  # run as a script: the repository root on the path, for `benchmarks.*`
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.harness import first_call, module_command, run_record
 from benchmarks.multi_gpu_bench import problem_sizes, random_inputs, random_model, step_plan
 from benchmarks.multi_gpu_check import same_rows
-from dfsattn_jax.attention import IMPLEMENTATIONS
+from dfsattn_jax.dispatch import ATTENTION, SCORING
 from dfsattn_jax.metrics import attention_error
 from dfsattn_jax.schedule import DFSConfig
-from dfsattn_jax.scoring import SCORING_IMPLEMENTATIONS
 from models.common.parallel import Parallelism, make_parallel, replicate, shard_batch, shard_cache
-from models.common.processor import (
-    AttentionBackend,
-    AttentionState,
-    dense_step,
-    init_cache,
-    skipped_fraction,
-    sparse_step,
-)
-from models.evaluation.results import run_metadata, write_json
+from models.common.processor import AttentionBackend, AttentionState, dense_step, init_cache, skipped_fraction
+from models.common.processor import sparse_step
+from models.evaluation.results import write_json
+from models.evaluation.tables import markdown_table
 from models.sampling.loop import Sampler
 from models.wan.config import default_dtype, get_config
 
 #: Variant keys: the backend field each sets and the names it takes.
 VARIANT_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sparse": ("sparse_implementation", tuple(IMPLEMENTATIONS)),
-    "scoring": ("scoring_implementation", tuple(SCORING_IMPLEMENTATIONS)),
+    "sparse": ("sparse_implementation", tuple(ATTENTION)),
+    "scoring": ("scoring_implementation", tuple(SCORING)),
     "dense": ("dense_implementation", ("cudnn", "xla")),
 }
 #: Environments a variant may give its worker (``env=NAME``): switches of the XLA GPU runtime that
@@ -331,7 +317,8 @@ class Worker:
         return rec
 
     def save(self) -> None:
-        write_json(self.args.part, {"meta": run_metadata(), "variant": self.spec, "records": self.records})
+        write_json(self.args.part, {"meta": run_record(__file__, self.args.argv), "variant": self.spec,
+                                    "records": self.records})  # fmt: skip
 
     def run(self, mode: str) -> None:
         parallel = parallel_for(mode, self.args.devices)
@@ -366,10 +353,7 @@ class Worker:
         controls = [("forward-dense", dense_step()), ("forward-refresh", sparse_step(self.sizes["num_blocks"])),
                     ("forward-sparse", sparse_step(self.sizes["num_blocks"], refresh=False))]
         for stage, control in controls:
-            start = time.perf_counter()
-            out, new_cache = forward(state, x, t, text, control, cache)
-            out = jax.block_until_ready(out)
-            seconds = time.perf_counter() - start
+            (out, new_cache), seconds = first_call(forward, state, x, t, text, control, cache)
             outputs[stage] = np.asarray(out)
             extra = {}
             if stage != "forward-dense":
@@ -401,7 +385,7 @@ def launch(args, argv: list[str], spec: str, timeout: float) -> dict:
     """Runs the worker of ``spec`` under ``timeout``; returns its records (or what failed)."""
     part, log = part_path(args.out, spec, ".json"), part_path(args.out, spec, ".log")
     part.unlink(missing_ok=True)
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", spec]
+    cmd = module_command(__file__, [*argv, "--worker", spec])
     start = time.perf_counter()
     with open(log, "w") as f:
         try:
@@ -420,27 +404,32 @@ def launch(args, argv: list[str], spec: str, timeout: float) -> dict:
     return result
 
 
-def table(variants: list[dict]) -> str:
+#: The columns of :func:`table`, and their alignments.
+COLUMNS = ("variant", "parallel", "stage", "finite", "kept per slot", "first short layer", "skipped", "rel L2 vs 1",
+           "mask rows agree", "sparse vs refresh", "s")  # fmt: skip
+ALIGN = ("left", "left", "left", "right", "left", "right", "left", "right", "right", "right", "right")
+
+
+def table(variants: list[dict]) -> list[str]:
+    """One Markdown row per record (and one per skipped or failed variant); a distance measured
+    but not finite reads NaN, one not measured is empty."""
+
     def num(v, fmt):
         return "" if v is None else format(v, fmt)
 
-    def dist(r, key):  # a distance that was measured but is not finite reads NaN
+    def dist(r, key):
         return "" if key not in r else "NaN" if r[key] is None else format(r[key], ".2e")
 
-    lines = ["| variant | parallel | stage | finite | kept per slot | first short layer | skipped | rel L2 vs 1 "
-             "| mask rows agree | sparse vs refresh | s |", "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|"]
+    rows = []
     for var in variants:
         if var.get("skipped_reason") or var.get("error"):
-            lines.append(f"| {var['variant']} | | | {var.get('skipped_reason') or var['error']} |" + " |" * 7)
+            rows.append([var["variant"], "", "", var.get("skipped_reason") or var["error"], *[""] * 7])
         for r in var["records"]:
             kept = ", ".join(f"{c:.1f}" for c in r.get("kept_mean_per_slot", []))
-            lines.append(
-                f"| {r['variant']} | {r['parallel']} | {r['stage']} | {r['finite_fraction']:.4f} | {kept} | "
-                f"{num(r.get('first_short_layer'), 'd')} | {r.get('skipped', '')} | {dist(r, 'rel_l2_vs_1')} | "
-                f"{num(r.get('mask_rows_agree_vs_1'), '.4f')} | {dist(r, 'rel_l2_vs_refresh')} | "
-                f"{r['time_s']:.1f} |"
-            )
-    return "\n".join(lines)
+            rows.append([r["variant"], r["parallel"], r["stage"], f"{r['finite_fraction']:.4f}", kept,
+                         num(r.get("first_short_layer"), "d"), r.get("skipped", ""), dist(r, "rel_l2_vs_1"),
+                         num(r.get("mask_rows_agree_vs_1"), ".4f"), dist(r, "rel_l2_vs_refresh"), f"{r['time_s']:.1f}"])
+    return markdown_table(COLUMNS, rows, align=ALIGN)
 
 
 def driver_main(args, argv: list[str]) -> int:
@@ -474,9 +463,9 @@ def driver_main(args, argv: list[str]) -> int:
             results.append({"variant": spec, "skipped_reason": skip, "records": []})
         else:
             results.append(launch(args, argv, spec, min(args.stage_timeout, left)))
-        write_json(args.out, {"meta": run_metadata(), "argv": argv, "variants": results})
+        write_json(args.out, {"meta": run_record(__file__, argv), "argv": argv, "variants": results})
     print()
-    print(table(results))
+    print("\n".join(table(results)))
     return status(results)
 
 
@@ -498,6 +487,7 @@ def status(variants: list[dict]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.argv = argv
     if args.worker is not None:
         args.part = str(part_path(args.out, args.worker, ".json"))
         return worker_main(args)

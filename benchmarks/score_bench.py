@@ -24,8 +24,8 @@ video-like q/k (``models.evaluation.synthetic``, hilbert3d order, bf16) on the s
 
 Usage (repository root)::
 
-    python benchmarks/score_bench.py --out $OUT/score.json                 # H200: 1.3b and 14b
-    python benchmarks/score_bench.py --shapes tiny --repeats 2 --harness-steps 2 \
+    python -m benchmarks.score_bench --out $OUT/score.json                 # H200: 1.3b and 14b
+    python -m benchmarks.score_bench --shapes tiny --repeats 2 --harness-steps 2 \
         --harness-clip 8,32,32 --out /tmp/score.json                       # CPU smoke
 
 Off GPU the kernel runs in the Pallas interpreter (correct, not fast) and the dense call is XLA.
@@ -47,22 +47,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.harness import RESULTS_DIR, median_time, run_record
 from dfsattn_jax.layout import blocks_for_density, select_blocks
 from dfsattn_jax.metrics import selection_agreement
 from dfsattn_jax.orders import token_order
-from dfsattn_jax.scoring import block_scores, resolve_scoring_implementation, tile_means
+from dfsattn_jax.dispatch import resolve
+from dfsattn_jax.scoring import block_scores, tile_means
 from models.common.processor import AttentionBackend, AttentionHooks
 from models.evaluation.clips import clip_classes
 from models.evaluation.results import device_name, device_slug, write_json
 from models.evaluation.small_dit import load_small_dit
 from models.sampling.loop import Sampler
 from models.evaluation.synthetic import synthetic_qkv
-from pallas_kernels.block_scores_triton import DEFAULT_PRECISION, PRECISIONS, ScoreBlockSizes, tile_block_scores
-
-try:  # run as a script: benchmarks/ is on sys.path
-    from kernel_bench import timed_ms
-except ImportError:  # imported as benchmarks.score_bench (tests)
-    from benchmarks.kernel_bench import timed_ms
+from models.evaluation.tables import markdown_table
+from pallas_kernels.block_scores_triton import DEFAULT_PRECISION, PRECISIONS, ScoreTuning, tile_block_scores
 
 TILE, BLOCK = 16, 128
 #: name: (sequence length, heads, head dim, token grid (F, H, W), heads of the agreement q/k)
@@ -71,12 +69,12 @@ SHAPES = {
     "14b": (75600, 40, 128, (21, 45, 80), 4),  # Wan2.1-14B 720p x 81 frames (4 heads: 1.4 M decisions)
     "tiny": (2048, 2, 64, (4, 16, 32), 2),  # CPU smoke test
 }
-#: Kernel tilings tried at bf16 besides the default (ScoreBlockSizes()).
+#: Kernel tilings tried at bf16 besides the default (ScoreTuning()).
 TILINGS = {
-    "q64s3": ScoreBlockSizes(block_q=64, block_k=128, num_warps=4, num_stages=3),
-    "q32": ScoreBlockSizes(block_q=32, block_k=128, num_warps=4, num_stages=2),
-    "q128": ScoreBlockSizes(block_q=128, block_k=128, num_warps=8, num_stages=2),
-    "q128dot": ScoreBlockSizes(block_q=128, block_k=128, num_warps=8, num_stages=2, row_sum="dot"),
+    "q64s3": ScoreTuning(block_q=64, block_k=128, num_warps=4, num_stages=3),
+    "q32": ScoreTuning(block_q=32, block_k=128, num_warps=4, num_stages=2),
+    "q128": ScoreTuning(block_q=128, block_k=128, num_warps=8, num_stages=2),
+    "q128dot": ScoreTuning(block_q=128, block_k=128, num_warps=8, num_stages=2, row_sum="dot"),
 }
 DENSITIES = (0.3, 0.2, 0.1)
 
@@ -103,10 +101,8 @@ class Runner:
         try:
             compiled = jax.jit(fn).lower(*args).compile()
             record["compile_s"] = time.perf_counter() - start
-            median, times = timed_ms(
-                lambda: compiled(*args), warmup=self.warmup, repeats=self.repeats, target_s=self.target_s
-            )
-            record.update(ms=median, times_ms=times, temp_bytes=temp_bytes(compiled))
+            timing = median_time(compiled, *args, warmup=self.warmup, repeats=self.repeats, target_s=self.target_s)
+            record.update(ms=timing.median_ms, times_ms=timing.times_ms, temp_bytes=temp_bytes(compiled))
         except Exception as err:  # noqa: BLE001 - record and go on
             record["error"] = f"{type(err).__name__}: {err}"[:2000]
             traceback.print_exc()
@@ -212,7 +208,7 @@ def run_shape(name: str, args, on_gpu: bool) -> tuple[list[dict], dict]:
     runner = Runner(name, warmup=args.warmup, repeats=args.repeats, target_s=args.target_s)
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (1, length, heads, head_dim), jnp.bfloat16) for key in keys)
-    print(f"[{name}] B=1 L={length} N={heads} D={head_dim}: scorer {resolve_scoring_implementation(q)}", flush=True)
+    print(f"[{name}] B=1 L={length} N={heads} D={head_dim}: scorer {resolve("scoring", q)}", flush=True)
 
     dense_impl = "cudnn" if on_gpu else "xla"
     runner.time(dense_impl, lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl), q, k, v)
@@ -227,11 +223,11 @@ def run_shape(name: str, args, on_gpu: bool) -> tuple[list[dict], dict]:
     num_tiles = -(-length // TILE)
     full = jnp.full((1,), num_tiles, jnp.int32)
 
-    def with_tiling(tiling: ScoreBlockSizes):
+    def with_tiling(tiling: ScoreTuning):
         def fn(q, k):
             return tile_block_scores(
                 tile_means(q, TILE), tile_means(k, TILE), full, tiles_per_block=BLOCK // TILE,
-                precision=DEFAULT_PRECISION, block_sizes=tiling, interpret=interpret,
+                precision=DEFAULT_PRECISION, tuning=tiling, interpret=interpret,
             )
 
         return fn
@@ -256,24 +252,22 @@ def run_shape(name: str, args, on_gpu: bool) -> tuple[list[dict], dict]:
     return runner.records, agree
 
 
-def table(records: list[dict], agreements: dict) -> str:
-    lines = [
-        "| shape | variant | ms | share of dense | temp MiB | agreement 0.3 / 0.2 / 0.1 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for shape in dict.fromkeys(r["shape"] for r in records):
-        rows = [r for r in records if r["shape"] == shape]
-        dense = next((r.get("ms") for r in rows if r["variant"] in ("cudnn", "xla")), None)
-        for r in rows:
-            if "ms" not in r:
-                lines.append(f"| {shape} | {r['variant']} | failed: {r['error'][:80]} | | | |")
-                continue
-            share = f"{100 * r['ms'] / dense:.2f}%" if dense and r["variant"] not in ("cudnn", "xla") else ""
-            temp = "" if r.get("temp_bytes") is None else f"{r['temp_bytes'] / 2**20:.0f}"
-            agree = agreements.get(shape, {}).get(r.get("precision"), {})
-            agree_text = " / ".join(f"{100 * agree[str(d)]:.3f}%" for d in DENSITIES) if str(DENSITIES[0]) in agree else ""
-            lines.append(f"| {shape} | {r['variant']} | {r['ms']:.4f} | {share} | {temp} | {agree_text} |")
-    return "\n".join(lines)
+def table(records: list[dict], agreements: dict) -> list[str]:
+    """One Markdown row per record, with its share of the shape's dense call and, for a whole
+    scorer at one precision, that precision's agreement; a failed record says so in ``ms``."""
+    rows = []
+    for r in records:
+        shape = r["shape"]
+        if "ms" not in r:
+            rows.append([shape, r["variant"], f"failed: {r['error'][:80]}", "", "", ""])
+            continue
+        dense = next((x.get("ms") for x in records if x["shape"] == shape and x["variant"] in ("cudnn", "xla")), None)
+        share = f"{100 * r['ms'] / dense:.2f}%" if dense and r["variant"] not in ("cudnn", "xla") else ""
+        temp = "" if r.get("temp_bytes") is None else f"{r['temp_bytes'] / 2**20:.0f}"
+        agree = agreements.get(shape, {}).get(r.get("precision"), {})
+        agree_text = " / ".join(f"{100 * agree[str(d)]:.3f}%" for d in DENSITIES) if str(DENSITIES[0]) in agree else ""
+        rows.append([shape, r["variant"], f"{r['ms']:.4f}", share, temp, agree_text])
+    return markdown_table(["shape", "variant", "ms", "share of dense", "temp MiB", "agreement 0.3 / 0.2 / 0.1"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,12 +301,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     on_gpu = jax.default_backend() == "gpu"
     print(f"jax {jax.__version__} on {device_name()}", flush=True)
-    out = args.out or f"benchmarks/results/score_{device_slug()}.json"
+    out = args.out or RESULTS_DIR / f"score_{device_slug()}.json"
     records, agreements, harness = [], {}, {}
+    meta = run_record(__file__, argv)
 
     def save():  # after every stage: a run cut short by its time limit keeps what it measured
         write_json(out, {
-            "device": device_name(), "jax": jax.__version__, "tile_size": TILE, "block_size": BLOCK,
+            "device": device_name(), "jax": jax.__version__, "meta": meta, "tile_size": TILE, "block_size": BLOCK,
             "default_precision": DEFAULT_PRECISION, "records": records, "agreement": agreements,
             "harness_agreement": harness,
         })  # fmt: skip
@@ -332,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             harness = {"error": f"{type(err).__name__}: {err}"[:2000]}
     save()
     print(f"wrote {out}\n")
-    print(table(records, agreements))
+    print("\n".join(table(records, agreements)))
     if "decisions_per_density" in harness:
         print(f"\nsmall DiT q/k ({harness['steps']} steps, {harness['decisions_per_density']} decisions per density): "
               + ", ".join(f"{key} {100 * harness[key]['mean']:.3f}% (worst {100 * harness[key]['min']:.3f}%)"

@@ -3,7 +3,8 @@
 Every benchmark and evaluation names its results after the card with :func:`device_slug`
 (``"NVIDIA H200"`` → ``"nvidia_h200"``, CPU → ``"cpu"``) and writes them with
 :func:`write_json`, which turns every path under the repository into a repository-relative
-one and any other absolute path into its file name.
+one and any other absolute path into its file name. What a bench's file says about its run
+(device, versions, date, command line) is ``benchmarks.harness.run_record``'s.
 """
 
 from __future__ import annotations
@@ -11,24 +12,16 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
 from typing import Any
 
 import jax
 
-__all__ = ["REPO_ROOT", "device_name", "device_slug", "memory_stats", "portable", "run_metadata", "write_json"]
+from models.common.files import atomic_write_text
+
+__all__ = ["REPO_ROOT", "device_name", "device_slug", "portable", "write_json"]
 
 #: The repository root (the folder holding ``models/``), for repository-relative paths.
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def memory_stats(device: Any = None) -> dict[str, Any]:
-    """The allocator statistics of ``device`` (default: the first device): ``peak_bytes_in_use``,
-    ``bytes_in_use``, ... ; ``{}`` on a backend that keeps none (CPU)."""
-    try:
-        return dict((device if device is not None else jax.devices()[0]).memory_stats() or {})
-    except Exception:  # noqa: BLE001 - backends without memory stats
-        return {}
 
 
 def device_name() -> str:
@@ -66,11 +59,6 @@ def portable(value: Any) -> Any:
     return value
 
 
-def run_metadata() -> dict[str, str]:
-    """Device, JAX and Python versions of this run."""
-    return {"device": device_name(), "jax": jax.__version__, "python": platform.python_version()}
-
-
 def _plain(value: Any) -> Any:
     """JSON for NumPy scalars and arrays (their Python values), anything else as its string."""
     if hasattr(value, "tolist"):
@@ -81,10 +69,9 @@ def _plain(value: Any) -> Any:
 def write_json(path: str | os.PathLike, data: Any) -> pathlib.Path:
     """Writes ``data`` as indented JSON (paths made portable), creating parent folders.
 
-    The text is built first and written atomically (:func:`models.io.atomic_write_text`): an
-    error or a kill leaves any previous file at ``path`` intact.
+    The text is built first and written atomically
+    (:func:`models.common.files.atomic_write_text`): an error or a kill leaves any previous file
+    at ``path`` intact.
     """
-    from models.io import atomic_write_text
-
     text = json.dumps(portable(data), indent=2, default=_plain) + "\n"
     return atomic_write_text(path, text)

@@ -1,10 +1,10 @@
 """How long a DFS schedule takes end to end on a real model, composed from measured per-step times.
 
-``benchmarks/e2e_bench.py`` measures, on one GPU, the time of a dense step, of a dense step of
-the ``dfs`` backend, and of a sparse step and a refresh step at a few densities
-(``benchmarks/results/e2e_nvidia_h200.json``: Wan2.1-1.3B at 480p, 81 frames, 32,760 tokens =
-256 key blocks, batch 2, on an H200). :class:`StepTimes` holds them; :func:`compose` adds them up
-over a schedule's plan:
+``python -m benchmarks.e2e_bench`` measures, on one GPU, the time of a dense step, of a dense
+step of the ``dfs`` backend, and of a sparse step and a refresh step at a few densities (its
+``e2e_nvidia_h200.json``: Wan2.1-1.3B at 480p, 81 frames, 32,760 tokens = 256 key blocks, batch
+2, on an H200). :class:`StepTimes` holds them (:meth:`StepTimes.from_e2e` reads the file its
+caller names); :func:`compose` adds them up over a schedule's plan:
 
 * a dense step costs the ``dfs`` backend's dense step (the dense run costs ``num_steps`` dense
   steps of the ``dense`` backend, the speedup's denominator);
@@ -18,9 +18,10 @@ over a schedule's plan:
   layer saves ``(dense step − sparse step) / (measured sparse layers)``, so a schedule with more
   (fewer) dense layers pays (gains) that much per layer and step.
 
-The composition is a model of the measurements, not a measurement: ``benchmarks/e2e_bench.py
---measure-full --schedule NAME`` times the whole run (NOTES: the default schedule composed to
-1.67× and measured 1.678× with the fused-scorer build; 1.58× and 1.58× before it).
+The composition is a model of the measurements, not a measurement: ``python -m
+benchmarks.e2e_bench --measure-full --schedule NAME`` times the whole run (NOTES: the default
+schedule composed to 1.67× and measured 1.678× with the fused-scorer build; 1.58× and 1.58×
+before it).
 """
 
 from __future__ import annotations
@@ -35,10 +36,7 @@ import numpy as np
 
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule, reported_sparsity
 
-__all__ = ["StepTimes", "compose", "compose_schedule", "plan_step_times", "DEFAULT_E2E_RESULTS"]
-
-#: The measured Wan2.1-1.3B per-step times on the H200 (written by ``benchmarks/e2e_bench.py``).
-DEFAULT_E2E_RESULTS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "e2e_nvidia_h200.json"
+__all__ = ["StepTimes", "compose", "compose_schedule", "plan_step_times"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +73,17 @@ class StepTimes:
             raise ValueError(f"measured_dense_layers must be in [0, {self.num_layers}), got {self.measured_dense_layers}")
 
     @classmethod
-    def from_e2e(cls, results: str | os.PathLike | Mapping[str, Any] = DEFAULT_E2E_RESULTS) -> "StepTimes":
-        """From an ``e2e_bench.py`` results file (or its parsed JSON)."""
+    def from_e2e(cls, results: str | os.PathLike | Mapping[str, Any]) -> "StepTimes":
+        """From an e2e bench's results file (or its parsed JSON), which the caller names.
+
+        Raises:
+          ValueError: for ``results`` None, empty or naming no file.
+        """
         source = "given"
         if not isinstance(results, Mapping):
+            if results is None or not os.fspath(results) or not pathlib.Path(results).is_file():
+                raise ValueError(f"results must be an e2e bench's results file (e2e_<device>.json) or its parsed "
+                                 f"JSON, got {results!r}")  # fmt: skip
             source = pathlib.Path(results).name
             results = json.loads(pathlib.Path(results).read_text())
         per = results["per_step_s"]
@@ -128,8 +133,8 @@ def plan_step_times(plan: SchedulePlan, dense_step_s: float, sparse_step_s: Call
 def compose_schedule(
     plan: SchedulePlan, dense_step_s: float, sparse_s: Mapping[float, float], refresh_s: Mapping[float, float]
 ) -> list[float]:
-    """Per-step times of ``plan`` from times measured at its densities (``benchmarks/e2e_bench.py``,
-    ``benchmarks/hunyuan_bench.py``): the sparse (at a refresh step, the refresh) time at the step's
+    """Per-step times of ``plan`` from times measured at its densities (``benchmarks.e2e_bench``,
+    ``benchmarks.hunyuan_bench``): the sparse (at a refresh step, the refresh) time at the step's
     density; ``sparse_s``/``refresh_s`` are keyed by the density rounded to 6 digits."""
 
     def measured(s: int) -> float:

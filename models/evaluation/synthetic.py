@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfsattn_jax.layout import blocks_for_density, check_density, select_blocks
+from dfsattn_jax.checks import check_density, check_tile_size
+from dfsattn_jax.layout import blocks_for_density, select_blocks
 from dfsattn_jax.metrics import attention_error, layout_recall
 from dfsattn_jax.orders import ORDER_NAMES, check_grid, inverse_permutation, token_order
 from dfsattn_jax.reference import reference_block_sparse_attention
-from dfsattn_jax.scoring import block_scores, check_tile_size
+from dfsattn_jax.scoring import block_scores
 
 __all__ = ["DEFAULT_DENSITIES", "DEFAULT_GRID", "DEFAULT_ORDERS", "format_table", "synthetic_qkv", "synthetic_report"]
 

@@ -1,14 +1,14 @@
-"""The multi-device benchmark tools on CPU: ``benchmarks/multi_gpu_diag.py`` end to end on two
-host devices (a subprocess: the device count is fixed before JAX starts), its driver's failure
-paths, and the validity rules of ``multi_gpu_bench.py`` and ``multi_gpu_check.py`` (pure
-functions on small record dicts, no model)."""
+"""The multi-device benchmark tools on CPU: ``python -m benchmarks.multi_gpu_diag`` end to end on
+two host devices (a subprocess: the device count is fixed before JAX starts), its driver's failure
+paths, and the validity rules of ``benchmarks.multi_gpu_bench`` and ``benchmarks.multi_gpu_check``
+(pure functions on small record dicts, no model)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import pathlib
+import re
 import subprocess
 import sys
 
@@ -23,7 +23,7 @@ TINY = ["--config", "tiny", "--layers", "2", "--frames", "9", "--height", "128",
         "--block-size", "16", "--tile-size", "4"]  # fmt: skip
 # 3 x 8 x 8 = 192 tokens: 12 key blocks of 16, density 0.2 keeps 2; layer 0 dense, layer 1 sparse.
 NUM_BLOCKS, SPARSE_LAYERS = 2, [1]
-# float32 sharded vs one device: observed bit-identical on CPU; 1e-5 as tests/test_parallel.py
+# float32 sharded vs one device: observed bit-identical on CPU; 1e-5 as tests/models/common/test_parallel.py
 # (XLA may partition the matmuls differently: rounding only).
 F32_TOL = 1e-5
 
@@ -37,7 +37,7 @@ def diag_run(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
     variants = "default,sparse=xla+scoring=jnp+env=no-command-buffer"
-    cmd = [sys.executable, "benchmarks/multi_gpu_diag.py", *TINY, "--variants", variants, "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.multi_gpu_diag", *TINY, "--variants", variants, "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return done, out
 
@@ -86,7 +86,7 @@ def test_diag_reports_a_killed_worker(tmp_path, capsys):
     variant = json.loads(out.read_text())["variants"][0]
     assert variant["error"].startswith("worker killed after 0.5 s") and variant["records"] == []
     text = capsys.readouterr().out
-    assert "| default | | | worker killed" in text and "!!! FAILED: default" in text
+    assert "| default |  |  | worker killed" in text and "!!! FAILED: default" in text
 
 
 def test_diag_skips_xla_attention_at_full_size(tmp_path):
@@ -113,11 +113,11 @@ def test_diag_table_reads_nan_for_non_finite_distances():
     base = {"variant": "default", "parallel": "1x2 (heads)", "stage": "forward-sparse", "finite_fraction": 0.5,
             "time_s": 1.25, "kept_mean_per_slot": [118.0, 90.5], "first_short_layer": 2, "skipped": 0.8}
     rows = diag.table([{"variant": "default", "records": [dict(base, rel_l2_vs_1=None, rel_l2_vs_refresh=3e-3), base]},
-                       {"variant": "sparse=xla", "skipped_reason": "skipped: too big", "records": []}]).splitlines()
+                       {"variant": "sparse=xla", "skipped_reason": "skipped: too big", "records": []}])
     assert rows[2] == ("| default | 1x2 (heads) | forward-sparse | 0.5000 | 118.0, 90.5 | 2 | 0.8 | NaN |  | 3.00e-03 "
                        "| 1.2 |")
     assert rows[3].split(" | ")[7:9] == ["", ""]  # not measured: empty
-    assert rows[4] == "| sparse=xla | | | skipped: too big |" + " |" * 7
+    assert rows[4] == "| sparse=xla |  |  | skipped: too big |" + "  |" * 7
     assert all(row.count("|") == rows[0].count("|") for row in rows)
 
 
@@ -134,7 +134,9 @@ def test_diag_variants_parse_and_reject_unknown_names():
     assert diag.variant_slug("sparse=xla+scoring=jnp") == "sparse-xla_scoring-jnp"
     with pytest.raises(ValueError, match=r"key must be one of \('sparse', 'scoring', 'dense', 'env'\).*got 'kernel'"):
         diag.parse_variant("kernel=xla")
-    with pytest.raises(ValueError, match=r"scoring must be one of \('jnp', 'triton'\), got 'cuda'"):
+    scorers = diag.VARIANT_KEYS["scoring"][1]
+    assert sorted(scorers) == ["jnp", "triton"]
+    with pytest.raises(ValueError, match=rf"scoring must be one of {re.escape(str(scorers))}, got 'cuda'"):
         diag.parse_variant("scoring=cuda")
     with pytest.raises(ValueError, match=r"env must be one of \('no-command-buffer', .*got 'fast'"):
         diag.parse_variant("env=fast")
@@ -188,7 +190,7 @@ def test_bench_scaling_skips_invalid_records():
 def test_bench_table_marks_invalid_rows(capsys):
     records = [bench_record(1, "none", [True, True], 20000.0), bench_record(2, "heads", [False, True], 11000.0)]
     bench.add_scaling(records)
-    lines = bench.table(records).splitlines()
+    lines = bench.table(records)
     header, rows = lines[2], lines[4:]
     assert rows[1].startswith("| 2 | heads | INVALID (non-finite latents) |") and "11,000" not in rows[1]
     assert rows[1].count("|") == header.count("|") and rows[0].count("|") == header.count("|")
@@ -244,7 +246,7 @@ def test_all_to_all_bench_moves_the_right_data_on_two_host_devices(tmp_path):
     out = tmp_path / "a2a.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
-    cmd = [sys.executable, "benchmarks/all_to_all_bench.py", "--tokens", "384", "--heads", "4", "--head-dim", "16",
+    cmd = [sys.executable, "-m", "benchmarks.all_to_all_bench", "--tokens", "384", "--heads", "4", "--head-dim", "16",
            "--iters", "2", "--layers", "3", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""benchmarks/score_bench.py at its tiny CPU shape (the kernel in the Pallas interpreter)."""
+"""``python -m benchmarks.score_bench`` at its tiny CPU shape (the kernel in the Pallas interpreter)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def test_score_bench_smoke_on_cpu(tmp_path):
             "--harness-clip", "4,16,16", "--out", str(out)]  # fmt: skip
     assert score_bench.main(argv) == 0
     data = json.loads(out.read_text())
+    # The command names the output by its file name alone: results carry no machine paths.
+    command = "python -m benchmarks.score_bench " + " ".join(argv[:-1] + ["score.json"])
+    assert data["meta"]["device"] == "cpu" and data["meta"]["command"] == command
     variants = {r["variant"]: r for r in data["records"]}
     assert set(variants) >= {"xla", "jnp", "triton/bf16", "triton/tf32", "triton/bf16/q128dot", "kernel only/bf16"}
     assert all("error" not in r and r["ms"] > 0 for r in data["records"]), data["records"]
