@@ -208,7 +208,7 @@ def run_shape(name: str, args, on_gpu: bool) -> tuple[list[dict], dict]:
     runner = Runner(name, warmup=args.warmup, repeats=args.repeats, target_s=args.target_s)
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (1, length, heads, head_dim), jnp.bfloat16) for key in keys)
-    print(f"[{name}] B=1 L={length} N={heads} D={head_dim}: scorer {resolve("scoring", q)}", flush=True)
+    print(f"[{name}] B=1 L={length} N={heads} D={head_dim}: scorer {resolve('scoring', q)}", flush=True)
 
     dense_impl = "cudnn" if on_gpu else "xla"
     runner.time(dense_impl, lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl), q, k, v)
