@@ -1,12 +1,13 @@
 """Video diffusion transformers with DFSAttn: model families, sampling, evaluation.
 
-- :mod:`models.common`: the DFS attention processor, shared layers, RoPE tables.
+- :mod:`models.common`: the attention backend and processor, the device mesh, shared layers, RoPE
+  tables, checkpoint reading and the atomic file writer.
 - :mod:`models.wan`: Wan2.1 (config, Flax NNX transformer, diffusers checkpoint loading).
 - :mod:`models.hunyuan_video`: HunyuanVideo (config, Flax NNX transformer with joint text + video
   attention, diffusers checkpoint loading).
 - :mod:`models.sampling`: the one jitted sampling loop and its solvers (Euler, UniPC).
 - :mod:`models.evaluation`: the small trained video DiT, the quality runner, comparisons, media.
-- :mod:`models.io`, :mod:`models.generate`, :mod:`models.demo`: files and command lines.
+- :mod:`models.io`, :mod:`models.cli_args`, :mod:`models.generate`, :mod:`models.demo`: files and command lines.
 """
 
 from models.common.processor import (

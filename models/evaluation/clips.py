@@ -22,14 +22,14 @@ from a seed (bitwise reproducible), and :func:`render_clips` renders them with `
 (bilinear sampling, ``supersample``² samples per pixel, jit-able, so training renders its data
 on the accelerator). :func:`make_clips` / :func:`make_clip` wrap both.
 
-The pixels ↔ latent map and the token grid the DiT sees are in :mod:`models.evaluation.codec`.
+The photographs are :mod:`models.evaluation.photos`' (its names are re-exported here); the pixels ↔
+latent map and the token grid the DiT sees are in :mod:`models.evaluation.codec`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import NamedTuple, Sequence
 
 import jax
@@ -38,6 +38,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from dfsattn_jax.checks import check_int_fields, check_positive_int
+from models.evaluation.photos import BACKGROUND_PHOTOS, SPRITE_PHOTOS, PhotoBank, load_photo_bank
 
 __all__ = [
     "BACKGROUND_PHOTOS",
@@ -59,24 +60,10 @@ __all__ = [
     "clip_classes",
 ]
 
-#: Background photos (the "source" of a clip), all bundled in the scikit-image wheel.
-BACKGROUND_PHOTOS: tuple[str, ...] = (
-    "astronaut",
-    "coffee",
-    "chelsea",
-    "rocket",
-    "camera",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "motorcycle",
-)
-#: Extra photos used only as sprite textures (sprites also take textures from the other backgrounds).
-SPRITE_PHOTOS: tuple[str, ...] = ("coins", "colorwheel", "moon", "brick")
 MOTIONS: tuple[str, ...] = ("pan", "zoom_in", "zoom_out", "rotate", "sprites")
 NUM_PHOTOS = len(BACKGROUND_PHOTOS)
 NUM_MOTIONS = len(MOTIONS)
 NUM_CLASSES = NUM_PHOTOS * NUM_MOTIONS
-
 
 _SPRITE_PROBABILITY = 0.3  # chance of one sprite in the camera-motion classes
 _EDGE_SOFTNESS = 0.06  # width of a sprite's alpha ramp, in units of its radius
@@ -112,19 +99,6 @@ class ClipConfig:
         """Side of the square photos in the bank: 4 × the larger frame side (the view window
         covers about half a photo, so the bank holds ~1 photo pixel per rendered sample)."""
         return 4 * max(self.height, self.width)
-
-
-class PhotoBank(NamedTuple):
-    """The photographs, centre-cropped to squares and resized.
-
-    Attributes:
-      images: float32[P, S, S, 3] in [-1, 1]; the first :data:`NUM_PHOTOS` are the backgrounds
-        (in :data:`BACKGROUND_PHOTOS` order), the rest sprite-only textures.
-      names: the P photo names.
-    """
-
-    images: Float[np.ndarray, "p s s 3"]
-    names: tuple[str, ...]
 
 
 class ClipParams(NamedTuple):
@@ -181,46 +155,6 @@ class Clips(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------
 # Photo bank
-
-
-def _load_photo(name: str) -> np.ndarray:
-    """One bundled photograph as uint8 [h, w, 3] (grey images are replicated to RGB)."""
-    import skimage.data  # imported lazily: only the bank needs scikit-image
-
-    if name == "motorcycle":
-        image = skimage.data.stereo_motorcycle()[0]
-    else:
-        image = getattr(skimage.data, name)()
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    return image[..., :3]
-
-
-def _square_photo(image: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crops to a square, resizes (anti-aliased) to ``size`` and maps to [-1, 1]."""
-    from skimage.transform import resize
-
-    h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    crop = image[top : top + side, left : left + side].astype(np.float64) / 255.0
-    out = resize(crop, (size, size), order=1, anti_aliasing=side > size, preserve_range=True)
-    return np.clip(out * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
-
-
-def load_photo_bank(size: int = 256) -> PhotoBank:
-    """Loads the bundled photographs into a :class:`PhotoBank` of ``size × size`` squares.
-
-    Uses only images shipped inside the scikit-image wheel (no network). Load it once and pass it
-    to :func:`render_clips` / :func:`make_clips` (about 0.1 s).
-    """
-    size = operator.index(size)
-    if size < 8:
-        raise ValueError(f"size must be an integer >= 8, got {size}")
-    names = BACKGROUND_PHOTOS + SPRITE_PHOTOS
-    images = np.stack([_square_photo(_load_photo(n), size) for n in names])
-    return PhotoBank(images=images, names=names)
 
 
 def class_label(photo: int | np.ndarray, motion: int | np.ndarray) -> int | np.ndarray:
