@@ -19,6 +19,7 @@ __all__ = [
     "FIXTURES",
     "ROOT",
     "modified_checkpoint_copy",
+    "watch_tensor_reads",
     "numpy_block_scores",
     "numpy_tile_probs",
     "rel_l2",
@@ -38,26 +39,34 @@ def rel_l2(a, b) -> float:
 
 
 def modified_checkpoint_copy(
-    src: pathlib.Path, root: pathlib.Path, edit: Callable[[str, np.ndarray], dict[str, np.ndarray]]
+    src: pathlib.Path,
+    root: pathlib.Path,
+    edit: Callable[[str, np.ndarray], dict[str, np.ndarray]],
+    *,
+    subfolder: str = "transformer",
+    index_name: str | None = None,
 ) -> pathlib.Path:
-    """A copy of the diffusers transformer folder ``src`` at ``root/transformer`` with
+    """A copy of the sharded checkpoint folder ``src`` at ``root/<subfolder>`` with
     ``edit(name, array) -> {name: array}`` applied to every tensor (rename, drop, reshape), the
-    shards and the index rewritten consistently; returns ``root``."""
+    shards and the index rewritten consistently; returns ``root``. ``index_name``: the index
+    file's name (default diffusers' ``diffusion_pytorch_model.safetensors.index.json``;
+    a transformers folder has ``model.safetensors.index.json``)."""
     from safetensors.numpy import load_file, save_file
 
     from models.common.checkpoint import INDEX_NAME, checkpoint_shards
 
-    dst = root / "transformer"
+    index_name = INDEX_NAME if index_name is None else index_name
+    dst = root / subfolder
     dst.mkdir(parents=True)
     shutil.copy(src / "config.json", dst / "config.json")
     weight_map = {}
-    for file in checkpoint_shards(src):
+    for file in checkpoint_shards(src, index_name=index_name):
         tensors = {}
         for name, arr in load_file(file).items():
             tensors.update(edit(name, arr))
         save_file(tensors, dst / file.name)
         weight_map.update({k: file.name for k in tensors})
-    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (dst / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return root
 def numpy_tile_probs(q, k, tile, kv_lengths=None):
     """float64 brute force: A[b, n, i, j] over the valid tiles, token by token, sample by sample.
@@ -95,3 +104,32 @@ def numpy_block_scores(q, k, tile, block, kv_lengths=None):
         for v in range(nb):
             out[:, :, u, v] = probs[:, :, u * per : (u + 1) * per, v * per : (v + 1) * per].sum(axis=(2, 3))
     return out
+
+
+def watch_tensor_reads(monkeypatch, on_read: Callable[[str], None]) -> None:
+    """Routes every ``get_tensor`` of a safetensors file opened through ``safetensors.safe_open``
+    (the checkpoint reader's way in) to ``on_read(name)`` first, which may record it or raise."""
+    import safetensors
+
+    real_open = safetensors.safe_open
+
+    class Watched:
+        def __init__(self, *args, **kwargs):
+            self._f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self._f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def get_tensor(self, key):
+            on_read(key)
+            return self._f.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Watched)
+

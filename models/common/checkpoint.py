@@ -30,7 +30,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -201,11 +201,20 @@ def _open_shard(file: pathlib.Path):
         return safe_open(str(file), framework="flax")
 
 
-def checkpoint_shards(path: str | os.PathLike, family: str = "transformer") -> dict[pathlib.Path, list[str]]:
+def checkpoint_shards(
+    path: str | os.PathLike,
+    family: str = "transformer",
+    *,
+    index_name: str = INDEX_NAME,
+    single_file_name: str = SINGLE_FILE_NAME,
+) -> dict[pathlib.Path, list[str]]:
     """The safetensors files of a checkpoint and the tensor names each holds (from the headers).
 
-    Uses ``diffusion_pytorch_model.safetensors.index.json`` when present (sharded checkpoint),
-    else the single ``diffusion_pytorch_model.safetensors``. Only headers are read.
+    Uses the index ``index_name`` when present (sharded checkpoint), else the single file
+    ``single_file_name``. The defaults are diffusers' names
+    (``diffusion_pytorch_model.safetensors.index.json``, ``diffusion_pytorch_model.safetensors``);
+    a transformers model saved by ``save_pretrained`` uses ``model.safetensors.index.json`` and
+    ``model.safetensors``. Only headers are read.
 
     Raises:
       ValueError: if no weights are found, the index is malformed or names a missing file, a
@@ -213,7 +222,7 @@ def checkpoint_shards(path: str | os.PathLike, family: str = "transformer") -> d
         shard is truncated or corrupt (naming the file).
     """
     folder = transformer_dir(path, family)
-    index_file = folder / INDEX_NAME
+    index_file = folder / index_name
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
@@ -225,18 +234,16 @@ def checkpoint_shards(path: str | os.PathLike, family: str = "transformer") -> d
         for name, shard in weight_map.items():
             listed.setdefault(str(shard), []).append(str(name))
         files = [folder / shard for shard in listed]
-    elif (folder / SINGLE_FILE_NAME).is_file():
+    elif (folder / single_file_name).is_file():
         listed = None
-        files = [folder / SINGLE_FILE_NAME]
+        files = [folder / single_file_name]
     else:
-        raise ValueError(
-            f"checkpoint {str(folder)!r} has neither {INDEX_NAME} nor {SINGLE_FILE_NAME}"
-        )
+        raise ValueError(f"checkpoint {str(folder)!r} has neither {index_name} nor {single_file_name}")
     shards: dict[pathlib.Path, list[str]] = {}
     seen: dict[str, pathlib.Path] = {}
     for file in files:
         if not file.is_file():
-            raise ValueError(f"shard {file.name!r} named in {INDEX_NAME} is missing from {str(folder)!r}")
+            raise ValueError(f"shard {file.name!r} named in {index_name} is missing from {str(folder)!r}")
         with _open_shard(file) as f, _reading(file):
             keys = list(f.keys())
         for key in keys:
@@ -247,7 +254,7 @@ def checkpoint_shards(path: str | os.PathLike, family: str = "transformer") -> d
             absent = sorted(set(listed[file.name]) - set(keys))
             if absent:
                 raise ValueError(
-                    f"tensors {_short(absent)} are listed in {INDEX_NAME} for shard {file.name!r} but are "
+                    f"tensors {_short(absent)} are listed in {index_name} for shard {file.name!r} but are "
                     "not in it"
                 )
         shards[file] = keys
@@ -364,6 +371,9 @@ def load_checkpoint(
     family: str,
     device: jax.Device | jax.sharding.Sharding | None = None,
     progress: Callable[[str], None] | None = None,
+    index_name: str = INDEX_NAME,
+    single_file_name: str = SINGLE_FILE_NAME,
+    aliases: Mapping[str, str] | None = None,
 ) -> nnx.Module:
     """The model ``build()`` makes, with every parameter read from the checkpoint in ``folder``.
 
@@ -378,6 +388,11 @@ def load_checkpoint(
       family: the model family, for messages.
       device: where to put the parameters (a device or a sharding; default: JAX's default device).
       progress: optional callback called with each shard's file name before it is read.
+      index_name, single_file_name: the checkpoint's file names (see :func:`checkpoint_shards`).
+      aliases: ``{model tensor name: other stored name}``: the checkpoint may hold the tensor
+        under the other name instead (a tied copy, such as UMT5's ``encoder.embed_tokens.weight``
+        for ``shared.weight``). When it holds both, the model name is read and the other, which
+        must have the same shape, is skipped.
 
     Raises:
       ValueError: naming every missing, unexpected, mis-shaped or non-floating-point tensor
@@ -388,7 +403,7 @@ def load_checkpoint(
     graphdef, abstract_state = nnx.split(abstract)
     specs = expected_tensors(abstract_state)
 
-    shards = checkpoint_shards(folder, family)
+    shards = checkpoint_shards(folder, family, index_name=index_name, single_file_name=single_file_name)
     found: dict[str, tuple[tuple[int, ...], pathlib.Path, str]] = {}
     for file, keys in shards.items():
         with _open_shard(file) as f:
@@ -396,6 +411,7 @@ def load_checkpoint(
                 with _reading(file, key):
                     view = f.get_slice(key)
                     found[key] = (tuple(view.get_shape()), file, str(view.get_dtype()))
+    stored_as = _apply_aliases(found, aliases or {})
     _check_names_and_shapes(specs, found, str(folder), family)
 
     by_path = {spec.path: name for name, spec in specs.items()}
@@ -405,16 +421,45 @@ def load_checkpoint(
             progress(file.name)
         with _open_shard(file) as f:
             for key in keys:
-                spec = specs[key]
+                name = stored_as.get(key, key)
+                if name is None:  # a tied copy of a tensor read under its own name
+                    continue
                 with _reading(file, key):
                     tensor = f.get_tensor(key)
-                loaded[key] = _convert(tensor, spec, device)
+                loaded[name] = _convert(tensor, specs[name], device)
                 del tensor
 
     flat = []
     for path, var in nnx.to_flat_state(abstract_state):
         flat.append((path, var.replace(loaded.pop(by_path[tuple(path)]))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _apply_aliases(
+    found: dict[str, tuple[tuple[int, ...], pathlib.Path, str]], aliases: Mapping[str, str]
+) -> dict[str, str | None]:
+    """Files each aliased tensor of ``found`` under its model name (in place); returns
+    ``{stored name: model name}``, ``None`` for a tied copy that is not to be read.
+
+    Raises:
+      ValueError: if a checkpoint holds both names with different shapes.
+    """
+    stored_as: dict[str, str | None] = {}
+    for name, alias in aliases.items():
+        if alias not in found:
+            continue
+        if name in found:
+            if found[name][0] != found[alias][0]:
+                raise ValueError(
+                    f"tensors {name!r} and {alias!r} are two names of one tied tensor but have shapes "
+                    f"{list(found[name][0])} and {list(found[alias][0])}"
+                )
+            del found[alias]
+            stored_as[alias] = None
+        else:
+            found[name] = found.pop(alias)
+            stored_as[alias] = name
+    return stored_as
 
 
 def load_dtypes(dtype: Any, param_dtype: Any) -> tuple[jnp.dtype, jnp.dtype]:

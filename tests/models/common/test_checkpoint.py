@@ -29,7 +29,7 @@ import safetensors.numpy
 from safetensors.numpy import load_file, save_file
 
 from models.wan.loading import INDEX_NAME, checkpoint_shards, load_wan, read_wan_config
-from helpers import ROOT
+from helpers import ROOT, watch_tensor_reads
 
 FIXTURE = ROOT / "tests" / "fixtures" / "wan_tiny"
 SHARDS = json.loads((FIXTURE / "metadata.json").read_text())["shards"]
@@ -135,31 +135,12 @@ def test_truncated_or_corrupt_shard_names_the_file(tmp_path, damage, shard):
 def test_corrupt_shard_read_names_file_and_tensor(tmp_path, monkeypatch):
     """A safetensors error while reading one tensor's data names the shard and the tensor."""
     bad = "blocks.1.ffn.net.2.weight"
-    real_open = safetensors.safe_open
 
-    class FailsOnOneTensor:
-        def __init__(self, *args, **kwargs):
-            self._f = real_open(*args, **kwargs)
+    def fail_on_one_tensor(key):
+        if key == bad:
+            raise safetensors.SafetensorError("simulated: data region unreadable")
 
-        def __enter__(self):
-            self._f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-        def keys(self):
-            return self._f.keys()
-
-        def get_slice(self, key):
-            return self._f.get_slice(key)
-
-        def get_tensor(self, key):
-            if key == bad:
-                raise safetensors.SafetensorError("simulated: data region unreadable")
-            return self._f.get_tensor(key)
-
-    monkeypatch.setattr(safetensors, "safe_open", FailsOnOneTensor)
+    watch_tensor_reads(monkeypatch, fail_on_one_tensor)
     with pytest.raises(ValueError, match="corrupt or truncated") as err:
         load_wan(FIXTURE, dtype=jnp.float32)
     msg = str(err.value)
