@@ -1,0 +1,42 @@
+"""Video VAEs in Flax NNX: the Wan2.1 VAE (diffusers' ``AutoencoderKLWan``), encode and decode.
+
+- :mod:`models.vae.wan_vae`: the config, the model (``decode`` / ``encode`` with the causal
+  chunk scan and spatial tiling), the posterior, the latent normalization helpers.
+- :mod:`models.vae.wan_vae_layers` / :mod:`models.vae.wan_vae_coders`: the blocks, the encoder and
+  the decoder; :mod:`models.vae.wan_vae_tiling`: diffusers' tile and blend arithmetic.
+- :mod:`models.vae.wan_vae_loading`: reading a diffusers ``vae/`` folder.
+"""
+
+from models.vae.wan_vae import (
+    CONFIGS,
+    WAN21_LATENTS_MEAN,
+    WAN21_LATENTS_STD,
+    WanVAE,
+    WanVAEConfig,
+    WanVAEPosterior,
+    WanVAETiling,
+    decode_video,
+    denormalize_latents,
+    encode_video,
+    get_vae_config,
+    normalize_latents,
+)
+from models.vae.wan_vae_loading import load_wan_vae, read_wan_vae_config, vae_dir
+
+__all__ = [
+    "CONFIGS",
+    "WAN21_LATENTS_MEAN",
+    "WAN21_LATENTS_STD",
+    "WanVAE",
+    "WanVAEConfig",
+    "WanVAEPosterior",
+    "WanVAETiling",
+    "decode_video",
+    "denormalize_latents",
+    "encode_video",
+    "get_vae_config",
+    "load_wan_vae",
+    "normalize_latents",
+    "read_wan_vae_config",
+    "vae_dir",
+]

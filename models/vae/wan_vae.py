@@ -1,0 +1,388 @@
+"""The Wan2.1 video VAE (diffusers' ``AutoencoderKLWan``, z_dim 16) in Flax NNX: encode and decode.
+
+A video ``[B, 3, F, H, W]`` in [-1, 1] with ``F = 4k + 1`` frames maps to a latent
+``[B, 16, k + 1, H/8, W/8]`` and back. Both directions run causally, chunk by chunk, as
+diffusers does: the encoder takes frame 0 alone and then chunks of 4 frames; the decoder takes
+latent frame 0 alone (one output frame) and then one latent frame at a time (four output frames
+each). The first chunk runs on its own; the others run in one ``lax.scan`` whose carry is the
+causal cache (a pytree of the last frames each causal conv saw; see
+:mod:`models.vae.wan_vae_layers`). ``chunk_size`` groups more frames per scan step and ``None``
+runs the whole video in one pass: the results are the same (up to float rounding), only time and
+memory change.
+
+Parameters and activations use ``param_dtype`` / ``dtype``; the RMS norms and the tile blending
+compute in float32. ``decode`` and ``encode`` are traceable: wrap them in ``nnx.jit`` (with
+``tiling`` and ``chunk_size`` static) or call :func:`decode_video` / :func:`encode_video`.
+
+The pipeline's latent normalization (``latents_mean`` / ``latents_std`` of the config) is not part
+of ``decode``/``encode``, as in diffusers: :func:`denormalize_latents` before decoding,
+:func:`normalize_latents` after encoding (image-to-video conditioning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from dfsattn_jax.checks import check_int_fields, check_positive_int, lookup
+from models.common.layers import resolve_dtypes
+from models.vae.wan_vae_coders import WanDecoder3d, WanEncoder3d
+from models.vae.wan_vae_layers import CausalConv3d
+from models.vae.wan_vae_tiling import WanVAETiling, tiled_apply
+
+__all__ = [
+    "CONFIGS",
+    "WAN21_LATENTS_MEAN",
+    "WAN21_LATENTS_STD",
+    "WanVAE",
+    "WanVAEConfig",
+    "WanVAEPosterior",
+    "WanVAETiling",
+    "decode_video",
+    "denormalize_latents",
+    "encode_video",
+    "get_vae_config",
+    "normalize_latents",
+]
+
+#: Per-channel statistics of Wan2.1 latents (diffusers' ``AutoencoderKLWan`` defaults).
+WAN21_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+# diffusers' clamp of the posterior's log-variance.
+_LOGVAR_RANGE = (-30.0, 20.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class WanVAEConfig:
+    """Hyper-parameters of a Wan2.1 VAE (diffusers ``AutoencoderKLWan`` ``config.json``).
+
+    Attributes:
+      name: the config's name.
+      base_dim: encoder width at full resolution (96).
+      decoder_base_dim: decoder width at full resolution (``None``: ``base_dim``).
+      z_dim: latent channels (16).
+      dim_mult: width multipliers per resolution level (``(1, 2, 4, 4)``).
+      num_res_blocks: residual blocks per encoder level (the decoder has one more).
+      temporal_downsample: per level transition, whether the encoder also halves time
+        (diffusers spells it ``temperal_downsample``; the decoder upsamples in reverse order).
+      in_channels / out_channels: video channels (3).
+      latents_mean / latents_std: per-channel latent statistics for :func:`normalize_latents`.
+    """
+
+    name: str
+    base_dim: int = 96
+    decoder_base_dim: int | None = None
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    in_channels: int = 3
+    out_channels: int = 3
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+
+    def __post_init__(self) -> None:
+        for name in ("dim_mult", "temporal_downsample", "latents_mean", "latents_std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_int_fields(self, ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"))
+        if self.decoder_base_dim is not None:
+            object.__setattr__(self, "decoder_base_dim", check_positive_int(self.decoder_base_dim, "decoder_base_dim"))
+        if not self.dim_mult:
+            raise ValueError("dim_mult must list at least one multiplier")
+        object.__setattr__(self, "dim_mult", tuple(check_positive_int(m, "dim_mult") for m in self.dim_mult))
+        levels = len(self.dim_mult) - 1
+        if len(self.temporal_downsample) < levels or not all(isinstance(t, bool) for t in self.temporal_downsample):
+            raise ValueError(
+                f"temporal_downsample must hold at least {levels} booleans (one per level transition), "
+                f"got {self.temporal_downsample!r}"
+            )
+        for name in ("latents_mean", "latents_std"):
+            values = getattr(self, name)
+            if len(values) != self.z_dim or not all(np.isfinite(v) for v in values):
+                raise ValueError(f"{name} must hold z_dim={self.z_dim} finite numbers, got {len(values)}")
+        if any(v <= 0 for v in self.latents_std):
+            raise ValueError(f"latents_std must be positive, got {self.latents_std!r}")
+        for base in (self.base_dim, self.decoder_dim):
+            for m in self.dim_mult[1:]:
+                if (base * m) % 2:
+                    raise ValueError(f"every level width but the first must be even, got {base} x {m}")
+
+    @property
+    def decoder_dim(self) -> int:
+        """The decoder's base width."""
+        return self.base_dim if self.decoder_base_dim is None else self.decoder_base_dim
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along height and width (8 for Wan2.1)."""
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame after the first (4 for Wan2.1)."""
+        return 2 ** sum(self.temporal_downsample[: len(self.dim_mult) - 1])
+
+    def replace(self, **changes) -> "WanVAEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+CONFIGS: dict[str, WanVAEConfig] = {
+    "wan2.1": WanVAEConfig(name="wan2.1"),
+    # The structure of the tests' fixture (tests/fixtures/wan_vae_tiny).
+    "tiny": WanVAEConfig(name="tiny", base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+}
+
+
+def get_vae_config(name: str | WanVAEConfig) -> WanVAEConfig:
+    """The named config (a :class:`WanVAEConfig` is returned unchanged); a ValueError lists the names."""
+    return name if isinstance(name, WanVAEConfig) else lookup(CONFIGS, name, "config")
+
+
+class WanVAEPosterior(NamedTuple):
+    """The encoder's diagonal Gaussian: ``mean`` and ``logvar`` (clamped to [-30, 20]), both
+    ``[B, z_dim, F', H/8, W/8]``."""
+
+    mean: Array
+    logvar: Array
+
+    def mode(self) -> Array:
+        """The mean (what image-to-video conditioning uses)."""
+        return self.mean
+
+    def sample(self, key: jax.Array) -> Array:
+        """``mean + exp(logvar / 2) * noise`` with standard normal noise drawn from ``key``."""
+        noise = jax.random.normal(key, self.mean.shape, jnp.float32).astype(self.mean.dtype)
+        return self.mean + jnp.exp(0.5 * self.logvar) * noise
+
+
+def _stats(config: WanVAEConfig, dtype) -> tuple[Array, Array]:
+    shape = (1, config.z_dim, 1, 1, 1)
+    mean = np.asarray(config.latents_mean, np.float32).reshape(shape)
+    inv_std = (np.float32(1.0) / np.asarray(config.latents_std, np.float32)).reshape(shape)
+    return jnp.asarray(mean, dtype), jnp.asarray(inv_std, dtype)
+
+
+def denormalize_latents(latents: Float[Array, "b c f h w"], config: WanVAEConfig) -> Float[Array, "b c f h w"]:
+    """The sampler's latents as :meth:`WanVAE.decode` takes them: ``latents / (1 / std) + mean``
+    (WanPipeline's arithmetic, in the latents' dtype)."""
+    mean, inv_std = _stats(config, latents.dtype)
+    return latents / inv_std + mean
+
+
+def normalize_latents(latents: Float[Array, "b c f h w"], config: WanVAEConfig) -> Float[Array, "b c f h w"]:
+    """:meth:`WanVAE.encode`'s mean as the transformer takes it: ``(latents - mean) * (1 / std)``
+    (the image-to-video pipeline's arithmetic, in the latents' dtype)."""
+    mean, inv_std = _stats(config, latents.dtype)
+    return (latents - mean) * inv_std
+
+
+def _check_5d(name: str, x: Any, channels: int, channel_name: str) -> None:
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 5 or shape[1] != channels:
+        raise ValueError(f"{name} must be [B, {channels}, F, H, W] ({channel_name}), got shape {shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if min(shape) < 1:
+        raise ValueError(f"{name} must not be empty, got shape {shape}")
+
+
+def _check_tiling(tiling: Any, factor: int) -> None:
+    if tiling is not None:
+        if not isinstance(tiling, WanVAETiling):
+            raise ValueError(f"tiling must be a WanVAETiling or None, got {type(tiling).__name__}")
+        tiling.check(factor)
+
+
+def _chunks(x: Array, first: int, size: int) -> Array:
+    """``x[:, first:]`` ``[B, T, ...]`` as ``[T / size, B, size, ...]``."""
+    rest = x[:, first:]
+    b, t = rest.shape[:2]
+    return jnp.moveaxis(rest.reshape((b, t // size, size) + rest.shape[2:]), 1, 0)
+
+
+def _unchunk(y: Array) -> Array:
+    """``[N, B, S, ...] -> [B, N * S, ...]``."""
+    n, b, s = y.shape[:3]
+    return jnp.moveaxis(y, 0, 1).reshape((b, n * s) + y.shape[3:])
+
+
+def _causal_scan(fn, x: Array, first: int, chunk_size: int | None) -> Array:
+    """``fn(chunk, cache) -> (y, cache)`` over ``x``'s frames: the first ``first`` frames with no
+    cache, then chunks of ``chunk_size`` frames in a ``lax.scan`` (``None``: all at once)."""
+    if chunk_size is None:
+        return fn(x, None)[0]
+    y0, cache = fn(x[:, :first], None)
+    if x.shape[1] == first:
+        return y0
+
+    def step(cache, chunk):
+        y, cache = fn(chunk, cache)
+        return cache, y
+
+    _, ys = jax.lax.scan(step, cache, _chunks(x, first, chunk_size))
+    return jnp.concatenate([y0, _unchunk(ys).astype(y0.dtype)], axis=1)
+
+
+class WanVAE(nnx.Module):
+    """diffusers' ``AutoencoderKLWan`` (Wan2.1): ``encoder``, ``quant_conv``, ``post_quant_conv``,
+    ``decoder``, with the checkpoint's module names (see :mod:`models.vae.wan_vae_loading`)."""
+
+    def __init__(self, config: WanVAEConfig | str = "wan2.1", *, dtype=None, param_dtype=None,
+                 rngs: nnx.Rngs | None = None):  # fmt: skip
+        config = get_vae_config(config)
+        dtype, param_dtype = resolve_dtypes(dtype, param_dtype)
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = config
+        self.dtype = dtype
+        levels = len(config.dim_mult) - 1
+        temporal = config.temporal_downsample[:levels]
+        self.encoder = WanEncoder3d(
+            in_channels=config.in_channels, dim=config.base_dim, z_dim=2 * config.z_dim, dim_mult=config.dim_mult,
+            num_res_blocks=config.num_res_blocks, temporal_downsample=temporal, **kw,
+        )  # fmt: skip
+        self.quant_conv = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1, **kw)
+        self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1, **kw)
+        self.decoder = WanDecoder3d(
+            dim=config.decoder_dim, z_dim=config.z_dim, dim_mult=config.dim_mult,
+            num_res_blocks=config.num_res_blocks, temporal_upsample=temporal[::-1],
+            out_channels=config.out_channels, **kw,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------- decoding
+
+    def decode(
+        self,
+        latents: Float[Array, "b z f h w"],
+        *,
+        tiling: WanVAETiling | None = None,
+        chunk_size: int | None = 1,
+    ) -> Float[Array, "b c f2 h2 w2"]:
+        """Video ``[B, out_channels, 4 (F - 1) + 1, 8 h, 8 w]`` clamped to [-1, 1] (diffusers'
+        ``decode(latents).sample``; ``latents`` as diffusers takes them, i.e. after
+        :func:`denormalize_latents`).
+
+        Args:
+          latents: ``[B, z_dim, F, h, w]``.
+          tiling: spatial tiling (diffusers' ``enable_tiling``), used when ``8 h`` or ``8 w``
+            exceeds the tile size; ``None``: one tile.
+          chunk_size: latent frames per scan step after frame 0 (must divide ``F - 1``);
+            ``None``: the whole video in one pass.
+
+        Raises:
+          ValueError: for a wrong shape or dtype, a ``chunk_size`` that does not divide
+            ``F - 1``, or a bad ``tiling``.
+        """
+        cfg = self.config
+        _check_5d("latents", latents, cfg.z_dim, "z_dim channels")
+        _check_tiling(tiling, cfg.spatial_factor)
+        frames = latents.shape[2]
+        if chunk_size is not None:
+            check_positive_int(chunk_size, "chunk_size")
+            if (frames - 1) % chunk_size:
+                raise ValueError(f"chunk_size ({chunk_size}) must divide the latent frames after the first ({frames - 1})")
+        z = jnp.moveaxis(latents, 1, -1)
+        h, w = z.shape[2:4]
+        f = cfg.spatial_factor
+
+        def run(tile):
+            return self._decode_frames(tile, chunk_size)
+
+        if tiling is not None and (
+            w > tiling.tile_sample_min_width // f or h > tiling.tile_sample_min_height // f
+        ):
+            th, tw = tiling.tile_sample_min_height, tiling.tile_sample_min_width
+            sh, sw = tiling.tile_sample_stride_height, tiling.tile_sample_stride_width
+            video = tiled_apply(
+                run, z, tile=(th // f, tw // f), stride=(sh // f, sw // f),
+                out_blend=(th - sh, tw - sw), out_stride=(sh, sw), out_size=(h * f, w * f),
+            )  # fmt: skip
+        else:
+            video = run(z)
+        return jnp.moveaxis(jnp.clip(video, -1.0, 1.0), -1, 1)
+
+    def _decode_frames(self, z: Float[Array, "b f h w c"], chunk_size: int | None) -> Float[Array, "b t hh ww o"]:
+        x = self.post_quant_conv(z)[0]
+        return _causal_scan(self.decoder, x, 1, chunk_size)
+
+    # ------------------------------------------------------------------------------- encoding
+
+    def encode(
+        self,
+        video: Float[Array, "b c f h w"],
+        *,
+        tiling: WanVAETiling | None = None,
+        chunk_size: int | None = 4,
+    ) -> WanVAEPosterior:
+        """The posterior of ``video`` ``[B, in_channels, F, H, W]`` (values in [-1, 1],
+        ``F = 4k + 1``): mean and clamped log-variance ``[B, z_dim, k + 1, H/8, W/8]`` (diffusers'
+        ``encode(video).latent_dist``'s ``mean`` / ``logvar``).
+
+        Args:
+          video: the frames.
+          tiling: spatial tiling (diffusers' ``enable_tiling``), used when ``H`` or ``W``
+            exceeds the tile size; ``None``: one tile.
+          chunk_size: frames per scan step after frame 0, a multiple of the temporal factor (4)
+            that divides ``F - 1``; ``None``: the whole video in one pass.
+
+        Raises:
+          ValueError: for a wrong shape or dtype, a frame count that is not ``4k + 1`` (diffusers
+            silently drops the extra frames), a bad ``chunk_size`` or ``tiling``.
+        """
+        cfg = self.config
+        _check_5d("video", video, cfg.in_channels, "in_channels")
+        _check_tiling(tiling, cfg.spatial_factor)
+        frames, tf = video.shape[2], cfg.temporal_factor
+        if (frames - 1) % tf:
+            raise ValueError(f"video must have {tf}k + 1 frames, got {frames}")
+        if chunk_size is not None:
+            check_positive_int(chunk_size, "chunk_size")
+            if chunk_size % tf or (frames - 1) % chunk_size:
+                raise ValueError(
+                    f"chunk_size ({chunk_size}) must be a multiple of {tf} that divides the frames after the "
+                    f"first ({frames - 1})"
+                )
+        x = jnp.moveaxis(video, 1, -1)
+        h, w = x.shape[2:4]
+        f = cfg.spatial_factor
+
+        def run(tile):
+            return self.quant_conv(_causal_scan(self.encoder, tile, 1, chunk_size))[0]
+
+        if tiling is not None and (w > tiling.tile_sample_min_width or h > tiling.tile_sample_min_height):
+            th, tw = tiling.tile_sample_min_height // f, tiling.tile_sample_min_width // f
+            sh, sw = tiling.tile_sample_stride_height // f, tiling.tile_sample_stride_width // f
+            moments = tiled_apply(
+                run, x, tile=(tiling.tile_sample_min_height, tiling.tile_sample_min_width),
+                stride=(tiling.tile_sample_stride_height, tiling.tile_sample_stride_width),
+                out_blend=(th - sh, tw - sw), out_stride=(sh, sw), out_size=(h // f, w // f),
+            )  # fmt: skip
+        else:
+            moments = run(x)
+        moments = jnp.moveaxis(moments, -1, 1)
+        mean, logvar = jnp.split(moments, 2, axis=1)
+        return WanVAEPosterior(mean, jnp.clip(logvar, *_LOGVAR_RANGE))
+
+
+@nnx.jit(static_argnames=("tiling", "chunk_size"))
+def decode_video(vae: WanVAE, latents: Array, tiling: WanVAETiling | None = None, chunk_size: int | None = 1) -> Array:
+    """``vae.decode(latents, tiling=..., chunk_size=...)``, compiled (one program per shape)."""
+    return vae.decode(latents, tiling=tiling, chunk_size=chunk_size)
+
+
+@nnx.jit(static_argnames=("tiling", "chunk_size"))
+def encode_video(vae: WanVAE, video: Array, tiling: WanVAETiling | None = None, chunk_size: int | None = 4) -> WanVAEPosterior:
+    """``vae.encode(video, tiling=..., chunk_size=...)``, compiled (one program per shape)."""
+    return vae.encode(video, tiling=tiling, chunk_size=chunk_size)
