@@ -1,0 +1,326 @@
+"""Prompt to video with Wan2.1 in JAX alone: :class:`WanPipeline`, diffusers' ``WanPipeline`` without PyTorch.
+
+    pipe = WanPipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers")
+    out = pipe("A cat walks on the grass, realistic", seed=0)
+    out.frames  # float32 [1, 81, 480, 832, 3] in [0, 1]
+
+The steps, each in JAX: the prompts are cleaned and tokenized (:mod:`models.text_encoders.prompts`,
+the ``tokenizers`` package on the checkpoint's ``tokenizer/``), encoded by UMT5
+(:mod:`models.text_encoders.umt5`), trimmed to each prompt's tokens and zero-padded; the latents
+are denoised in one jit program by :class:`models.sampling.loop.Sampler` (UniPC with the flow shift
+of ``scheduler/scheduler_config.json``, classifier-free guidance as one batch, DFSAttn with its
+mask cache); the Wan VAE (:mod:`models.vae`) decodes them. The call takes diffusers'
+``WanPipeline.__call__`` argument names and defaults; with the same initial ``latents`` it gives
+diffusers' frames (the whole-pipeline test checks it at a tiny config).
+
+The text encoder (11 GB in bf16 for UMT5-XXL) can leave device memory after each encoding
+(``keep_text_encoder=False``, the default on GPUs), so that the 14B transformer fits beside the
+rest; it is read again from the checkpoint for the next call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from dfsattn_jax.checks import check_nonnegative_int, check_positive_int
+from dfsattn_jax.schedule import get_schedule_preset
+from models.common.backend import make_backend
+from models.sampling import Sampler
+from models.text_encoders.prompts import DEFAULT_MAX_SEQUENCE_LENGTH, PromptTokenizer, trim_and_pad
+from models.text_encoders.umt5_loading import load_umt5
+from models.vae import WanVAE, WanVAETiling, decode_video, denormalize_latents, load_wan_vae
+from models.wan.loading import load_wan, read_wan_config
+
+__all__ = ["OUTPUT_TYPES", "WanPipeline", "WanPipelineOutput", "read_scheduler"]
+
+#: What ``output_type`` takes: diffusers' ``"np"`` (frames in [0, 1]) and ``"latent"``.
+OUTPUT_TYPES = ("np", "latent")
+_SCHEDULER = "UniPCMultistepScheduler"
+
+
+@dataclasses.dataclass(frozen=True)
+class WanPipelineOutput:
+    """What :meth:`WanPipeline.__call__` returns.
+
+    Attributes:
+      frames: ``output_type="np"``: float32 ``[B, F, H, W, 3]`` in [0, 1] (diffusers' frames);
+        ``"latent"``: the final latents ``[B, 16, f, h, w]``.
+      timings: seconds spent on ``text`` (tokenizing and encoding), ``compile`` (the sampling
+        program's first compile, NaN when it was already compiled), ``sampling`` (the steps),
+        ``decode`` (the VAE, its compile included).
+      sparsity: the skipped block fraction DFSAttn measured over the run (0 for dense attention).
+    """
+
+    frames: np.ndarray
+    timings: dict[str, float]
+    sparsity: float
+
+
+def read_scheduler(path: str | os.PathLike) -> tuple[float, int]:
+    """``(flow_shift, num_train_timesteps)`` of a checkpoint's ``scheduler/scheduler_config.json``.
+
+    Raises:
+      ValueError: for a missing or malformed file, or a scheduler this pipeline does not run
+        (Wan's ``UniPCMultistepScheduler`` with flow sigmas and flow prediction).
+    """
+    file = pathlib.Path(path) / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} has no scheduler/scheduler_config.json")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(file)!r} is not a readable JSON file: {err}") from None
+    expected = {"_class_name": _SCHEDULER, "prediction_type": "flow_prediction", "use_flow_sigmas": True}
+    wrong = {k: config.get(k) for k, v in expected.items() if config.get(k) != v}
+    if wrong:
+        raise ValueError(f"{str(file)!r}: this pipeline runs Wan's UniPC flow scheduler {expected}, got {wrong}")
+    shift = config.get("flow_shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"{str(file)!r}: flow_shift must be a positive number, got {shift!r}")
+    steps = check_positive_int(config.get("num_train_timesteps", 1000), f"{file}: num_train_timesteps")
+    return float(shift), steps
+
+
+@nnx.jit
+def _encode(encoder, input_ids, attention_mask):
+    return encoder(input_ids, attention_mask)
+
+
+class WanPipeline:
+    """Wan2.1 text-to-video: prompt in, frames out (see the module docstring).
+
+    Build it with :meth:`from_pretrained`; the constructor takes the loaded parts.
+    """
+
+    def __init__(
+        self,
+        *,
+        transformer: nnx.Module,
+        tokenizer: PromptTokenizer,
+        vae: WanVAE,
+        sampler: Sampler,
+        text_encoder: nnx.Module | None = None,
+        text_encoder_path: str | os.PathLike | None = None,
+        keep_text_encoder: bool = True,
+        dtype: Any = None,
+        vae_tiling: WanVAETiling | None = None,
+    ):
+        if text_encoder is None and text_encoder_path is None:
+            raise ValueError("give text_encoder or text_encoder_path")
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.sampler = sampler
+        self._text_encoder = text_encoder
+        self._text_encoder_path = text_encoder_path
+        self.keep_text_encoder = bool(keep_text_encoder)
+        self.dtype = dtype
+        self.vae_tiling = vae_tiling
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: Any = None,
+        attention: str = "dfs",
+        schedule: str = "wan2.1",
+        keep_text_encoder: bool | None = None,
+        vae_tiling: WanVAETiling | None = None,
+        progress: bool = True,
+    ) -> WanPipeline:
+        """Reads a diffusers Wan2.1 repository: ``text_encoder/``, ``tokenizer/``, ``vae/``,
+        ``transformer/`` and ``scheduler/``.
+
+        Args:
+          path: the repository folder.
+          dtype: the transformer's and the text encoder's dtype (default: bf16 on accelerators,
+            float32 on CPU); the VAE decodes in float32 on CPU and bf16 on accelerators likewise.
+          attention: ``"dfs"`` (DFSAttn) or ``"dense"``.
+          schedule: the DFS schedule preset (:data:`dfsattn_jax.schedule.SCHEDULE_PRESETS`).
+          keep_text_encoder: keep UMT5 on the device between calls (default: only off GPU).
+          vae_tiling: decode in spatial tiles (diffusers' ``enable_tiling``; ``None``: no tiling).
+          progress: progress bars and what was read.
+
+        Raises:
+          ValueError: naming the folder or file that is missing or malformed, before any weight
+            is read (every config is read first, then the tokenizer, then the weights).
+        """
+        root = pathlib.Path(path)
+        if not root.is_dir():
+            raise ValueError(f"path {str(path)!r} is not a folder (a diffusers Wan repository)")
+        missing = [p for p in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler") if not (root / p).is_dir()]
+        if missing:
+            raise ValueError(f"checkpoint {str(path)!r} lacks the folders {missing} of a diffusers Wan repository")
+        if attention not in ("dfs", "dense"):
+            raise ValueError(f"attention must be 'dfs' or 'dense', got {attention!r}")
+        dfs = get_schedule_preset(schedule) if attention == "dfs" else None
+        shift, train_steps = read_scheduler(root)
+        read_wan_config(root)  # the transformer's config, checked before any weight is read
+        tokenizer = PromptTokenizer.from_pretrained(root / "tokenizer")
+        if keep_text_encoder is None:
+            keep_text_encoder = jax.default_backend() != "gpu"
+        say = (lambda name: print(f"reading {name}", flush=True)) if progress else None
+        text_encoder = load_umt5(root / "text_encoder", dtype=dtype, progress=say) if keep_text_encoder else None
+        transformer = load_wan(root, dtype=dtype, progress=say)
+        vae = load_wan_vae(root, dtype=dtype, progress=say)
+        sampler = Sampler(
+            transformer, make_backend(attention, dfs), solver="unipc", shift=shift, schedule="unipc",
+            num_train_timesteps=train_steps, progress=progress,
+        )  # fmt: skip
+        return cls(
+            transformer=transformer, tokenizer=tokenizer, vae=vae, sampler=sampler, text_encoder=text_encoder,
+            text_encoder_path=root / "text_encoder", keep_text_encoder=keep_text_encoder, dtype=dtype,
+            vae_tiling=vae_tiling,
+        )  # fmt: skip
+
+    # -- the text ---------------------------------------------------------------------
+
+    def _text_encoder_model(self) -> nnx.Module:
+        if self._text_encoder is None:
+            self._text_encoder = load_umt5(self._text_encoder_path, dtype=self.dtype)
+        return self._text_encoder
+
+    def encode_prompt(
+        self, prompts: Sequence[str], max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    ) -> Float[Array, "b l d"]:
+        """The transformer's context for ``prompts``: UMT5's output, each prompt's rows then
+        zeros, ``[B, max_sequence_length, d_model]`` in the transformer's dtype."""
+        tokens = self.tokenizer(list(prompts), max_sequence_length=max_sequence_length)
+        encoder = self._text_encoder_model()
+        hidden = _encode(encoder, jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask))
+        return trim_and_pad(hidden.astype(self.transformer.dtype), jnp.asarray(tokens.attention_mask))
+
+    def _release_text_encoder(self) -> None:
+        if not self.keep_text_encoder:
+            self._text_encoder = None  # its device arrays are freed; read again on the next call
+
+    # -- the call ---------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        num_videos_per_prompt: int = 1,
+        latents: Float[Array, "b c f h w"] | np.ndarray | None = None,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        output_type: str = "np",
+        seed: int | None = None,
+    ) -> WanPipelineOutput:
+        """A video per prompt (and per ``num_videos_per_prompt``), with diffusers' arguments.
+
+        Args:
+          prompt: one prompt or a list (a batch).
+          negative_prompt: one or one per prompt; ``None``: diffusers' default, the empty prompt.
+            Used when ``guidance_scale > 1`` (classifier-free guidance, one batch of 2B).
+          height, width: the video size, multiples of 16.
+          num_frames: frames; not of the form 4k + 1, it is rounded down to one (a warning says
+            so), as diffusers does.
+          num_inference_steps: denoising steps.
+          guidance_scale: classifier-free guidance scale.
+          num_videos_per_prompt: videos per prompt, from different noise.
+          latents: the initial noise ``[B, 16, (F - 1) / 4 + 1, H / 8, W / 8]`` (diffusers'
+            ``latents``); ``None``: standard normal from ``seed``.
+          max_sequence_length: text tokens (512 for Wan).
+          output_type: ``"np"`` (frames) or ``"latent"``.
+          seed: the noise's seed when ``latents`` is not given (default 0).
+
+        Raises:
+          ValueError: naming the argument, before any work.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        negatives = self._negatives(negative_prompt, len(prompts))
+        shape = self._latent_shape(height, width, num_frames, len(prompts), num_videos_per_prompt)
+        steps = check_positive_int(num_inference_steps, "num_inference_steps")
+        check_positive_int(max_sequence_length, "max_sequence_length")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        noise = self._noise(latents, shape, seed)
+        guided = float(guidance_scale) > 1.0
+
+        t0 = time.perf_counter()
+        text = self.encode_prompt(prompts + (negatives if guided else []), max_sequence_length)
+        self._release_text_encoder()
+        text = jnp.repeat(text, num_videos_per_prompt, axis=0) if num_videos_per_prompt > 1 else text
+        cond, uncond = (text[: shape[0]], text[shape[0] :]) if guided else (text, None)
+        jax.block_until_ready(text)
+        text_s = time.perf_counter() - t0
+        result = self.sampler(noise, cond, uncond, num_steps=steps, guidance_scale=float(guidance_scale))
+        timings = {"text": text_s, "compile": result.compile_s, "sampling": result.time_s, "decode": 0.0}
+        if output_type == "latent":
+            return WanPipelineOutput(np.asarray(result.latents), timings, float(result.sparsity))
+        t0 = time.perf_counter()
+        frames = self.decode(result.latents)
+        timings["decode"] = time.perf_counter() - t0
+        return WanPipelineOutput(frames, timings, float(result.sparsity))
+
+    def decode(self, latents: Float[Array, "b c f h w"]) -> np.ndarray:
+        """The sampler's latents as frames: denormalized, decoded by the VAE, mapped from [-1, 1]
+        to [0, 1]: float32 ``[B, F, H, W, 3]`` (diffusers' ``output_type="np"``)."""
+        z = denormalize_latents(jnp.asarray(latents).astype(self.vae.dtype), self.vae.config)
+        video = decode_video(self.vae, z, tiling=self.vae_tiling)
+        frames = jnp.clip(video.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
+        return np.asarray(jnp.transpose(frames, (0, 2, 3, 4, 1)))
+
+    # -- argument checks --------------------------------------------------------------
+
+    @staticmethod
+    def _negatives(negative_prompt, count: int) -> list[str]:
+        if negative_prompt is None:
+            return [""] * count
+        negatives = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != count or not all(isinstance(p, str) for p in negatives):
+            raise ValueError(
+                f"negative_prompt must be a string or a list of {count} strings (one per prompt), got {negative_prompt!r}"
+            )
+        return negatives
+
+    def _latent_shape(self, height, width, num_frames, prompts: int, per_prompt) -> tuple[int, ...]:
+        height = check_positive_int(height, "height")
+        width = check_positive_int(width, "width")
+        if height % 16 or width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {height} and {width}")
+        frames = check_positive_int(num_frames, "num_frames")
+        spatial, temporal = self.vae.config.spatial_factor, self.vae.config.temporal_factor
+        if frames % temporal != 1:
+            rounded = frames // temporal * temporal + 1
+            warnings.warn(f"num_frames - 1 must be a multiple of {temporal}: {frames} rounded to {rounded}", stacklevel=3)
+            frames = rounded
+        per_prompt = check_positive_int(per_prompt, "num_videos_per_prompt")
+        channels = self.transformer.config.in_channels
+        return (prompts * per_prompt, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+    @staticmethod
+    def _noise(latents, shape: tuple[int, ...], seed: int | None) -> Array:
+        if latents is not None:
+            latents = jnp.asarray(latents)
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {list(shape)} for these sizes, got {list(latents.shape)}")
+            if not jnp.issubdtype(latents.dtype, jnp.floating):
+                raise ValueError(f"latents must be floating point, got {latents.dtype}")
+            return latents.astype(jnp.float32)
+        seed = 0 if seed is None else check_nonnegative_int(seed, "seed")
+        return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
