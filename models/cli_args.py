@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 
 from dfsattn_jax.orders import ORDER_NAMES
 from dfsattn_jax.schedule import SCHEDULE_PRESETS, DFSConfig, get_schedule_preset
+from models.text_encoders.prompts import DEFAULT_MAX_SEQUENCE_LENGTH
 from models.common.parallel import PARALLEL_MODES
 from models.io import VAE_RECIPES
 from models.sampling import SOLVER_NAMES
@@ -26,9 +28,11 @@ __all__ = [
     "DFS_OPTIONS",
     "MODEL_DEFAULTS",
     "MODEL_NAMES",
+    "OUT_SUFFIXES",
     "PROG",
     "SCHEDULE_OPTIONS",
     "VAE_EXTRA_INSTALL",
+    "VIDEO_SUFFIXES",
     "ModelDefaults",
     "apply_model_defaults",
     "build_parser",
@@ -42,6 +46,9 @@ __all__ = [
 PROG = "dfsattn-generate"
 #: How to install what ``--mp4`` needs (the ``vae`` extra).
 VAE_EXTRA_INSTALL = 'pip install -e ".[vae]"'
+#: What ``--out`` writes, by its suffix: the latents, or the video decoded in JAX (wan2.1).
+VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".gif")
+OUT_SUFFIXES: tuple[str, ...] = (".safetensors",) + VIDEO_SUFFIXES
 #: Height from which Wan's flow shift is the 720p value.
 SHIFT_720P_HEIGHT = 720
 _HELP_WIDTH = 100  # fixed, so that --help reads the same everywhere (and in the docs)
@@ -157,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``dfsattn-generate`` argument parser (abbreviations off, defaults and choices shown)."""
     p = _Parser(
         prog=PROG,
-        usage="%(prog)s --checkpoint DIR --prompt-embeds FILE [options]",
+        usage="%(prog)s --checkpoint DIR (--prompt TEXT | --prompt-embeds FILE) [options]",
         description="Sample a diffusers-format Wan2.1 or HunyuanVideo checkpoint with DFSAttn block-sparse attention.",
         epilog=(
             "Also runs as `python -m models.generate`. Options are checked before any weight is read;\n"
@@ -171,12 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model family; it sets the values marked 'for wan2.1, ... for hunyuan-video' below")
     io.add_argument("--checkpoint", required=True, metavar="DIR",
                     help="diffusers folder of that model (with transformer/, optionally vae/) (required)")
-    io.add_argument("--prompt-embeds", required=True, metavar="FILE",
-                    help="wan2.1: safetensors with 'cond' and 'uncond' [T, text_dim] (UMT5 output; 'uncond' "
-                         "only with guidance); hunyuan-video: .safetensors or .npz with 'prompt_embeds' "
-                         "[T, 4096], 'prompt_attention_mask' [T], 'pooled_prompt_embeds' [768] (required)")
+    io.add_argument("--prompt", default=None, metavar="TEXT",
+                    help="wan2.1: the prompt, encoded in JAX with the checkpoint's text_encoder/ and tokenizer/ "
+                         "(no PyTorch); give it or --prompt-embeds (default: none)")
+    io.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                    help="wan2.1, with --prompt and guidance: the negative prompt (default: none: diffusers' empty one)")
+    io.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH, metavar="N",
+                    help="text tokens of --prompt")
+    io.add_argument("--prompt-embeds", default=None, metavar="FILE",
+                    help="instead of --prompt: wan2.1: safetensors with 'cond' and 'uncond' [T, text_dim] (UMT5 "
+                         "output; 'uncond' only with guidance); hunyuan-video: .safetensors or .npz with "
+                         "'prompt_embeds' [T, 4096], 'prompt_attention_mask' [T], 'pooled_prompt_embeds' [768] "
+                         "(default: none)")
     io.add_argument("--out", default="out/latents.safetensors", metavar="FILE",
-                    help="where to write the final latents")
+                    help="the final latents (.safetensors), or, for wan2.1, the video decoded in JAX with the "
+                         "checkpoint's vae/ (.mp4 through imageio-ffmpeg; .gif; an .mp4 falls back to a .gif "
+                         "beside it when no encoder is installed)")
     io.add_argument("--mp4", default=None, metavar="FILE",
                     help=f"also decode to this MP4 with diffusers' VAE ({', '.join(f'{VAE_RECIPES[m].vae_class} for {m}' for m in MODEL_NAMES)}); needs the "
                          f"optional extra: {VAE_EXTRA_INSTALL} (default: none)")
@@ -267,6 +284,19 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--shift must be a finite number > 0, got {args.shift}")
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if (args.prompt is None) == (args.prompt_embeds is None):
+        raise ValueError("give one of --prompt TEXT and --prompt-embeds FILE")
+    if args.prompt is not None and args.model != "wan2.1":
+        raise ValueError(f"--prompt encodes with Wan's UMT5; for --model {args.model} give --prompt-embeds")
+    if args.negative_prompt is not None and args.prompt is None:
+        raise ValueError("--negative-prompt goes with --prompt (--prompt-embeds holds its own 'uncond')")
+    if args.max_sequence_length < 1:
+        raise ValueError(f"--max-sequence-length must be >= 1, got {args.max_sequence_length}")
+    suffix = os.path.splitext(args.out)[1].lower()
+    if suffix not in OUT_SUFFIXES:
+        raise ValueError(f"--out must end in one of {OUT_SUFFIXES}, got {args.out!r}")
+    if suffix in VIDEO_SUFFIXES and args.model != "wan2.1":
+        raise ValueError(f"--out {suffix} decodes with the Wan VAE in JAX; for --model {args.model} use --mp4")
 
 
 def dfs_config(args: argparse.Namespace, family: ModelDefaults) -> DFSConfig:

@@ -51,6 +51,7 @@ from dfsattn_jax.joint import JointTokens
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule, reported_sparsity
 from models.cli_args import (
     PROG,
+    VIDEO_SUFFIXES,
     VAE_EXTRA_INSTALL,
     apply_model_defaults,
     build_parser,
@@ -72,6 +73,7 @@ from models.io import (
     load_prompt_embeds,
     save_latents,
 )
+from models.prompt_video import PromptEncoder, check_video_out, write_wan_video
 from models.sampling import Sampler
 from models.wan import config as wan_config
 from models.wan.loading import load_wan, read_wan_config
@@ -217,10 +219,14 @@ def _load_noise(args: argparse.Namespace, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _wan_inputs(args: argparse.Namespace):
-    """Wan2.1: config, latent shape, the conditioning (text, negative text or None), token grid."""
+    """Wan2.1: config, latent shape, the conditioning (text, negative text or None; with
+    ``--prompt`` the :class:`PromptEncoder` that makes them once the weights may be read), token grid."""
     cfg = read_wan_config(args.checkpoint)
     shape = _latent_shape(cfg, args, wan_config.latent_shape)
     guided = args.guidance > 1.0
+    if args.prompt is not None:
+        encoder = PromptEncoder.check(args, cfg.text_dim, guided)
+        return cfg, shape, encoder, None, wan_config.token_grid(cfg, shape[2:])
     cond, uncond = load_prompt_embeds(args.prompt_embeds, text_dim=cfg.text_dim, require_uncond=guided)
     if guided:
         length = max(cond.shape[1], uncond.shape[1])
@@ -257,6 +263,8 @@ def _run(argv: Sequence[str]) -> int:
     dfs = dfs if args.backend == "dfs" else None
     # 2. Outputs and the optional extra: fail now, not after sampling.
     out = _check_writable(args.out, "--out")
+    if out.suffix.lower() in VIDEO_SUFFIXES:
+        check_video_out(args.checkpoint, out)
     if args.mp4 is not None:
         _check_vae_extra()
         mp4 = _check_writable(args.mp4, "--mp4")
@@ -291,6 +299,8 @@ def _run(argv: Sequence[str]) -> int:
     sys.stdout.flush()
 
     # 4. The weights, then sampling.
+    if isinstance(cond, PromptEncoder):
+        cond, negative = cond.encode()
     t0 = time.perf_counter()
     model = _load_model(args)
     print(f"loaded {cfg.name} ({cfg.num_layers} layers, dim {cfg.dim}) in {time.perf_counter() - t0:.1f} s")
@@ -315,6 +325,10 @@ def _run(argv: Sequence[str]) -> int:
         meta |= {"density": dfs.density, "density_decrement": dfs.density_decrement,
                  "dense_steps": dfs.dense_steps, "refresh_interval": dfs.refresh_interval, "order": dfs.order,
                  "dense_layers": ",".join(map(str, dfs.dense_layers)), "schedule": args.schedule or "options"}
+    if out.suffix.lower() in VIDEO_SUFFIXES:
+        written = write_wan_video(np.asarray(result.latents), args.checkpoint, out, dtype=args.dtype)
+        print(f"video -> {written}")
+        return 0
     save_latents(out, np.asarray(result.latents), meta)
     print(f"latents -> {args.out}")
     if args.mp4:

@@ -2,7 +2,7 @@
 
 Videos are ``[B, T, H, W, 3]`` in [-1, 1]. GIFs are drawn with Pillow (a matplotlib dependency),
 figures with matplotlib (Agg backend, no display needed). MP4s need an H.264 encoder, which is
-optional: :func:`mp4_encoder` says which one is installed (``imageio`` with ``imageio-ffmpeg``,
+optional: :func:`~models.common.video.mp4_encoder` (re-exported here) says which one is installed (``imageio`` with ``imageio-ffmpeg``,
 or an ``ffmpeg`` on the PATH through matplotlib's writer), and :func:`write_side_by_side_mp4`
 returns ``None`` instead of failing when there is none. Every file is written atomically
 (:func:`models.common.files.atomic_write`: a temporary file renamed over the destination), so an error or a
@@ -20,6 +20,7 @@ from jaxtyping import Float
 
 from dfsattn_jax.checks import check_positive_int
 from models.common.files import atomic_write
+from models.common.video import mp4_encoder, write_gif, write_mp4
 
 __all__ = [
     "MASK_COLOURS",
@@ -109,38 +110,8 @@ def write_side_by_side_gif(
     Videos are ``[B, T, H, W, 3]`` in [-1, 1]; frames are upscaled ``scale``× (nearest), with a
     title strip on top and an optional caption per row. Uses Pillow (a matplotlib dependency).
     """
-    from PIL import Image
-
-    frames = [
-        Image.fromarray(f).convert("P", palette=Image.ADAPTIVE, colors=255)
-        for f in side_by_side_frames(left, right, titles=titles, captions=captions, scale=scale)
-    ]
-    path = str(path)
-    with atomic_write(path) as tmp:
-        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(frame_ms), loop=0)
-    return path
-
-
-def mp4_encoder() -> str | None:
-    """The installed MP4 (H.264) encoder: ``"imageio-ffmpeg"`` (``imageio`` with the
-    ``imageio-ffmpeg`` binary), ``"matplotlib-ffmpeg"`` (matplotlib's writer with an ``ffmpeg``
-    on the PATH), or ``None`` when neither is available."""
-    try:
-        import imageio  # noqa: F401  (the documented pair: imageio + imageio-ffmpeg)
-        import imageio_ffmpeg
-
-        imageio_ffmpeg.get_ffmpeg_exe()  # raises when the package has no usable binary
-        return "imageio-ffmpeg"
-    except Exception:  # ImportError, or RuntimeError for a missing binary
-        pass
-    try:
-        from matplotlib import animation
-
-        if animation.writers.is_available("ffmpeg"):
-            return "matplotlib-ffmpeg"
-    except Exception:
-        pass
-    return None
+    frames = side_by_side_frames(left, right, titles=titles, captions=captions, scale=scale)
+    return write_gif(frames, path, frame_ms=frame_ms)
 
 
 def write_side_by_side_mp4(
@@ -162,55 +133,8 @@ def write_side_by_side_mp4(
     encoder = mp4_encoder() if encoder is None else encoder
     if encoder is None:
         return None
-    if encoder not in ("imageio-ffmpeg", "matplotlib-ffmpeg"):
-        raise ValueError(f"unknown MP4 encoder {encoder!r}; use 'imageio-ffmpeg' or 'matplotlib-ffmpeg'")
     frames = side_by_side_frames(left, right, titles=titles, captions=captions, scale=scale, multiple_of=16)
-    path = str(path)
-    with atomic_write(path) as tmp:
-        if encoder == "imageio-ffmpeg":
-            _encode_imageio_ffmpeg(frames, str(tmp), fps)
-        else:
-            _encode_matplotlib_ffmpeg(frames, str(tmp), fps)
-    return path
-
-
-def _encode_imageio_ffmpeg(frames: list[np.ndarray], path: str, fps: int) -> None:
-    import imageio_ffmpeg
-
-    height, width = frames[0].shape[:2]
-    writer = imageio_ffmpeg.write_frames(
-        path, (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=16,
-        quality=8, ffmpeg_log_level="error",
-    )  # fmt: skip
-    writer.send(None)  # starts ffmpeg
-    try:
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-    finally:
-        writer.close()
-
-
-def _encode_matplotlib_ffmpeg(frames: list[np.ndarray], path: str, fps: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.animation import FFMpegWriter
-
-    height, width = frames[0].shape[:2]
-    dpi = 100
-    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-    ax.set_axis_off()
-    image = ax.imshow(frames[0], interpolation="nearest")
-    writer = FFMpegWriter(fps=fps, codec="libx264", extra_args=["-pix_fmt", "yuv420p"])
-    try:
-        with writer.saving(fig, path, dpi):
-            for frame in frames:
-                image.set_data(frame)
-                writer.grab_frame()
-    finally:
-        plt.close(fig)
+    return write_mp4(frames, path, fps=fps, encoder=encoder)
 
 
 def block_mask_figure(masks: dict[str, np.ndarray], *, title: str, heads: int = 4):

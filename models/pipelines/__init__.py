@@ -4,6 +4,13 @@
   with UMT5, the tokenizer, the sampler with DFSAttn and the Wan VAE all in JAX.
 """
 
-from models.pipelines.wan import OUTPUT_TYPES, WanPipeline, WanPipelineOutput, read_scheduler
+from models.pipelines.wan import (
+    OUTPUT_TYPES,
+    WanPipeline,
+    WanPipelineOutput,
+    decode_frames,
+    encode_prompts,
+    read_scheduler,
+)
 
-__all__ = ["OUTPUT_TYPES", "WanPipeline", "WanPipelineOutput", "read_scheduler"]
+__all__ = ["OUTPUT_TYPES", "WanPipeline", "WanPipelineOutput", "decode_frames", "encode_prompts", "read_scheduler"]

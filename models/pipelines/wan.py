@@ -45,7 +45,7 @@ from models.text_encoders.umt5_loading import load_umt5
 from models.vae import WanVAE, WanVAETiling, decode_video, denormalize_latents, load_wan_vae
 from models.wan.loading import load_wan, read_wan_config
 
-__all__ = ["OUTPUT_TYPES", "WanPipeline", "WanPipelineOutput", "read_scheduler"]
+__all__ = ["OUTPUT_TYPES", "WanPipeline", "WanPipelineOutput", "decode_frames", "encode_prompts", "read_scheduler"]
 
 #: What ``output_type`` takes: diffusers' ``"np"`` (frames in [0, 1]) and ``"latent"``.
 OUTPUT_TYPES = ("np", "latent")
@@ -98,6 +98,27 @@ def read_scheduler(path: str | os.PathLike) -> tuple[float, int]:
 @nnx.jit
 def _encode(encoder, input_ids, attention_mask):
     return encoder(input_ids, attention_mask)
+
+
+def encode_prompts(
+    tokenizer: PromptTokenizer, encoder: nnx.Module, prompts: Sequence[str], max_sequence_length: int, dtype: Any
+) -> Float[Array, "b l d"]:
+    """The Wan transformer's context for ``prompts`` (WanPipeline's ``encode_prompt``): cleaned,
+    tokenized, encoded by UMT5, each prompt's rows then zeros, ``[B, max_sequence_length, d]`` in
+    ``dtype``."""
+    tokens = tokenizer(list(prompts), max_sequence_length=max_sequence_length)
+    mask = jnp.asarray(tokens.attention_mask)
+    hidden = _encode(encoder, jnp.asarray(tokens.input_ids), mask)
+    return trim_and_pad(hidden.astype(dtype), mask)
+
+
+def decode_frames(vae: WanVAE, latents: Float[Array, "b c f h w"], tiling: WanVAETiling | None = None) -> np.ndarray:
+    """The sampler's latents as frames: denormalized, decoded by the VAE, mapped from [-1, 1] to
+    [0, 1]: float32 ``[B, F, H, W, 3]`` (diffusers' ``output_type="np"``)."""
+    z = denormalize_latents(jnp.asarray(latents).astype(vae.dtype), vae.config)
+    video = decode_video(vae, z, tiling=tiling)
+    frames = jnp.clip(video.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
+    return np.asarray(jnp.transpose(frames, (0, 2, 3, 4, 1)))
 
 
 class WanPipeline:
@@ -200,10 +221,9 @@ class WanPipeline:
     ) -> Float[Array, "b l d"]:
         """The transformer's context for ``prompts``: UMT5's output, each prompt's rows then
         zeros, ``[B, max_sequence_length, d_model]`` in the transformer's dtype."""
-        tokens = self.tokenizer(list(prompts), max_sequence_length=max_sequence_length)
-        encoder = self._text_encoder_model()
-        hidden = _encode(encoder, jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask))
-        return trim_and_pad(hidden.astype(self.transformer.dtype), jnp.asarray(tokens.attention_mask))
+        return encode_prompts(
+            self.tokenizer, self._text_encoder_model(), prompts, max_sequence_length, self.transformer.dtype
+        )
 
     def _release_text_encoder(self) -> None:
         if not self.keep_text_encoder:
@@ -278,12 +298,8 @@ class WanPipeline:
         return WanPipelineOutput(frames, timings, float(result.sparsity))
 
     def decode(self, latents: Float[Array, "b c f h w"]) -> np.ndarray:
-        """The sampler's latents as frames: denormalized, decoded by the VAE, mapped from [-1, 1]
-        to [0, 1]: float32 ``[B, F, H, W, 3]`` (diffusers' ``output_type="np"``)."""
-        z = denormalize_latents(jnp.asarray(latents).astype(self.vae.dtype), self.vae.config)
-        video = decode_video(self.vae, z, tiling=self.vae_tiling)
-        frames = jnp.clip(video.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
-        return np.asarray(jnp.transpose(frames, (0, 2, 3, 4, 1)))
+        """:func:`decode_frames` with this pipeline's VAE and tiling."""
+        return decode_frames(self.vae, latents, self.vae_tiling)
 
     # -- argument checks --------------------------------------------------------------
 

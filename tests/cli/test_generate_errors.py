@@ -298,10 +298,10 @@ def test_shift_default_rule():
 
 
 # ---------------------------------------------------------------------------------------------
-# Abbreviations of options (--prompt for --prompt-embeds) are refused.
+# Abbreviations of options (--prompt-emb for --prompt-embeds) are refused.
 
 
-@pytest.mark.parametrize("abbrev", ["--prompt", "--prompt-emb", "--dens"])
+@pytest.mark.parametrize("abbrev", ["--negative", "--prompt-emb", "--dens"])
 def test_prompt_abbreviation_is_rejected(embeds, tmp_path, capsys, weights_calls, abbrev):
     args = ["--checkpoint", str(FIXTURE), "--prompt-embeds", str(embeds), "--out", str(tmp_path / "o.safetensors"),
             abbrev, "0.5" if abbrev == "--dens" else str(embeds)]  # fmt: skip

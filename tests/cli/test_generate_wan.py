@@ -46,7 +46,7 @@ def test_generate_rejects_wrong_noise_shape(tmp_path, capsys):
     noise = tmp_path / "noise.safetensors"
     save_file({"latents": np.ones((1, 16, 2, 12, 16), np.float32)}, str(noise))
     args = ["--checkpoint", str(FIXTURE), "--prompt-embeds", str(embeds), "--noise", str(noise),
-            "--frames", "9", "--height", "96", "--width", "128", "--steps", "1", "--out", str(tmp_path / "o")]
+            "--frames", "9", "--height", "96", "--width", "128", "--steps", "1", "--out", str(tmp_path / "o.safetensors")]
     assert main(args) == 2  # a user error: one line, no traceback
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dfsattn-generate: error: --noise must have shape")
