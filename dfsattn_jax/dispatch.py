@@ -10,7 +10,7 @@ Two kinds, one record type (:class:`Implementation`) and one rule (:func:`resolv
   oracle (:mod:`dfsattn_jax.reference`), any backend (the CPU path and the test oracle).
 ``"scoring"`` (:data:`SCORING`)
   ``"triton"``: the fused Pallas Triton scorer (:mod:`pallas_kernels.block_scores_triton`), any
-  NVIDIA GPU; ``"jnp"``: the float32 jnp scorer (:mod:`dfsattn_jax.scoring`), any backend.
+  NVIDIA GPU; ``"jnp"``: the float32 jnp scorer (:mod:`dfsattn_jax.tiles`), any backend.
 
 With ``implementation=None`` the first implementation of the kind's order that runs on this
 device and takes the input wins: on a GPU the kernels in order of speed, falling back with the

@@ -24,8 +24,9 @@ import jax
 import numpy as np
 
 from models.common.video import mp4_encoder, to_uint8_frames, write_gif, write_mp4
-from models.pipelines.wan import decode_frames, encode_prompts
+from models.pipelines.wan import check_text_width, decode_frames, encode_prompts
 from models.text_encoders.prompts import PromptTokenizer
+from models.text_encoders.umt5 import UMT5Config
 from models.text_encoders.umt5_loading import load_umt5, read_umt5_config
 from models.vae import load_wan_vae, read_wan_vae_config
 
@@ -50,6 +51,7 @@ class PromptEncoder:
       max_sequence_length: text tokens.
       dtype: the text encoder's dtype (``None``: bf16 on accelerators, float32 on CPU).
       tokenizer: the checkpoint's tokenizer (read by :meth:`check`).
+      config: the text encoder's config (read by :meth:`check`).
     """
 
     checkpoint: str
@@ -58,6 +60,7 @@ class PromptEncoder:
     max_sequence_length: int
     dtype: str | None
     tokenizer: PromptTokenizer
+    config: UMT5Config
 
     @classmethod
     def check(cls, args: argparse.Namespace, text_dim: int, guided: bool) -> PromptEncoder:
@@ -72,18 +75,17 @@ class PromptEncoder:
             config = read_umt5_config(pathlib.Path(args.checkpoint) / "text_encoder")
         except ValueError as err:
             raise ValueError(f"--prompt needs the checkpoint's tokenizer/ and text_encoder/: {err}") from None
-        if config.d_model != text_dim:
-            raise ValueError(
-                f"--checkpoint: the text encoder's width d_model={config.d_model} is not the transformer's "
-                f"text_dim={text_dim}"
-            )
+        try:
+            check_text_width(config, text_dim)
+        except ValueError as err:
+            raise ValueError(f"--checkpoint: {err}") from None
         negative = (args.negative_prompt or "") if guided else None
-        return cls(args.checkpoint, args.prompt, negative, args.max_sequence_length, args.dtype, tokenizer)
+        return cls(args.checkpoint, args.prompt, negative, args.max_sequence_length, args.dtype, tokenizer, config)
 
     def encode(self) -> tuple[jax.Array, jax.Array | None]:
         """``(cond [1, L, d], negative [1, L, d] or None)``: reads UMT5, encodes, lets it go."""
         t0 = time.perf_counter()
-        encoder = load_umt5(pathlib.Path(self.checkpoint) / "text_encoder", dtype=self.dtype,
+        encoder = load_umt5(pathlib.Path(self.checkpoint) / "text_encoder", dtype=self.dtype, config=self.config,
                             progress=lambda name: _say(f"reading {name}"))  # fmt: skip
         prompts = [self.prompt] if self.negative_prompt is None else [self.prompt, self.negative_prompt]
         text = encode_prompts(self.tokenizer, encoder, prompts, self.max_sequence_length, encoder.dtype)

@@ -8,9 +8,10 @@ from models.pipelines.wan import (
     OUTPUT_TYPES,
     WanPipeline,
     WanPipelineOutput,
+    check_text_width,
     decode_frames,
     encode_prompts,
     read_scheduler,
 )
 
-__all__ = ["OUTPUT_TYPES", "WanPipeline", "WanPipelineOutput", "decode_frames", "encode_prompts", "read_scheduler"]
+__all__ = ["OUTPUT_TYPES", "WanPipeline", "WanPipelineOutput", "check_text_width", "decode_frames", "encode_prompts", "read_scheduler"]

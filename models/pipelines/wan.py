@@ -41,11 +41,20 @@ from dfsattn_jax.schedule import get_schedule_preset
 from models.common.backend import make_backend
 from models.sampling import Sampler
 from models.text_encoders.prompts import DEFAULT_MAX_SEQUENCE_LENGTH, PromptTokenizer, trim_and_pad
-from models.text_encoders.umt5_loading import load_umt5
-from models.vae import WanVAE, WanVAETiling, decode_video, denormalize_latents, load_wan_vae
+from models.text_encoders.umt5 import UMT5Config
+from models.text_encoders.umt5_loading import load_umt5, read_umt5_config
+from models.vae import WanVAE, WanVAETiling, decode_video, denormalize_latents, load_wan_vae, read_wan_vae_config
 from models.wan.loading import load_wan, read_wan_config
 
-__all__ = ["OUTPUT_TYPES", "WanPipeline", "WanPipelineOutput", "decode_frames", "encode_prompts", "read_scheduler"]
+__all__ = [
+    "OUTPUT_TYPES",
+    "WanPipeline",
+    "WanPipelineOutput",
+    "check_text_width",
+    "decode_frames",
+    "encode_prompts",
+    "read_scheduler",
+]
 
 #: What ``output_type`` takes: diffusers' ``"np"`` (frames in [0, 1]) and ``"latent"``.
 OUTPUT_TYPES = ("np", "latent")
@@ -100,6 +109,19 @@ def _encode(encoder, input_ids, attention_mask):
     return encoder(input_ids, attention_mask)
 
 
+def check_text_width(config: UMT5Config, text_dim: int) -> None:
+    """Checks that the text encoder's width is the transformer's ``text_dim`` (from the configs,
+    before any weight is read).
+
+    Raises:
+      ValueError: naming both widths.
+    """
+    if config.d_model != text_dim:
+        raise ValueError(
+            f"the text encoder's width d_model={config.d_model} is not the transformer's text_dim={text_dim}"
+        )
+
+
 def encode_prompts(
     tokenizer: PromptTokenizer, encoder: nnx.Module, prompts: Sequence[str], max_sequence_length: int, dtype: Any
 ) -> Float[Array, "b l d"]:
@@ -136,6 +158,7 @@ class WanPipeline:
         sampler: Sampler,
         text_encoder: nnx.Module | None = None,
         text_encoder_path: str | os.PathLike | None = None,
+        text_encoder_config: UMT5Config | None = None,
         keep_text_encoder: bool = True,
         dtype: Any = None,
         vae_tiling: WanVAETiling | None = None,
@@ -148,6 +171,7 @@ class WanPipeline:
         self.sampler = sampler
         self._text_encoder = text_encoder
         self._text_encoder_path = text_encoder_path
+        self._text_encoder_config = text_encoder_config
         self.keep_text_encoder = bool(keep_text_encoder)
         self.dtype = dtype
         self.vae_tiling = vae_tiling
@@ -191,29 +215,35 @@ class WanPipeline:
             raise ValueError(f"attention must be 'dfs' or 'dense', got {attention!r}")
         dfs = get_schedule_preset(schedule) if attention == "dfs" else None
         shift, train_steps = read_scheduler(root)
-        read_wan_config(root)  # the transformer's config, checked before any weight is read
+        # Every config, and the tokenizer, before any weight.
+        wan_config = read_wan_config(root)
+        text_config = read_umt5_config(root / "text_encoder")
+        check_text_width(text_config, wan_config.text_dim)
+        vae_config = read_wan_vae_config(root)
         tokenizer = PromptTokenizer.from_pretrained(root / "tokenizer")
         if keep_text_encoder is None:
             keep_text_encoder = jax.default_backend() != "gpu"
         say = (lambda name: print(f"reading {name}", flush=True)) if progress else None
-        text_encoder = load_umt5(root / "text_encoder", dtype=dtype, progress=say) if keep_text_encoder else None
-        transformer = load_wan(root, dtype=dtype, progress=say)
-        vae = load_wan_vae(root, dtype=dtype, progress=say)
+        text_encoder = (
+            load_umt5(root / "text_encoder", dtype=dtype, config=text_config, progress=say) if keep_text_encoder else None
+        )
+        transformer = load_wan(root, dtype=dtype, config=wan_config, progress=say)
+        vae = load_wan_vae(root, dtype=dtype, config=vae_config, progress=say)
         sampler = Sampler(
             transformer, make_backend(attention, dfs), solver="unipc", shift=shift, schedule="unipc",
             num_train_timesteps=train_steps, progress=progress,
         )  # fmt: skip
         return cls(
             transformer=transformer, tokenizer=tokenizer, vae=vae, sampler=sampler, text_encoder=text_encoder,
-            text_encoder_path=root / "text_encoder", keep_text_encoder=keep_text_encoder, dtype=dtype,
-            vae_tiling=vae_tiling,
+            text_encoder_path=root / "text_encoder", text_encoder_config=text_config,
+            keep_text_encoder=keep_text_encoder, dtype=dtype, vae_tiling=vae_tiling,
         )  # fmt: skip
 
     # -- the text ---------------------------------------------------------------------
 
     def _text_encoder_model(self) -> nnx.Module:
         if self._text_encoder is None:
-            self._text_encoder = load_umt5(self._text_encoder_path, dtype=self.dtype)
+            self._text_encoder = load_umt5(self._text_encoder_path, dtype=self.dtype, config=self._text_encoder_config)
         return self._text_encoder
 
     def encode_prompt(

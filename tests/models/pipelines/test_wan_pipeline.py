@@ -9,12 +9,13 @@ the issue's bound 1e-4 is kept for the frames, 1e-5 for the text encoder's outpu
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import FIXTURES, ROOT, rel_l2
+from helpers import FIXTURES, ROOT, rel_l2, watch_tensor_reads
 from safetensors.numpy import load_file
 
 from models.pipelines import WanPipeline, read_scheduler
@@ -131,3 +132,24 @@ def test_prompt_to_frames_imports_no_pytorch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                           env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert done.stdout.strip().endswith("False"), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "part, change, match",
+    [
+        ("text_encoder", {"d_model": 64}, "the text encoder's width d_model=64 is not the transformer's text_dim=48"),
+        ("vae", {"z_dim": "sixteen"}, "z_dim"),
+    ],
+)
+def test_every_config_is_checked_before_any_weight_is_read(tmp_path, monkeypatch, part, change, match):
+    """A text encoder too wide for the transformer, or a malformed VAE config, is named before any
+    tensor of any part is read."""
+    folder = tmp_path / "pipeline"
+    shutil.copytree(PIPELINE, folder)
+    config = folder / part / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | change))
+    reads = []
+    watch_tensor_reads(monkeypatch, reads.append)
+    with pytest.raises(ValueError, match=match):
+        WanPipeline.from_pretrained(folder, dtype="float32", keep_text_encoder=True, progress=False)
+    assert reads == []
