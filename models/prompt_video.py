@@ -4,11 +4,16 @@
   checkpoint's ``tokenizer/`` and ``text_encoder/`` (:func:`models.pipelines.wan.encode_prompts`).
   :meth:`PromptEncoder.check` reads only what is cheap (the tokenizer, the encoder's
   ``config.json``) and checks it against the transformer, before any weight is read;
-  :meth:`PromptEncoder.encode` then reads UMT5, encodes and lets it go.
+  :meth:`PromptEncoder.encode` then reads UMT5, encodes and lets it go, on the text encoder's
+  progress bar (a tick per shard read, one for the encoding).
 - :func:`check_video_out` / :func:`write_wan_video`: ``--out *.mp4|*.gif``: the checkpoint's
-  ``vae/`` decodes the latents (:func:`models.pipelines.wan.decode_frames`) and the frames are
-  written as an H.264 MP4 (imageio-ffmpeg) or a GIF (:mod:`models.common.video`); an MP4 asked for
-  with no encoder installed becomes a GIF beside it, and the command says so.
+  ``vae/`` decodes the latents (:func:`models.pipelines.wan.decode_frames`, on the decoder's
+  progress bar: a tick per decoded chunk) and the frames are written as an H.264 MP4
+  (imageio-ffmpeg) or a GIF (:mod:`models.common.video`); an MP4 asked for with no encoder
+  installed becomes a GIF beside it, and the command says so.
+
+The bars go to stderr; the time of each part is printed apart on stdout ("encoded the prompt in
+...", "decoded N frames ... in ...").
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import jax
 import numpy as np
 
 from models.common.video import mp4_encoder, to_uint8_frames, write_gif, write_mp4
-from models.pipelines.wan import check_text_width, decode_frames, encode_prompts
+from models.pipelines.wan import check_text_width, decode_frames, encode_prompts, make_decode_bar, make_text_bar
 from models.text_encoders.prompts import PromptTokenizer
 from models.text_encoders.umt5 import UMT5Config
-from models.text_encoders.umt5_loading import load_umt5, read_umt5_config
+from models.text_encoders.umt5_loading import load_umt5, read_umt5_config, umt5_shard_count
 from models.vae import load_wan_vae, read_wan_vae_config
 
 __all__ = ["VIDEO_FPS", "PromptEncoder", "check_video_out", "write_wan_video"]
@@ -83,14 +88,19 @@ class PromptEncoder:
         return cls(args.checkpoint, args.prompt, negative, args.max_sequence_length, args.dtype, tokenizer, config)
 
     def encode(self) -> tuple[jax.Array, jax.Array | None]:
-        """``(cond [1, L, d], negative [1, L, d] or None)``: reads UMT5, encodes, lets it go."""
+        """``(cond [1, L, d], negative [1, L, d] or None)``: reads UMT5, encodes, lets it go (on
+        the text encoder's bar: the shards read, then the encoding); prints the time taken."""
         t0 = time.perf_counter()
-        encoder = load_umt5(pathlib.Path(self.checkpoint) / "text_encoder", dtype=self.dtype, config=self.config,
-                            progress=lambda name: _say(f"reading {name}"))  # fmt: skip
+        folder = pathlib.Path(self.checkpoint) / "text_encoder"
         prompts = [self.prompt] if self.negative_prompt is None else [self.prompt, self.negative_prompt]
-        text = encode_prompts(self.tokenizer, encoder, prompts, self.max_sequence_length, encoder.dtype)
-        jax.block_until_ready(text)
-        del encoder  # its device memory is freed before the transformer is read
+        bar = make_text_bar()
+        bar.open(umt5_shard_count(folder) + 1)
+        try:
+            encoder = load_umt5(folder, dtype=self.dtype, config=self.config, progress=lambda _name: bar.tick())
+            text = encode_prompts(self.tokenizer, encoder, prompts, self.max_sequence_length, encoder.dtype, bar)
+            del encoder  # its device memory is freed before the transformer is read
+        finally:
+            bar.close()
         print(f"encoded the prompt{'s' if len(prompts) > 1 else ''} in {time.perf_counter() - t0:.1f} s "
               f"({self.max_sequence_length} tokens, UMT5 in JAX)")  # fmt: skip
         return text[:1], (text[1:] if self.negative_prompt is not None else None)
@@ -111,11 +121,11 @@ def check_video_out(checkpoint: str, out: pathlib.Path) -> None:
 
 def write_wan_video(latents: np.ndarray, checkpoint: str, out: pathlib.Path, *, dtype: str | None) -> str:
     """Decodes ``latents [1, 16, f, h, w]`` with the checkpoint's VAE and writes ``out`` (.mp4 or
-    .gif; an .mp4 becomes a .gif beside it when no MP4 encoder is installed). Returns the path
-    written."""
+    .gif; an .mp4 becomes a .gif beside it when no MP4 encoder is installed), the decode on its
+    progress bar; prints the time taken. Returns the path written."""
     t0 = time.perf_counter()
     vae = load_wan_vae(checkpoint, dtype=dtype, progress=lambda name: _say(f"reading {name}"))
-    frames = decode_frames(vae, latents)[0]
+    frames = decode_frames(vae, latents, bar=make_decode_bar())[0]
     print(f"decoded {frames.shape[0]} frames of {frames.shape[1]}x{frames.shape[2]} in {time.perf_counter() - t0:.1f} s")
     images = to_uint8_frames(frames)
     if out.suffix.lower() == ".gif":

@@ -16,6 +16,13 @@ diffusers' frames (the whole-pipeline test checks it at a tiny config).
 The text encoder (11 GB in bf16 for UMT5-XXL) can leave device memory after each encoding
 (``keep_text_encoder=False``, the default on GPUs), so that the 14B transformer fits beside the
 rest; it is read again from the checkpoint for the next call.
+
+Three progress bars (``progress=True``), their times kept apart in
+:attr:`WanPipelineOutput.timings`: the text encoder's (a tick per shard read when it is read
+again, and one for the encoding; :func:`make_text_bar`), the sampler's (a tick per step), and the
+VAE's (a tick per decoded chunk of each tile, reported from inside the jit program;
+:func:`make_decode_bar`). The pipeline keeps one bar of each for its lifetime, so the decoder
+compiles once.
 """
 
 from __future__ import annotations
@@ -39,26 +46,42 @@ from jaxtyping import Array, Float
 from dfsattn_jax.checks import check_nonnegative_int, check_positive_int
 from dfsattn_jax.schedule import get_schedule_preset
 from models.common.backend import make_backend
+from models.common.progress import TickBar
 from models.sampling import Sampler
 from models.text_encoders.prompts import DEFAULT_MAX_SEQUENCE_LENGTH, PromptTokenizer, trim_and_pad
 from models.text_encoders.umt5 import UMT5Config
-from models.text_encoders.umt5_loading import load_umt5, read_umt5_config
-from models.vae import WanVAE, WanVAETiling, decode_video, denormalize_latents, load_wan_vae, read_wan_vae_config
+from models.text_encoders.umt5_loading import load_umt5, read_umt5_config, umt5_shard_count
+from models.vae import (
+    WanVAE,
+    WanVAETiling,
+    decode_ticks,
+    decode_video,
+    denormalize_latents,
+    load_wan_vae,
+    read_wan_vae_config,
+)
 from models.wan.loading import load_wan, read_wan_config
 
 __all__ = [
+    "DECODE_BAR",
     "OUTPUT_TYPES",
+    "TEXT_BAR",
     "WanPipeline",
     "WanPipelineOutput",
     "check_text_width",
     "decode_frames",
     "encode_prompts",
+    "make_decode_bar",
+    "make_text_bar",
     "read_scheduler",
 ]
 
 #: What ``output_type`` takes: diffusers' ``"np"`` (frames in [0, 1]) and ``"latent"``.
 OUTPUT_TYPES = ("np", "latent")
 _SCHEDULER = "UniPCMultistepScheduler"
+#: The labels of the text encoder's and the VAE decoder's progress bars.
+TEXT_BAR = "text encoder"
+DECODE_BAR = "VAE decode"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,23 +145,67 @@ def check_text_width(config: UMT5Config, text_dim: int) -> None:
         )
 
 
+def make_text_bar(show: bool = True) -> TickBar:
+    """The text encoder's bar (:data:`TEXT_BAR`): a tick per checkpoint shard read (its total
+    from :func:`~models.text_encoders.umt5_loading.umt5_shard_count`), one for the encoding."""
+    return TickBar(TEXT_BAR, unit="step", show=show)
+
+
+def make_decode_bar(show: bool = True) -> TickBar:
+    """The VAE's bar (:data:`DECODE_BAR`), for :func:`decode_frames`: a tick per decoded chunk of
+    each tile."""
+    return TickBar(DECODE_BAR, unit="chunk", show=show)
+
+
 def encode_prompts(
-    tokenizer: PromptTokenizer, encoder: nnx.Module, prompts: Sequence[str], max_sequence_length: int, dtype: Any
+    tokenizer: PromptTokenizer,
+    encoder: nnx.Module,
+    prompts: Sequence[str],
+    max_sequence_length: int,
+    dtype: Any,
+    bar: TickBar | None = None,
 ) -> Float[Array, "b l d"]:
     """The Wan transformer's context for ``prompts`` (WanPipeline's ``encode_prompt``): cleaned,
     tokenized, encoded by UMT5, each prompt's rows then zeros, ``[B, max_sequence_length, d]`` in
-    ``dtype``."""
+    ``dtype``. ``bar``: an open bar ticked once the context is computed (the call then waits for
+    it)."""
     tokens = tokenizer(list(prompts), max_sequence_length=max_sequence_length)
     mask = jnp.asarray(tokens.attention_mask)
     hidden = _encode(encoder, jnp.asarray(tokens.input_ids), mask)
-    return trim_and_pad(hidden.astype(dtype), mask)
+    text = trim_and_pad(hidden.astype(dtype), mask)
+    if bar is not None:
+        jax.block_until_ready(text)
+        bar.tick()
+    return text
 
 
-def decode_frames(vae: WanVAE, latents: Float[Array, "b c f h w"], tiling: WanVAETiling | None = None) -> np.ndarray:
+def decode_frames(
+    vae: WanVAE,
+    latents: Float[Array, "b c f h w"],
+    tiling: WanVAETiling | None = None,
+    bar: TickBar | None = None,
+) -> np.ndarray:
     """The sampler's latents as frames: denormalized, decoded by the VAE, mapped from [-1, 1] to
-    [0, 1]: float32 ``[B, F, H, W, 3]`` (diffusers' ``output_type="np"``)."""
+    [0, 1]: float32 ``[B, F, H, W, 3]`` (diffusers' ``output_type="np"``).
+
+    ``bar``: opened with the decode's tick total (:func:`~models.vae.wan_vae.decode_ticks`),
+    ticked from the jit program as each chunk of each tile is decoded, closed at the end. The
+    decoder is compiled per bar: keep one bar (:func:`make_decode_bar`) for many calls. The
+    frames do not depend on it."""
     z = denormalize_latents(jnp.asarray(latents).astype(vae.dtype), vae.config)
-    video = decode_video(vae, z, tiling=tiling)
+    if bar is None:
+        return _to_frames(decode_video(vae, z, tiling=tiling))
+    bar.open(decode_ticks(z.shape, tiling, spatial_factor=vae.config.spatial_factor))
+    try:
+        frames = _to_frames(decode_video(vae, z, tiling=tiling, progress=bar.tick))
+        jax.effects_barrier()  # every tick has reached the bar
+    finally:
+        bar.close()
+    return frames
+
+
+def _to_frames(video: Float[Array, "b c f h w"]) -> np.ndarray:
+    """``video`` in [-1, 1] as float32 ``[B, F, H, W, C]`` in [0, 1], on the host."""
     frames = jnp.clip(video.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
     return np.asarray(jnp.transpose(frames, (0, 2, 3, 4, 1)))
 
@@ -147,6 +214,12 @@ class WanPipeline:
     """Wan2.1 text-to-video: prompt in, frames out (see the module docstring).
 
     Build it with :meth:`from_pretrained`; the constructor takes the loaded parts.
+
+    Attributes:
+      text_bar: the text encoder's bar (:func:`make_text_bar`), opened by each
+        :meth:`encode_prompt`: the shards read (when the encoder was let go) plus 1.
+      decode_bar: the VAE's bar (:func:`make_decode_bar`), opened by each :meth:`decode`.
+      Both count their ticks (``count`` of ``total``) even when not shown (``progress=False``).
     """
 
     def __init__(
@@ -162,6 +235,7 @@ class WanPipeline:
         keep_text_encoder: bool = True,
         dtype: Any = None,
         vae_tiling: WanVAETiling | None = None,
+        progress: bool = True,
     ):
         if text_encoder is None and text_encoder_path is None:
             raise ValueError("give text_encoder or text_encoder_path")
@@ -175,6 +249,8 @@ class WanPipeline:
         self.keep_text_encoder = bool(keep_text_encoder)
         self.dtype = dtype
         self.vae_tiling = vae_tiling
+        self.text_bar = make_text_bar(progress)
+        self.decode_bar = make_decode_bar(progress)
 
     @classmethod
     def from_pretrained(
@@ -199,7 +275,8 @@ class WanPipeline:
           schedule: the DFS schedule preset (:data:`dfsattn_jax.schedule.SCHEDULE_PRESETS`).
           keep_text_encoder: keep UMT5 on the device between calls (default: only off GPU).
           vae_tiling: decode in spatial tiles (diffusers' ``enable_tiling``; ``None``: no tiling).
-          progress: progress bars and what was read.
+          progress: progress bars (the text encoder, the sampling steps, the VAE decode) and
+            the names of the files read.
 
         Raises:
           ValueError: naming the folder or file that is missing or malformed, before any weight
@@ -236,24 +313,35 @@ class WanPipeline:
         return cls(
             transformer=transformer, tokenizer=tokenizer, vae=vae, sampler=sampler, text_encoder=text_encoder,
             text_encoder_path=root / "text_encoder", text_encoder_config=text_config,
-            keep_text_encoder=keep_text_encoder, dtype=dtype, vae_tiling=vae_tiling,
+            keep_text_encoder=keep_text_encoder, dtype=dtype, vae_tiling=vae_tiling, progress=progress,
         )  # fmt: skip
 
     # -- the text ---------------------------------------------------------------------
 
     def _text_encoder_model(self) -> nnx.Module:
+        """UMT5, read from the checkpoint (a tick of :attr:`text_bar` per shard) if it was let go."""
         if self._text_encoder is None:
-            self._text_encoder = load_umt5(self._text_encoder_path, dtype=self.dtype, config=self._text_encoder_config)
+            self._text_encoder = load_umt5(
+                self._text_encoder_path, dtype=self.dtype, config=self._text_encoder_config,
+                progress=lambda _name: self.text_bar.tick(),
+            )  # fmt: skip
         return self._text_encoder
 
     def encode_prompt(
         self, prompts: Sequence[str], max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     ) -> Float[Array, "b l d"]:
         """The transformer's context for ``prompts``: UMT5's output, each prompt's rows then
-        zeros, ``[B, max_sequence_length, d_model]`` in the transformer's dtype."""
-        return encode_prompts(
-            self.tokenizer, self._text_encoder_model(), prompts, max_sequence_length, self.transformer.dtype
-        )
+        zeros, ``[B, max_sequence_length, d_model]`` in the transformer's dtype. Shown on
+        :attr:`text_bar`: the shards read (when UMT5 was let go), then the encoding."""
+        reads = umt5_shard_count(self._text_encoder_path) if self._text_encoder is None else 0
+        self.text_bar.open(reads + 1)
+        try:
+            return encode_prompts(
+                self.tokenizer, self._text_encoder_model(), prompts, max_sequence_length, self.transformer.dtype,
+                self.text_bar,
+            )  # fmt: skip
+        finally:
+            self.text_bar.close()
 
     def _release_text_encoder(self) -> None:
         if not self.keep_text_encoder:
@@ -328,8 +416,8 @@ class WanPipeline:
         return WanPipelineOutput(frames, timings, float(result.sparsity))
 
     def decode(self, latents: Float[Array, "b c f h w"]) -> np.ndarray:
-        """:func:`decode_frames` with this pipeline's VAE and tiling."""
-        return decode_frames(self.vae, latents, self.vae_tiling)
+        """:func:`decode_frames` with this pipeline's VAE, tiling and :attr:`decode_bar`."""
+        return decode_frames(self.vae, latents, self.vae_tiling, self.decode_bar)
 
     # -- argument checks --------------------------------------------------------------
 

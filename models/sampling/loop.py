@@ -35,6 +35,7 @@ from dfsattn_jax.checks import check_density
 from dfsattn_jax.layout import blocks_for_density
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
 from models.common.parallel import Parallelism, make_parallel, replicate, shard_batch, shard_cache
+from models.common.progress import done_marker
 from models.common.processor import (
     AttentionBackend,
     AttentionState,
@@ -51,7 +52,7 @@ from models.sampling.inputs import (
     check_plan,
     check_sampler_inputs,
 )
-from models.sampling.progress import StepClock, done_marker
+from models.sampling.progress import StepClock
 from models.sampling.schedule import (
     FlowSchedule,
     StepPlan,

@@ -2,9 +2,10 @@
 
 The jitted loop calls :meth:`StepClock.on_start` once the program has started on the device and
 :meth:`StepClock.on_step` as each step finishes, through ``jax.debug.callback`` with a
-:func:`done_marker` operand; the clock keeps the host times of those calls, from which a run reads
-its compile time, its step times and its wall time (:meth:`StepClock.timings`), and drives a tqdm
-bar. One clock serves every run of a sampler: the compiled program keeps its callbacks.
+:func:`done_marker` operand (from :mod:`models.common.progress`, the home of the other bars;
+re-exported here); the clock keeps the host times of those calls, from which a run reads its
+compile time, its step times and its wall time (:meth:`StepClock.timings`), and drives a tqdm bar.
+One clock serves every run of a sampler: the compiled program keeps its callbacks.
 """
 
 from __future__ import annotations
@@ -12,18 +13,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from jaxtyping import Array
+
+from models.common.progress import done_marker
 
 __all__ = ["StepClock", "done_marker"]
-
-
-def done_marker(x: Array) -> Array:
-    """One element of ``x``: a callback operand that exists only once ``x`` has been computed.
-
-    With only the step index as operand, XLA may schedule a step's callback at the start of the
-    iteration (seen on CPU host devices: a run's first step timed at ~0 ms).
-    """
-    return x.reshape(-1)[0]
 
 
 class StepClock:

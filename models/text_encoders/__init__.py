@@ -3,8 +3,8 @@
 - :mod:`models.text_encoders.umt5`: the UMT5 encoder Wan conditions on (transformers'
   ``UMT5EncoderModel``): :class:`UMT5Config` (``"umt5-xxl"``, ``"tiny"``), :class:`UMT5EncoderModel`,
   the relative-position buckets.
-- :mod:`models.text_encoders.umt5_loading`: :func:`load_umt5` and :func:`read_umt5_config` for a
-  checkpoint's ``text_encoder/`` folder.
+- :mod:`models.text_encoders.umt5_loading`: :func:`load_umt5`, :func:`read_umt5_config` and
+  :func:`umt5_shard_count` for a checkpoint's ``text_encoder/`` folder.
 - :mod:`models.text_encoders.prompts`: prompts as WanPipeline prepares them, without PyTorch: the
   cleaning, :class:`PromptTokenizer` over a checkpoint's ``tokenizer/`` folder, and
   :func:`trim_and_pad` (each prompt's rows, then zeros).
@@ -27,7 +27,7 @@ from models.text_encoders.umt5 import (
     relative_position_bucket,
     relative_position_buckets,
 )
-from models.text_encoders.umt5_loading import load_umt5, read_umt5_config, text_encoder_dir
+from models.text_encoders.umt5_loading import load_umt5, read_umt5_config, text_encoder_dir, umt5_shard_count
 
 __all__ = [
     "DEFAULT_MAX_SEQUENCE_LENGTH",
@@ -46,4 +46,5 @@ __all__ = [
     "relative_position_buckets",
     "text_encoder_dir",
     "trim_and_pad",
+    "umt5_shard_count",
 ]

@@ -30,7 +30,14 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from models.common.checkpoint import CONFIG_NAME, as_int, load_checkpoint, load_dtypes, read_config_json
+from models.common.checkpoint import (
+    CONFIG_NAME,
+    as_int,
+    checkpoint_shards,
+    load_checkpoint,
+    load_dtypes,
+    read_config_json,
+)
 from models.text_encoders.umt5 import CONFIGS, UMT5Config, UMT5EncoderModel
 
 __all__ = [
@@ -40,6 +47,7 @@ __all__ = [
     "load_umt5",
     "read_umt5_config",
     "text_encoder_dir",
+    "umt5_shard_count",
 ]
 
 #: transformers' names for a sharded / unsharded ``save_pretrained`` folder.
@@ -69,6 +77,21 @@ def text_encoder_dir(path: str | os.PathLike) -> pathlib.Path:
         f"path {str(root)!r} is not a UMT5 text encoder checkpoint: no {CONFIG_NAME} in it or in its "
         f"{_SUBFOLDER}/ subfolder"
     )
+
+
+def umt5_shard_count(path: str | os.PathLike) -> int:
+    """How many safetensors files :func:`load_umt5` reads for ``path`` (the checkpoint root or the
+    text encoder folder), i.e. how many times it calls its ``progress``: the shards the index
+    lists, or 1 for an unsharded folder. Only the index and the shard headers are read.
+
+    Raises:
+      ValueError: as :func:`models.common.checkpoint.checkpoint_shards`, for a folder with no
+        weights, a malformed index or a missing or corrupt shard.
+    """
+    shards = checkpoint_shards(
+        text_encoder_dir(path), _FAMILY, index_name=INDEX_NAME, single_file_name=SINGLE_FILE_NAME
+    )
+    return len(shards)
 
 
 def read_umt5_config(path: str | os.PathLike) -> UMT5Config:

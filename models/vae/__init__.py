@@ -1,7 +1,8 @@
 """Video VAEs in Flax NNX: the Wan2.1 VAE (diffusers' ``AutoencoderKLWan``), encode and decode.
 
 - :mod:`models.vae.wan_vae`: the config, the model (``decode`` / ``encode`` with the causal
-  chunk scan and spatial tiling), the posterior, the latent normalization helpers.
+  chunk scan and spatial tiling; a decode's progress calls, :func:`decode_ticks` of them), the
+  posterior, the latent normalization helpers.
 - :mod:`models.vae.wan_vae_layers` / :mod:`models.vae.wan_vae_coders`: the blocks, the encoder and
   the decoder; :mod:`models.vae.wan_vae_tiling`: diffusers' tile and blend arithmetic.
 - :mod:`models.vae.wan_vae_loading`: reading a diffusers ``vae/`` folder.
@@ -15,6 +16,7 @@ from models.vae.wan_vae import (
     WanVAEConfig,
     WanVAEPosterior,
     WanVAETiling,
+    decode_ticks,
     decode_video,
     denormalize_latents,
     encode_video,
@@ -31,6 +33,7 @@ __all__ = [
     "WanVAEConfig",
     "WanVAEPosterior",
     "WanVAETiling",
+    "decode_ticks",
     "decode_video",
     "denormalize_latents",
     "encode_video",

@@ -8,7 +8,8 @@ each). The first chunk runs on its own; the others run in one ``lax.scan`` whose
 causal cache (a pytree of the last frames each causal conv saw; see
 :mod:`models.vae.wan_vae_layers`). ``chunk_size`` groups more frames per scan step and ``None``
 runs the whole video in one pass: the results are the same (up to float rounding), only time and
-memory change.
+memory change. A decode can report each chunk as it is computed (``progress``, a host function
+called through ``jax.debug.callback``; :func:`decode_ticks` calls in all), for a progress bar.
 
 Parameters and activations use ``param_dtype`` / ``dtype``; the RMS norms and the tile blending
 compute in float32. ``decode`` and ``encode`` are traceable: wrap them in ``nnx.jit`` (with
@@ -22,6 +23,7 @@ of ``decode``/``encode``, as in diffusers: :func:`denormalize_latents` before de
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -32,9 +34,10 @@ from jaxtyping import Array, Float
 
 from dfsattn_jax.checks import check_int_fields, check_positive_int, lookup
 from models.common.layers import resolve_dtypes
+from models.common.progress import done_marker
 from models.vae.wan_vae_coders import WanDecoder3d, WanEncoder3d
 from models.vae.wan_vae_layers import CausalConv3d
-from models.vae.wan_vae_tiling import WanVAETiling, tiled_apply
+from models.vae.wan_vae_tiling import WanVAETiling, tile_starts, tiled_apply
 
 __all__ = [
     "CONFIGS",
@@ -44,6 +47,7 @@ __all__ = [
     "WanVAEConfig",
     "WanVAEPosterior",
     "WanVAETiling",
+    "decode_ticks",
     "decode_video",
     "denormalize_latents",
     "encode_video",
@@ -62,6 +66,8 @@ WAN21_LATENTS_STD = (
 )  # fmt: skip
 # diffusers' clamp of the posterior's log-variance.
 _LOGVAR_RANGE = (-30.0, 20.0)
+#: A host function a decode reports to: called with one scalar per decoded chunk.
+Tick = Callable[[Array], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,21 +224,71 @@ def _unchunk(y: Array) -> Array:
     return jnp.moveaxis(y, 0, 1).reshape((b, n * s) + y.shape[3:])
 
 
-def _causal_scan(fn, x: Array, first: int, chunk_size: int | None) -> Array:
+def _causal_scan(fn, x: Array, first: int, chunk_size: int | None, tick: Tick | None = None) -> Array:
     """``fn(chunk, cache) -> (y, cache)`` over ``x``'s frames: the first ``first`` frames with no
-    cache, then chunks of ``chunk_size`` frames in a ``lax.scan`` (``None``: all at once)."""
+    cache, then chunks of ``chunk_size`` frames in a ``lax.scan`` (``None``: all at once).
+
+    ``tick``: a host function called (``jax.debug.callback``) once the first frames' output and
+    then each chunk's output is computed (with its :func:`done_marker`): ``1 + (T - first) /
+    chunk_size`` calls, one with ``chunk_size=None``."""
+
+    def reported(y: Array) -> Array:
+        if tick is not None:
+            jax.debug.callback(tick, done_marker(y))
+        return y
+
     if chunk_size is None:
-        return fn(x, None)[0]
+        return reported(fn(x, None)[0])
     y0, cache = fn(x[:, :first], None)
+    y0 = reported(y0)
     if x.shape[1] == first:
         return y0
 
     def step(cache, chunk):
         y, cache = fn(chunk, cache)
-        return cache, y
+        return cache, reported(y)
 
     _, ys = jax.lax.scan(step, cache, _chunks(x, first, chunk_size))
     return jnp.concatenate([y0, _unchunk(ys).astype(y0.dtype)], axis=1)
+
+
+def _ignore_tick(_marker: Array) -> None:
+    """The host function a decode without ``progress`` reports to."""
+
+
+def _decodes_in_tiles(tiling: WanVAETiling | None, h: int, w: int, factor: int) -> bool:
+    """Whether a latent of ``h x w`` is decoded in tiles: ``tiling`` given and the decoded size
+    (``factor`` pixels per latent) exceeds its tile on either axis (diffusers' rule)."""
+    return tiling is not None and (
+        w > tiling.tile_sample_min_width // factor or h > tiling.tile_sample_min_height // factor
+    )
+
+
+def decode_ticks(
+    latent_shape: tuple[int, ...],
+    tiling: WanVAETiling | None = None,
+    chunk_size: int | None = 1,
+    *,
+    spatial_factor: int = 8,
+) -> int:
+    """How many times :meth:`WanVAE.decode` calls its ``progress`` for latents of
+    ``latent_shape`` ``[B, z_dim, F, h, w]``, ``tiling`` and ``chunk_size`` (arguments it
+    accepts): per tile, once for frame 0 and once per chunk of the ``F - 1`` frames after it (once
+    in all with ``chunk_size=None``), times the tiles (``tile_starts`` rows x columns when the
+    latent is decoded in tiles, else 1). ``spatial_factor``: the config's pixels per latent (8).
+
+    Raises:
+      ValueError: for a shape that is not 5-d (the other arguments are checked by ``decode``).
+    """
+    if len(latent_shape) != 5:
+        raise ValueError(f"latent_shape must be [B, z_dim, F, h, w], got {tuple(latent_shape)}")
+    frames, h, w = latent_shape[2:5]
+    per_tile = 1 if chunk_size is None else 1 + (frames - 1) // chunk_size
+    if not _decodes_in_tiles(tiling, h, w, spatial_factor):
+        return per_tile
+    rows = tile_starts(h, tiling.tile_sample_stride_height // spatial_factor)
+    cols = tile_starts(w, tiling.tile_sample_stride_width // spatial_factor)
+    return per_tile * len(rows) * len(cols)
 
 
 class WanVAE(nnx.Module):
@@ -269,6 +325,7 @@ class WanVAE(nnx.Module):
         *,
         tiling: WanVAETiling | None = None,
         chunk_size: int | None = 1,
+        progress: Tick | None = None,
     ) -> Float[Array, "b c f2 h2 w2"]:
         """Video ``[B, out_channels, 4 (F - 1) + 1, 8 h, 8 w]`` clamped to [-1, 1] (diffusers'
         ``decode(latents).sample``; ``latents`` as diffusers takes them, i.e. after
@@ -280,6 +337,11 @@ class WanVAE(nnx.Module):
             exceeds the tile size; ``None``: one tile.
           chunk_size: latent frames per scan step after frame 0 (must divide ``F - 1``);
             ``None``: the whole video in one pass.
+          progress: a host function called through ``jax.debug.callback`` (with a scalar
+            :func:`~models.common.progress.done_marker`) as each tile's frame 0 and then each
+            of its chunks is decoded, :func:`decode_ticks` times in all (``TickBar.tick`` fits).
+            The program is the same with or without it (``None`` reports to a no-op), so the
+            frames are bitwise the same.
 
         Raises:
           ValueError: for a wrong shape or dtype, a ``chunk_size`` that does not divide
@@ -297,12 +359,15 @@ class WanVAE(nnx.Module):
         h, w = z.shape[2:4]
         f = cfg.spatial_factor
 
-        def run(tile):
-            return self._decode_frames(tile, chunk_size)
+        # Always a callback, a no-op without ``progress``: XLA compiles a program with host
+        # callbacks differently (a one-step scan with one stays a loop, without one it is inlined
+        # and fused with its neighbours), so the frames' rounding would depend on the bar.
+        tick = _ignore_tick if progress is None else progress
 
-        if tiling is not None and (
-            w > tiling.tile_sample_min_width // f or h > tiling.tile_sample_min_height // f
-        ):
+        def run(tile):
+            return self._decode_frames(tile, chunk_size, tick)
+
+        if _decodes_in_tiles(tiling, h, w, f):
             th, tw = tiling.tile_sample_min_height, tiling.tile_sample_min_width
             sh, sw = tiling.tile_sample_stride_height, tiling.tile_sample_stride_width
             video = tiled_apply(
@@ -313,9 +378,11 @@ class WanVAE(nnx.Module):
             video = run(z)
         return jnp.moveaxis(jnp.clip(video, -1.0, 1.0), -1, 1)
 
-    def _decode_frames(self, z: Float[Array, "b f h w c"], chunk_size: int | None) -> Float[Array, "b t hh ww o"]:
+    def _decode_frames(
+        self, z: Float[Array, "b f h w c"], chunk_size: int | None, progress: Tick | None
+    ) -> Float[Array, "b t hh ww o"]:
         x = self.post_quant_conv(z)[0]
-        return _causal_scan(self.decoder, x, 1, chunk_size)
+        return _causal_scan(self.decoder, x, 1, chunk_size, progress)
 
     # ------------------------------------------------------------------------------- encoding
 
@@ -376,10 +443,19 @@ class WanVAE(nnx.Module):
         return WanVAEPosterior(mean, jnp.clip(logvar, *_LOGVAR_RANGE))
 
 
-@nnx.jit(static_argnames=("tiling", "chunk_size"))
-def decode_video(vae: WanVAE, latents: Array, tiling: WanVAETiling | None = None, chunk_size: int | None = 1) -> Array:
-    """``vae.decode(latents, tiling=..., chunk_size=...)``, compiled (one program per shape)."""
-    return vae.decode(latents, tiling=tiling, chunk_size=chunk_size)
+@nnx.jit(static_argnames=("tiling", "chunk_size", "progress"))
+def decode_video(
+    vae: WanVAE,
+    latents: Float[Array, "b z f h w"],
+    tiling: WanVAETiling | None = None,
+    chunk_size: int | None = 1,
+    progress: Tick | None = None,
+) -> Float[Array, "b c f2 h2 w2"]:
+    """``vae.decode(latents, tiling=..., chunk_size=..., progress=...)``, compiled (one program
+    per shape and static argument). ``progress`` is static and keyed by equality: a bar's bound
+    ``tick`` compares by the bar's identity, so a caller that keeps one bar compiles once (a new
+    lambda each call compiles each call)."""
+    return vae.decode(latents, tiling=tiling, chunk_size=chunk_size, progress=progress)
 
 
 @nnx.jit(static_argnames=("tiling", "chunk_size"))

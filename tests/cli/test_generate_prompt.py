@@ -4,6 +4,7 @@ vae/, transformer/, scheduler/)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from safetensors.numpy import load_file
 from models.common import video
 from models.generate import main
 from models.pipelines import WanPipeline
+from models.pipelines.wan import DECODE_BAR, TEXT_BAR
 
 CHECKPOINT = FIXTURES / "wan_pipeline_tiny" / "pipeline"
 PROMPT = "A small red ball rolls across a wooden table"
@@ -54,6 +56,14 @@ def test_prompt_to_gif_and_the_fallback_without_an_encoder(tmp_path, capsys, mon
     gif = tmp_path / "video.gif"
     assert main(run(tmp_path, "--prompt", PROMPT, "--out", str(gif))) == 0
     assert gif.read_bytes()[:6] == b"GIF89a"
+    # Three bars on stderr (tqdm writes there even when it is no terminal): the text encoder's
+    # (its one shard, then the encoding), the sampler's, the decoder's (frame 0, then one chunk);
+    # the text encoder's shard is no "reading" line; the times are printed apart on stdout.
+    printed = capsys.readouterr()
+    for label, ticks in ((TEXT_BAR, 2), ("sampling (dense)", 3), (DECODE_BAR, 2)):
+        assert re.search(rf"{re.escape(label)}: 100%\|[^|]*\| {ticks}/{ticks} ", printed.err), printed.err
+    assert "reading model.safetensors" not in printed.err
+    assert "encoded the prompts in" in printed.out and "decoded 5 frames of 32x32 in" in printed.out
     from models import prompt_video
 
     monkeypatch.setattr(prompt_video, "mp4_encoder", lambda: None)

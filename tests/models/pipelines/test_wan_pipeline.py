@@ -16,9 +16,10 @@ import sys
 import numpy as np
 import pytest
 from helpers import FIXTURES, ROOT, rel_l2, watch_tensor_reads
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from models.pipelines import WanPipeline, read_scheduler
+from models.text_encoders import umt5_shard_count
 
 FIXTURE = FIXTURES / "wan_pipeline_tiny"
 PIPELINE = FIXTURE / "pipeline"
@@ -65,13 +66,50 @@ def test_dfs_attention_runs_the_same_program_shape(io):
 
 
 def test_the_text_encoder_leaves_memory_and_comes_back(io):
+    """Each call reads UMT5 again: the text bar counts its one shard and the encoding; the decode
+    bar counts every decoded chunk (frame 0 and one per latent frame after it)."""
     pipe = WanPipeline.from_pretrained(PIPELINE, dtype="float32", attention="dense", keep_text_encoder=False,
                                        progress=False)  # fmt: skip
     assert pipe._text_encoder is None  # not even read until a prompt is encoded
     first = pipe(**CALL, latents=io["latents"]).frames
     assert pipe._text_encoder is None
+    assert pipe.text_bar.count == pipe.text_bar.total == 1 + 1
+    assert pipe.decode_bar.count == pipe.decode_bar.total == io["latents"].shape[2]
     second = pipe(**CALL, latents=io["latents"]).frames
     np.testing.assert_array_equal(first, second)
+    assert pipe.text_bar.count == 2 and pipe.decode_bar.count == io["latents"].shape[2]
+
+
+def _shard_text_encoder(folder, parts: int = 3) -> None:
+    """Splits ``folder/text_encoder/model.safetensors`` into ``parts`` shards with an index, as
+    transformers saves a large encoder."""
+    encoder = folder / "text_encoder"
+    tensors = load_file(str(encoder / "model.safetensors"))
+    (encoder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(parts):
+        shard = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        save_file({k: tensors[k] for k in names[i::parts]}, str(encoder / shard))
+        weight_map |= dict.fromkeys(names[i::parts], shard)
+    (encoder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_the_text_bar_counts_the_shards_read_and_the_encoding(tmp_path, pipe):
+    folder = tmp_path / "pipeline"
+    shutil.copytree(PIPELINE, folder)
+    _shard_text_encoder(folder)
+    assert umt5_shard_count(folder) == umt5_shard_count(folder / "text_encoder") == 3
+    released = WanPipeline.from_pretrained(folder, dtype="float32", attention="dense", keep_text_encoder=False,
+                                           progress=False)  # fmt: skip
+    prompts = [CALL["prompt"], CALL["negative_prompt"]]
+    want = np.asarray(pipe.encode_prompt(prompts, CALL["max_sequence_length"]))
+    assert pipe.text_bar.count == pipe.text_bar.total == 1  # kept: the encoding only
+    got = released.encode_prompt(prompts, CALL["max_sequence_length"])
+    assert released.text_bar.count == released.text_bar.total == 3 + 1  # read: 3 shards, then encoded
+    np.testing.assert_array_equal(np.asarray(got), want)
+    released.encode_prompt(prompts, CALL["max_sequence_length"])
+    assert released.text_bar.count == released.text_bar.total == 1  # still in memory until a call ends
 
 
 def test_the_scheduler_config_is_read_and_checked(tmp_path):
