@@ -15,9 +15,20 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import jax
 from jaxtyping import Array
 
-__all__ = ["TickBar", "done_marker"]
+__all__ = ["TickBar", "done_marker", "host_callbacks_available"]
+
+
+def host_callbacks_available() -> bool:
+    """Whether a jit program can call back into Python here: JAX places a callback's operands on
+    a CPU device, and ``JAX_PLATFORMS=cuda`` (no ``cpu`` in the list) leaves none, so every
+    ``jax.debug.callback`` would fail when the program runs."""
+    try:
+        return bool(jax.devices("cpu"))
+    except RuntimeError:
+        return False
 
 
 def done_marker(x: Array) -> Array:
@@ -66,6 +77,13 @@ class TickBar:
         self.count += 1
         if self._pbar is not None:
             self._pbar.update(1)
+
+    def complete(self) -> None:
+        """Counts the run's remaining ticks at once (its work reported nothing on the way)."""
+        if self.count < self.total:
+            if self._pbar is not None:
+                self._pbar.update(self.total - self.count)
+            self.count = self.total
 
     def close(self) -> None:
         """Closes the bar, if one is drawn (the count stays readable)."""

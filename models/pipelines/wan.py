@@ -46,7 +46,7 @@ from jaxtyping import Array, Float
 from dfsattn_jax.checks import check_nonnegative_int, check_positive_int
 from dfsattn_jax.schedule import get_schedule_preset
 from models.common.backend import make_backend
-from models.common.progress import TickBar
+from models.common.progress import TickBar, host_callbacks_available
 from models.sampling import Sampler
 from models.text_encoders.prompts import DEFAULT_MAX_SEQUENCE_LENGTH, PromptTokenizer, trim_and_pad
 from models.text_encoders.umt5 import UMT5Config
@@ -197,8 +197,12 @@ def decode_frames(
         return _to_frames(decode_video(vae, z, tiling=tiling))
     bar.open(decode_ticks(z.shape, tiling, spatial_factor=vae.config.spatial_factor))
     try:
-        frames = _to_frames(decode_video(vae, z, tiling=tiling, progress=bar.tick))
-        jax.effects_barrier()  # every tick has reached the bar
+        if host_callbacks_available():
+            frames = _to_frames(decode_video(vae, z, tiling=tiling, progress=bar.tick))
+            jax.effects_barrier()  # every tick has reached the bar
+        else:  # no CPU device for callbacks (JAX_PLATFORMS without cpu): the bar fills at the end
+            frames = _to_frames(decode_video(vae, z, tiling=tiling))
+            bar.complete()
     finally:
         bar.close()
     return frames

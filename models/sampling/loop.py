@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -35,7 +36,7 @@ from dfsattn_jax.checks import check_density
 from dfsattn_jax.layout import blocks_for_density
 from dfsattn_jax.schedule import DFSConfig, SchedulePlan, plan_schedule
 from models.common.parallel import Parallelism, make_parallel, replicate, shard_batch, shard_cache
-from models.common.progress import done_marker
+from models.common.progress import done_marker, host_callbacks_available
 from models.common.processor import (
     AttentionBackend,
     AttentionState,
@@ -156,6 +157,14 @@ class Sampler:
         self.max_blocks = None if max_blocks is None else int(max_blocks)
         self.min_capacity = int(min_capacity)
         self.progress = bool(progress)
+        if self.progress and not host_callbacks_available():
+            # The bar and the step clock are host callbacks, which need a CPU device.
+            warnings.warn(
+                "JAX has no CPU device here (JAX_PLATFORMS leaves out 'cpu'), which its host callbacks need: "
+                "sampling without a progress bar or per-step times; add 'cpu' to JAX_PLATFORMS for them",
+                stacklevel=2,
+            )
+            self.progress = False
         self.trace_count = 0
         self._clock = StepClock(f"sampling ({self.backend.name})")
         self._run = jax.jit(self._loop, static_argnums=(0, 1, 2, 3))

@@ -181,6 +181,22 @@ def test_dense_sampler_is_euler_without_guidance_and_shows_progress(model, input
     assert _rel(result.latents, x) < F32_TOL
 
 
+def test_without_a_cpu_device_sampling_runs_with_no_bar(model, inputs, monkeypatch, capsys):
+    # JAX_PLATFORMS=cuda leaves JAX no CPU device for host callbacks: the bar and the step clock
+    # are dropped with a warning instead of failing inside the compiled loop.
+    from models.sampling import loop
+
+    noise, text, _ = inputs
+    monkeypatch.setattr(loop, "host_callbacks_available", lambda: False)
+    with pytest.warns(UserWarning, match="JAX_PLATFORMS"):
+        sampler = Sampler(model, "dense", progress=True)
+    assert not sampler.progress
+    result = sampler(noise, text, num_steps=2)
+    assert "sampling (dense)" not in capsys.readouterr().err
+    want = Sampler(model, "dense", progress=False)(noise, text, num_steps=2)
+    np.testing.assert_array_equal(np.asarray(result.latents), np.asarray(want.latents))
+
+
 def test_solver_is_a_pair_of_pure_functions(model, inputs):
     noise, text, _ = inputs
     assert get_solver("euler") is EULER

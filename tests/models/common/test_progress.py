@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.common.progress import TickBar, done_marker
+from models.common.progress import TickBar, done_marker, host_callbacks_available
 
 
 def test_done_marker_is_one_element_and_the_samplers_too():
@@ -64,3 +64,21 @@ def test_a_jit_program_ticks_the_bar_as_each_step_is_computed():
         jax.effects_barrier()
         assert (bar.count, bar.total) == (4, 4)
     np.testing.assert_array_equal(np.asarray(y), np.full(3, 16.0, np.float32))
+
+
+def test_complete_fills_the_rest_of_a_run():
+    bar = TickBar("t", show=False)
+    bar.open(5)
+    bar.tick()
+    bar.complete()
+    assert (bar.count, bar.total) == (5, 5)
+
+
+def test_host_callbacks_need_a_cpu_device(monkeypatch):
+    assert host_callbacks_available()  # the test machine lists cpu
+
+    def no_cpu(backend=None):
+        raise RuntimeError(f"Unknown backend {backend}")
+
+    monkeypatch.setattr(jax, "devices", no_cpu)
+    assert not host_callbacks_available()

@@ -1,5 +1,5 @@
 """The Wan VAE decode's progress: one report per decoded chunk of each tile, from inside the jit
-program, as many as :func:`models.vae.decode_ticks` says; the frames bitwise the same with and
+program, as many as :func:`models.vae.decode_ticks` says; the frames the same (to float32 rounding) with and
 without a bar; one compile per bar kept (fixture: ``tests/fixtures/wan_vae_tiny``, as in
 test_wan_vae.py)."""
 
@@ -61,13 +61,16 @@ def test_decode_ticks_needs_a_latent_shape():
 
 
 def _with_and_without_bar(vae, latents, tiling, chunk_size) -> TickBar:
-    """Decodes with a bar and without; the frames must be bitwise equal; returns the bar."""
+    """Decodes with a bar and without; returns the bar.
+
+    The frames are the same arithmetic; only XLA's fusion may differ (a one-step scan with a host
+    callback stays a loop), so they agree to a few float32 ulps of their [-1, 1] range."""
     bar = TickBar("decode", show=False)
     bar.open(decode_ticks(latents.shape, tiling, chunk_size, spatial_factor=vae.config.spatial_factor))
     with_bar = decode_video(vae, latents, tiling=tiling, chunk_size=chunk_size, progress=bar.tick)
     without = decode_video(vae, latents, tiling=tiling, chunk_size=chunk_size)
     jax.effects_barrier()
-    np.testing.assert_array_equal(np.asarray(with_bar), np.asarray(without))
+    np.testing.assert_allclose(np.asarray(with_bar), np.asarray(without), rtol=0, atol=8 * np.finfo(np.float32).eps)
     return bar
 
 
@@ -103,3 +106,17 @@ def test_a_second_decode_with_the_same_bar_does_not_retrace(vae, io, monkeypatch
     other = TickBar("decode", show=False)  # another bar is another program
     decode_video(vae, latents, progress=other.tick).block_until_ready()
     assert len(traces) == 2
+
+
+def test_decode_frames_without_a_cpu_device_fills_the_bar_at_the_end(vae, io, monkeypatch):
+    # No CPU device for callbacks (JAX_PLATFORMS=cuda): the decode runs without them and the
+    # bar is filled once it is done.
+    from models.pipelines import wan
+
+    latents = jnp.asarray(io["latents"])
+    want = wan.decode_frames(vae, latents)
+    monkeypatch.setattr(wan, "host_callbacks_available", lambda: False)
+    bar = TickBar("decode", show=False)
+    got = wan.decode_frames(vae, latents, bar=bar)
+    np.testing.assert_array_equal(got, want)
+    assert bar.count == bar.total == decode_ticks(latents.shape, spatial_factor=vae.config.spatial_factor) > 1
