@@ -66,6 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------- the stages
 
 
+def _jax_dtype(args):
+    """bf16, as the table is measured; float32 for the CPU smoke test (some CPU backends have no
+    bf16 dot)."""
+    import jax.numpy as jnp
+
+    return jnp.float32 if args.smoke else jnp.bfloat16
+
+
 def _tokens(vocab: int, smoke: bool):
     import numpy as np
 
@@ -89,7 +97,8 @@ def stage_umt5_jax(args) -> dict:
     from models.text_encoders.umt5 import UMT5EncoderModel, get_config
 
     cfg = get_config("tiny" if args.smoke else "umt5-xxl")
-    model = UMT5EncoderModel(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    dtype = _jax_dtype(args)
+    model = UMT5EncoderModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
     ids, mask = (jnp.asarray(a) for a in _tokens(cfg.vocab_size, args.smoke))
     out, first_s = first_call(_encode, model, ids, mask)
     timing = median_time(_encode, model, ids, mask, warmup=2, repeats=max(args.repeats, 5))
@@ -163,9 +172,10 @@ def stage_vae_jax(args, size: str, tiling: str) -> dict:
     from models.vae import WanVAE, WanVAETiling, decode_video
 
     config = "tiny" if args.smoke else "wan2.1"
-    vae = WanVAE(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    dtype = _jax_dtype(args)
+    vae = WanVAE(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     tiles = (WanVAETiling(16, 16, 8, 8) if args.smoke else WanVAETiling()) if tiling == "tiled" else None
-    z = jax.random.normal(jax.random.key(0), _latents_shape(size, args.smoke), jnp.bfloat16)
+    z = jax.random.normal(jax.random.key(0), _latents_shape(size, args.smoke), dtype)
 
     def call(z):
         return decode_video(vae, z, tiles)
@@ -214,18 +224,18 @@ def stage_e2e(args, config_name: str, size: str, steps: int) -> dict:
     from models.vae import WanVAE, WanVAETiling
     from models.wan.transformer import WanTransformer3DModel
 
-    bf16 = jnp.bfloat16
+    dtype = _jax_dtype(args)
     root = pathlib.Path(__file__).resolve().parents[1]
     t0 = time.perf_counter()
     tiny = config_name == "tiny"
-    transformer = WanTransformer3DModel(config_name, rngs=nnx.Rngs(0), dtype=bf16, param_dtype=bf16)
-    text_encoder = UMT5EncoderModel("tiny" if tiny else "umt5-xxl", rngs=nnx.Rngs(1), dtype=bf16, param_dtype=bf16)
+    transformer = WanTransformer3DModel(config_name, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    text_encoder = UMT5EncoderModel("tiny" if tiny else "umt5-xxl", rngs=nnx.Rngs(1), dtype=dtype, param_dtype=dtype)
     if tiny:  # the tiny transformer reads 16 text tokens of width 32
         text_encoder = UMT5EncoderModel(
-            text_encoder.config.replace(d_model=transformer.config.text_dim), rngs=nnx.Rngs(1), dtype=bf16,
-            param_dtype=bf16,
+            text_encoder.config.replace(d_model=transformer.config.text_dim), rngs=nnx.Rngs(1), dtype=dtype,
+            param_dtype=dtype,
         )  # fmt: skip
-    vae = WanVAE("tiny" if tiny else "wan2.1", dtype=bf16, param_dtype=bf16, rngs=nnx.Rngs(2))
+    vae = WanVAE("tiny" if tiny else "wan2.1", dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(2))
     tokenizer = PromptTokenizer.from_pretrained(root / "tests" / "fixtures" / "t5_tokenizer_tiny")
     schedule = get_schedule_preset("wan2.1")
     sampler = Sampler(transformer, make_backend("dfs", schedule), solver="unipc", shift=SHIFT[size], schedule="unipc")
@@ -234,7 +244,7 @@ def stage_e2e(args, config_name: str, size: str, steps: int) -> dict:
     # encoding, as it does by default on GPUs (here after the text timings, which keep it).
     keep = not config_name.endswith("14b")
     pipe = WanPipeline(transformer=transformer, tokenizer=tokenizer, vae=vae, sampler=sampler,
-                       text_encoder=text_encoder, keep_text_encoder=keep, dtype=bf16, vae_tiling=tiling)  # fmt: skip
+                       text_encoder=text_encoder, keep_text_encoder=keep, dtype=dtype, vae_tiling=tiling)  # fmt: skip
     del text_encoder
     jax.block_until_ready(nnx.state(pipe.transformer))
     init_s = time.perf_counter() - t0

@@ -49,9 +49,7 @@ from pallas_kernels.common import LOG2E, refuse_unsupported
 from pallas_kernels.contract import (
     BlockLayout,
     check_block_sparse_inputs,
-    clip_kv_lengths,
-    partial_block_last,
-    visible_counts,
+    kernel_rows,
 )
 
 __all__ = [
@@ -442,18 +440,9 @@ def block_sparse_attention_unchecked(
 def _block_sparse_attention_mosaic(q, k, v, kv_indices, kv_counts, kv_lengths, *, scale, fast, config, interpret):
     batch, seq_len, heads, head_dim = q.shape
     nq = kv_counts.shape[-1]
-    k_max = kv_indices.shape[-1]
-    counts = jnp.clip(kv_counts, 0, k_max)
-    # Whatever a traced layout holds, the producer never asks TMA for a block outside [0, nq).
-    kv_indices = jnp.clip(kv_indices, 0, nq - 1)
-    lengths = clip_kv_lengths(kv_lengths, batch, seq_len)
-    if kv_lengths is not None:
-        counts = visible_counts(kv_indices, counts, lengths, _BLOCK)
-    if seq_len % _BLOCK:
-        # The kernel masks only a row's last visited block. Rows sorted ascending (docs/spec.md §4)
-        # already end with the partial block nq-1 when they list it; this makes rows in any
-        # other order (e.g. top-k score order) correct for the L tail too.
-        kv_indices = partial_block_last(kv_indices, counts, nq - 1)
+    # Whatever a traced layout holds, the producer never asks TMA for a block outside [0, nq);
+    # the kernel masks only a row's last visited block, which kernel_rows makes the partial one.
+    kv_indices, counts, lengths = kernel_rows(kv_indices, kv_counts, kv_lengths, seq_len=seq_len, block_size=_BLOCK)
     pad = (-seq_len) % 8
     if pad:  # TMA tiling needs a multiple of 8 rows; padded keys are masked, rows dropped
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))

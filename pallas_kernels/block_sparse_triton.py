@@ -38,9 +38,7 @@ from pallas_kernels.contract import (
     BlockLayout,
     check_block_sparse_inputs,
     check_positive_int,
-    clip_kv_lengths,
-    partial_block_last,
-    visible_counts,
+    kernel_rows,
 )
 
 __all__ = [
@@ -300,8 +298,9 @@ def _block_sparse_attention(
     nq = kv_counts.shape[-1]
     k_max = kv_indices.shape[-1]
     # Bounds for any traced layout: the kernel must never read outside q, k, v or the row.
-    kv_indices = jnp.clip(kv_indices.astype(jnp.int32), 0, nq - 1)
-    kv_counts = jnp.clip(kv_counts.astype(jnp.int32), 0, k_max)
+    kv_indices, kv_counts, kv_lengths = kernel_rows(
+        kv_indices, kv_counts, kv_lengths if has_lengths else None, seq_len=seq_len, block_size=block_size
+    )
     block_q = tuning.block_q
     tiles_per_block = block_size // block_q
     kernel = functools.partial(
@@ -312,11 +311,6 @@ def _block_sparse_attention(
         block_k=tuning.block_k,
         qk_scale=scale * LOG2E,
     )
-    if has_lengths:
-        kv_lengths = clip_kv_lengths(kv_lengths, batch, seq_len)
-        kv_counts = visible_counts(kv_indices, kv_counts, kv_lengths, block_size)
-    if seq_len % block_size:
-        kv_indices = partial_block_last(kv_indices, kv_counts, nq - 1)
     full = pl.BlockSpec((None, seq_len, None, head_dim), lambda t, b, n: (b, 0, n, 0))
     in_specs = [
         full,

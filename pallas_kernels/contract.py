@@ -40,6 +40,7 @@ __all__ = [
     "check_positive_int",
     "checkify_layout",
     "clip_kv_lengths",
+    "kernel_rows",
     "layout_is_valid",
     "num_blocks",
     "partial_block_last",
@@ -300,6 +301,37 @@ def clip_kv_lengths(kv_lengths: Int[Array, " b"] | None, batch: int, length: int
     if kv_lengths is None:
         return jnp.full((batch,), length, jnp.int32)
     return jnp.clip(jnp.asarray(kv_lengths).astype(jnp.int32), 0, length)
+
+
+def kernel_rows(
+    kv_indices: Int[Array, "b n nq kmax"],
+    kv_counts: Int[Array, "b n nq"],
+    kv_lengths: Int[Array, " b"] | None,
+    *,
+    seq_len: int,
+    block_size: int,
+) -> tuple[Int[Array, "b n nq kmax"], Int[Array, "b n nq"], Int[Array, " b"]]:
+    """The layout rows and key lengths a kernel reads, safe whatever a traced layout holds.
+
+    Indices are clipped to ``[0, nq)`` and counts to ``[0, K_max]`` (``int32``), so a kernel never
+    reads a block outside the sequence or an entry outside the row; the key lengths are clipped
+    (:func:`clip_kv_lengths`: ``None`` gives all ``L``) and, when given, the counts drop the
+    blocks that hold no visible key (:func:`visible_counts`); with a partial last block
+    (``L % block_size``) that block moves to the end of each row listing it
+    (:func:`partial_block_last`), the one entry a kernel masks.
+
+    Returns:
+      ``(kv_indices int32[B, N, nq, K_max], kv_counts int32[B, N, nq], kv_lengths int32[B])``.
+    """
+    nq, k_max = kv_counts.shape[-1], kv_indices.shape[-1]
+    indices = jnp.clip(kv_indices.astype(jnp.int32), 0, nq - 1)
+    counts = jnp.clip(kv_counts.astype(jnp.int32), 0, k_max)
+    lengths = clip_kv_lengths(kv_lengths, kv_counts.shape[0], seq_len)
+    if kv_lengths is not None:
+        counts = visible_counts(indices, counts, lengths, block_size)
+    if seq_len % block_size:
+        indices = partial_block_last(indices, counts, nq - 1)
+    return indices, counts, lengths
 
 
 def check_block_sparse_inputs(
