@@ -16,12 +16,19 @@ VAE_SPATIAL_FACTOR = 8
 
 
 def video_latent_shape(
-    channels: int, patch_size: tuple[int, int, int], frames: int, height: int, width: int
+    channels: int,
+    patch_size: tuple[int, int, int],
+    frames: int,
+    height: int,
+    width: int,
+    *,
+    spatial_factor: int = VAE_SPATIAL_FACTOR,
 ) -> tuple[int, int, int, int]:
     """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels.
 
-    ``F = (frames - 1) / 4 + 1``, ``H = height / 8``, ``W = width / 8``; the latent grid must
-    also be divisible by the patch size.
+    ``F = (frames - 1) / 4 + 1``, ``H = height / s``, ``W = width / s`` with ``s`` the VAE's
+    ``spatial_factor`` (8; 16 for the Wan2.2 VAE); the latent grid must also be divisible by the
+    patch size.
 
     Raises:
       ValueError: naming the argument that does not fit.
@@ -34,13 +41,15 @@ def video_latent_shape(
         raise ValueError(f"frames must be 4*k + 1 (k >= 0), got {frames}")
     pt, ph, pw = patch_size
     for name, value, patch in (("height", height, ph), ("width", width, pw)):
-        unit = VAE_SPATIAL_FACTOR * patch
+        unit = spatial_factor * patch
         if value < unit or value % unit:
-            raise ValueError(f"{name} must be a positive multiple of {unit} (VAE 8 x patch {patch}), got {value}")
+            raise ValueError(
+                f"{name} must be a positive multiple of {unit} (VAE {spatial_factor} x patch {patch}), got {value}"
+            )
     lat_f = (frames - 1) // VAE_TEMPORAL_FACTOR + 1
     if lat_f % pt:
         raise ValueError(f"latent frames ({lat_f}) must be divisible by the temporal patch {pt}")
-    return (channels, lat_f, height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR)
+    return (channels, lat_f, height // spatial_factor, width // spatial_factor)
 
 
 def patch_token_grid(patch_size: tuple[int, int, int], latent_grid: tuple[int, int, int]) -> tuple[int, int, int]:

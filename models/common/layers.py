@@ -176,10 +176,11 @@ def unpatchify(
     return x.reshape(b, channels, f * pt, h * ph, w * pw)
 
 
-def timestep_embedding(timesteps: Float[Array, " b"], dim: int, max_period: float = 10000.0) -> Float[Array, "b dim"]:
+def timestep_embedding(timesteps: Float[Array, "*b"], dim: int, max_period: float = 10000.0) -> Float[Array, "*b dim"]:
     """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` with ``f_i = max_period ** (-i / (dim/2))``
-    (diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``), float32."""
-    args = timesteps.astype(jnp.float32)[:, None] * jnp.asarray(sinusoid_frequencies(dim, max_period))[None, :]
+    (diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``), float32, of
+    each timestep (any leading shape: ``[B]``, or ``[B, L]`` per token)."""
+    args = timesteps.astype(jnp.float32)[..., None] * jnp.asarray(sinusoid_frequencies(dim, max_period))[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 

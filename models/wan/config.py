@@ -1,18 +1,25 @@
-"""Named Wan2.1 transformer configurations and latent-shape helpers (docs/spec.md §7).
+"""Named Wan transformer configurations and latent-shape helpers (docs/spec.md §7).
 
 A :class:`WanConfig` mirrors the ``config.json`` of diffusers' ``WanTransformer3DModel`` for
 the text-to-video path (no image embedding): ``dim = num_heads * head_dim``.
 
-=================  =====  ======  =====  =====  ========
-name               dim    layers  heads  ffn    text dim
-=================  =====  ======  =====  =====  ========
-``wan2.1-1.3b``    1536   30      12     8960   4096
-``wan2.1-14b``     5120   40      40     13824  4096
-``tiny``           64     2       2      128    32
-=================  =====  ======  =====  =====  ========
+==================  =====  ======  =====  =====  ========  =============
+name                dim    layers  heads  ffn    text dim  channels in/out
+==================  =====  ======  =====  =====  ========  =============
+``wan2.1-1.3b``     1536   30      12     8960   4096      16 / 16
+``wan2.1-14b``      5120   40      40     13824  4096      16 / 16
+``wan2.2-ti2v-5b``  3072   30      24     14336  4096      48 / 48
+``tiny``            64     2       2      128    32        16 / 16
+==================  =====  ======  =====  =====  ========  =============
 
-The Wan VAE compresses time by 4 (``latent_frames = (frames - 1) / 4 + 1``) and space by 8;
-the transformer then patches the latent grid by ``(1, 2, 2)``.
+Wan2.2-TI2V-5B is the same transformer with 48 latent channels (the Wan2.2 VAE's ``z_dim``) and
+no new weights; its pipelines pass per-token timesteps ``[B, L]`` (``expand_timesteps``), which
+:class:`models.wan.transformer.WanTransformer3DModel` takes.
+
+The Wan2.1 VAE compresses time by 4 (``latent_frames = (frames - 1) / 4 + 1``) and space by 8;
+the transformer then patches the latent grid by ``(1, 2, 2)``. The Wan2.2 VAE of the 5B (48
+latent channels) compresses space by 16: :func:`latent_shape` picks the factor by the latent
+channels (:data:`VAE_SPATIAL_FACTORS`).
 """
 
 from __future__ import annotations
@@ -32,15 +39,19 @@ __all__ = [
     "token_grid",
     "VAE_TEMPORAL_FACTOR",
     "VAE_SPATIAL_FACTOR",
+    "VAE_SPATIAL_FACTORS",
 ]
 
 VAE_TEMPORAL_FACTOR = 4
 VAE_SPATIAL_FACTOR = 8
+#: Spatial compression of the Wan VAE with this many latent channels: Wan2.1 (``z_dim`` 16) and
+#: Wan2.2 (``z_dim`` 48, Wan2.2-TI2V-5B).
+VAE_SPATIAL_FACTORS = {16: 8, 48: 16}
 
 
 @dataclasses.dataclass(frozen=True)
 class WanConfig:
-    """Shape hyper-parameters of a Wan2.1 text-to-video transformer.
+    """Shape hyper-parameters of a Wan text-to-video transformer (Wan2.1, Wan2.2-TI2V-5B).
 
     Attributes:
       name: the config's name.
@@ -104,6 +115,9 @@ class WanConfig:
 CONFIGS: dict[str, WanConfig] = {
     "wan2.1-1.3b": WanConfig(name="wan2.1-1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960),
     "wan2.1-14b": WanConfig(name="wan2.1-14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
+    "wan2.2-ti2v-5b": WanConfig(
+        name="wan2.2-ti2v-5b", dim=3072, num_layers=30, num_heads=24, ffn_dim=14336, in_channels=48, out_channels=48
+    ),
     "tiny": WanConfig(
         name="tiny", dim=64, num_layers=2, num_heads=2, ffn_dim=128, text_dim=32, freq_dim=32, text_len=16
     ),
@@ -123,13 +137,21 @@ def latent_shape(
     config: str | WanConfig, frames: int, height: int, width: int
 ) -> tuple[int, int, int, int]:
     """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels
-    (:func:`models.common.grid.video_latent_shape`).
+    (:func:`models.common.grid.video_latent_shape`), through the Wan VAE with ``C`` latent
+    channels (space / 8 for 16 channels, / 16 for Wan2.2's 48).
 
     Raises:
-      ValueError: naming the argument that does not fit.
+      ValueError: naming the argument that does not fit, or a config whose latent channels are
+        no Wan VAE's.
     """
     config = get_config(config)
-    return video_latent_shape(config.in_channels, config.patch_size, frames, height, width)
+    factor = VAE_SPATIAL_FACTORS.get(config.in_channels)
+    if factor is None:
+        raise ValueError(
+            f"config {config.name!r} has {config.in_channels} latent channels; the Wan VAEs have "
+            f"{sorted(VAE_SPATIAL_FACTORS)}, so its pixel size is unknown"
+        )
+    return video_latent_shape(config.in_channels, config.patch_size, frames, height, width, spatial_factor=factor)
 
 
 def token_grid(config: str | WanConfig, latent_grid: tuple[int, int, int]) -> tuple[int, int, int]:

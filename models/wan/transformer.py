@@ -1,4 +1,5 @@
-"""A Flax NNX Wan2.1 text-to-video diffusion transformer with dense or DFSAttn self-attention.
+"""A Flax NNX Wan text-to-video diffusion transformer (Wan2.1; Wan2.2-TI2V-5B) with dense or
+DFSAttn self-attention.
 
 Mirrors diffusers' ``WanTransformer3DModel`` (T2V path, no image embedding) numerically and in
 module naming, so that a diffusers state dict maps 1:1 onto this model's state:
@@ -29,6 +30,13 @@ FFN; LayerNorms (eps 1e-6) in float32; RMSNorm of q and k over the whole inner d
 splitting heads; 3D RoPE (:mod:`models.common.rope`); GELU-tanh in the text projection and the FFN;
 final ``(shift, scale) = scale_shift_table + temb``; unpatchify ``(B, F, H, W, pt, ph, pw, C)
 -> (B, C, F*pt, H*ph, W*pw)``.
+
+Per-token timesteps (Wan2.2-TI2V-5B, diffusers' ``expand_timesteps``): a timestep ``[B, L]``
+(one value per patchified token, raster order) gives ``temb [B, L, dim]`` and ``timestep_proj
+[B, L, 6, dim]``; each block adds its table as ``(1, 1, 6, dim)`` and splits on axis 2, the
+output adds ``(1, 1, 2, dim)`` to ``temb[:, :, None]`` (:func:`modulation`). The timesteps are
+permuted into the backend's token order before the embedding. A ``[B]`` timestep traces the
+Wan2.1 program unchanged.
 
 Parameters are created in ``param_dtype`` and activations run in ``dtype`` (both default to
 bfloat16 on accelerators and float32 on CPU), except the modules diffusers keeps in float32:
@@ -97,10 +105,26 @@ __all__ = [
     "SelfAttention",
     "CrossAttention",
     "WanAttention",
+    "check_timestep_shape",
+    "modulation",
     "timestep_embedding",
     "patchify",
     "unpatchify",
 ]
+
+
+def check_timestep_shape(shape: tuple[int, ...], batch: int, num_tokens: int) -> None:
+    """Checks a ``timestep`` shape: a scalar, ``(B,)``, or ``(B, L)`` per token (``L`` the
+    patchified token count of the latents).
+
+    Raises:
+      ValueError: naming ``timestep``, the accepted shapes and the shape given.
+    """
+    if tuple(shape) not in ((), (batch,), (batch, num_tokens)):
+        raise ValueError(
+            f"timestep must be a scalar, have shape (B,) = ({batch},), or per token (B, L) = ({batch}, {num_tokens}) "
+            f"with L the patchified tokens in raster order; got shape {tuple(shape)}"
+        )
 
 
 class WanTimeTextEmbedding(nnx.Module):
@@ -118,8 +142,10 @@ class WanTimeTextEmbedding(nnx.Module):
             config.text_dim, config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
-    def __call__(self, timestep: Float[Array, " b"], text: Float[Array, "b t e"]):
-        """Returns ``temb [B, dim]``, ``timestep_proj [B, 6*dim]`` and text ``[B, T, dim]``."""
+    def __call__(self, timestep: Float[Array, "b *l"], text: Float[Array, "b t e"]):
+        """Returns ``temb [B, (L,) dim]``, ``timestep_proj [B, (L,) 6*dim]`` and text ``[B, T, dim]``
+        for a timestep ``[B]`` or per token ``[B, L]`` (diffusers' ``timestep_seq_len`` path: each
+        token's sinusoid goes through the same MLPs)."""
         temb = self.time_embedder(timestep_embedding(timestep, self.freq_dim)).astype(self.dtype)
         timestep_proj = self.time_proj(jax.nn.silu(temb))
         return temb, timestep_proj, self.text_embedder(text.astype(self.dtype))
@@ -151,6 +177,23 @@ class WanAttention(nnx.Module):
         return self.to_out[0](o.reshape(o.shape[0], o.shape[1], -1))
 
 
+def modulation(
+    table: Float[Array, "1 n dim"], proj: Float[Array, "b *l n dim"]
+) -> tuple[Float[Array, "b l_or_1 dim"], ...]:
+    """The ``n`` modulation vectors ``table + proj`` in float32, each broadcastable against the
+    tokens ``[B, L, dim]`` (diffusers' ``WanTransformerBlock`` and output modulation).
+
+    ``proj [B, n, dim]`` (one timestep per sample): split on axis 1, each ``[B, 1, dim]``.
+    ``proj [B, L, n, dim]`` (per-token timesteps, Wan2.2-TI2V): ``table`` added as
+    ``(1, 1, n, dim)``, split on axis 2, each ``[B, L, dim]`` (diffusers' ``temb.ndim == 4`` branch).
+    """
+    mod = table.astype(jnp.float32) + proj.astype(jnp.float32)
+    count = table.shape[-2]
+    if proj.ndim == 4:
+        return tuple(part[:, :, 0] for part in jnp.split(mod, count, axis=2))
+    return tuple(jnp.split(mod, count, axis=1))
+
+
 class WanTransformerBlock(nnx.Module):
     """Self-attention (modulated), cross-attention to text, modulated GELU-tanh FFN."""
 
@@ -171,7 +214,7 @@ class WanTransformerBlock(nnx.Module):
         self,
         x: Float[Array, "b l dim"],
         text: Float[Array, "b t dim"],
-        timestep_proj: Float[Array, "b six dim"],
+        timestep_proj: Float[Array, "b *l six dim"],
         rope: tuple[Array, Array],
         *,
         attend: SelfAttention,
@@ -180,10 +223,12 @@ class WanTransformerBlock(nnx.Module):
     ) -> tuple[Float[Array, "b l dim"], Any]:
         """One block; ``attend(q, k, v, state) -> (out, state)`` is its self-attention (dense or
         DFS, see :meth:`WanTransformer3DModel.run_block`), ``state`` what it threads (the mask
-        cache) and ``cross_attend(q, k, v) -> out`` its attention to the text."""
+        cache) and ``cross_attend(q, k, v) -> out`` its attention to the text. ``timestep_proj``
+        is ``[B, 6, dim]`` (one modulation per sample) or ``[B, L, 6, dim]`` (per token, in the
+        order of ``x``)."""
         dtype = x.dtype
-        mod = self.scale_shift_table[...].astype(jnp.float32) + timestep_proj.astype(jnp.float32)
-        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
+        mod = modulation(self.scale_shift_table[...], timestep_proj)
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = mod
 
         # 1. Self-attention (dense or DFS).
         h = (self.norm1(x) * (1.0 + scale_msa) + shift_msa).astype(dtype)
@@ -210,8 +255,9 @@ class Prepared(NamedTuple):
     Attributes:
       tokens: ``[B, L, dim]`` patch embeddings in the backend's token order.
       text: ``[B, T, dim]`` projected text embeddings.
-      temb: ``[B, dim]`` time embedding (activation dtype).
-      timestep_proj: ``[B, 6, dim]`` per-block modulation input.
+      temb: ``[B, dim]`` time embedding (activation dtype); ``[B, L, dim]`` for per-token
+        timesteps, in the token order.
+      timestep_proj: ``[B, 6, dim]`` per-block modulation input; ``[B, L, 6, dim]`` per token.
       rope: ``(cos, sin)`` ``[L, D/2]`` in the token order.
       grid: token grid ``(F, H, W)``.
       order: the static token permutation.
@@ -227,11 +273,11 @@ class Prepared(NamedTuple):
 
 
 class WanTransformer3DModel(nnx.Module):
-    """The Wan2.1 T2V transformer (diffusers' ``WanTransformer3DModel``) in Flax NNX.
+    """The Wan T2V transformer (diffusers' ``WanTransformer3DModel``) in Flax NNX.
 
     Args:
       config: a :class:`WanConfig` or a config name (``"wan2.1-1.3b"``, ``"wan2.1-14b"``,
-        ``"tiny"``).
+        ``"wan2.2-ti2v-5b"``, ``"tiny"``).
       rngs: ``nnx.Rngs`` for the random initialization (PyTorch's default init).
       dtype: activation dtype (default: bf16 on accelerators, float32 on CPU).
       param_dtype: parameter dtype (default: same rule).
@@ -259,7 +305,8 @@ class WanTransformer3DModel(nnx.Module):
         self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim), jnp.float32) / math.sqrt(dim))
 
     def check_inputs(self, hidden_states, timestep, encoder_hidden_states) -> tuple[int, int, int]:
-        """Validates input shapes; returns the token grid. Raises ``ValueError`` naming the argument."""
+        """Validates input shapes (the timestep by :func:`check_timestep_shape`); returns the token
+        grid. Raises ``ValueError`` naming the argument."""
         cfg = self.config
         shape = tuple(hidden_states.shape)
         grid = check_latents(shape, cfg.in_channels, cfg.patch_size, cfg.rope_max_seq_len)
@@ -268,15 +315,13 @@ class WanTransformer3DModel(nnx.Module):
             raise ValueError(f"encoder_hidden_states must have shape [B, T, {cfg.text_dim}], got shape {text}")
         if text[0] != shape[0]:
             raise ValueError(f"encoder_hidden_states batch {text[0]} does not match hidden_states batch {shape[0]}")
-        t_shape = tuple(jnp.shape(timestep))
-        if t_shape not in ((), (shape[0],)):
-            raise ValueError(f"timestep must be a scalar or have shape ({shape[0]},), got shape {t_shape}")
+        check_timestep_shape(tuple(jnp.shape(timestep)), shape[0], math.prod(grid))
         return grid
 
     def __call__(
         self,
         hidden_states: Float[Array, "b c f h w"],
-        timestep: Float[Array, " b"] | float,
+        timestep: Float[Array, "b *l"] | float,
         encoder_hidden_states: Float[Array, "b t e"],
         *,
         backend: AttentionBackend | str = "dense",
@@ -287,7 +332,9 @@ class WanTransformer3DModel(nnx.Module):
 
         Args:
           hidden_states: latents ``[B, C_in, F, H, W]`` (F, H, W divisible by the patch).
-          timestep: ``[B]`` or a scalar, diffusion timestep in [0, 1000].
+          timestep: diffusion timestep in [0, 1000]: a scalar, ``[B]``, or ``[B, L]`` per token
+            (Wan2.2-TI2V's ``expand_timesteps``: ``L = F/p_t * H/p_h * W/p_w`` patchified tokens
+            in raster order, whatever order the backend runs in).
           encoder_hidden_states: text embeddings ``[B, T, text_dim]``.
           backend: self-attention backend (``"dense"``, ``"dfs"`` or an
             :class:`AttentionBackend`).
@@ -307,7 +354,7 @@ class WanTransformer3DModel(nnx.Module):
     def forward(
         self,
         hidden_states: Float[Array, "b c f h w"],
-        timestep: Float[Array, " b"] | float,
+        timestep: Float[Array, "b *l"] | float,
         encoder_hidden_states: Float[Array, "b t e"],
         *,
         backend: AttentionBackend | str = "dense",
@@ -333,15 +380,16 @@ class WanTransformer3DModel(nnx.Module):
         backend = make_backend(backend)
         check_state(backend, state, cfg.num_layers)
         prep = self.prepare(hidden_states, timestep, encoder_hidden_states, backend=backend, order=order)
+        if prep.temb.ndim == 3:  # per-token modulation: sharded like the tokens it modulates
+            prep = prep._replace(temb=shard_tokens(prep.temb, backend.parallel),
+                                 timestep_proj=shard_tokens(prep.timestep_proj, backend.parallel))  # fmt: skip
         x = shard_tokens(prep.tokens, backend.parallel)
         for i in range(cfg.num_layers if num_layers is None else num_layers):
             x, state = self.run_block(i, x, prep, backend=backend, state=state)
             x = shard_tokens(x, backend.parallel)
         if num_layers is not None:
             return None, state
-        shift, scale = jnp.split(
-            self.scale_shift_table[...].astype(jnp.float32) + prep.temb.astype(jnp.float32)[:, None], 2, axis=1
-        )
+        shift, scale = modulation(self.scale_shift_table[...], prep.temb.astype(jnp.float32)[..., None, :])
         x = (self.norm_out(x) * (1.0 + scale) + shift).astype(self.dtype)
         x = prep.order.restore(self.proj_out(x))
         return unpatchify(x, prep.grid, cfg.patch_size, cfg.out_channels), state
@@ -349,14 +397,15 @@ class WanTransformer3DModel(nnx.Module):
     def prepare(
         self,
         hidden_states: Float[Array, "b c f h w"],
-        timestep: Float[Array, " b"] | float,
+        timestep: Float[Array, "b *l"] | float,
         encoder_hidden_states: Float[Array, "b t e"],
         *,
         backend: AttentionBackend | str = "dense",
         order: TokenPermutation | None = None,
     ) -> "Prepared":
         """Everything before the first block: validated inputs, tokens in the backend's order
-        (or ``order``) patch-embedded, RoPE tables in that order, time and text embeddings."""
+        (or ``order``) patch-embedded, RoPE tables in that order, time and text embeddings
+        (per token, in that order too, for a ``[B, L]`` timestep)."""
         cfg = self.config
         backend = make_backend(backend)
         grid = self.check_inputs(hidden_states, timestep, encoder_hidden_states)
@@ -367,9 +416,13 @@ class WanTransformer3DModel(nnx.Module):
         patches = order.apply(patchify(hidden_states.astype(self.dtype), cfg.patch_size))
         tokens = self.patch_embedding(patches)
         rope = rope_tables(cfg.head_dim, grid, order.perm, theta=cfg.rope_theta, max_seq_len=cfg.rope_max_seq_len)
-        timestep = jnp.broadcast_to(jnp.asarray(timestep), (batch,))
+        timestep = jnp.asarray(timestep)
+        # Per-token timesteps follow their tokens into the run's order (one scalar each: cheaper
+        # to permute before the embedding than the [B, L, 6, dim] modulation after it).
+        timestep = order.apply(timestep) if timestep.ndim == 2 else jnp.broadcast_to(timestep, (batch,))
         temb, timestep_proj, text = self.condition_embedder(timestep, encoder_hidden_states)
-        return Prepared(tokens, text, temb, timestep_proj.reshape(batch, 6, cfg.dim), rope, grid, order)
+        timestep_proj = timestep_proj.reshape(*timestep_proj.shape[:-1], 6, cfg.dim)
+        return Prepared(tokens, text, temb, timestep_proj, rope, grid, order)
 
     def run_block(
         self,
