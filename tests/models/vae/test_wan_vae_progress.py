@@ -21,8 +21,8 @@ FIXTURE = FIXTURES / "wan_vae_tiny"
 TILING = WanVAETiling(**json.loads((FIXTURE / "metadata.json").read_text())["tiling"])
 # Latent tiles of 2 x 2 with stride 1: on a 1 x 3 latent, 1 x 3 tiles of two shapes (the two
 # 1 x 2 ones run by one lax.map, then a 1 x 1 one). With chunk_size=2 on three latent frames each
-# tile's scan has one step, which XLA inlines when no callback is in it, and then the 1 x 1 tile's
-# frames differed in the last bit from a decode with a bar (hence decode's no-op callback).
+# tile's scan has one step, which XLA inlines when no callback is in it: the 1 x 1 tile's frames
+# then differ in the last bit from a decode with a bar (hence the comparison to float32 rounding).
 SMALL_TILES = WanVAETiling(16, 16, 8, 8)
 
 
