@@ -1,10 +1,13 @@
-"""Video VAEs in Flax NNX: the Wan2.1 VAE (diffusers' ``AutoencoderKLWan``), encode and decode.
+"""Video VAEs in Flax NNX: the Wan2.1 and Wan2.2 VAEs (diffusers' ``AutoencoderKLWan``), encode
+and decode.
 
-- :mod:`models.vae.wan_vae`: the config, the model (``decode`` / ``encode`` with the causal
+- :mod:`models.vae.wan_vae_config`: the configs (``"wan2.1"``, ``"wan2.2"``) and latent statistics.
+- :mod:`models.vae.wan_vae`: the model (``decode`` / ``encode`` with the causal
   chunk scan and spatial tiling; a decode's progress calls, :func:`decode_ticks` of them), the
   posterior, the latent normalization helpers.
 - :mod:`models.vae.wan_vae_layers` / :mod:`models.vae.wan_vae_coders`: the blocks, the encoder and
-  the decoder; :mod:`models.vae.wan_vae_tiling`: diffusers' tile and blend arithmetic.
+  the decoder; :mod:`models.vae.wan22_blocks`: Wan2.2's patchify and residual up/down blocks;
+  :mod:`models.vae.wan_vae_tiling`: diffusers' tile and blend arithmetic.
 - :mod:`models.vae.wan_vae_loading`: reading a diffusers ``vae/`` folder.
 """
 
@@ -12,6 +15,8 @@ from models.vae.wan_vae import (
     CONFIGS,
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
+    WAN22_LATENTS_MEAN,
+    WAN22_LATENTS_STD,
     WanVAE,
     WanVAEConfig,
     WanVAEPosterior,
@@ -29,6 +34,8 @@ __all__ = [
     "CONFIGS",
     "WAN21_LATENTS_MEAN",
     "WAN21_LATENTS_STD",
+    "WAN22_LATENTS_MEAN",
+    "WAN22_LATENTS_STD",
     "WanVAE",
     "WanVAEConfig",
     "WanVAEPosterior",

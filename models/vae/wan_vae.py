@@ -1,12 +1,16 @@
-"""The Wan2.1 video VAE (diffusers' ``AutoencoderKLWan``, z_dim 16) in Flax NNX: encode and decode.
+"""The Wan video VAEs (diffusers' ``AutoencoderKLWan``) in Flax NNX: encode and decode.
 
-A video ``[B, 3, F, H, W]`` in [-1, 1] with ``F = 4k + 1`` frames maps to a latent
-``[B, 16, k + 1, H/8, W/8]`` and back. Both directions run causally, chunk by chunk, as
-diffusers does: the encoder takes frame 0 alone and then chunks of 4 frames; the decoder takes
-latent frame 0 alone (one output frame) and then one latent frame at a time (four output frames
-each). The first chunk runs on its own; the others run in one ``lax.scan`` whose carry is the
-causal cache (a pytree of the last frames each causal conv saw; see
-:mod:`models.vae.wan_vae_layers`). ``chunk_size`` groups more frames per scan step and ``None``
+Wan2.1's VAE maps a video ``[B, 3, F, H, W]`` in [-1, 1] with ``F = 4k + 1`` frames to a latent
+``[B, 16, k + 1, H/8, W/8]`` and back; Wan2.2's (config ``"wan2.2"``, TI2V-5B) to
+``[B, 48, k + 1, H/16, W/16]``: it patchifies the video 2 x 2 into 12 channels before its encoder
+and back after its decoder (:mod:`models.vae.wan22_blocks`), and its levels are residual blocks
+with parameter-free shortcuts. The configs are in :mod:`models.vae.wan_vae_config`.
+
+Both directions run causally, chunk by chunk, as diffusers does: the encoder takes frame 0 alone
+and then chunks of 4 frames; the decoder takes latent frame 0 alone (one output frame) and then
+one latent frame at a time (four output frames each). The first chunk runs on its own; the others
+run in one ``lax.scan`` whose carry is the causal cache (a pytree of the last frames each causal
+conv saw; see :mod:`models.vae.wan_vae_layers`). ``chunk_size`` groups more frames per scan step and ``None``
 runs the whole video in one pass: the results are the same (up to float rounding), only time and
 memory change. A decode can report each chunk as it is computed (``progress``, a host function
 called through ``jax.debug.callback``; :func:`decode_ticks` calls in all), for a progress bar.
@@ -22,7 +26,6 @@ of ``decode``/``encode``, as in diffusers: :func:`denormalize_latents` before de
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,10 +35,20 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
-from dfsattn_jax.checks import check_int_fields, check_positive_int, lookup
+from dfsattn_jax.checks import check_positive_int
 from models.common.layers import resolve_dtypes
 from models.common.progress import done_marker
+from models.vae.wan22_blocks import patchify, unpatchify
 from models.vae.wan_vae_coders import WanDecoder3d, WanEncoder3d
+from models.vae.wan_vae_config import (
+    CONFIGS,
+    WAN21_LATENTS_MEAN,
+    WAN21_LATENTS_STD,
+    WAN22_LATENTS_MEAN,
+    WAN22_LATENTS_STD,
+    WanVAEConfig,
+    get_vae_config,
+)
 from models.vae.wan_vae_layers import CausalConv3d
 from models.vae.wan_vae_tiling import WanVAETiling, tile_starts, tiled_apply
 
@@ -43,6 +56,8 @@ __all__ = [
     "CONFIGS",
     "WAN21_LATENTS_MEAN",
     "WAN21_LATENTS_STD",
+    "WAN22_LATENTS_MEAN",
+    "WAN22_LATENTS_STD",
     "WanVAE",
     "WanVAEConfig",
     "WanVAEPosterior",
@@ -55,110 +70,15 @@ __all__ = [
     "normalize_latents",
 ]
 
-#: Per-channel statistics of Wan2.1 latents (diffusers' ``AutoencoderKLWan`` defaults).
-WAN21_LATENTS_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
-WAN21_LATENTS_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)  # fmt: skip
 # diffusers' clamp of the posterior's log-variance.
 _LOGVAR_RANGE = (-30.0, 20.0)
 #: A host function a decode reports to: called with one scalar per decoded chunk.
 Tick = Callable[[Array], None]
 
 
-@dataclasses.dataclass(frozen=True)
-class WanVAEConfig:
-    """Hyper-parameters of a Wan2.1 VAE (diffusers ``AutoencoderKLWan`` ``config.json``).
-
-    Attributes:
-      name: the config's name.
-      base_dim: encoder width at full resolution (96).
-      decoder_base_dim: decoder width at full resolution (``None``: ``base_dim``).
-      z_dim: latent channels (16).
-      dim_mult: width multipliers per resolution level (``(1, 2, 4, 4)``).
-      num_res_blocks: residual blocks per encoder level (the decoder has one more).
-      temporal_downsample: per level transition, whether the encoder also halves time
-        (diffusers spells it ``temperal_downsample``; the decoder upsamples in reverse order).
-      in_channels / out_channels: video channels (3).
-      latents_mean / latents_std: per-channel latent statistics for :func:`normalize_latents`.
-    """
-
-    name: str
-    base_dim: int = 96
-    decoder_base_dim: int | None = None
-    z_dim: int = 16
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    temporal_downsample: tuple[bool, ...] = (False, True, True)
-    in_channels: int = 3
-    out_channels: int = 3
-    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
-    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
-
-    def __post_init__(self) -> None:
-        for name in ("dim_mult", "temporal_downsample", "latents_mean", "latents_std"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        check_int_fields(self, ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"))
-        if self.decoder_base_dim is not None:
-            object.__setattr__(self, "decoder_base_dim", check_positive_int(self.decoder_base_dim, "decoder_base_dim"))
-        if not self.dim_mult:
-            raise ValueError("dim_mult must list at least one multiplier")
-        object.__setattr__(self, "dim_mult", tuple(check_positive_int(m, "dim_mult") for m in self.dim_mult))
-        levels = len(self.dim_mult) - 1
-        if len(self.temporal_downsample) < levels or not all(isinstance(t, bool) for t in self.temporal_downsample):
-            raise ValueError(
-                f"temporal_downsample must hold at least {levels} booleans (one per level transition), "
-                f"got {self.temporal_downsample!r}"
-            )
-        for name in ("latents_mean", "latents_std"):
-            values = getattr(self, name)
-            if len(values) != self.z_dim or not all(np.isfinite(v) for v in values):
-                raise ValueError(f"{name} must hold z_dim={self.z_dim} finite numbers, got {len(values)}")
-        if any(v <= 0 for v in self.latents_std):
-            raise ValueError(f"latents_std must be positive, got {self.latents_std!r}")
-        for base in (self.base_dim, self.decoder_dim):
-            for m in self.dim_mult[1:]:
-                if (base * m) % 2:
-                    raise ValueError(f"every level width but the first must be even, got {base} x {m}")
-
-    @property
-    def decoder_dim(self) -> int:
-        """The decoder's base width."""
-        return self.base_dim if self.decoder_base_dim is None else self.decoder_base_dim
-
-    @property
-    def spatial_factor(self) -> int:
-        """Pixels per latent along height and width (8 for Wan2.1)."""
-        return 2 ** (len(self.dim_mult) - 1)
-
-    @property
-    def temporal_factor(self) -> int:
-        """Frames per latent frame after the first (4 for Wan2.1)."""
-        return 2 ** sum(self.temporal_downsample[: len(self.dim_mult) - 1])
-
-    def replace(self, **changes) -> "WanVAEConfig":
-        return dataclasses.replace(self, **changes)
-
-
-CONFIGS: dict[str, WanVAEConfig] = {
-    "wan2.1": WanVAEConfig(name="wan2.1"),
-    # The structure of the tests' fixture (tests/fixtures/wan_vae_tiny).
-    "tiny": WanVAEConfig(name="tiny", base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
-}
-
-
-def get_vae_config(name: str | WanVAEConfig) -> WanVAEConfig:
-    """The named config (a :class:`WanVAEConfig` is returned unchanged); a ValueError lists the names."""
-    return name if isinstance(name, WanVAEConfig) else lookup(CONFIGS, name, "config")
-
-
 class WanVAEPosterior(NamedTuple):
     """The encoder's diagonal Gaussian: ``mean`` and ``logvar`` (clamped to [-30, 20]), both
-    ``[B, z_dim, F', H/8, W/8]``."""
+    ``[B, z_dim, F', H/s, W/s]`` (``s`` the spatial factor, 8 or 16)."""
 
     mean: Array
     logvar: Array
@@ -271,7 +191,8 @@ def decode_ticks(
     ``latent_shape`` ``[B, z_dim, F, h, w]``, ``tiling`` and ``chunk_size`` (arguments it
     accepts): per tile, once for frame 0 and once per chunk of the ``F - 1`` frames after it (once
     in all with ``chunk_size=None``), times the tiles (``tile_starts`` rows x columns when the
-    latent is decoded in tiles, else 1). ``spatial_factor``: the config's pixels per latent (8).
+    latent is decoded in tiles, else 1). ``spatial_factor``: the config's pixels per latent (8;
+    16 for Wan2.2: pass ``vae.config.spatial_factor``).
 
     Raises:
       ValueError: for a shape that is not 5-d (the other arguments are checked by ``decode``).
@@ -288,8 +209,9 @@ def decode_ticks(
 
 
 class WanVAE(nnx.Module):
-    """diffusers' ``AutoencoderKLWan`` (Wan2.1): ``encoder``, ``quant_conv``, ``post_quant_conv``,
-    ``decoder``, with the checkpoint's module names (see :mod:`models.vae.wan_vae_loading`)."""
+    """diffusers' ``AutoencoderKLWan`` (Wan2.1, or Wan2.2 with its config): ``encoder``,
+    ``quant_conv``, ``post_quant_conv``, ``decoder``, with the checkpoint's module names (see
+    :mod:`models.vae.wan_vae_loading`)."""
 
     def __init__(self, config: WanVAEConfig | str = "wan2.1", *, dtype=None, param_dtype=None,
                  rngs: nnx.Rngs | None = None):  # fmt: skip
@@ -303,14 +225,14 @@ class WanVAE(nnx.Module):
         temporal = config.temporal_downsample[:levels]
         self.encoder = WanEncoder3d(
             in_channels=config.in_channels, dim=config.base_dim, z_dim=2 * config.z_dim, dim_mult=config.dim_mult,
-            num_res_blocks=config.num_res_blocks, temporal_downsample=temporal, **kw,
+            num_res_blocks=config.num_res_blocks, temporal_downsample=temporal, is_residual=config.is_residual, **kw,
         )  # fmt: skip
         self.quant_conv = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1, **kw)
         self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1, **kw)
         self.decoder = WanDecoder3d(
             dim=config.decoder_dim, z_dim=config.z_dim, dim_mult=config.dim_mult,
             num_res_blocks=config.num_res_blocks, temporal_upsample=temporal[::-1],
-            out_channels=config.out_channels, **kw,
+            out_channels=config.out_channels, is_residual=config.is_residual, **kw,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------- decoding
@@ -323,14 +245,15 @@ class WanVAE(nnx.Module):
         chunk_size: int | None = 1,
         progress: Tick | None = None,
     ) -> Float[Array, "b c f2 h2 w2"]:
-        """Video ``[B, out_channels, 4 (F - 1) + 1, 8 h, 8 w]`` clamped to [-1, 1] (diffusers'
-        ``decode(latents).sample``; ``latents`` as diffusers takes them, i.e. after
-        :func:`denormalize_latents`).
+        """Video ``[B, video_out_channels, 4 (F - 1) + 1, s h, s w]`` clamped to [-1, 1], ``s`` the
+        config's ``spatial_factor`` (8; Wan2.2 16) (diffusers' ``decode(latents).sample``;
+        ``latents`` as diffusers takes them, i.e. after :func:`denormalize_latents`).
 
         Args:
           latents: ``[B, z_dim, F, h, w]``.
-          tiling: spatial tiling (diffusers' ``enable_tiling``), used when ``8 h`` or ``8 w``
-            exceeds the tile size; ``None``: one tile.
+          tiling: spatial tiling (diffusers' ``enable_tiling``), used when ``s h`` or ``s w``
+            exceeds the tile size; ``None``: one tile. With a patch size ``p`` (Wan2.2) the
+            tiles are blended before unpatchifying, over ``(tile - stride) / p`` pixels.
           chunk_size: latent frames per scan step after frame 0 (must divide ``F - 1``);
             ``None``: the whole video in one pass.
           progress: a host function called through ``jax.debug.callback`` (with a scalar
@@ -353,7 +276,7 @@ class WanVAE(nnx.Module):
                 raise ValueError(f"chunk_size ({chunk_size}) must divide the latent frames after the first ({frames - 1})")
         z = jnp.moveaxis(latents, 1, -1)
         h, w = z.shape[2:4]
-        f = cfg.spatial_factor
+        f, p = cfg.spatial_factor, cfg.patch_size
 
         # No callback without ``progress``: the program stays pure (no host round trip per
         # chunk, and it runs where JAX has no CPU device for callbacks). With one, XLA may
@@ -363,15 +286,17 @@ class WanVAE(nnx.Module):
             return self._decode_frames(tile, chunk_size, progress)
 
         if _decodes_in_tiles(tiling, h, w, f):
+            # diffusers' tiled_decode: latent tiles, blended in the decoder's (patchified) pixels.
             th, tw = tiling.tile_sample_min_height, tiling.tile_sample_min_width
             sh, sw = tiling.tile_sample_stride_height, tiling.tile_sample_stride_width
             video = tiled_apply(
                 run, z, tile=(th // f, tw // f), stride=(sh // f, sw // f),
-                out_blend=(th - sh, tw - sw), out_stride=(sh, sw), out_size=(h * f, w * f),
+                out_blend=(th // p - sh // p, tw // p - sw // p), out_stride=(sh // p, sw // p),
+                out_size=(h * f // p, w * f // p),
             )  # fmt: skip
         else:
             video = run(z)
-        return jnp.moveaxis(jnp.clip(video, -1.0, 1.0), -1, 1)
+        return jnp.moveaxis(jnp.clip(unpatchify(video, p), -1.0, 1.0), -1, 1)
 
     def _decode_frames(
         self, z: Float[Array, "b f h w c"], chunk_size: int | None, progress: Tick | None
@@ -388,24 +313,34 @@ class WanVAE(nnx.Module):
         tiling: WanVAETiling | None = None,
         chunk_size: int | None = 4,
     ) -> WanVAEPosterior:
-        """The posterior of ``video`` ``[B, in_channels, F, H, W]`` (values in [-1, 1],
-        ``F = 4k + 1``): mean and clamped log-variance ``[B, z_dim, k + 1, H/8, W/8]`` (diffusers'
-        ``encode(video).latent_dist``'s ``mean`` / ``logvar``).
+        """The posterior of ``video`` ``[B, video_in_channels, F, H, W]`` (values in [-1, 1],
+        ``F = 4k + 1``): mean and clamped log-variance ``[B, z_dim, k + 1, H/s, W/s]``, ``s`` the
+        spatial factor (diffusers' ``encode(video).latent_dist``'s ``mean`` / ``logvar``). A
+        Wan2.2 (residual) VAE needs ``H`` and ``W`` to be multiples of ``s`` (16), where diffusers
+        fails in a reshape.
 
         Args:
           video: the frames.
           tiling: spatial tiling (diffusers' ``enable_tiling``), used when ``H`` or ``W``
-            exceeds the tile size; ``None``: one tile.
+            exceeds the tile size; ``None``: one tile. With a patch size ``p`` (Wan2.2) the
+            tiles are cut from the patchified video with the same sizes and strides, as
+            diffusers' ``tiled_encode`` does (so a tile covers ``p`` times as many pixels).
           chunk_size: frames per scan step after frame 0, a multiple of the temporal factor (4)
             that divides ``F - 1``; ``None``: the whole video in one pass.
 
         Raises:
           ValueError: for a wrong shape or dtype, a frame count that is not ``4k + 1`` (diffusers
-            silently drops the extra frames), a bad ``chunk_size`` or ``tiling``.
+            silently drops the extra frames), a size a Wan2.2 VAE cannot fold, a bad
+            ``chunk_size`` or ``tiling``.
         """
         cfg = self.config
-        _check_5d("video", video, cfg.in_channels, "in_channels")
+        _check_5d("video", video, cfg.video_in_channels, "video_in_channels")
         _check_tiling(tiling, cfg.spatial_factor)
+        # The residual levels fold 2 x 2 pixels at every level, the patchify p x p.
+        f = cfg.spatial_factor if cfg.is_residual else cfg.patch_size
+        if f > 1:
+            if video.shape[3] % f or video.shape[4] % f:
+                raise ValueError(f"video height and width must be multiples of {f}, got shape {video.shape}")
         frames, tf = video.shape[2], cfg.temporal_factor
         if (frames - 1) % tf:
             raise ValueError(f"video must have {tf}k + 1 frames, got {frames}")
@@ -418,18 +353,21 @@ class WanVAE(nnx.Module):
                 )
         x = jnp.moveaxis(video, 1, -1)
         h, w = x.shape[2:4]
-        f = cfg.spatial_factor
+        x = patchify(x, cfg.patch_size)
+        # The encoder's own factor: the patchified video's pixels per latent.
+        f = cfg.spatial_factor // cfg.patch_size
 
         def run(tile):
             return self.quant_conv(_causal_scan(self.encoder, tile, 1, chunk_size))[0]
 
+        # diffusers tests the video's size against the tile, then tiles the patchified video.
         if tiling is not None and (w > tiling.tile_sample_min_width or h > tiling.tile_sample_min_height):
             th, tw = tiling.tile_sample_min_height // f, tiling.tile_sample_min_width // f
             sh, sw = tiling.tile_sample_stride_height // f, tiling.tile_sample_stride_width // f
             moments = tiled_apply(
                 run, x, tile=(tiling.tile_sample_min_height, tiling.tile_sample_min_width),
                 stride=(tiling.tile_sample_stride_height, tiling.tile_sample_stride_width),
-                out_blend=(th - sh, tw - sw), out_stride=(sh, sw), out_size=(h // f, w // f),
+                out_blend=(th - sh, tw - sw), out_stride=(sh, sw), out_size=(x.shape[2] // f, x.shape[3] // f),
             )  # fmt: skip
         else:
             moments = run(x)

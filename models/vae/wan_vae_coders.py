@@ -1,6 +1,7 @@
-"""The Wan2.1 VAE's encoder and decoder (diffusers' ``WanEncoder3d`` / ``WanDecoder3d``, the
-``is_residual=False`` variant) in Flax NNX, channel-last, each called on one chunk of frames with
-an explicit cache (see :mod:`models.vae.wan_vae_layers`).
+"""The Wan VAE's encoder and decoder (diffusers' ``WanEncoder3d`` / ``WanDecoder3d``) in Flax
+NNX, channel-last, each called on one chunk of frames with an explicit cache (see
+:mod:`models.vae.wan_vae_layers`). Wan2.1's structure is described first; ``is_residual``
+(Wan2.2) replaces the level blocks, as the end of this docstring says.
 
 Encoder (``dims = base_dim * [1] + dim_mult``): ``conv_in`` 3 -> ``dims[0]``; ``down_blocks``, a
 flat list: for each level ``num_res_blocks`` residual blocks, then (except at the last level) a
@@ -14,6 +15,12 @@ per level, the input of every level but the first halved (the resampler before i
 ``temporal_downsample[level]`` else an ``upsample2d``; ``norm_out``, SiLU, ``conv_out`` ->
 ``out_channels``.
 
+With ``is_residual`` (Wan2.2, :mod:`models.vae.wan22_blocks`): the encoder's ``down_blocks``
+are one :class:`~models.vae.wan22_blocks.WanResidualDownBlock` per level (space halved at every
+level but the last, time where ``temporal_downsample`` says); the decoder's ``up_blocks`` are
+:class:`~models.vae.wan22_blocks.WanResidualUpBlock` s whose inputs are not halved (the
+upsamplers keep their width).
+
 Each ``__call__(x, cache=None)`` returns ``(y, new_cache)``; ``cache=None`` starts a video.
 """
 
@@ -25,7 +32,14 @@ import jax
 from flax import nnx
 from jaxtyping import Array, Float
 
-from models.vae.wan_vae_layers import CausalConv3d, WanMidBlock, WanResample, WanResidualBlock, WanRMSNorm
+from models.vae.wan22_blocks import WanResidualDownBlock, WanResidualUpBlock
+from models.vae.wan_vae_layers import (
+    CausalConv3d,
+    WanMidBlock,
+    WanResample,
+    WanResidualBlock,
+    WanRMSNorm,
+)
 
 __all__ = ["WanDecoder3d", "WanEncoder3d", "WanUpBlock"]
 
@@ -35,13 +49,18 @@ class WanEncoder3d(nnx.Module):
     start of a video or a multiple of 4 after it; ``T' = 1`` or ``T / 4``)."""
 
     def __init__(self, *, in_channels: int, dim: int, z_dim: int, dim_mult, num_res_blocks: int,
-                 temporal_downsample, dtype, param_dtype, rngs: nnx.Rngs):  # fmt: skip
+                 temporal_downsample, is_residual: bool = False, dtype, param_dtype, rngs: nnx.Rngs):  # fmt: skip
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         dims = [dim * m for m in (1,) + tuple(dim_mult)]
         self.conv_in = CausalConv3d(in_channels, dims[0], 3, padding=1, **kw)
         blocks = []
         last = len(dim_mult) - 1
         for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if is_residual:
+                factor_t = 2 if level != last and temporal_downsample[level] else 1
+                factor_s = 1 if level == last else 2
+                blocks.append(WanResidualDownBlock(in_dim, out_dim, num_res_blocks, factor_t, factor_s, **kw))
+                continue
             for _ in range(num_res_blocks):
                 blocks.append(WanResidualBlock(in_dim, out_dim, **kw))
                 in_dim = out_dim
@@ -93,10 +112,11 @@ class WanUpBlock(nnx.Module):
 
 class WanDecoder3d(nnx.Module):
     """Latents ``[B, T, h, w, z_dim]`` -> video ``[B, T', 8h, 8w, out_channels]`` (``T' = 1 +
-    4 (T - 1)`` at the start of a video, ``4 T`` after it), not clamped."""
+    4 (T - 1)`` at the start of a video, ``4 T`` after it), not clamped (and, for Wan2.2, still
+    patchified)."""
 
     def __init__(self, *, dim: int, z_dim: int, dim_mult, num_res_blocks: int, temporal_upsample,
-                 out_channels: int, dtype, param_dtype, rngs: nnx.Rngs):  # fmt: skip
+                 out_channels: int, is_residual: bool = False, dtype, param_dtype, rngs: nnx.Rngs):  # fmt: skip
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         dims = [dim * m for m in (dim_mult[-1],) + tuple(dim_mult[::-1])]
         self.conv_in = CausalConv3d(z_dim, dims[0], 3, padding=1, **kw)
@@ -104,6 +124,10 @@ class WanDecoder3d(nnx.Module):
         blocks = []
         last = len(dim_mult) - 1
         for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if is_residual:
+                factor_t = 2 if level != last and temporal_upsample[level] else 1
+                blocks.append(WanResidualUpBlock(in_dim, out_dim, num_res_blocks, factor_t, level != last, **kw))
+                continue
             if level > 0:
                 in_dim //= 2
             mode = None

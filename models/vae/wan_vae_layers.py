@@ -230,7 +230,8 @@ class WanResample(nnx.Module):
     """diffusers' ``WanResample``: ``resample`` is ``[Identity, Conv2d]`` (the identity stands for
     the parameter-free nearest upsampling or zero padding, to keep the checkpoint's index 1).
 
-    - ``upsample2d``: nearest x2, Conv2d 3x3 (padding 1) to ``dim // 2`` channels.
+    - ``upsample2d``: nearest x2, Conv2d 3x3 (padding 1) to ``upsample_out_dim`` channels
+      (default ``dim // 2``; Wan2.2's residual up blocks keep ``dim``).
     - ``upsample3d``: ``time_conv`` (causal (3, 1, 1), ``dim -> 2 dim``, frames interleaved; not
       on a video's frame 0, see the module docstring), then the 2D path.
     - ``downsample2d``: one zero row at the bottom and column at the right, Conv2d 3x3 stride 2.
@@ -241,14 +242,16 @@ class WanResample(nnx.Module):
     ``downsample3d`` the last frame after the 2D path, the 2D modes ``None``.
     """
 
-    def __init__(self, dim: int, mode: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, mode: str, *, upsample_out_dim: int | None = None, dtype, param_dtype,
+                 rngs: nnx.Rngs):  # fmt: skip
         if mode not in RESAMPLE_MODES:
             raise ValueError(f"mode must be one of {list(RESAMPLE_MODES)}, got {mode!r}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mode = mode
         self.dim = dim
         if mode.startswith("upsample"):
-            conv = FrameConv2d(dim, dim // 2, 3, padding=((1, 1), (1, 1)), **kw)
+            out_dim = dim // 2 if upsample_out_dim is None else upsample_out_dim
+            conv = FrameConv2d(dim, out_dim, 3, padding=((1, 1), (1, 1)), **kw)
         else:
             conv = FrameConv2d(dim, dim, 3, stride=2, padding=((0, 1), (0, 1)), **kw)
         self.resample = nnx.List([Identity(), conv])

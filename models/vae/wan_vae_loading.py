@@ -1,6 +1,8 @@
-"""Load the ``vae/`` folder of a diffusers Wan2.1 checkpoint into :class:`models.vae.wan_vae.WanVAE`.
+"""Load the ``vae/`` folder of a diffusers Wan2.1 or Wan2.2 checkpoint into
+:class:`models.vae.wan_vae.WanVAE`.
 
-A diffusers Wan2.1 repository (e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``) holds the VAE as::
+A diffusers Wan repository (e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``,
+``Wan-AI/Wan2.2-TI2V-5B-Diffusers``) holds the VAE as::
 
     vae/config.json                               (_class_name "AutoencoderKLWan")
     vae/diffusion_pytorch_model.safetensors       (or shards with their index)
@@ -14,10 +16,15 @@ Name mapping: the NNX parameter path joined by dots is the diffusers name (``ker
 ``weight``). Conv3d weights ``[out, in, kt, kh, kw]`` become ``kernel [kt, kh, kw, in, out]``;
 the Conv2d weights (the resamplers' ``resample.1``, attention's ``to_qkv`` and ``proj``) keep
 their name and PyTorch layout ``weight [out, in, kh, kw]``, as do the norms' ``gamma`` and every
-bias.
+bias. Wan2.2's shortcuts (AvgDown3D, DupUp3D) have no parameters.
 
-Only the Wan2.1 VAE is supported: a config with ``is_residual``, ``patch_size`` (Wan2.2's VAE) or
-encoder attention (``attn_scales``) is refused with its key named.
+The config keys read: ``base_dim``, ``decoder_base_dim``, ``z_dim``, ``dim_mult``,
+``num_res_blocks``, ``temperal_downsample``, ``in_channels``, ``out_channels``, ``is_residual``,
+``patch_size`` (``null`` or a positive integer), ``latents_mean``, ``latents_std``, and
+``scale_factor_spatial`` / ``scale_factor_temporal``, which must agree with the structure (diffusers
+uses them for tiling and the pipelines). Encoder attention (``attn_scales``) is refused; ``dropout``
+and Wan2.2's leftover ``clip_output`` do nothing at inference (diffusers always clamps) and are
+ignored. Every problem is named, with its key, before any tensor is read.
 """
 
 from __future__ import annotations
@@ -85,21 +92,17 @@ def read_wan_vae_config(path: str | os.PathLike) -> WanVAEConfig:
       path: the checkpoint root (with ``vae/``), the VAE folder, or its ``config.json``.
 
     Returns:
-      The config, named ``"wan2.1"`` when it equals the built-in one, else
+      The config, named ``"wan2.1"`` or ``"wan2.2"`` when it equals that built-in one, else
       ``"diffusers:<folder>"``.
 
     Raises:
-      ValueError: for a missing or malformed file, another model class, a Wan2.2 or other
-        unsupported feature (naming the key), or a field of the wrong type.
+      ValueError: for a missing or malformed file, another model class, an unsupported feature
+        (naming the key), a field of the wrong type, or an inconsistent structure.
     """
     p = pathlib.Path(path)
     raw, file = read_config_json(p if p.is_file() else vae_dir(p), _CLASS_NAME, _FAMILY)
-    if config_bool(raw, "is_residual", file, False):
-        raise ValueError(f"config {str(file)!r} sets is_residual=true: that is the Wan2.2 VAE, only Wan2.1's is supported")
-    if raw.get("patch_size") is not None:
-        raise ValueError(
-            f"config {str(file)!r} sets patch_size={raw['patch_size']!r}: that is the Wan2.2 VAE, only Wan2.1's is supported"
-        )
+    is_residual = config_bool(raw, "is_residual", file, False)
+    patch_size = 1 if raw.get("patch_size") is None else config_int(raw, "patch_size", file)
     if raw.get("attn_scales", []):
         raise ValueError(f"config {str(file)!r} sets attn_scales={raw['attn_scales']!r}: encoder attention is not supported")
     temporal = raw.get("temperal_downsample", [False, True, True])
@@ -118,18 +121,21 @@ def read_wan_vae_config(path: str | os.PathLike) -> WanVAEConfig:
             temporal_downsample=tuple(temporal),
             in_channels=config_int(raw, "in_channels", file, defaults.in_channels),
             out_channels=config_int(raw, "out_channels", file, defaults.out_channels),
+            is_residual=is_residual,
+            patch_size=patch_size,
             latents_mean=_number_list(raw, "latents_mean", file, list(defaults.latents_mean)),
             latents_std=_number_list(raw, "latents_std", file, list(defaults.latents_std)),
         )
     except (TypeError, ValueError) as err:
-        raise ValueError(f"config {str(file)!r} is not a valid Wan2.1 VAE config: {err}") from None
+        raise ValueError(f"config {str(file)!r} is not a valid Wan VAE config: {err}") from None
     for key, derived in (("scale_factor_spatial", config.spatial_factor), ("scale_factor_temporal", config.temporal_factor)):
         if raw.get(key) is not None and config_int(raw, key, file) != derived:
             raise ValueError(
                 f"config {str(file)!r}: {key}={raw[key]!r} disagrees with the structure, which gives {derived}"
             )
-    if config.replace(name="wan2.1") == CONFIGS["wan2.1"]:
-        config = config.replace(name="wan2.1")
+    for name in ("wan2.1", "wan2.2"):
+        if config.replace(name=name) == CONFIGS[name]:
+            return CONFIGS[name]
     return config
 
 
@@ -142,7 +148,7 @@ def load_wan_vae(
     device: jax.Device | jax.sharding.Sharding | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> WanVAE:
-    """Loads the ``vae/`` folder of a diffusers Wan2.1 checkpoint into :class:`WanVAE`.
+    """Loads the ``vae/`` folder of a diffusers Wan2.1 or Wan2.2 checkpoint into :class:`WanVAE`.
 
     Args:
       path: the checkpoint root (with a ``vae/`` folder) or the VAE folder.

@@ -5,7 +5,12 @@ A large video (or latent) is cut into overlapping spatial tiles, each encoded or
 
 - Tiles start every ``stride`` along each axis (``range(0, size, stride)``) and span ``tile``
   (less at the bottom and right edges), in latent units for decoding (pixel sizes divided by the
-  spatial factor, 8) and in pixels for encoding.
+  spatial factor, 8; Wan2.2 16) and in pixels for encoding.
+- Wan2.2 (patch size ``p = 2``), as diffusers: a decode blends the decoder's patchified output
+  (``tile / p - stride / p`` pixels, keeping ``stride / p``) and unpatchifies the mosaic; an
+  encode cuts the patchified video with the unchanged pixel sizes and strides (its latent blend
+  is ``(tile - stride) / 8``), though whether to tile at all compares the video's own size with
+  the tile.
 - Going through the tiles row by row, each tile's first ``blend`` rows are mixed with the last
   rows of the tile above (``blend_v``) and then its first ``blend`` columns with the last columns
   of the tile to its left (``blend_h``); ``blend = tile - stride`` in output units, capped at both
@@ -43,7 +48,7 @@ class WanVAETiling:
       tile_sample_stride_height / tile_sample_stride_width: the distance between tile starts;
         tiles overlap by ``min - stride``.
 
-    All four must be positive multiples of the spatial factor (8) with ``stride <= min``
+    All four must be positive multiples of the spatial factor (8; Wan2.2 16) with ``stride <= min``
     (checked by :meth:`check`, which the VAE calls).
     """
 

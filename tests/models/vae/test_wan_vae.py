@@ -359,8 +359,8 @@ def test_loader_names_problems_before_reading_any_tensor(tmp_path, tensor_reads,
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"is_residual": True}, "is_residual=true: that is the Wan2.2 VAE"),
-        ({"patch_size": 2}, "patch_size=2: that is the Wan2.2 VAE"),
+        ({"is_residual": "yes"}, "is_residual must be true or false"),
+        ({"patch_size": 2}, r"in_channels \(3\) must be a multiple of patch_size\*\*2 \(4\)"),
         ({"attn_scales": [0.5]}, "attn_scales"),
         ({"_class_name": "AutoencoderKLHunyuanVideo"}, "expected 'AutoencoderKLWan'"),
         ({"base_dim": 8.5}, "base_dim must be an integer"),
