@@ -1,7 +1,10 @@
 """Whole pipelines: prompt to video in JAX alone.
 
-- :mod:`models.pipelines.wan`: :class:`WanPipeline` (Wan2.1 text to video), diffusers' ``WanPipeline``
-  with UMT5, the tokenizer, the sampler with DFSAttn and the Wan VAE all in JAX.
+- :mod:`models.pipelines.wan`: :class:`WanPipeline` (Wan2.1 and Wan2.2 A14B text to video),
+  diffusers' ``WanPipeline`` with UMT5, the tokenizer, the sampler with DFSAttn and the Wan VAE
+  all in JAX.
+- :mod:`models.pipelines.wan_repository`: what a repository's scheduler config and
+  ``model_index.json`` say (the flow shift, Wan2.2's ``boundary_ratio``).
 """
 
 from models.pipelines.wan import (
@@ -11,7 +14,16 @@ from models.pipelines.wan import (
     check_text_width,
     decode_frames,
     encode_prompts,
-    read_scheduler,
 )
+from models.pipelines.wan_repository import read_boundary_ratio, read_scheduler
 
-__all__ = ["OUTPUT_TYPES", "WanPipeline", "WanPipelineOutput", "check_text_width", "decode_frames", "encode_prompts", "read_scheduler"]
+__all__ = [
+    "OUTPUT_TYPES",
+    "WanPipeline",
+    "WanPipelineOutput",
+    "check_text_width",
+    "decode_frames",
+    "encode_prompts",
+    "read_boundary_ratio",
+    "read_scheduler",
+]

@@ -1,4 +1,4 @@
-"""Prompt to video with Wan2.1 in JAX alone: :class:`WanPipeline`, diffusers' ``WanPipeline`` without PyTorch.
+"""Prompt to video with Wan2.1 and Wan2.2 A14B in JAX alone: :class:`WanPipeline`, diffusers' ``WanPipeline`` without PyTorch.
 
     pipe = WanPipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers")
     out = pipe("A cat walks on the grass, realistic", seed=0)
@@ -12,6 +12,12 @@ of ``scheduler/scheduler_config.json``, classifier-free guidance as one batch, D
 mask cache); the Wan VAE (:mod:`models.vae`) decodes them. The call takes diffusers'
 ``WanPipeline.__call__`` argument names and defaults; with the same initial ``latents`` it gives
 diffusers' frames (the whole-pipeline test checks it at a tiny config).
+
+A Wan2.2 A14B repository (``transformer_2/`` and ``boundary_ratio`` in ``model_index.json``,
+:mod:`models.pipelines.wan_repository`) runs two experts in the one sampling program: the
+high-noise ``transformer`` with ``guidance_scale`` while ``t >= boundary_ratio *
+num_train_timesteps``, then the low-noise ``transformer_2`` with ``guidance_scale_2``
+(:mod:`models.sampling.experts`; its DFS layouts are recomputed at its first sparse step).
 
 The text encoder (11 GB in bf16 for UMT5-XXL) can leave device memory after each encoding
 (``keep_text_encoder=False``, the default on GPUs), so that the 14B transformer fits beside the
@@ -28,7 +34,6 @@ compiles once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -60,6 +65,8 @@ from models.vae import (
     load_wan_vae,
     read_wan_vae_config,
 )
+from models.pipelines.wan_repository import read_boundary_ratio, read_scheduler
+from models.wan.config import WanConfig
 from models.wan.loading import load_wan, read_wan_config
 
 __all__ = [
@@ -78,7 +85,6 @@ __all__ = [
 
 #: What ``output_type`` takes: diffusers' ``"np"`` (frames in [0, 1]) and ``"latent"``.
 OUTPUT_TYPES = ("np", "latent")
-_SCHEDULER = "UniPCMultistepScheduler"
 #: The labels of the text encoder's and the VAE decoder's progress bars.
 TEXT_BAR = "text encoder"
 DECODE_BAR = "VAE decode"
@@ -102,31 +108,6 @@ class WanPipelineOutput:
     sparsity: float
 
 
-def read_scheduler(path: str | os.PathLike) -> tuple[float, int]:
-    """``(flow_shift, num_train_timesteps)`` of a checkpoint's ``scheduler/scheduler_config.json``.
-
-    Raises:
-      ValueError: for a missing or malformed file, or a scheduler this pipeline does not run
-        (Wan's ``UniPCMultistepScheduler`` with flow sigmas and flow prediction).
-    """
-    file = pathlib.Path(path) / "scheduler" / "scheduler_config.json"
-    if not file.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} has no scheduler/scheduler_config.json")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{str(file)!r} is not a readable JSON file: {err}") from None
-    expected = {"_class_name": _SCHEDULER, "prediction_type": "flow_prediction", "use_flow_sigmas": True}
-    wrong = {k: config.get(k) for k, v in expected.items() if config.get(k) != v}
-    if wrong:
-        raise ValueError(f"{str(file)!r}: this pipeline runs Wan's UniPC flow scheduler {expected}, got {wrong}")
-    shift = config.get("flow_shift", 1.0)
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"{str(file)!r}: flow_shift must be a positive number, got {shift!r}")
-    steps = check_positive_int(config.get("num_train_timesteps", 1000), f"{file}: num_train_timesteps")
-    return float(shift), steps
-
-
 @nnx.jit
 def _encode(encoder, input_ids, attention_mask):
     return encoder(input_ids, attention_mask)
@@ -143,6 +124,19 @@ def check_text_width(config: UMT5Config, text_dim: int) -> None:
         raise ValueError(
             f"the text encoder's width d_model={config.d_model} is not the transformer's text_dim={text_dim}"
         )
+
+
+def _expert_config(root: pathlib.Path, config: WanConfig) -> WanConfig:
+    """``transformer_2/``'s config after checking it has ``transformer/``'s shape (``config``),
+    as the two experts of one sampling loop must.
+
+    Raises:
+      ValueError: naming ``transformer_2`` and both configs.
+    """
+    expert = read_wan_config(root / "transformer_2")
+    if dataclasses.replace(expert, name=config.name) != config:
+        raise ValueError(f"transformer_2's config {expert} must have transformer's shape {config}")
+    return expert
 
 
 def make_text_bar(show: bool = True) -> TickBar:
@@ -220,6 +214,8 @@ class WanPipeline:
     Build it with :meth:`from_pretrained`; the constructor takes the loaded parts.
 
     Attributes:
+      transformer_2: the low-noise expert of a Wan2.2 A14B repository (``None``: Wan2.1).
+      boundary_ratio: where it takes over (``None`` without it).
       text_bar: the text encoder's bar (:func:`make_text_bar`), opened by each
         :meth:`encode_prompt`: the shards read (when the encoder was let go) plus 1.
       decode_bar: the VAE's bar (:func:`make_decode_bar`), opened by each :meth:`decode`.
@@ -240,10 +236,16 @@ class WanPipeline:
         dtype: Any = None,
         vae_tiling: WanVAETiling | None = None,
         progress: bool = True,
+        transformer_2: nnx.Module | None = None,
+        boundary_ratio: float | None = None,
     ):
         if text_encoder is None and text_encoder_path is None:
             raise ValueError("give text_encoder or text_encoder_path")
+        if (transformer_2 is None) != (boundary_ratio is None):
+            raise ValueError("give transformer_2 and boundary_ratio together (Wan2.2 A14B) or neither")
         self.transformer = transformer
+        self.transformer_2 = transformer_2
+        self.boundary_ratio = boundary_ratio
         self.tokenizer = tokenizer
         self.vae = vae
         self.sampler = sampler
@@ -269,7 +271,9 @@ class WanPipeline:
         progress: bool = True,
     ) -> WanPipeline:
         """Reads a diffusers Wan2.1 repository: ``text_encoder/``, ``tokenizer/``, ``vae/``,
-        ``transformer/`` and ``scheduler/``.
+        ``transformer/`` and ``scheduler/``; a Wan2.2 A14B one also ``transformer_2/``, with
+        ``boundary_ratio`` from ``model_index.json``
+        (:func:`~models.pipelines.wan_repository.read_boundary_ratio`).
 
         Args:
           path: the repository folder.
@@ -296,8 +300,10 @@ class WanPipeline:
             raise ValueError(f"attention must be 'dfs' or 'dense', got {attention!r}")
         dfs = get_schedule_preset(schedule) if attention == "dfs" else None
         shift, train_steps = read_scheduler(root)
+        boundary_ratio = read_boundary_ratio(root)
         # Every config, and the tokenizer, before any weight.
         wan_config = read_wan_config(root)
+        expert_config = None if boundary_ratio is None else _expert_config(root, wan_config)
         text_config = read_umt5_config(root / "text_encoder")
         check_text_width(text_config, wan_config.text_dim)
         vae_config = read_wan_vae_config(root)
@@ -309,15 +315,20 @@ class WanPipeline:
             load_umt5(root / "text_encoder", dtype=dtype, config=text_config, progress=say) if keep_text_encoder else None
         )
         transformer = load_wan(root, dtype=dtype, config=wan_config, progress=say)
+        transformer_2 = None
+        if expert_config is not None:
+            transformer_2 = load_wan(root / "transformer_2", dtype=dtype, config=expert_config, progress=say)
         vae = load_wan_vae(root, dtype=dtype, config=vae_config, progress=say)
         sampler = Sampler(
             transformer, make_backend(attention, dfs), solver="unipc", shift=shift, schedule="unipc",
-            num_train_timesteps=train_steps, progress=progress,
+            num_train_timesteps=train_steps, progress=progress, model_2=transformer_2,
+            boundary=None if boundary_ratio is None else boundary_ratio * train_steps,
         )  # fmt: skip
         return cls(
             transformer=transformer, tokenizer=tokenizer, vae=vae, sampler=sampler, text_encoder=text_encoder,
             text_encoder_path=root / "text_encoder", text_encoder_config=text_config,
             keep_text_encoder=keep_text_encoder, dtype=dtype, vae_tiling=vae_tiling, progress=progress,
+            transformer_2=transformer_2, boundary_ratio=boundary_ratio,
         )  # fmt: skip
 
     # -- the text ---------------------------------------------------------------------
@@ -362,6 +373,7 @@ class WanPipeline:
         num_frames: int = 81,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
+        guidance_scale_2: float | None = None,
         num_videos_per_prompt: int = 1,
         latents: Float[Array, "b c f h w"] | np.ndarray | None = None,
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
@@ -378,7 +390,10 @@ class WanPipeline:
           num_frames: frames; not of the form 4k + 1, it is rounded down to one (a warning says
             so), as diffusers does.
           num_inference_steps: denoising steps.
-          guidance_scale: classifier-free guidance scale.
+          guidance_scale: classifier-free guidance scale (of the high-noise expert with two).
+          guidance_scale_2: the low-noise expert's scale (``None``: ``guidance_scale``); only for
+            a two-expert (Wan2.2 A14B) pipeline. As in diffusers, ``guidance_scale > 1`` alone
+            turns guidance on.
           num_videos_per_prompt: videos per prompt, from different noise.
           latents: the initial noise ``[B, 16, (F - 1) / 4 + 1, H / 8, W / 8]`` (diffusers'
             ``latents``); ``None``: standard normal from ``seed``.
@@ -400,6 +415,11 @@ class WanPipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not math.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if guidance_scale_2 is not None:
+            if self.boundary_ratio is None:
+                raise ValueError("guidance_scale_2 is only supported when the pipeline's boundary_ratio is not None")
+            if not math.isfinite(float(guidance_scale_2)):
+                raise ValueError(f"guidance_scale_2 must be a finite number, got {guidance_scale_2!r}")
         noise = self._noise(latents, shape, seed)
         guided = float(guidance_scale) > 1.0
 
@@ -410,7 +430,10 @@ class WanPipeline:
         cond, uncond = (text[: shape[0]], text[shape[0] :]) if guided else (text, None)
         jax.block_until_ready(text)
         text_s = time.perf_counter() - t0
-        result = self.sampler(noise, cond, uncond, num_steps=steps, guidance_scale=float(guidance_scale))
+        scale_2 = None if guidance_scale_2 is None else float(guidance_scale_2)
+        result = self.sampler(
+            noise, cond, uncond, num_steps=steps, guidance_scale=float(guidance_scale), guidance_scale_2=scale_2
+        )
         timings = {"text": text_s, "compile": result.compile_s, "sampling": result.time_s, "decode": 0.0}
         if output_type == "latent":
             return WanPipelineOutput(np.asarray(result.latents), timings, float(result.sparsity))

@@ -47,6 +47,8 @@ class SamplerInputs(NamedTuple):
       joint: the spans of a joint text + video attention (``None``: video tokens only).
       num_tokens: tokens of the model's self-attention (the joint length, or ``F * H * W``).
       num_steps: the denoising steps, a Python int ``>= 1``.
+      guidance_scale_2: float32 ``[]``, the second expert's guidance scale (``None`` without a
+        second expert).
     """
 
     noise: Float[Array, "b c f h w"]
@@ -57,6 +59,7 @@ class SamplerInputs(NamedTuple):
     joint: JointTokens | None
     num_tokens: int
     num_steps: int
+    guidance_scale_2: Float[Array, ""] | None = None
 
 
 def check_finite(**values: Any) -> None:
@@ -121,10 +124,13 @@ def check_sampler_inputs(
     guidance_scale: float,
     order: str | None,
     parallel: Parallelism | None,
+    guidance_scale_2: float | None = None,
+    experts: int = 1,
 ) -> SamplerInputs:
     """Checks one sampler call (arguments as :meth:`~models.sampling.loop.Sampler.__call__`):
     the model's own shape checks (``model.check_inputs``), ``negative_text`` against ``text``,
-    finite values, the joint spans, the fit on the device mesh, ``num_steps`` and ``order``.
+    finite values, the joint spans, the fit on the device mesh, ``num_steps`` and ``order``;
+    ``guidance_scale_2`` only with ``experts == 2`` (default: ``guidance_scale``).
 
     Raises:
       ValueError: naming the argument and the expected value.
@@ -134,7 +140,14 @@ def check_sampler_inputs(
     grid = model.check_inputs(noise, jnp.zeros((noise.shape[0],)), text)
     if negative_text is not None:
         negative_text = _check_negative_text(negative_text, text)
-    check_finite(noise=noise, text=text, negative_text=negative_text, guidance_scale=guidance_scale)
+    if guidance_scale_2 is not None and experts != 2:
+        raise ValueError("guidance_scale_2 is the second expert's guidance scale: give the sampler a model_2")
+    check_finite(
+        noise=noise, text=text, negative_text=negative_text, guidance_scale=guidance_scale,
+        guidance_scale_2=guidance_scale_2,
+    )  # fmt: skip
+    if experts == 2 and guidance_scale_2 is None:
+        guidance_scale_2 = guidance_scale
     joint = joint_tokens(model, grid, text)
     num_tokens = attention_tokens(grid, joint)
     if parallel is not None:
@@ -151,6 +164,7 @@ def check_sampler_inputs(
         joint=joint,
         num_tokens=num_tokens,
         num_steps=num_steps,
+        guidance_scale_2=None if experts != 2 else jnp.asarray(guidance_scale_2, jnp.float32),
     )
 
 

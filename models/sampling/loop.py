@@ -17,6 +17,9 @@ runs in different orders share the program. Measurement and layout-source hooks
 (:class:`~models.common.processor.AttentionHooks`, on the backend) plug into the model's own
 attention; what their probes return is recorded per step and layer. A tqdm progress bar is
 driven from the loop by ``jax.debug.callback``; compilation happens before the first step.
+Two experts (Wan2.2 A14B, :mod:`models.sampling.experts`): a ``model_2`` and a ``boundary``
+timestep; the loop runs ``[0, switch)`` with ``model`` and ``[switch, n)`` with ``model_2``, each
+with its guidance scale, in the same program.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from dfsattn_jax.joint import JointTokens
 from dfsattn_jax.checks import check_density
@@ -53,6 +56,7 @@ from models.sampling.inputs import (
     check_plan,
     check_sampler_inputs,
 )
+from models.sampling.experts import check_boundary, check_expert_cache, check_experts, expert_switch, switch_plan
 from models.sampling.progress import StepClock
 from models.sampling.schedule import (
     FlowSchedule,
@@ -117,6 +121,14 @@ class Sampler:
       parallel_mode: how a device count is split: ``"auto"`` (2 x N/2 for an even count, else
         heads; heads only for a model that embeds its guidance, ``config.guidance_embeds``),
         ``"guidance"``, ``"heads"`` or ``"both"``.
+      model_2: a second expert of ``model``'s class and shape (Wan2.2 A14B's low-noise
+        transformer; :func:`~models.sampling.experts.check_experts`), run at the steps whose
+        timestep is below ``boundary`` (``None``: ``model`` runs every step).
+      boundary: the switch timestep, ``boundary_ratio * num_train_timesteps`` (875 for
+        Wan2.2-T2V-A14B), in ``(0, num_train_timesteps)``; given with ``model_2`` only.
+      expert_cache: how the DFS mask cache crosses the switch,
+        :data:`~models.sampling.experts.EXPERT_CACHE_MODES`: ``"refresh"`` (the first sparse
+        step of ``model_2`` recomputes the layouts) or ``"carry"`` (to measure the alternative).
 
     Attributes:
       trace_count: how many times the loop has been traced (= compiled programs).
@@ -137,8 +149,18 @@ class Sampler:
         progress: bool = True,
         parallel: Parallelism | jax.sharding.Mesh | int | None = None,
         parallel_mode: str = "auto",
+        model_2: nnx.Module | None = None,
+        boundary: float | None = None,
+        expert_cache: str = "refresh",
     ):
         self.model = model
+        self.model_2 = model_2
+        if model_2 is not None:
+            check_experts(model, model_2)
+        elif boundary is not None:
+            raise ValueError("boundary is where model_2 takes over: give model_2 with it")
+        self.boundary = None if model_2 is None else check_boundary(boundary, int(num_train_timesteps))
+        self.expert_cache = check_expert_cache(expert_cache)
         self.backend = make_backend(backend)
         # A model that embeds its guidance scale (HunyuanVideo) samples without a cond/uncond
         # batch, so "auto" gives its devices to the heads.
@@ -167,23 +189,38 @@ class Sampler:
             self.progress = False
         self.trace_count = 0
         self._clock = StepClock(f"sampling ({self.backend.name})")
-        self._run = jax.jit(self._loop, static_argnums=(0, 1, 2, 3))
+        self._run = jax.jit(self._loop, static_argnums=(0, 1, 2, 3, 4))
 
     # -- host side -------------------------------------------------------------------
+
+    def switch_step(self, num_steps: int) -> int | None:
+        """How many leading steps of a ``num_steps`` run ``model`` runs before ``model_2`` takes
+        over (:func:`~models.sampling.experts.expert_switch`; ``None`` without ``model_2``)."""
+        if self.model_2 is None:
+            return None
+        _, timesteps = _flow_schedule(self.schedule, int(num_steps), self.shift, self.num_train_timesteps)
+        return expert_switch(timesteps, self.boundary)
+
+    def _switch_plan(self, plan: SchedulePlan | None) -> SchedulePlan | None:
+        """``plan`` with the expert switch's refresh (:func:`~models.sampling.experts.switch_plan`)."""
+        if plan is None or self.model_2 is None:
+            return plan
+        return switch_plan(plan, self.switch_step(plan.num_steps), self.expert_cache)
 
     def plan(self, num_steps: int, num_tokens: int, dfs: DFSConfig | None = None) -> SchedulePlan | None:
         """The DFS plan of a run (``None`` for the dense backend).
 
         ``dfs`` overrides the schedule fields (density, decrement, dense steps, refresh
         interval) of ``backend.dfs``; its static fields (tile and block size, order, dense
-        layers) must equal the backend's.
+        layers) must equal the backend's. With ``model_2`` the plan refreshes at the switch as
+        ``expert_cache`` says.
         """
         if dfs is not None:
             dfs = check_dfs_override(dfs, self.backend)
         if not self.backend.is_sparse:
             return None
         dfs = self.backend.dfs if dfs is None else dfs
-        return plan_schedule(dfs, num_steps, num_token_blocks(num_tokens, self.backend.block_size))
+        return self._switch_plan(plan_schedule(dfs, num_steps, num_token_blocks(num_tokens, self.backend.block_size)))
 
     def cache_capacity(self, plan: SchedulePlan | None, joint: JointTokens | None = None) -> int:
         """``K_max`` of the mask cache for ``plan`` (0 for the dense backend); for a joint
@@ -216,7 +253,7 @@ class Sampler:
             return self.plan(run.num_steps, run.num_tokens, dfs)
         if plan is not None:
             check_plan(plan, run.num_steps, run.num_tokens, self.backend)
-        return plan
+        return self._switch_plan(plan)
 
     def __call__(
         self,
@@ -230,6 +267,7 @@ class Sampler:
         plan: SchedulePlan | None | str = AUTO,
         order: str | None = None,
         hook_inputs: Any = None,
+        guidance_scale_2: float | None = None,
     ) -> SampleResult:
         """Denoises ``noise`` over ``num_steps`` steps.
 
@@ -251,10 +289,13 @@ class Sampler:
           order: run in this token order, passed as an input array so that runs in any order
             share one program (``None``: the backend's order, baked into the program).
           hook_inputs: a pytree handed to the backend's hooks at every layer and step.
+          guidance_scale_2: ``model_2``'s guidance scale (traced; ``None``: ``guidance_scale``);
+            only with ``model_2``.
         """
         run = check_sampler_inputs(
             self.model, noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale,
-            order=order, parallel=self.parallel,
+            order=order, parallel=self.parallel, guidance_scale_2=guidance_scale_2,
+            experts=1 if self.model_2 is None else 2,
         )  # fmt: skip
         plan = self._resolve_plan(plan, dfs, run)
         return self._sample(run, run.num_steps, plan, self.cache_capacity(plan, run.joint), hook_inputs, bar=True)
@@ -271,6 +312,7 @@ class Sampler:
         plan: SchedulePlan | None | str = AUTO,
         order: str | None = None,
         hook_inputs: Any = None,
+        guidance_scale_2: float | None = None,
     ) -> float:
         """Compiles the program that a ``num_steps`` run uses, by running the fewest steps that
         share it; returns the wall time in seconds. Arguments as :meth:`__call__`; ``dfs`` and
@@ -279,7 +321,8 @@ class Sampler:
         start = time.perf_counter()
         run = check_sampler_inputs(
             self.model, noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale,
-            order=order, parallel=self.parallel,
+            order=order, parallel=self.parallel, guidance_scale_2=guidance_scale_2,
+            experts=1 if self.model_2 is None else 2,
         )  # fmt: skip
         kmax = self.cache_capacity(self._resolve_plan(plan, dfs, run), run.joint)
         capacity = step_capacity(run.num_steps, self.min_capacity)
@@ -301,13 +344,20 @@ class Sampler:
             state, run.noise, run.text, run.negative_text, _pad_schedule(sigmas, timesteps, capacity),
             _pad_step_plan(plan, capacity), run.guidance_scale, run.order, hook_inputs,
         )  # fmt: skip
+        graphdef_2, expert_2, switch = None, None, None
+        if self.model_2 is not None:  # (weights, guidance scale, switch step): inputs, not static
+            switch = expert_switch(timesteps, self.boundary)
+            graphdef_2, state_2 = nnx.split(self.model_2)
+            expert_2 = (state_2, run.guidance_scale_2, jnp.asarray(switch, jnp.int32))
         if self.parallel is not None:  # everything replicated onto the mesh; the weights once, in place
-            inputs = jax.device_put(inputs, self.parallel.sharding())
+            inputs, expert_2 = jax.device_put((inputs, expert_2), self.parallel.sharding())
             nnx.update(self.model, inputs[0])
+            if expert_2 is not None:
+                nnx.update(self.model_2, expert_2[0])
         self._clock.begin(num_steps, show_bar=bar)
         start = time.perf_counter()
         try:
-            final = self._run(graphdef, kmax, run.num_tokens, run.joint, *inputs)
+            final = self._run(graphdef, kmax, run.num_tokens, run.joint, graphdef_2, *inputs, expert_2)
             latents = jax.block_until_ready(final.latents)
             if self.progress:
                 jax.effects_barrier()
@@ -318,7 +368,7 @@ class Sampler:
         time_s, compile_s, step_s = self._clock.timings(start, end, num_steps)
         return SampleResult.from_state(
             final, num_steps, latents=latents, plan=plan, sigmas=sigmas, timesteps=timesteps,
-            time_s=time_s, compile_s=compile_s, step_s=step_s,
+            time_s=time_s, compile_s=compile_s, step_s=step_s, switch_step=switch,
         )  # fmt: skip
 
     # -- traced ----------------------------------------------------------------------
@@ -329,6 +379,7 @@ class Sampler:
         max_blocks: int,
         num_tokens: int,
         joint: JointTokens | None,
+        graphdef_2,
         state,
         noise: Float[Array, "b c f h w"],
         text: Any,
@@ -338,9 +389,12 @@ class Sampler:
         guidance_scale: Float[Array, ""],
         order: TokenPermutation | None,
         hook_inputs: Any,
+        expert_2: tuple[Any, Float[Array, ""], Int[Array, ""]] | None,
     ) -> LoopState:
-        """The whole denoising loop (jitted; ``graphdef``, ``max_blocks``, ``num_tokens`` and
-        ``joint`` are static, the inputs checked by :func:`~models.sampling.inputs.check_sampler_inputs`)."""
+        """The whole denoising loop (jitted; ``graphdef``, ``max_blocks``, ``num_tokens``,
+        ``joint`` and ``graphdef_2`` are static, the inputs checked by
+        :func:`~models.sampling.inputs.check_sampler_inputs`). ``expert_2``: ``model_2``'s
+        weights, guidance scale and the switch step (``None``: one model, one loop)."""
         self.trace_count += 1
         model = nnx.merge(graphdef, state)
         cfg = model.config
@@ -357,33 +411,42 @@ class Sampler:
         parallel = backend.parallel
         cond = shard_batch(cond, parallel)
 
-        def body(i, carry: LoopState) -> LoopState:
-            control = steps.control(i) if backend.is_sparse else None
-            x = carry.latents
-            x_in = shard_batch(jnp.tile(x, (2,) + (1,) * (x.ndim - 1)) if guided else x, parallel)
-            t = shard_batch(jnp.broadcast_to(schedule.timesteps[i], (model_batch,)), parallel)
-            before = carry.cache.refreshes if carry.cache is not None else None
-            attention = AttentionState(control=control, cache=carry.cache, inputs=hook_inputs, step=i)
-            out, attention = model.forward(
-                x_in.astype(model.dtype), t, cond, backend=backend, state=attention, order=order
-            )
-            v = replicate(out.astype(jnp.float32), parallel)  # one all-gather; the rest is local
-            if guided:
-                v_cond, v_uncond = v[:batch], v[batch:]
-                v = v_uncond + guidance_scale * (v_cond - v_uncond)
-            x, solver_state = self.solver.step(carry.solver, v, x, i)
-            new = carry._replace(latents=x, solver=solver_state, cache=shard_cache(attention.cache, parallel))
-            if attention.cache is not None:
-                skipped = skipped_fraction(attention.cache, cfg.num_layers, joint=joint, block_size=backend.block_size)
-                new = record_step(
-                    new, i, refreshed=attention.cache.refreshes - before, skipped=jnp.where(control.sparse, skipped, 0.0)
+        def make_body(expert: nnx.Module, scale: Float[Array, ""]):
+            """The step of ``expert`` with guidance scale ``scale``."""
+
+            def body(i, carry: LoopState) -> LoopState:
+                control = steps.control(i) if backend.is_sparse else None
+                x = carry.latents
+                x_in = shard_batch(jnp.tile(x, (2,) + (1,) * (x.ndim - 1)) if guided else x, parallel)
+                t = shard_batch(jnp.broadcast_to(schedule.timesteps[i], (model_batch,)), parallel)
+                before = carry.cache.refreshes if carry.cache is not None else None
+                attention = AttentionState(control=control, cache=carry.cache, inputs=hook_inputs, step=i)
+                out, attention = expert.forward(
+                    x_in.astype(expert.dtype), t, cond, backend=backend, state=attention, order=order
                 )
-            if carry.probes is not None:
-                new = record_step(new, i, probes=attention.probes)
-            if self.progress:  # ordered effects need one device; unordered ones may repeat per device
-                # The operand is one element of the step's result, so the callback cannot run early.
-                jax.debug.callback(self._clock.on_step, i, done_marker(x), ordered=parallel is None)
-            return new
+                v = replicate(out.astype(jnp.float32), parallel)  # one all-gather; the rest is local
+                if guided:
+                    v_cond, v_uncond = v[:batch], v[batch:]
+                    v = v_uncond + scale * (v_cond - v_uncond)
+                x, solver_state = self.solver.step(carry.solver, v, x, i)
+                new_cache = shard_cache(attention.cache, parallel)
+                new = carry._replace(latents=x, solver=solver_state, cache=new_cache)
+                if attention.cache is not None:
+                    skipped = skipped_fraction(
+                        attention.cache, cfg.num_layers, joint=joint, block_size=backend.block_size
+                    )
+                    new = record_step(
+                        new, i, refreshed=attention.cache.refreshes - before,
+                        skipped=jnp.where(control.sparse, skipped, 0.0),
+                    )  # fmt: skip
+                if carry.probes is not None:
+                    new = record_step(new, i, probes=attention.probes)
+                if self.progress:  # ordered effects need one device; unordered ones may repeat per device
+                    # The operand is one element of the step's result, so the callback cannot run early.
+                    jax.debug.callback(self._clock.on_step, i, done_marker(x), ordered=parallel is None)
+                return new
+
+            return body
 
         carry = init_loop_state(
             noise,
@@ -395,7 +458,12 @@ class Sampler:
         )
         if self.progress:  # runs once the program has started: compilation is not a step
             jax.debug.callback(self._clock.on_start, done_marker(noise), ordered=parallel is None)
-        return jax.lax.fori_loop(0, schedule.num_steps, body, carry)
+        if expert_2 is None:
+            return jax.lax.fori_loop(0, schedule.num_steps, make_body(model, guidance_scale), carry)
+        state_2, guidance_scale_2, switch = expert_2
+        carry = jax.lax.fori_loop(0, switch, make_body(model, guidance_scale), carry)
+        model_2 = nnx.merge(graphdef_2, state_2)
+        return jax.lax.fori_loop(switch, schedule.num_steps, make_body(model_2, guidance_scale_2), carry)
 
 
 def sample(

@@ -113,6 +113,8 @@ class SampleResult:
         compilation when the program is new); NaN without ``progress``.
       step_s: float64[num_steps], with ``progress``, the wall time of each step (between the
         loop's per-step callbacks, which run as the device finishes a step); NaN without.
+      switch_step: with two experts, the steps the first ran before the second took over
+        (``None``: one model).
     """
 
     latents: Array
@@ -126,6 +128,7 @@ class SampleResult:
     time_s: float = float("nan")
     compile_s: float = float("nan")
     step_s: np.ndarray | None = None
+    switch_step: int | None = None
 
     @classmethod
     def from_state(cls, final: LoopState, num_steps: int, **fields: Any) -> SampleResult:
