@@ -73,6 +73,7 @@ from models.io import (
     load_prompt_embeds,
     save_latents,
 )
+from models.pipelines.wan_repository import read_boundary_ratio
 from models.prompt_video import PromptEncoder, check_video_out, write_wan_video
 from models.sampling import Sampler
 from models.wan import config as wan_config
@@ -221,6 +222,11 @@ def _load_noise(args: argparse.Namespace, shape: tuple[int, ...]) -> jax.Array:
 def _wan_inputs(args: argparse.Namespace):
     """Wan2.1: config, latent shape, the conditioning (text, negative text or None; with
     ``--prompt`` the :class:`PromptEncoder` that makes them once the weights may be read), token grid."""
+    if read_boundary_ratio(args.checkpoint) is not None:  # not one transformer for every step: refuse
+        raise ValueError(
+            f"--checkpoint {args.checkpoint!r} is a Wan2.2 A14B repository (two experts, transformer_2/): "
+            "dfsattn-generate runs one transformer; use models.WanPipeline (docs/wan.md)"
+        )
     cfg = read_wan_config(args.checkpoint)
     shape = _latent_shape(cfg, args, wan_config.latent_shape)
     guided = args.guidance > 1.0

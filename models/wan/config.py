@@ -8,9 +8,15 @@ name                dim    layers  heads  ffn    text dim  channels in/out
 ==================  =====  ======  =====  =====  ========  =============
 ``wan2.1-1.3b``     1536   30      12     8960   4096      16 / 16
 ``wan2.1-14b``      5120   40      40     13824  4096      16 / 16
+``wan2.2-t2v-a14b`` 5120   40      40     13824  4096      16 / 16
 ``wan2.2-ti2v-5b``  3072   30      24     14336  4096      48 / 48
 ``tiny``            64     2       2      128    32        16 / 16
 ==================  =====  ======  =====  =====  ========  =============
+
+``wan2.2-t2v-a14b`` is each of Wan2.2-T2V-A14B's two experts (the high-noise ``transformer`` and
+the low-noise ``transformer_2``): Wan2.1-14B's shape, so a checkpoint's config reads as
+``wan2.1-14b`` (the first name with its shape); the pipeline runs the two
+(:mod:`models.pipelines.wan`).
 
 Wan2.2-TI2V-5B is the same transformer with 48 latent channels (the Wan2.2 VAE's ``z_dim``) and
 no new weights; its pipelines pass per-token timesteps ``[B, L]`` (``expand_timesteps``), which
@@ -115,6 +121,7 @@ class WanConfig:
 CONFIGS: dict[str, WanConfig] = {
     "wan2.1-1.3b": WanConfig(name="wan2.1-1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960),
     "wan2.1-14b": WanConfig(name="wan2.1-14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
+    "wan2.2-t2v-a14b": WanConfig(name="wan2.2-t2v-a14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
     "wan2.2-ti2v-5b": WanConfig(
         name="wan2.2-ti2v-5b", dim=3072, num_layers=30, num_heads=24, ffn_dim=14336, in_channels=48, out_channels=48
     ),

@@ -17,8 +17,10 @@ first leaves it uncalled.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -389,3 +391,18 @@ def test_guidance_nan_is_rejected(embeds, tmp_path, capsys, weights_calls, value
     assert_one_line_error(capsys, rc, "--guidance must be a finite number")
     assert weights_calls == []
     assert not (tmp_path / "out").exists()
+
+
+def test_a_two_expert_repository_is_refused_before_weights(embeds, tmp_path, capsys, weights_calls):
+    """A Wan2.2 A14B repository (transformer_2/ and boundary_ratio) is not run with one transformer
+    for every step: the command names it and points to WanPipeline."""
+    checkpoint = tmp_path / "a14b"
+    shutil.copytree(FIXTURE, checkpoint)
+    (checkpoint / "transformer_2").mkdir()
+    index = {"boundary_ratio": 0.875, "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    (checkpoint / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"} | index))
+    args = small_args(embeds, tmp_path)
+    args[args.index("--checkpoint") + 1] = str(checkpoint)
+    rc = main(args)
+    assert_one_line_error(capsys, rc, "is a Wan2.2 A14B repository", "models.WanPipeline")
+    assert weights_calls == []

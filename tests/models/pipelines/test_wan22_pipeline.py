@@ -19,6 +19,7 @@ from helpers import FIXTURES, rel_l2, watch_tensor_reads
 from safetensors.numpy import load_file
 
 from models.pipelines import WanPipeline, read_boundary_ratio
+from models.wan.config import get_config
 
 FIXTURE = FIXTURES / "wan22_pipeline_tiny"
 BASE = FIXTURES / "wan_pipeline_tiny" / "pipeline"
@@ -59,6 +60,8 @@ def test_the_repository_is_read_with_both_experts(pipe, repo):
     assert pipe.transformer_2 is not None and pipe.sampler.model_2 is pipe.transformer_2
     assert pipe.sampler.boundary == METADATA["boundary_ratio"] * 1000
     assert read_boundary_ratio(BASE) is None
+    # Each A14B expert has Wan2.1-14B's shape.
+    assert get_config("wan2.2-t2v-a14b").replace(name="wan2.1-14b") == get_config("wan2.1-14b")
 
 
 def test_the_switch_step_equals_diffusers(pipe, io):
