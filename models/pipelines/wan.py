@@ -1,4 +1,5 @@
-"""Prompt to video with Wan2.1 and Wan2.2 A14B in JAX alone: :class:`WanPipeline`, diffusers' ``WanPipeline`` without PyTorch.
+"""Prompt to video with Wan2.1 and Wan2.2 A14B in JAX alone: :class:`WanPipeline`, diffusers'
+``WanPipeline`` without PyTorch.
 
     pipe = WanPipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers")
     out = pipe("A cat walks on the grass, realistic", seed=0)
@@ -53,6 +54,7 @@ from dfsattn_jax.schedule import get_schedule_preset
 from models.common.backend import make_backend
 from models.common.progress import TickBar, host_callbacks_available
 from models.sampling import Sampler
+from models.sampling.experts import check_expert_cache
 from models.text_encoders.prompts import DEFAULT_MAX_SEQUENCE_LENGTH, PromptTokenizer, trim_and_pad
 from models.text_encoders.umt5 import UMT5Config
 from models.text_encoders.umt5_loading import load_umt5, read_umt5_config, umt5_shard_count
@@ -269,6 +271,7 @@ class WanPipeline:
         keep_text_encoder: bool | None = None,
         vae_tiling: WanVAETiling | None = None,
         progress: bool = True,
+        expert_cache: str = "refresh",
     ) -> WanPipeline:
         """Reads a diffusers Wan2.1 repository: ``text_encoder/``, ``tokenizer/``, ``vae/``,
         ``transformer/`` and ``scheduler/``; a Wan2.2 A14B one also ``transformer_2/``, with
@@ -285,6 +288,9 @@ class WanPipeline:
           vae_tiling: decode in spatial tiles (diffusers' ``enable_tiling``; ``None``: no tiling).
           progress: progress bars (the text encoder, the sampling steps, the VAE decode) and
             the names of the files read.
+          expert_cache: with two experts, how DFSAttn's mask cache crosses the switch
+            (:data:`~models.sampling.experts.EXPERT_CACHE_MODES`; ``"refresh"``: the low-noise
+            expert's first sparse step recomputes the layouts).
 
         Raises:
           ValueError: naming the folder or file that is missing or malformed, before any weight
@@ -298,6 +304,7 @@ class WanPipeline:
             raise ValueError(f"checkpoint {str(path)!r} lacks the folders {missing} of a diffusers Wan repository")
         if attention not in ("dfs", "dense"):
             raise ValueError(f"attention must be 'dfs' or 'dense', got {attention!r}")
+        check_expert_cache(expert_cache)
         dfs = get_schedule_preset(schedule) if attention == "dfs" else None
         shift, train_steps = read_scheduler(root)
         boundary_ratio = read_boundary_ratio(root)
@@ -322,7 +329,7 @@ class WanPipeline:
         sampler = Sampler(
             transformer, make_backend(attention, dfs), solver="unipc", shift=shift, schedule="unipc",
             num_train_timesteps=train_steps, progress=progress, model_2=transformer_2,
-            boundary=None if boundary_ratio is None else boundary_ratio * train_steps,
+            boundary=None if boundary_ratio is None else boundary_ratio * train_steps, expert_cache=expert_cache,
         )  # fmt: skip
         return cls(
             transformer=transformer, tokenizer=tokenizer, vae=vae, sampler=sampler, text_encoder=text_encoder,

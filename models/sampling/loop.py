@@ -49,6 +49,7 @@ from models.common.processor import (
     num_token_blocks,
     skipped_fraction,
 )
+from models.sampling.experts import check_boundary, check_expert_cache, check_experts, expert_switch, switch_plan
 from models.sampling.inputs import (
     SamplerInputs,
     check_dfs_override,
@@ -56,7 +57,6 @@ from models.sampling.inputs import (
     check_plan,
     check_sampler_inputs,
 )
-from models.sampling.experts import check_boundary, check_expert_cache, check_experts, expert_switch, switch_plan
 from models.sampling.progress import StepClock
 from models.sampling.schedule import (
     FlowSchedule,
@@ -220,7 +220,8 @@ class Sampler:
         if not self.backend.is_sparse:
             return None
         dfs = self.backend.dfs if dfs is None else dfs
-        return self._switch_plan(plan_schedule(dfs, num_steps, num_token_blocks(num_tokens, self.backend.block_size)))
+        plan = plan_schedule(dfs, num_steps, num_token_blocks(num_tokens, self.backend.block_size))
+        return self._switch_plan(plan)
 
     def cache_capacity(self, plan: SchedulePlan | None, joint: JointTokens | None = None) -> int:
         """``K_max`` of the mask cache for ``plan`` (0 for the dense backend); for a joint

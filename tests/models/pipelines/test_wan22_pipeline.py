@@ -86,8 +86,11 @@ def test_the_frames_equal_diffusers(pipe, io):
 
 def test_dfs_runs_both_experts(repo, io):
     """At the tiny size the default schedule's dense steps cover the run: DFS gives the dense frames."""
-    dfs = WanPipeline.from_pretrained(repo, dtype="float32", attention="dfs", progress=False)
+    dfs = WanPipeline.from_pretrained(repo, dtype="float32", attention="dfs", progress=False, expert_cache="carry")
+    assert dfs.sampler.expert_cache == "carry"
     assert rel_l2(dfs(**CALL, latents=io["latents"]).frames, io["frames"]) < 1e-4
+    with pytest.raises(ValueError, match="expert_cache must be one of"):
+        WanPipeline.from_pretrained(repo, dtype="float32", expert_cache="shared", progress=False)
 
 
 @pytest.mark.parametrize(
