@@ -1,7 +1,7 @@
 """Two experts in one sampling program (Wan2.2 A14B; :mod:`models.sampling.experts`), on CPU at
 the tiny config: the switch rule as diffusers applies it, the plan's refresh at the switch, the
 loop against a written-out Euler loop over single-step calls, DFS at density 1 against dense,
-one compiled program for any step count, and the argument checks.
+one compiled program for any step count, the argument checks, and two devices against one.
 
 Tolerances: float32 loops that differ only in loop structure, observed ~1e-7 relative; 1e-5 kept.
 """
@@ -9,12 +9,16 @@ Tolerances: float32 loops that differ only in loop structure, observed ~1e-7 rel
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import ROOT
 
 from dfsattn_jax.schedule import DFSConfig, plan_schedule
 from models.common.processor import AttentionBackend, make_backend
@@ -168,3 +172,37 @@ def test_the_expert_arguments_are_checked(experts, inputs):
     with pytest.raises(ValueError, match="guidance_scale_2 must be finite"):
         _sampler(experts)(noise, text, neg, num_steps=2, guidance_scale_2=float("nan"))
     assert single.trace_count == 0
+
+
+_PARALLEL_SCRIPT = """
+import sys
+sys.path[:0] = ["tests", "tests/sampling"]
+import jax.numpy as jnp, numpy as np
+from test_experts import BOUNDARY, CFG, DFS, LATENT, SHIFT, TEXT_LEN, _rel, _tiny
+from models.common.parallel import Parallelism
+from models.common.processor import AttentionBackend
+from models.sampling import Sampler
+cfg = CFG.replace(name="tiny-4h", num_heads=4)
+high, low = _tiny(0, cfg), _tiny(1, cfg)
+rng = np.random.default_rng(2)
+noise = jnp.asarray(rng.standard_normal((1, *LATENT), np.float32))
+text, neg = (jnp.asarray(rng.standard_normal((1, TEXT_LEN, cfg.text_dim), np.float32)) for _ in range(2))
+runs = {}
+for mesh in (None, (2, 1), (1, 2)):
+    sampler = Sampler(high, AttentionBackend("dfs", DFS), solver="unipc", shift=SHIFT, progress=False, model_2=low,
+                      boundary=BOUNDARY, parallel=None if mesh is None else Parallelism(*mesh))
+    runs[mesh] = sampler(noise, text, neg, num_steps=6, guidance_scale=5.0, guidance_scale_2=2.5)
+    assert runs[mesh].refresh_steps == (2, 3, 5) and sampler.trace_count == 1
+print(max(_rel(runs[m].latents, runs[None].latents) for m in ((2, 1), (1, 2))))
+"""
+
+
+def test_two_experts_on_two_devices_equal_one():
+    """Guidance- and head-parallel (two host devices, in a subprocess: XLA_FLAGS must be set
+    before JAX starts): both experts' weights go onto the mesh; UniPC with DFS."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    done = subprocess.run([sys.executable, "-c", _PARALLEL_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < F32_TOL
