@@ -3,15 +3,15 @@
 A :class:`WanConfig` mirrors the ``config.json`` of diffusers' ``WanTransformer3DModel`` for
 the text-to-video path (no image embedding): ``dim = num_heads * head_dim``.
 
-==================  =====  ======  =====  =====  ========  =============
-name                dim    layers  heads  ffn    text dim  channels in/out
-==================  =====  ======  =====  =====  ========  =============
-``wan2.1-1.3b``     1536   30      12     8960   4096      16 / 16
-``wan2.1-14b``      5120   40      40     13824  4096      16 / 16
-``wan2.2-t2v-a14b`` 5120   40      40     13824  4096      16 / 16
-``wan2.2-ti2v-5b``  3072   30      24     14336  4096      48 / 48
-``tiny``            64     2       2      128    32        16 / 16
-==================  =====  ======  =====  =====  ========  =============
+===================  =====  ======  =====  =====  ========  =============
+name                 dim    layers  heads  ffn    text dim  channels in/out
+===================  =====  ======  =====  =====  ========  =============
+``wan2.1-1.3b``      1536   30      12     8960   4096      16 / 16
+``wan2.1-14b``       5120   40      40     13824  4096      16 / 16
+``wan2.2-t2v-a14b``  5120   40      40     13824  4096      16 / 16
+``wan2.2-ti2v-5b``   3072   30      24     14336  4096      48 / 48
+``tiny``             64     2       2      128    32        16 / 16
+===================  =====  ======  =====  =====  ========  =============
 
 ``wan2.2-t2v-a14b`` is each of Wan2.2-T2V-A14B's two experts (the high-noise ``transformer`` and
 the low-noise ``transformer_2``): Wan2.1-14B's shape, so a checkpoint's config reads as
