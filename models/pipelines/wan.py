@@ -40,7 +40,7 @@ import os
 import pathlib
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -60,6 +60,7 @@ from models.text_encoders.umt5 import UMT5Config
 from models.text_encoders.umt5_loading import load_umt5, read_umt5_config, umt5_shard_count
 from models.vae import (
     WanVAE,
+    WanVAEConfig,
     WanVAETiling,
     decode_ticks,
     decode_video,
@@ -67,7 +68,7 @@ from models.vae import (
     load_wan_vae,
     read_wan_vae_config,
 )
-from models.pipelines.wan_repository import read_boundary_ratio, read_scheduler
+from models.pipelines.wan_repository import read_boundary_ratio, read_expert_config, read_scheduler
 from models.wan.config import WanConfig
 from models.wan.loading import load_wan, read_wan_config
 
@@ -126,19 +127,6 @@ def check_text_width(config: UMT5Config, text_dim: int) -> None:
         raise ValueError(
             f"the text encoder's width d_model={config.d_model} is not the transformer's text_dim={text_dim}"
         )
-
-
-def _expert_config(root: pathlib.Path, config: WanConfig) -> WanConfig:
-    """``transformer_2/``'s config after checking it has ``transformer/``'s shape (``config``),
-    as the two experts of one sampling loop must.
-
-    Raises:
-      ValueError: naming ``transformer_2`` and both configs.
-    """
-    expert = read_wan_config(root / "transformer_2")
-    if dataclasses.replace(expert, name=config.name) != config:
-        raise ValueError(f"transformer_2's config {expert} must have transformer's shape {config}")
-    return expert
 
 
 def make_text_bar(show: bool = True) -> TickBar:
@@ -214,6 +202,7 @@ class WanPipeline:
     """Wan2.1 text-to-video: prompt in, frames out (see the module docstring).
 
     Build it with :meth:`from_pretrained`; the constructor takes the loaded parts.
+    :data:`PIPELINE_CLASS` is the diffusers class ``model_index.json`` names.
 
     Attributes:
       transformer_2: the low-noise expert of a Wan2.2 A14B repository (``None``: Wan2.1).
@@ -223,6 +212,8 @@ class WanPipeline:
       decode_bar: the VAE's bar (:func:`make_decode_bar`), opened by each :meth:`decode`.
       Both count their ticks (``count`` of ``total``) even when not shown (``progress=False``).
     """
+
+    PIPELINE_CLASS = "WanPipeline"
 
     def __init__(
         self,
@@ -307,13 +298,14 @@ class WanPipeline:
         check_expert_cache(expert_cache)
         dfs = get_schedule_preset(schedule) if attention == "dfs" else None
         shift, train_steps = read_scheduler(root)
-        boundary_ratio = read_boundary_ratio(root)
+        boundary_ratio = read_boundary_ratio(root, cls.PIPELINE_CLASS)
         # Every config, and the tokenizer, before any weight.
         wan_config = read_wan_config(root)
-        expert_config = None if boundary_ratio is None else _expert_config(root, wan_config)
+        expert_config = None if boundary_ratio is None else read_expert_config(root, wan_config)
         text_config = read_umt5_config(root / "text_encoder")
         check_text_width(text_config, wan_config.text_dim)
         vae_config = read_wan_vae_config(root)
+        cls._check_channels(wan_config, vae_config)
         tokenizer = PromptTokenizer.from_pretrained(root / "tokenizer")
         if keep_text_encoder is None:
             keep_text_encoder = jax.default_backend() != "gpu"
@@ -337,6 +329,15 @@ class WanPipeline:
             keep_text_encoder=keep_text_encoder, dtype=dtype, vae_tiling=vae_tiling, progress=progress,
             transformer_2=transformer_2, boundary_ratio=boundary_ratio,
         )  # fmt: skip
+
+    @staticmethod
+    def _check_channels(config: WanConfig, vae_config: WanVAEConfig) -> None:
+        """Text to video: the transformer takes and gives the VAE's latent channels."""
+        if config.in_channels != vae_config.z_dim or config.out_channels != vae_config.z_dim:
+            raise ValueError(
+                f"the transformer's in_channels={config.in_channels} and out_channels={config.out_channels} must "
+                f"be the VAE's z_dim={vae_config.z_dim} (text to video)"
+            )
 
     # -- the text ---------------------------------------------------------------------
 
@@ -411,6 +412,18 @@ class WanPipeline:
         Raises:
           ValueError: naming the argument, before any work.
         """
+        return self._generate(
+            prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, guidance_scale_2,
+            num_videos_per_prompt, latents, max_sequence_length, output_type, seed,
+        )  # fmt: skip
+
+    def _generate(
+        self, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+        guidance_scale_2, num_videos_per_prompt, latents, max_sequence_length, output_type, seed,
+        condition: Callable[[tuple[int, ...]], Array] | None = None,
+    ) -> WanPipelineOutput:
+        """:meth:`__call__`'s work; ``condition(shape)``, called once the arguments are checked,
+        gives the latent channels the transformer takes after the noise's (image to video)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
@@ -429,6 +442,7 @@ class WanPipeline:
                 raise ValueError(f"guidance_scale_2 must be a finite number, got {guidance_scale_2!r}")
         noise = self._noise(latents, shape, seed)
         guided = float(guidance_scale) > 1.0
+        extra = None if condition is None else condition(shape)
 
         t0 = time.perf_counter()
         text = self.encode_prompt(prompts + (negatives if guided else []), max_sequence_length)
@@ -439,7 +453,8 @@ class WanPipeline:
         text_s = time.perf_counter() - t0
         scale_2 = None if guidance_scale_2 is None else float(guidance_scale_2)
         result = self.sampler(
-            noise, cond, uncond, num_steps=steps, guidance_scale=float(guidance_scale), guidance_scale_2=scale_2
+            noise, cond, uncond, num_steps=steps, guidance_scale=float(guidance_scale), guidance_scale_2=scale_2,
+            condition=extra,
         )
         timings = {"text": text_s, "compile": result.compile_s, "sampling": result.time_s, "decode": 0.0}
         if output_type == "latent":
@@ -478,7 +493,7 @@ class WanPipeline:
             warnings.warn(f"num_frames - 1 must be a multiple of {temporal}: {frames} rounded to {rounded}", stacklevel=3)
             frames = rounded
         per_prompt = check_positive_int(per_prompt, "num_videos_per_prompt")
-        channels = self.transformer.config.in_channels
+        channels = self.transformer.config.out_channels  # the noise's: I2V's transformer takes more
         return (prompts * per_prompt, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
 
     @staticmethod

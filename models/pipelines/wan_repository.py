@@ -1,5 +1,6 @@
 """What a diffusers Wan repository's own files say, read before any weight: the scheduler
-(:func:`read_scheduler`) and ``model_index.json``'s pipeline keys (:func:`read_boundary_ratio`).
+(:func:`read_scheduler`), ``model_index.json``'s pipeline keys (:func:`read_boundary_ratio`) and
+the second expert's config (:func:`read_expert_config`).
 
 A Wan2.2 A14B repository (``Wan-AI/Wan2.2-T2V-A14B-Diffusers``) is a Wan2.1 one with a second
 transformer, ``transformer_2/`` (the low-noise expert), and ``boundary_ratio`` in
@@ -9,6 +10,7 @@ transformer, ``transformer_2/`` (the low-noise expert), and ``boundary_ratio`` i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,8 +18,10 @@ import pathlib
 from typing import Any
 
 from dfsattn_jax.checks import check_positive_int
+from models.wan.config import WanConfig
+from models.wan.loading import read_wan_config
 
-__all__ = ["MODEL_INDEX", "read_boundary_ratio", "read_scheduler"]
+__all__ = ["MODEL_INDEX", "read_boundary_ratio", "read_expert_config", "read_scheduler"]
 
 #: The pipeline's own config file at the repository's root.
 MODEL_INDEX = "model_index.json"
@@ -63,14 +67,15 @@ def _listed(entry: Any) -> bool:
     return isinstance(entry, list) and any(part is not None for part in entry)
 
 
-def read_boundary_ratio(path: str | os.PathLike) -> float | None:
+def read_boundary_ratio(path: str | os.PathLike, pipeline: str = _PIPELINE) -> float | None:
     """``boundary_ratio`` of a repository's ``model_index.json``: ``None`` for one transformer
     (Wan2.1, or no ``model_index.json``), else a number in ``(0, 1)`` with a ``transformer_2/``
-    folder listed beside it.
+    folder listed beside it. ``pipeline``: the diffusers class the file must name
+    (``"WanPipeline"``, or ``"WanImageToVideoPipeline"``).
 
     Raises:
-      ValueError: naming the file and the key: a malformed file, another pipeline class (the
-        image-to-video pipelines), ``expand_timesteps`` (Wan2.2-TI2V-5B, not run here), a
+      ValueError: naming the file and the key: a malformed file, another pipeline class,
+        ``expand_timesteps`` (Wan2.2-TI2V-5B, not run here), a
         ``boundary_ratio`` that is not a number in ``(0, 1)``, a ``boundary_ratio`` without
         ``transformer_2`` or a ``transformer_2`` without ``boundary_ratio``.
     """
@@ -79,9 +84,9 @@ def read_boundary_ratio(path: str | os.PathLike) -> float | None:
     if not file.is_file():
         return None
     index = _read_json(file)
-    name = index.get("_class_name", _PIPELINE)
-    if name != _PIPELINE:
-        raise ValueError(f"{str(file)!r}: this pipeline reads a text-to-video {_PIPELINE} repository, got {name!r}")
+    name = index.get("_class_name", pipeline)
+    if name != pipeline:
+        raise ValueError(f"{str(file)!r}: this pipeline reads a {pipeline} repository, got {name!r}")
     if index.get("expand_timesteps"):
         raise ValueError(f"{str(file)!r}: expand_timesteps (Wan2.2-TI2V-5B) is not supported")
     ratio = index.get("boundary_ratio")
@@ -98,3 +103,16 @@ def read_boundary_ratio(path: str | os.PathLike) -> float | None:
             "(the low-noise expert) listed and in its transformer_2/ folder"
         )
     return float(ratio)
+
+
+def read_expert_config(root: pathlib.Path, config: WanConfig) -> WanConfig:
+    """``transformer_2/``'s config after checking it has ``transformer/``'s shape (``config``),
+    as the two experts of one sampling loop must.
+
+    Raises:
+      ValueError: naming ``transformer_2`` and both configs.
+    """
+    expert = read_wan_config(root / "transformer_2")
+    if dataclasses.replace(expert, name=config.name) != config:
+        raise ValueError(f"transformer_2's config {expert} must have transformer's shape {config}")
+    return expert

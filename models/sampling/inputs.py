@@ -49,6 +49,8 @@ class SamplerInputs(NamedTuple):
       num_steps: the denoising steps, a Python int ``>= 1``.
       guidance_scale_2: float32 ``[]``, the second expert's guidance scale (``None`` without a
         second expert).
+      condition: float32 ``[B, C_c, F, H, W]``, latent channels the model takes after the
+        latents' at every step (Wan I2V: mask and image latents), ``None`` without.
     """
 
     noise: Float[Array, "b c f h w"]
@@ -60,6 +62,7 @@ class SamplerInputs(NamedTuple):
     num_tokens: int
     num_steps: int
     guidance_scale_2: Float[Array, ""] | None = None
+    condition: Float[Array, "b cc f h w"] | None = None
 
 
 def check_finite(**values: Any) -> None:
@@ -126,25 +129,34 @@ def check_sampler_inputs(
     parallel: Parallelism | None,
     guidance_scale_2: float | None = None,
     experts: int = 1,
+    condition: Float[Array, "b cc f h w"] | None = None,
 ) -> SamplerInputs:
     """Checks one sampler call (arguments as :meth:`~models.sampling.loop.Sampler.__call__`):
     the model's own shape checks (``model.check_inputs``), ``negative_text`` against ``text``,
     finite values, the joint spans, the fit on the device mesh, ``num_steps`` and ``order``;
-    ``guidance_scale_2`` only with ``experts == 2`` (default: ``guidance_scale``).
+    ``guidance_scale_2`` only with ``experts == 2`` (default: ``guidance_scale``); ``condition``
+    of ``noise``'s batch and grid (the model checks the channels of both together).
 
     Raises:
       ValueError: naming the argument and the expected value.
     """
     noise = jnp.asarray(noise)
     text = jax.tree.map(jnp.asarray, text)
-    grid = model.check_inputs(noise, jnp.zeros((noise.shape[0],)), text)
+    model_input = noise
+    if condition is not None:
+        condition = jnp.asarray(condition)
+        if condition.ndim != noise.ndim or condition.shape[:1] + condition.shape[2:] != noise.shape[:1] + noise.shape[2:]:
+            raise ValueError(f"condition must be [B, C, F, H, W] with noise's B, F, H, W {noise.shape}, got {condition.shape}")
+        condition = condition.astype(jnp.float32)
+        model_input = jnp.concatenate([noise.astype(jnp.float32), condition], axis=1)
+    grid = model.check_inputs(model_input, jnp.zeros((noise.shape[0],)), text)
     if negative_text is not None:
         negative_text = _check_negative_text(negative_text, text)
     if guidance_scale_2 is not None and experts != 2:
         raise ValueError("guidance_scale_2 is the second expert's guidance scale: give the sampler a model_2")
     check_finite(
         noise=noise, text=text, negative_text=negative_text, guidance_scale=guidance_scale,
-        guidance_scale_2=guidance_scale_2,
+        guidance_scale_2=guidance_scale_2, condition=condition,
     )  # fmt: skip
     if experts == 2 and guidance_scale_2 is None:
         guidance_scale_2 = guidance_scale
@@ -165,6 +177,7 @@ def check_sampler_inputs(
         num_tokens=num_tokens,
         num_steps=num_steps,
         guidance_scale_2=None if experts != 2 else jnp.asarray(guidance_scale_2, jnp.float32),
+        condition=condition,
     )
 
 

@@ -269,6 +269,7 @@ class Sampler:
         order: str | None = None,
         hook_inputs: Any = None,
         guidance_scale_2: float | None = None,
+        condition: Float[Array, "b cc f h w"] | None = None,
     ) -> SampleResult:
         """Denoises ``noise`` over ``num_steps`` steps.
 
@@ -292,11 +293,13 @@ class Sampler:
           hook_inputs: a pytree handed to the backend's hooks at every layer and step.
           guidance_scale_2: ``model_2``'s guidance scale (traced; ``None``: ``guidance_scale``);
             only with ``model_2``.
+          condition: latent channels ``[B, C_c, F, H, W]`` the model takes after the latents'
+            at every step (Wan I2V: the mask and the image latents); ``None``: none.
         """
         run = check_sampler_inputs(
             self.model, noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale,
             order=order, parallel=self.parallel, guidance_scale_2=guidance_scale_2,
-            experts=1 if self.model_2 is None else 2,
+            experts=1 if self.model_2 is None else 2, condition=condition,
         )  # fmt: skip
         plan = self._resolve_plan(plan, dfs, run)
         return self._sample(run, run.num_steps, plan, self.cache_capacity(plan, run.joint), hook_inputs, bar=True)
@@ -314,6 +317,7 @@ class Sampler:
         order: str | None = None,
         hook_inputs: Any = None,
         guidance_scale_2: float | None = None,
+        condition: Float[Array, "b cc f h w"] | None = None,
     ) -> float:
         """Compiles the program that a ``num_steps`` run uses, by running the fewest steps that
         share it; returns the wall time in seconds. Arguments as :meth:`__call__`; ``dfs`` and
@@ -323,7 +327,7 @@ class Sampler:
         run = check_sampler_inputs(
             self.model, noise, text, negative_text, num_steps=num_steps, guidance_scale=guidance_scale,
             order=order, parallel=self.parallel, guidance_scale_2=guidance_scale_2,
-            experts=1 if self.model_2 is None else 2,
+            experts=1 if self.model_2 is None else 2, condition=condition,
         )  # fmt: skip
         kmax = self.cache_capacity(self._resolve_plan(plan, dfs, run), run.joint)
         capacity = step_capacity(run.num_steps, self.min_capacity)
@@ -350,15 +354,16 @@ class Sampler:
             switch = expert_switch(timesteps, self.boundary)
             graphdef_2, state_2 = nnx.split(self.model_2)
             expert_2 = (state_2, run.guidance_scale_2, jnp.asarray(switch, jnp.int32))
+        condition = run.condition
         if self.parallel is not None:  # everything replicated onto the mesh; the weights once, in place
-            inputs, expert_2 = jax.device_put((inputs, expert_2), self.parallel.sharding())
+            inputs, expert_2, condition = jax.device_put((inputs, expert_2, condition), self.parallel.sharding())
             nnx.update(self.model, inputs[0])
             if expert_2 is not None:
                 nnx.update(self.model_2, expert_2[0])
         self._clock.begin(num_steps, show_bar=bar)
         start = time.perf_counter()
         try:
-            final = self._run(graphdef, kmax, run.num_tokens, run.joint, graphdef_2, *inputs, expert_2)
+            final = self._run(graphdef, kmax, run.num_tokens, run.joint, graphdef_2, *inputs, expert_2, condition)
             latents = jax.block_until_ready(final.latents)
             if self.progress:
                 jax.effects_barrier()
@@ -391,11 +396,13 @@ class Sampler:
         order: TokenPermutation | None,
         hook_inputs: Any,
         expert_2: tuple[Any, Float[Array, ""], Int[Array, ""]] | None,
+        condition: Float[Array, "b cc f h w"] | None,
     ) -> LoopState:
         """The whole denoising loop (jitted; ``graphdef``, ``max_blocks``, ``num_tokens``,
         ``joint`` and ``graphdef_2`` are static, the inputs checked by
         :func:`~models.sampling.inputs.check_sampler_inputs`). ``expert_2``: ``model_2``'s
-        weights, guidance scale and the switch step (``None``: one model, one loop)."""
+        weights, guidance scale and the switch step (``None``: one model, one loop); ``condition``:
+        channels appended to the latents at every step (``None``: none)."""
         self.trace_count += 1
         model = nnx.merge(graphdef, state)
         cfg = model.config
@@ -418,7 +425,8 @@ class Sampler:
             def body(i, carry: LoopState) -> LoopState:
                 control = steps.control(i) if backend.is_sparse else None
                 x = carry.latents
-                x_in = shard_batch(jnp.tile(x, (2,) + (1,) * (x.ndim - 1)) if guided else x, parallel)
+                x_in = x if condition is None else jnp.concatenate([x, condition], axis=1)
+                x_in = shard_batch(jnp.tile(x_in, (2,) + (1,) * (x.ndim - 1)) if guided else x_in, parallel)
                 t = shard_batch(jnp.broadcast_to(schedule.timesteps[i], (model_batch,)), parallel)
                 before = carry.cache.refreshes if carry.cache is not None else None
                 attention = AttentionState(control=control, cache=carry.cache, inputs=hook_inputs, step=i)
