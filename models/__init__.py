@@ -8,7 +8,8 @@
 - :mod:`models.text_encoders`: UMT5 (Wan's text encoder) and the prompt handling, in JAX.
 - :mod:`models.vae`: the Wan VAE (encode, decode), in JAX.
 - :mod:`models.sampling`: the one jitted sampling loop and its solvers (Euler, UniPC).
-- :mod:`models.pipelines`: prompt to video: :class:`WanPipeline`.
+- :mod:`models.pipelines`: prompt (and image) to video: :class:`WanPipeline`,
+  :class:`WanImageToVideoPipeline`.
 - :mod:`models.evaluation`: the small trained video DiT, the quality runner, comparisons, media.
 - :mod:`models.io`, :mod:`models.cli_args`, :mod:`models.generate`, :mod:`models.demo`: files and command lines.
 """
@@ -24,11 +25,12 @@ from models.common.processor import (
     sparse_step,
 )
 from models.sampling import SampleResult, Sampler, Solver, flow_schedule, get_solver, sample
-from models.pipelines import WanPipeline, WanPipelineOutput
+from models.pipelines import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
 from models.hunyuan_video import HunyuanConditioning, HunyuanVideoTransformer3DModel, load_hunyuan_video
 from models.wan import CONFIGS, WanConfig, WanTransformer3DModel, default_dtype, get_config, latent_shape, load_wan, token_grid
 
 __all__ = [
+    "WanImageToVideoPipeline",
     "WanPipeline",
     "WanPipelineOutput",
     "AttentionBackend",

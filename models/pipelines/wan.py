@@ -60,7 +60,6 @@ from models.text_encoders.umt5 import UMT5Config
 from models.text_encoders.umt5_loading import load_umt5, read_umt5_config, umt5_shard_count
 from models.vae import (
     WanVAE,
-    WanVAEConfig,
     WanVAETiling,
     decode_ticks,
     decode_video,
@@ -68,8 +67,13 @@ from models.vae import (
     load_wan_vae,
     read_wan_vae_config,
 )
-from models.pipelines.wan_repository import read_boundary_ratio, read_expert_config, read_scheduler
-from models.wan.config import WanConfig
+from models.pipelines.wan_repository import (
+    check_channels,
+    check_text_width,
+    read_boundary_ratio,
+    read_expert_config,
+    read_scheduler,
+)
 from models.wan.loading import load_wan, read_wan_config
 
 __all__ = [
@@ -114,19 +118,6 @@ class WanPipelineOutput:
 @nnx.jit
 def _encode(encoder, input_ids, attention_mask):
     return encoder(input_ids, attention_mask)
-
-
-def check_text_width(config: UMT5Config, text_dim: int) -> None:
-    """Checks that the text encoder's width is the transformer's ``text_dim`` (from the configs,
-    before any weight is read).
-
-    Raises:
-      ValueError: naming both widths.
-    """
-    if config.d_model != text_dim:
-        raise ValueError(
-            f"the text encoder's width d_model={config.d_model} is not the transformer's text_dim={text_dim}"
-        )
 
 
 def make_text_bar(show: bool = True) -> TickBar:
@@ -202,7 +193,8 @@ class WanPipeline:
     """Wan2.1 text-to-video: prompt in, frames out (see the module docstring).
 
     Build it with :meth:`from_pretrained`; the constructor takes the loaded parts.
-    :data:`PIPELINE_CLASS` is the diffusers class ``model_index.json`` names.
+    :data:`PIPELINE_CLASS` is the diffusers class ``model_index.json`` names;
+    :data:`IMAGE_TO_VIDEO` says which channels the transformer takes (:func:`check_channels`).
 
     Attributes:
       transformer_2: the low-noise expert of a Wan2.2 A14B repository (``None``: Wan2.1).
@@ -214,6 +206,7 @@ class WanPipeline:
     """
 
     PIPELINE_CLASS = "WanPipeline"
+    IMAGE_TO_VIDEO = False
 
     def __init__(
         self,
@@ -305,7 +298,7 @@ class WanPipeline:
         text_config = read_umt5_config(root / "text_encoder")
         check_text_width(text_config, wan_config.text_dim)
         vae_config = read_wan_vae_config(root)
-        cls._check_channels(wan_config, vae_config)
+        check_channels(wan_config, vae_config, image_to_video=cls.IMAGE_TO_VIDEO)
         tokenizer = PromptTokenizer.from_pretrained(root / "tokenizer")
         if keep_text_encoder is None:
             keep_text_encoder = jax.default_backend() != "gpu"
@@ -329,15 +322,6 @@ class WanPipeline:
             keep_text_encoder=keep_text_encoder, dtype=dtype, vae_tiling=vae_tiling, progress=progress,
             transformer_2=transformer_2, boundary_ratio=boundary_ratio,
         )  # fmt: skip
-
-    @staticmethod
-    def _check_channels(config: WanConfig, vae_config: WanVAEConfig) -> None:
-        """Text to video: the transformer takes and gives the VAE's latent channels."""
-        if config.in_channels != vae_config.z_dim or config.out_channels != vae_config.z_dim:
-            raise ValueError(
-                f"the transformer's in_channels={config.in_channels} and out_channels={config.out_channels} must "
-                f"be the VAE's z_dim={vae_config.z_dim} (text to video)"
-            )
 
     # -- the text ---------------------------------------------------------------------
 

@@ -27,8 +27,7 @@ from jaxtyping import Array, Float
 
 from models.pipelines.wan import WanPipeline, WanPipelineOutput
 from models.text_encoders.prompts import DEFAULT_MAX_SEQUENCE_LENGTH
-from models.vae import WanVAE, WanVAEConfig, encode_video, normalize_latents
-from models.wan.config import WanConfig
+from models.vae import WanVAE, encode_video, normalize_latents
 
 __all__ = ["WanImageToVideoPipeline", "check_image", "image_condition"]
 
@@ -80,18 +79,7 @@ class WanImageToVideoPipeline(WanPipeline):
     repository; everything else is :class:`WanPipeline`'s."""
 
     PIPELINE_CLASS = "WanImageToVideoPipeline"
-
-    @staticmethod
-    def _check_channels(config: WanConfig, vae_config: WanVAEConfig) -> None:
-        """Image to video: the noise, the mask (``temporal_factor`` channels) and the image's
-        latents in, the VAE's channels out."""
-        z = vae_config.z_dim
-        want = 2 * z + vae_config.temporal_factor
-        if config.in_channels != want or config.out_channels != z:
-            raise ValueError(
-                f"the transformer's in_channels={config.in_channels} and out_channels={config.out_channels} must be "
-                f"{want} (noise, mask and image latents) and the VAE's z_dim={z} (image to video)"
-            )
+    IMAGE_TO_VIDEO = True
 
     def __call__(
         self,

@@ -1,6 +1,7 @@
 """What a diffusers Wan repository's own files say, read before any weight: the scheduler
 (:func:`read_scheduler`), ``model_index.json``'s pipeline keys (:func:`read_boundary_ratio`) and
-the second expert's config (:func:`read_expert_config`).
+the second expert's config (:func:`read_expert_config`), and the checks of the configs against
+each other (:func:`check_text_width`, :func:`check_channels`).
 
 A Wan2.2 A14B repository (``Wan-AI/Wan2.2-T2V-A14B-Diffusers``) is a Wan2.1 one with a second
 transformer, ``transformer_2/`` (the low-noise expert), and ``boundary_ratio`` in
@@ -18,10 +19,19 @@ import pathlib
 from typing import Any
 
 from dfsattn_jax.checks import check_positive_int
+from models.text_encoders.umt5 import UMT5Config
+from models.vae import WanVAEConfig
 from models.wan.config import WanConfig
 from models.wan.loading import read_wan_config
 
-__all__ = ["MODEL_INDEX", "read_boundary_ratio", "read_expert_config", "read_scheduler"]
+__all__ = [
+    "MODEL_INDEX",
+    "check_channels",
+    "check_text_width",
+    "read_boundary_ratio",
+    "read_expert_config",
+    "read_scheduler",
+]
 
 #: The pipeline's own config file at the repository's root.
 MODEL_INDEX = "model_index.json"
@@ -116,3 +126,35 @@ def read_expert_config(root: pathlib.Path, config: WanConfig) -> WanConfig:
     if dataclasses.replace(expert, name=config.name) != config:
         raise ValueError(f"transformer_2's config {expert} must have transformer's shape {config}")
     return expert
+
+
+def check_text_width(config: UMT5Config, text_dim: int) -> None:
+    """Checks that the text encoder's width is the transformer's ``text_dim`` (from the configs,
+    before any weight is read).
+
+    Raises:
+      ValueError: naming both widths.
+    """
+    if config.d_model != text_dim:
+        raise ValueError(
+            f"the text encoder's width d_model={config.d_model} is not the transformer's text_dim={text_dim}"
+        )
+
+
+def check_channels(config: WanConfig, vae_config: WanVAEConfig, *, image_to_video: bool) -> None:
+    """Checks the transformer's latent channels against the VAE's ``z_dim`` (from the configs):
+    text to video takes and gives ``z_dim``; image to video takes the noise, the mask
+    (``temporal_factor`` channels) and the image's latents, ``2 z_dim + temporal_factor``, and
+    gives ``z_dim``.
+
+    Raises:
+      ValueError: naming both channel counts and what they must be.
+    """
+    z = vae_config.z_dim
+    want = 2 * z + vae_config.temporal_factor if image_to_video else z
+    if config.in_channels != want or config.out_channels != z:
+        what = "noise, mask and image latents: image to video" if image_to_video else "text to video"
+        raise ValueError(
+            f"the transformer's in_channels={config.in_channels} and out_channels={config.out_channels} must be "
+            f"{want} and the VAE's z_dim={z} ({what})"
+        )

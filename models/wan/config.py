@@ -9,6 +9,7 @@ name                 dim    layers  heads  ffn    text dim  channels in/out
 ``wan2.1-1.3b``      1536   30      12     8960   4096      16 / 16
 ``wan2.1-14b``       5120   40      40     13824  4096      16 / 16
 ``wan2.2-t2v-a14b``  5120   40      40     13824  4096      16 / 16
+``wan2.2-i2v-a14b``  5120   40      40     13824  4096      36 / 16
 ``wan2.2-ti2v-5b``   3072   30      24     14336  4096      48 / 48
 ``tiny``             64     2       2      128    32        16 / 16
 ===================  =====  ======  =====  =====  ========  =============
@@ -16,7 +17,8 @@ name                 dim    layers  heads  ffn    text dim  channels in/out
 ``wan2.2-t2v-a14b`` is each of Wan2.2-T2V-A14B's two experts (the high-noise ``transformer`` and
 the low-noise ``transformer_2``): Wan2.1-14B's shape, so a checkpoint's config reads as
 ``wan2.1-14b`` (the first name with its shape); the pipeline runs the two
-(:mod:`models.pipelines.wan`).
+(:mod:`models.pipelines.wan`). ``wan2.2-i2v-a14b``'s experts take 36 latent channels: the noise
+(16), a mask (4) and the image's latents (16) (:mod:`models.pipelines.wan_i2v`).
 
 Wan2.2-TI2V-5B is the same transformer with 48 latent channels (the Wan2.2 VAE's ``z_dim``) and
 no new weights; its pipelines pass per-token timesteps ``[B, L]`` (``expand_timesteps``), which
@@ -122,6 +124,9 @@ CONFIGS: dict[str, WanConfig] = {
     "wan2.1-1.3b": WanConfig(name="wan2.1-1.3b", dim=1536, num_layers=30, num_heads=12, ffn_dim=8960),
     "wan2.1-14b": WanConfig(name="wan2.1-14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
     "wan2.2-t2v-a14b": WanConfig(name="wan2.2-t2v-a14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824),
+    "wan2.2-i2v-a14b": WanConfig(
+        name="wan2.2-i2v-a14b", dim=5120, num_layers=40, num_heads=40, ffn_dim=13824, in_channels=36, out_channels=16
+    ),
     "wan2.2-ti2v-5b": WanConfig(
         name="wan2.2-ti2v-5b", dim=3072, num_layers=30, num_heads=24, ffn_dim=14336, in_channels=48, out_channels=48
     ),
@@ -152,13 +157,15 @@ def latent_shape(
         no Wan VAE's.
     """
     config = get_config(config)
-    factor = VAE_SPATIAL_FACTORS.get(config.in_channels)
+    # The noise's channels (the output's): an I2V expert takes 36 in, 16 of them the noise.
+    channels = config.out_channels
+    factor = VAE_SPATIAL_FACTORS.get(channels)
     if factor is None:
         raise ValueError(
-            f"config {config.name!r} has {config.in_channels} latent channels; the Wan VAEs have "
+            f"config {config.name!r} has {channels} latent channels; the Wan VAEs have "
             f"{sorted(VAE_SPATIAL_FACTORS)}, so its pixel size is unknown"
         )
-    return video_latent_shape(config.in_channels, config.patch_size, frames, height, width, spatial_factor=factor)
+    return video_latent_shape(channels, config.patch_size, frames, height, width, spatial_factor=factor)
 
 
 def token_grid(config: str | WanConfig, latent_grid: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -171,6 +171,10 @@ def test_the_expert_arguments_are_checked(experts, inputs):
         single(noise, text, neg, num_steps=2, guidance_scale_2=2.0)
     with pytest.raises(ValueError, match="guidance_scale_2 must be finite"):
         _sampler(experts)(noise, text, neg, num_steps=2, guidance_scale_2=float("nan"))
+    with pytest.raises(ValueError, match=r"condition must be \[B, C, F, H, W\] with noise's B, F, H, W"):
+        single(noise, text, neg, num_steps=2, condition=jnp.zeros((1, 4, 1, 16, 16)))
+    with pytest.raises(ValueError, match="channels"):  # the model's own check: 16 + 4 is not its in_channels
+        single(noise, text, neg, num_steps=2, condition=jnp.zeros((1, 4, *LATENT[1:])))
     assert single.trace_count == 0
 
 
