@@ -53,6 +53,13 @@ from dfsattn_jax.checks import check_nonnegative_int, check_positive_int
 from dfsattn_jax.schedule import get_schedule_preset
 from models.common.backend import make_backend
 from models.common.progress import TickBar, host_callbacks_available
+from models.pipelines.wan_repository import (
+    check_channels,
+    check_text_width,
+    read_boundary_ratio,
+    read_expert_config,
+    read_scheduler,
+)
 from models.sampling import Sampler
 from models.sampling.experts import check_expert_cache
 from models.text_encoders.prompts import DEFAULT_MAX_SEQUENCE_LENGTH, PromptTokenizer, trim_and_pad
@@ -66,13 +73,6 @@ from models.vae import (
     denormalize_latents,
     load_wan_vae,
     read_wan_vae_config,
-)
-from models.pipelines.wan_repository import (
-    check_channels,
-    check_text_width,
-    read_boundary_ratio,
-    read_expert_config,
-    read_scheduler,
 )
 from models.wan.loading import load_wan, read_wan_config
 
@@ -190,7 +190,7 @@ def _to_frames(video: Float[Array, "b c f h w"]) -> np.ndarray:
 
 
 class WanPipeline:
-    """Wan2.1 text-to-video: prompt in, frames out (see the module docstring).
+    """Wan2.1 and Wan2.2 A14B text to video: prompt in, frames out (see the module docstring).
 
     Build it with :meth:`from_pretrained`; the constructor takes the loaded parts.
     :data:`PIPELINE_CLASS` is the diffusers class ``model_index.json`` names;
