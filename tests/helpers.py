@@ -23,6 +23,8 @@ __all__ = [
     "numpy_block_scores",
     "numpy_tile_probs",
     "rel_l2",
+    "assert_rel_l2",
+    "assemble_wan22_repository",
 ]
 
 #: The repository root and the folder of the committed fixtures.
@@ -36,6 +38,31 @@ def rel_l2(a, b) -> float:
     b = np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
+
+
+def assert_rel_l2(got, want, rtol: float, what: str = "") -> None:
+    """Asserts ``got`` has ``want``'s shape, only finite values, and :func:`rel_l2` at most
+    ``rtol`` against it (``what`` names the compared quantity in the message)."""
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    assert np.all(np.isfinite(np.asarray(got, np.float32))), f"{what}: non-finite values"
+    err = rel_l2(got, want)
+    assert err <= rtol, f"{what}: relative L2 {err:.2e} > {rtol:.1e}"
+
+
+def assemble_wan22_repository(
+    folder: pathlib.Path, base: pathlib.Path, extra: pathlib.Path, experts: tuple[str, ...] = ("transformer_2",)
+) -> pathlib.Path:
+    """A whole tiny Wan2.2 diffusers repository at ``folder``: a copy of the Wan2.1 pipeline
+    fixture ``base`` with the ``experts`` subfolders of ``extra`` (replacing ``base``'s where it has
+    them) and ``extra``'s ``model_index.json``. The Wan2.2 fixtures store only what differs from
+    the Wan2.1 one; their scripts and tests assemble the repository with this."""
+    shutil.copytree(base, folder)
+    for name in experts:
+        if (folder / name).exists():
+            shutil.rmtree(folder / name)
+        shutil.copytree(extra / name, folder / name)
+    shutil.copy(extra / "model_index.json", folder / "model_index.json")
+    return folder
 
 
 def modified_checkpoint_copy(

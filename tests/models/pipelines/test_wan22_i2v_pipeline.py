@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import FIXTURES, rel_l2, watch_tensor_reads
+from helpers import FIXTURES, assemble_wan22_repository, rel_l2, watch_tensor_reads
 from safetensors.numpy import load_file
 
 from models.pipelines import WanImageToVideoPipeline, WanPipeline, image_condition
@@ -30,12 +30,7 @@ CALL = METADATA["call"]
 
 def assemble(folder):
     """The whole I2V repository, as the fixture script assembles it."""
-    shutil.copytree(BASE, folder)
-    shutil.rmtree(folder / "transformer")
-    for name in ("transformer", "transformer_2"):
-        shutil.copytree(FIXTURE / name, folder / name)
-    shutil.copy(FIXTURE / "model_index.json", folder / "model_index.json")
-    return folder
+    return assemble_wan22_repository(folder, BASE, FIXTURE, experts=("transformer", "transformer_2"))
 
 
 @pytest.fixture(scope="module")

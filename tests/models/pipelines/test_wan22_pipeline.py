@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import FIXTURES, rel_l2, watch_tensor_reads
+from helpers import FIXTURES, assemble_wan22_repository, rel_l2, watch_tensor_reads
 from safetensors.numpy import load_file
 
 from models.pipelines import WanPipeline, read_boundary_ratio
@@ -29,10 +29,7 @@ CALL = METADATA["call"]
 
 def assemble(folder):
     """The whole two-expert repository, as the fixture script assembles it."""
-    shutil.copytree(BASE, folder)
-    shutil.copytree(FIXTURE / "transformer_2", folder / "transformer_2")
-    shutil.copy(FIXTURE / "model_index.json", folder / "model_index.json")
-    return folder
+    return assemble_wan22_repository(folder, BASE, FIXTURE)
 
 
 def _edit_index(folder, **changes) -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import FIXTURES, rel_l2, watch_tensor_reads
+from helpers import FIXTURES, assert_rel_l2, watch_tensor_reads
 from safetensors.numpy import load_file
 
 from models.common.checkpoint import expected_tensors
@@ -65,10 +65,7 @@ def vae() -> WanVAE:
 
 
 def _close(got, want, rtol=RTOL, what=""):
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
-    assert np.all(np.isfinite(np.asarray(got, np.float32))), f"{what}: non-finite values"
-    err = rel_l2(got, want)
-    assert err <= rtol, f"{what}: relative L2 {err:.2e} > {rtol:.1e}"
+    assert_rel_l2(got, want, rtol, what)
 
 
 # ------------------------------------------------------------------ equivalence with diffusers

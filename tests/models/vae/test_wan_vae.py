@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from helpers import FIXTURES, rel_l2, watch_tensor_reads
+from helpers import FIXTURES, assert_rel_l2, rel_l2, watch_tensor_reads
 
 from models.common.checkpoint import expected_tensors
 from models.vae import (
@@ -75,10 +75,7 @@ def encoded(vae, io):
 
 
 def _close(got, want, rtol=RTOL, what=""):
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
-    assert np.all(np.isfinite(np.asarray(got, np.float32))), f"{what}: non-finite values"
-    err = rel_l2(got, want)
-    assert err <= rtol, f"{what}: relative L2 {err:.2e} > {rtol:.1e}"
+    assert_rel_l2(got, want, rtol, what)
 
 
 # ------------------------------------------------------------------ equivalence with diffusers
