@@ -106,26 +106,22 @@ def stage_umt5_jax(args) -> dict:
             "peak_bytes": peak_memory_bytes(), "finite": bool(jnp.isfinite(out.astype(jnp.float32)).all())}  # fmt: skip
 
 
-def _torch_time(fn, warmup: int, repeats: int) -> tuple[float, list[float], float]:
-    """``(first call s, timed calls s, their median)`` of a PyTorch CUDA call, synchronized."""
-    import statistics
-
+def _torch_timing(fn, warmup: int, repeats: int) -> dict:
+    """``{"first_s", "median_s", "times_s"}`` of a PyTorch CUDA call, with the harness's timer:
+    the call synchronizes the device itself (``jax.block_until_ready`` passes a torch tensor
+    through), as kernel_bench's FlexAttention call does."""
     import torch
 
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
+    from benchmarks.harness import first_call, median_time
+
+    def synced():
+        out = fn()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return first, times, statistics.median(times)
+        return out
+
+    _, first_s = first_call(synced)
+    timing = median_time(synced, warmup=warmup, repeats=repeats)
+    return {"first_s": first_s, "median_s": timing.median_s, "times_s": list(timing.times_s)}
 
 
 def stage_umt5_torch(args) -> dict:
@@ -151,8 +147,8 @@ def stage_umt5_torch(args) -> dict:
         with torch.inference_mode():
             return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    first, times, median = _torch_time(call, warmup=2, repeats=max(args.repeats, 5))
-    return {"first_s": first, "median_s": median, "times_s": times, "peak_bytes": torch.cuda.max_memory_allocated(),
+    timing = _torch_timing(call, warmup=2, repeats=max(args.repeats, 5))
+    return {**timing, "peak_bytes": torch.cuda.max_memory_allocated(),
             "attn_implementation": str(model.config._attn_implementation), "torch": torch.__version__,
             "transformers": transformers.__version__}  # fmt: skip
 
@@ -165,7 +161,6 @@ def _latents_shape(size: str, smoke: bool) -> tuple[int, ...]:
 
 def stage_vae_jax(args, size: str, tiling: str) -> dict:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from benchmarks.harness import first_call, median_time, peak_memory_bytes
@@ -202,9 +197,9 @@ def stage_vae_torch(args, size: str, tiling: str) -> dict:
         with torch.inference_mode():
             return vae.decode(z).sample
 
-    first, times, median = _torch_time(call, warmup=0, repeats=args.repeats)
-    return {"first_s": first, "median_s": median, "times_s": times, "peak_bytes": torch.cuda.max_memory_allocated(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__}  # fmt: skip
+    timing = _torch_timing(call, warmup=0, repeats=args.repeats)
+    return {**timing, "peak_bytes": torch.cuda.max_memory_allocated(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__}  # fmt: skip
 
 
 def stage_e2e(args, config_name: str, size: str, steps: int) -> dict:
